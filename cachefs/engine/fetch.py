@@ -1,0 +1,229 @@
+"""Fetching one run of blocks: the ReadData calls and how results are handled.
+
+Result codes, as the cache reacts (README has the table):
+SUCCESS caches what arrived; PARTIAL asks for the rest (three empty PARTIALs
+in a row count as one FAILURE); RANGE_BEYOND_EOF zeroes the tail and never
+asks past it again; FILE_MODIFIED_EXTERNALLY drops the file and re-stats;
+FILE_MODIFIED_LOCALLY re-plans; FAILURE retries with exponential backoff;
+FILE_FAILURE latches the file; PERMANENT_FAILURE latches the storage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from cachefs.contract import ReadData, RWResult
+from cachefs.engine.index import CachedFile
+from cachefs.engine.transfers import Transfer
+from cachefs.errors import FileQuarantined, ReadFailed, StorageQuarantined, TransientFailure
+
+if TYPE_CHECKING:
+    from cachefs.engine.engine import FileCache
+
+log = logging.getLogger(__name__)
+
+# Empty PARTIAL answers in a row that count as one FAILURE.
+EMPTY_PARTIALS = 3
+
+
+class Modified(Exception):
+    """The backend's copy changed: drop the file's blocks, re-stat, re-plan."""
+
+
+class Replan(Exception):
+    """Stop this transfer and plan the read again against the current view."""
+
+
+class Fetch:
+    """Blocks first..last being fetched by one reader; others wait on ``done``."""
+
+    __slots__ = ("first", "last", "done", "error")
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first = first
+        self.last = last
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+    def finish(self, cf: CachedFile) -> None:
+        for b in range(self.first, self.last + 1):
+            if cf.inflight.get(b) is self:
+                del cf.inflight[b]
+        self.done.set()
+
+    def raise_error(self) -> None:
+        """In a waiter: fail like the fetcher did, or re-plan."""
+        e = self.error
+        if isinstance(e, ReadFailed):
+            raise type(e)(str(e))
+        if e is not None:
+            raise Replan
+
+
+class FetchRunner:
+    """Runs ReadData calls for the engine; owns the backend's file contexts."""
+
+    def __init__(self, cache: FileCache) -> None:
+        self._cache = cache
+
+    def check_latches(self, cf: CachedFile) -> None:
+        c = self._cache
+        if c.external_error is not None:
+            raise StorageQuarantined(f"{cf.file_id}: storage is offline: {c.external_error}")
+        if cf.error is not None:
+            raise FileQuarantined(
+                f"{cf.file_id}: quarantined after {cf.error} (cachefs reset-file-errors lifts it)"
+            )
+
+    async def call(self, req: ReadData) -> tuple[RWResult, int]:
+        """One ReadData call; a raising or lying backend answers FAILURE, 0 bytes."""
+        c = self._cache
+        c.counters["read_data_calls"] += 1
+        try:
+            await c.backend.read_data(req)
+        except Exception:
+            log.exception(
+                "backend raised on ReadData(%s, position %d, %d bytes): treated as FAILURE",
+                req.file_id,
+                req.position,
+                req.bytes_to_read,
+            )
+            return RWResult.FAILURE, 0
+        n = req.bytes_read
+        try:
+            rc = RWResult(req.result_code)
+        except ValueError:
+            log.error("backend set unknown result code %r: treated as FAILURE", req.result_code)
+            return RWResult.FAILURE, 0
+        if type(n) is not int or not 0 <= n <= req.bytes_to_read:
+            log.error(
+                "backend bug: bytes_read %r for bytes_to_read %d on %s: treated as FAILURE",
+                n,
+                req.bytes_to_read,
+                req.file_id,
+            )
+            return RWResult.FAILURE, 0
+        if rc in (RWResult.SUCCESS, RWResult.PARTIAL, RWResult.RANGE_BEYOND_EOF):
+            c.counters["bytes_from_backend"] += n
+            return rc, n
+        return rc, 0
+
+    async def _context(self, file_id: str) -> Any:
+        contexts = self._cache._contexts
+        if file_id in contexts:
+            return contexts[file_id]
+        ctx = await self._cache.backend.open_file(file_id)
+        if file_id in contexts:  # another reader opened it meanwhile
+            await self._close(file_id, ctx)
+        else:
+            contexts[file_id] = ctx
+        return contexts[file_id]
+
+    async def close_context(self, file_id: str) -> None:
+        contexts = self._cache._contexts
+        if file_id in contexts:
+            await self._close(file_id, contexts.pop(file_id))
+
+    async def close_all_contexts(self) -> None:
+        for file_id in list(self._cache._contexts):
+            with trio.move_on_after(5):
+                await self.close_context(file_id)
+
+    async def _close(self, file_id: str, ctx: Any) -> None:
+        try:
+            await self._cache.backend.close_file(file_id, ctx)
+        except Exception as e:
+            log.warning("backend close_file(%s) failed: %s", file_id, e)
+
+    async def run(self, cf: CachedFile, fetch: Fetch, transfer: Transfer) -> None:
+        try:
+            await self._run(cf, fetch, transfer)
+        except trio.Cancelled:
+            raise
+        except BaseException as e:
+            fetch.error = e
+            raise
+
+    async def _run(self, cf: CachedFile, fetch: Fetch, transfer: Transfer) -> None:
+        c = self._cache
+        cfg = c.config
+        bs = cfg.block_size
+        start = fetch.first * bs
+        stop = min((fetch.last + 1) * bs, cf.size)
+        if cf.zero_from is not None:
+            stop = min(stop, max(cf.zero_from, start + 1))
+        view = memoryview(bytearray(stop - start))
+        pos = written = start
+        failures = empty = 0
+        while pos < stop:
+            self.check_latches(cf)
+            if cf.retired:
+                raise Replan
+            want = stop - pos
+            try:
+                ctx = await self._context(cf.file_id)
+            except FileNotFoundError:
+                raise Modified from None
+            except Exception as e:
+                log.warning("backend open_file(%s) failed: %s", cf.file_id, e)
+                rc, n = RWResult.FAILURE, 0
+            else:
+                transfer.position = pos
+                req = ReadData(
+                    file_id=cf.file_id,
+                    size=cf.size,
+                    position=pos,
+                    flags=transfer.flags_for((stop - 1) // bs),
+                    buffer=view[pos - start :],
+                    bytes_to_read=want,
+                    file_context=ctx,
+                    version=cf.version,
+                )
+                rc, n = await self.call(req)
+            if rc is RWResult.SUCCESS and n < want:
+                rc = RWResult.PARTIAL
+            if rc is RWResult.PARTIAL and n == want:
+                rc = RWResult.SUCCESS
+            if rc is RWResult.PARTIAL:
+                empty = empty + 1 if n == 0 else 0
+                if empty >= EMPTY_PARTIALS:
+                    rc, empty = RWResult.FAILURE, 0
+            pos += n
+            if rc is RWResult.RANGE_BEYOND_EOF:
+                view[pos - start :] = bytes(stop - pos)
+                cf.zero_from = pos if cf.zero_from is None else min(cf.zero_from, pos)
+                c.mark_dirty(cf)
+                pos = stop
+            elif rc is RWResult.FILE_MODIFIED_EXTERNALLY:
+                raise Modified
+            elif rc is RWResult.FILE_MODIFIED_LOCALLY:
+                raise Replan
+            elif rc is RWResult.FILE_FAILURE:
+                cf.error = f"FILE_FAILURE at offset {pos}"
+                c.mark_dirty(cf)
+                await c.flush()
+                self.check_latches(cf)
+            elif rc is RWResult.PERMANENT_FAILURE:
+                c.external_error = f"PERMANENT_FAILURE reading {cf.file_id} at offset {pos}"
+                await c.flush()
+                self.check_latches(cf)
+            elif rc is RWResult.FAILURE:
+                failures += 1
+                if failures > cfg.retries:
+                    raise TransientFailure(
+                        f"{cf.file_id}: backend failed {failures} times at offset {pos}"
+                    )
+                await trio.sleep(min(cfg.retry_delay * 2 ** (failures - 1), cfg.retry_max_delay))
+            complete = stop if pos >= stop else pos - pos % bs
+            if complete > written:
+                assert cf.data is not None
+                await cf.data.write(written, view[written - start : complete - start], c.disk_limiter)
+                if cf.retired:
+                    raise Replan
+                for b in range(written // bs, (complete - 1) // bs + 1):
+                    c.mark(cf, b)
+                c.note_written(cf)
+                written = complete

@@ -1,0 +1,80 @@
+"""Exceptions of cachefs.
+
+Every message is one line a user can act on.  Each class carries the errno
+the FUSE layer answers with and the exit code the CLI returns, so that those
+two edges translate errors in one place each.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class CacheFSError(Exception):
+    """Base of every error cachefs raises on purpose."""
+
+    errno: int = _errno.EIO
+    exit_code: int = 1
+
+
+class ConfigError(CacheFSError):
+    """Bad input from the user: options, paths, URLs, rules files."""
+
+    errno = _errno.EINVAL
+    exit_code = 2
+
+
+class InvalidBlockSize(ConfigError):
+    pass
+
+
+class InvalidSize(ConfigError):
+    pass
+
+
+class CacheDirError(ConfigError):
+    """The cache directory is missing, unwritable or unusable."""
+
+
+class CacheDirInUse(CacheDirError):
+    """Another live process holds the cache directory."""
+
+
+class UnknownBackend(ConfigError):
+    """No backend is registered for the URL's scheme."""
+
+
+class SourceError(ConfigError):
+    """The source (directory, bucket) is missing or unusable."""
+
+
+class RulesError(ConfigError):
+    """A faults rules file is malformed."""
+
+
+class NotFound(CacheFSError):
+    errno = _errno.ENOENT
+
+
+class ReadFailed(CacheFSError):
+    """A read could not be served; the reader gets EIO."""
+
+    errno = _errno.EIO
+
+
+class TransientFailure(ReadFailed):
+    """The backend kept answering FAILURE after every retry."""
+
+
+class FileQuarantined(ReadFailed):
+    """The file is latched after FILE_FAILURE until reset_file_errors."""
+
+
+class StorageQuarantined(ReadFailed):
+    """The storage is latched after PERMANENT_FAILURE until reset_external_error."""
+
+
+class NotAFile(CacheFSError):
+    """Data was asked of a directory or a symlink."""
+
+    errno = _errno.EISDIR
