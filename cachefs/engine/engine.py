@@ -57,9 +57,7 @@ class CacheConfig:
     def validate(self) -> None:
         bs = self.block_size
         if not (MIN_BLOCK <= bs <= MAX_BLOCK) or bs & (bs - 1):
-            raise InvalidBlockSize(
-                f"block size {bs} must be a power of two between 4K and 64M"
-            )
+            raise InvalidBlockSize(f"block size {bs} must be a power of two between 4K and 64M")
         for name in ("ttl", "retries", "retry_delay", "retry_max_delay"):
             if getattr(self, name) < 0:
                 raise CacheFSError(f"{name} must not be negative")
@@ -138,7 +136,9 @@ class FileCache:
         known = cf.attrs if cf is not None else self._other.get(file_id, (None, 0))[0]
         if self.external_error is not None:
             if known is None:
-                raise StorageQuarantined(f"{file_id or '/'}: storage is offline: {self.external_error}")
+                raise StorageQuarantined(
+                    f"{file_id or '/'}: storage is offline: {self.external_error}"
+                )
             return known
         try:
             attrs = await self.backend.stat(file_id)
@@ -262,6 +262,30 @@ class FileCache:
         self.counters["miss_bytes"] += end - offset
         return await self._read_miss(fh, offset, end, sequential)
 
+    async def prefetch(self, file_id: str) -> None:
+        """Fetch every missing block of *file_id* in one WHOLE_FILE transfer."""
+        fh = await self.open(file_id)
+        try:
+            for _ in range(MAX_REPLANS):
+                cf = await self._current(file_id)
+                last = len(cf.present) - 1
+                if last < 0:
+                    return
+                transfer = Transfer(Kind.WHOLE, last, last)
+                try:
+                    await self.ensure(cf, 0, last, transfer)
+                    return
+                except Modified:
+                    await self._revalidate_after_change(cf)
+                except Replan:
+                    pass
+                finally:
+                    if transfer.open and not cf.retired:
+                        await self.cancel_transfer(cf, transfer)
+            raise TransientFailure(f"{file_id}: the file kept changing while being fetched")
+        finally:
+            await self.close(fh)
+
     async def _current(self, file_id: str) -> CachedFile:
         attrs = await self.getattr(file_id)
         cf = self._files.get(file_id)
@@ -298,14 +322,14 @@ class FileCache:
             transfer = self._transfer_for(fh, cf, sequential, last)
             try:
                 await self.ensure(cf, first, last, transfer)
-            except Modified:
-                await self._revalidate_after_change(cf)
-                continue
-            except Replan:
+            except (Modified, Replan) as e:
+                await self._stop_transfer(fh, cf, transfer)
+                if isinstance(e, Modified):
+                    await self._revalidate_after_change(cf)
                 continue
             except ReadFailed:
-                if transfer.kind is Kind.RANDOM and transfer.open:
-                    await self.cancel_transfer(cf, transfer)
+                if transfer.kind is Kind.RANDOM:
+                    await self._stop_transfer(fh, cf, transfer)
                 raise
             if cf.retired:
                 continue
@@ -326,6 +350,12 @@ class FileCache:
             fh.reader.continuous = t
             self._had_continuous.add(cf.file_id)
         return t
+
+    async def _stop_transfer(self, fh: OpenFile, cf: CachedFile, transfer: Transfer) -> None:
+        if transfer.open:
+            await self.cancel_transfer(cf, transfer)
+        if fh.reader.continuous is transfer:
+            fh.reader.continuous = None
 
     async def _revalidate_after_change(self, cf: CachedFile) -> None:
         """The backend said the file changed: drop its blocks and re-stat."""
@@ -360,7 +390,9 @@ class FileCache:
                     b += 1
                 else:
                     s = b
-                    while b <= last and not cf.present[b] and b not in cf.inflight and b - s < limit:
+                    while (
+                        b <= last and not cf.present[b] and b not in cf.inflight and b - s < limit
+                    ):
                         b += 1
                     runs.append((s, b - 1))
             if runs:

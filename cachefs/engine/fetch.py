@@ -192,6 +192,7 @@ class FetchRunner:
                 if empty >= EMPTY_PARTIALS:
                     rc, empty = RWResult.FAILURE, 0
             pos += n
+            transfer.position = pos
             if rc is RWResult.RANGE_BEYOND_EOF:
                 view[pos - start :] = bytes(stop - pos)
                 cf.zero_from = pos if cf.zero_from is None else min(cf.zero_from, pos)
@@ -220,7 +221,9 @@ class FetchRunner:
             complete = stop if pos >= stop else pos - pos % bs
             if complete > written:
                 assert cf.data is not None
-                await cf.data.write(written, view[written - start : complete - start], c.disk_limiter)
+                await cf.data.write(
+                    written, view[written - start : complete - start], c.disk_limiter
+                )
                 if cf.retired:
                     raise Replan
                 for b in range(written // bs, (complete - 1) // bs + 1):

@@ -17,6 +17,7 @@ import trio
 
 log = logging.getLogger(__name__)
 
+
 class DataFile:
     """One version's data file.  ``users`` counts holders of the fd."""
 
