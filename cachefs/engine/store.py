@@ -60,6 +60,8 @@ class DataFile:
                 pass
 
     async def write(self, offset: int, data: memoryview, limiter: trio.CapacityLimiter) -> None:
+        if self.retired:  # its bytes are no longer wanted; do not recreate the file
+            return
         fd = self.acquire()
         try:
             await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=limiter)
