@@ -232,15 +232,15 @@ async def test_a_deleted_file_reads_as_not_found(tmp_path):
         await cache.close(fh)
 
 
-async def test_ttl_bounds_how_long_a_version_is_trusted(tmp_path, autojump_clock):
+async def test_ttl_bounds_how_long_a_version_is_trusted(tmp_path, mock_clock):
     rig = Rig(tmp_path, {"f": DATA})
     async with rig.engine(ttl=60) as cache:
         assert (await cache.getattr("f")).size == len(DATA)
         assert await read_at(cache, "f", 0, 10) == DATA[:10]
         rig.memory.put("f", b"new content")
-        await trio.sleep(30)
+        mock_clock.jump(30)
         assert (await cache.getattr("f")).size == len(DATA)
-        await trio.sleep(31)
+        mock_clock.jump(31)
         assert (await cache.getattr("f")).size == len(b"new content")
         assert await read_at(cache, "f", 0, 100) == b"new content"
         assert cache.statistics()["cached_bytes"] == len(b"new content")

@@ -1,0 +1,1 @@
+"""Backends and wrappers, found by URL scheme through cachefs.registry."""

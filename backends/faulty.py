@@ -1,0 +1,212 @@
+"""A wrapper that makes ReadData calls fail on demand, driven by a JSON file.
+
+The rules file holds a JSON list; on each ReadData call the first rule whose
+``file`` glob matches the file_id (``fnmatch.fnmatchcase``) applies::
+
+    [{"file": "big/*.bin", "result": "PARTIAL", "max_bytes": 4096},
+     {"file": "short.txt", "eof": 100},
+     {"file": "*", "result": "FAILURE", "count": 3}]
+
+Keys of a rule:
+
+- ``file`` (glob, required) and ``result`` (an RWResult name; required
+  unless ``eof`` is given, where it defaults to RANGE_BEYOND_EOF).
+- neither ``max_bytes`` nor ``eof``: copy nothing and answer ``result``.
+- ``max_bytes``: ask the wrapped backend for at most this many bytes into the
+  front of the buffer and answer ``result`` with what was copied.
+- ``eof``: pretend the file ends there.  A call reaching past it gets the
+  real bytes below it and RANGE_BEYOND_EOF; any other call is passed through.
+- ``count``: apply to the next N matching calls only (counted in memory; a
+  rewrite of the file starts the counts afresh).
+
+Policy: real errors win over injected ones (if the wrapped backend fails a
+sub-request, its answer is returned).  CANCELED calls are never touched.
+The file is checked with one ``os.stat`` per call, on the trio loop, and
+re-read when its (mtime, size, inode) changes, so a running mount can be
+made to fail by rewriting it (write a temp file and rename it over).  A
+malformed or missing file at start is a RulesError; later, the last good
+rules stay in force and each distinct bad state is logged once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from cachefs.contract import Backend, DirEntry, FileAttrs, ReadData, RWEvent, RWResult
+from cachefs.errors import RulesError
+
+log = logging.getLogger(__name__)
+
+_KEYS = ("file", "result", "max_bytes", "eof", "count")
+_RESULTS = ", ".join(r.name for r in RWResult)
+
+
+@dataclasses.dataclass(slots=True)
+class Rule:
+    file: str
+    result: RWResult
+    max_bytes: int | None = None
+    eof: int | None = None
+    count: int | None = None
+
+    def matches(self, file_id: str) -> bool:
+        return (self.count is None or self.count > 0) and fnmatch.fnmatchcase(file_id, self.file)
+
+
+def _int(rule: dict[str, Any], key: str) -> int | None:
+    value = rule.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {json.dumps(value)}")
+    if value < 0:
+        raise ValueError(f"{key} must not be negative, got {value}")
+    return value
+
+
+def _rule(raw: object) -> Rule:
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an object, got {json.dumps(raw)}")
+    for key in raw:
+        if key not in _KEYS:
+            raise ValueError(f"unknown key {key!r} (expected {', '.join(_KEYS)})")
+    glob = raw.get("file")
+    if not isinstance(glob, str):
+        raise ValueError("'file' must be a glob string")
+    eof, max_bytes = _int(raw, "eof"), _int(raw, "max_bytes")
+    if eof is not None and max_bytes is not None:
+        raise ValueError("'eof' and 'max_bytes' cannot be combined")
+    name = raw.get("result", "RANGE_BEYOND_EOF" if eof is not None else None)
+    if name is None:
+        raise ValueError("missing key 'result'")
+    if not isinstance(name, str) or name not in RWResult.__members__:
+        raise ValueError(f"unknown result {name!r} (expected one of {_RESULTS})")
+    return Rule(glob, RWResult[name], max_bytes, eof, _int(raw, "count"))
+
+
+def parse_rules(text: str, origin: str) -> list[Rule]:
+    """The rules in *text*; RulesError naming *origin* and the problem."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RulesError(f"faults file {origin}: invalid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise RulesError(f"faults file {origin}: expected a JSON list of rules")
+    rules = []
+    for i, raw in enumerate(data, 1):
+        try:
+            rules.append(_rule(raw))
+        except ValueError as e:
+            raise RulesError(f"faults file {origin}: rule {i}: {e}") from None
+    return rules
+
+
+def load_rules(path: str | Path) -> list[Rule]:
+    """Read and check a rules file; RulesError if it is unreadable or bad."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise RulesError(f"faults file {path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise RulesError(f"faults file {path}: not UTF-8 text") from None
+    return parse_rules(text, str(path))
+
+
+def _state(path: Path) -> tuple[int, int, int] | str:
+    """What identifies the file's content cheaply, or why it cannot be read."""
+    try:
+        s = os.stat(path)
+    except OSError as e:
+        return f"cannot stat: {e.strerror}"
+    return (s.st_mtime_ns, s.st_size, s.st_ino)
+
+
+class FaultyBackend:
+    """Wrap *inner*, applying the rules of *rules_path* to ReadData calls."""
+
+    def __init__(self, inner: Backend, rules_path: str | Path) -> None:
+        self.inner = inner
+        self.rules_path = Path(rules_path)
+        self._seen = _state(self.rules_path)
+        self.rules = load_rules(self.rules_path)
+
+    def __repr__(self) -> str:
+        return f"FaultyBackend({self.inner!r}, {str(self.rules_path)!r})"
+
+    def _refresh(self) -> None:
+        state = _state(self.rules_path)
+        if state == self._seen:
+            return
+        self._seen = state
+        try:
+            if isinstance(state, str):
+                raise RulesError(f"faults file {self.rules_path}: {state}")
+            self.rules = load_rules(self.rules_path)
+        except RulesError as e:
+            log.error("%s; keeping the last good rules", e)
+        else:
+            log.info("faults file %s: %d rules loaded", self.rules_path, len(self.rules))
+
+    def _match(self, file_id: str) -> Rule | None:
+        self._refresh()
+        for rule in self.rules:
+            if rule.matches(file_id):
+                if rule.count is not None:
+                    rule.count -= 1
+                return rule
+        return None
+
+    async def read_data(self, req: ReadData) -> None:
+        if req.flags & RWEvent.CANCELED:
+            await self.inner.read_data(req)
+            return
+        rule = self._match(req.file_id)
+        if rule is None:
+            await self.inner.read_data(req)
+            return
+        log.debug("fault %s for %r @%d", rule, req.file_id, req.position)
+        if rule.eof is not None:
+            if req.position + req.bytes_to_read <= rule.eof:
+                await self.inner.read_data(req)
+                return
+            limit, result = max(0, rule.eof - req.position), RWResult.RANGE_BEYOND_EOF
+        elif rule.max_bytes is not None:
+            limit, result = min(rule.max_bytes, req.bytes_to_read), rule.result
+        else:
+            limit, result = 0, rule.result
+        req.bytes_read = 0
+        req.result_code = result
+        if limit == 0:
+            return
+        sub = dataclasses.replace(
+            req,
+            buffer=req.buffer[:limit],
+            bytes_to_read=limit,
+            bytes_read=0,
+            result_code=RWResult.SUCCESS,
+        )
+        await self.inner.read_data(sub)
+        req.bytes_read = sub.bytes_read
+        if sub.result_code != RWResult.SUCCESS:
+            req.result_code = sub.result_code
+
+    async def stat(self, file_id: str) -> FileAttrs | None:
+        return await self.inner.stat(file_id)
+
+    async def list_dir(self, dir_id: str) -> list[DirEntry]:
+        return await self.inner.list_dir(dir_id)
+
+    async def open_file(self, file_id: str) -> Any:
+        return await self.inner.open_file(file_id)
+
+    async def close_file(self, file_id: str, context: Any) -> None:
+        await self.inner.close_file(file_id, context)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

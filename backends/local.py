@@ -1,0 +1,277 @@
+"""A local directory as a cachefs source (scheme ``file``).
+
+Policy:
+
+- A file_id is the POSIX path relative to the root, without a leading slash;
+  ``""`` is the root.  Nothing outside the root is ever reached: a file_id
+  that is absolute, contains ``..``, ``.`` or empty components, or whose
+  parent directories pass through a symlink is treated as absent.  Symlinks
+  are shown as symlinks (``os.lstat``, ``O_NOFOLLOW``), never followed.
+- Only regular files, directories and symlinks are shown; fifos, sockets and
+  devices are absent (opening a fifo would block a worker thread forever).
+- The version tag of an entry is ``"{st_ino}-{st_mtime_ns}-{st_size}"``.  A
+  read whose ``req.version`` no longer matches the open file re-opens the
+  path once: if the path now has that version the read is served from it,
+  otherwise it answers FILE_MODIFIED_EXTERNALLY.
+- Read errors: a path that vanished or became something else than a regular
+  file answers FILE_MODIFIED_EXTERNALLY; any other OSError answers FAILURE.
+- Every blocking call runs in a trio worker thread, at most ``max_threads``
+  at a time; a ReadData call is exactly one thread hop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as st
+import threading
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from cachefs.contract import DirEntry, FileAttrs, FileKind, ReadData, RWEvent, RWResult
+from cachefs.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# O_NONBLOCK: opening a fifo must not block; it is then refused by fstat.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# errnos meaning "the file the cache knows is no longer at that path"
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENODEV})
+
+
+def version_of(s: os.stat_result) -> str:
+    """The version tag of a stat result: inode, mtime in ns and size."""
+    return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}"
+
+
+def _kind(mode: int) -> FileKind | None:
+    if st.S_ISREG(mode):
+        return FileKind.FILE
+    if st.S_ISDIR(mode):
+        return FileKind.DIR
+    if st.S_ISLNK(mode):
+        return FileKind.SYMLINK
+    return None
+
+
+def _attrs(s: os.stat_result, link_target: str | None = None) -> FileAttrs | None:
+    kind = _kind(s.st_mode)
+    if kind is None:
+        return None
+    return FileAttrs(
+        kind=kind,
+        size=s.st_size,
+        mtime=s.st_mtime_ns / 1e9,
+        version=version_of(s),
+        mode=s.st_mode & 0o7777,
+        link_target=link_target,
+    )
+
+
+class OpenFile:
+    """The file_context of an open file: the fd reads use.
+
+    A re-open after an external change replaces ``fd``; the old fd may still
+    be in use by another worker thread, so it is closed only by ``close``.
+    """
+
+    __slots__ = ("file_id", "fd", "_retired", "_lock")
+
+    def __init__(self, file_id: str, fd: int) -> None:
+        self.file_id = file_id
+        self.fd = fd
+        self._retired: list[int] = []
+        self._lock = threading.Lock()
+
+    def replace(self, fd: int) -> None:
+        with self._lock:
+            self._retired.append(self.fd)
+            self.fd = fd
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._retired = [self.fd, *self._retired], []
+            self.fd = -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+
+class LocalBackend:
+    """Serve the directory *root* (which must exist) read-only."""
+
+    def __init__(self, root: str | Path, *, max_threads: int = 16) -> None:
+        self.root = os.path.realpath(root)
+        self._limiter = trio.CapacityLimiter(max_threads)
+
+    def __repr__(self) -> str:
+        return f"LocalBackend({self.root!r})"
+
+    # -- paths -------------------------------------------------------------
+
+    def _path(self, file_id: str) -> str:
+        """The absolute path of *file_id*, or FileNotFoundError if it would
+        leave the root or pass through a symlinked directory."""
+        if file_id == "":
+            return self.root
+        parts = file_id.split("/")
+        if file_id.startswith("/") or "\0" in file_id or any(p in ("", ".", "..") for p in parts):
+            raise FileNotFoundError(errno.ENOENT, f"invalid file id {file_id!r}")
+        path = os.path.join(self.root, *parts)
+        parent = os.path.dirname(path)
+        if os.path.realpath(parent) != parent:
+            raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is below a symlink")
+        return path
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -- metadata ----------------------------------------------------------
+
+    def _stat_sync(self, file_id: str) -> FileAttrs | None:
+        try:
+            path = self._path(file_id)
+            s = os.lstat(path)
+            target = os.readlink(path) if st.S_ISLNK(s.st_mode) else None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return _attrs(s, target)
+
+    async def stat(self, file_id: str) -> FileAttrs | None:
+        return await self._run(self._stat_sync, file_id)
+
+    def _list_dir_sync(self, dir_id: str) -> list[DirEntry]:
+        path = self._path(dir_id)
+        try:
+            dir_fd = os.open(path, _DIR_FLAGS)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise NotADirectoryError(e.errno, f"not a directory: {dir_id!r}") from None
+            raise
+        try:
+            out: list[DirEntry] = []
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    try:
+                        s = entry.stat(follow_symlinks=False)
+                        target = None
+                        if st.S_ISLNK(s.st_mode):
+                            target = os.readlink(entry.name, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        continue  # removed while listing
+                    attrs = _attrs(s, target)
+                    if attrs is not None:
+                        out.append(DirEntry(entry.name, attrs))
+            return out
+        finally:
+            os.close(dir_fd)
+
+    async def list_dir(self, dir_id: str) -> list[DirEntry]:
+        return await self._run(self._list_dir_sync, dir_id)
+
+    # -- data --------------------------------------------------------------
+
+    def _open_sync(self, file_id: str) -> int:
+        fd = os.open(self._path(file_id), _OPEN_FLAGS)
+        try:
+            mode = os.fstat(fd).st_mode
+            if st.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, f"is a directory: {file_id!r}")
+            if not st.S_ISREG(mode):
+                raise OSError(errno.ENODEV, f"not a regular file: {file_id!r}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def open_file(self, file_id: str) -> OpenFile:
+        """Open *file_id* for reading; FileNotFoundError if it is absent."""
+        return OpenFile(file_id, await self._run(self._open_sync, file_id))
+
+    async def close_file(self, file_id: str, context: OpenFile) -> None:
+        await self._run(context.close)
+
+    def _read_sync(self, req: ReadData) -> None:
+        ctx: OpenFile | None = req.file_context
+        own = ctx is None
+        try:
+            if own:
+                ctx = OpenFile(req.file_id, self._open_sync(req.file_id))
+            fd = ctx.fd
+            done = _pread_into(fd, req.buffer, req.position, req.bytes_to_read)
+            if req.version and version_of(os.fstat(fd)) != req.version:
+                # The open file changed; the path may have gone back to (or
+                # been renamed to) the version the cache asks for.
+                fd = self._open_sync(req.file_id)
+                if version_of(os.fstat(fd)) != req.version:
+                    os.close(fd)
+                    req.bytes_read = 0
+                    req.result_code = RWResult.FILE_MODIFIED_EXTERNALLY
+                    return
+                ctx.replace(fd)
+                done = _pread_into(fd, req.buffer, req.position, req.bytes_to_read)
+            req.bytes_read = done
+            if done < req.bytes_to_read:
+                req.result_code = RWResult.RANGE_BEYOND_EOF
+            else:
+                req.result_code = RWResult.SUCCESS
+        except OSError as e:
+            log.debug("read %r @%d: %s", req.file_id, req.position, e)
+            req.bytes_read = 0
+            if e.errno in _GONE:
+                req.result_code = RWResult.FILE_MODIFIED_EXTERNALLY
+            else:
+                req.result_code = RWResult.FAILURE
+        finally:
+            if own and ctx is not None:
+                ctx.close()
+
+    async def read_data(self, req: ReadData) -> None:
+        """Fill ``req.buffer`` straight from the file; see the module policy."""
+        if req.bytes_to_read == 0 or req.flags & RWEvent.CANCELED:
+            return
+        await self._run(self._read_sync, req)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _pread_into(fd: int, buffer: memoryview, position: int, count: int) -> int:
+    """Read up to *count* bytes at *position* into *buffer*; fewer only at EOF."""
+    done = 0
+    while done < count:
+        n = os.preadv(fd, [buffer[done:count]], position + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _root_of(url: str) -> str:
+    if not url.startswith("file:"):
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        raise SourceError(f"bad file URL {url!r}: expected file:///absolute/path")
+    return urllib.parse.unquote(parts.path)
+
+
+def open_backend(url: str, *, max_threads: int = 16) -> LocalBackend:
+    """Open a directory given as a plain path or ``file:///abs/path``.
+
+    Raises SourceError when it is missing or not a directory.
+    """
+    root = _root_of(url)
+    if not os.path.exists(root):
+        raise SourceError(f"source directory {root} does not exist")
+    if not os.path.isdir(root):
+        raise SourceError(f"source {root} is not a directory")
+    return LocalBackend(root, max_threads=max_threads)
