@@ -78,3 +78,10 @@ class NotAFile(CacheFSError):
     """Data was asked of a directory or a symlink."""
 
     errno = _errno.EISDIR
+
+
+class PinLimitExceeded(CacheFSError):
+    """Pinned files alone would exceed the cache's size limit."""
+
+    errno = _errno.ENOSPC
+    exit_code = 1

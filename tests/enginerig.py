@@ -15,7 +15,8 @@ from backends.trace import TraceBackend, read_trace
 from cachefs import CacheConfig, FileCache, open_file_cache
 
 BS = 64 * 1024
-CONFIG = CacheConfig(block_size=BS, retry_delay=0, retries=3)
+# Readahead off unless a test turns it on: most tests count the calls a read makes.
+CONFIG = CacheConfig(block_size=BS, retry_delay=0, retries=3, max_readahead=0)
 
 
 class Rig:

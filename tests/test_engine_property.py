@@ -41,7 +41,9 @@ def check(source: dict[str, bytes], plan: list[tuple[str, int, int]], rules: lis
             rig = Rig(Path(tmp), source)
             rig.faults(rules)
             for _ in range(2):  # cold, then again on the same cache dir
-                async with rig.engine(block_size=BS, max_fetch=2 * BS, retries=8) as cache:
+                async with rig.engine(
+                    block_size=BS, max_fetch=2 * BS, retries=8, max_readahead=8 * BS
+                ) as cache:
                     handles = {}
                     for name, offset, length in plan:
                         if name not in source:

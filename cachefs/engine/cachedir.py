@@ -16,6 +16,7 @@ import os
 import shutil
 import sqlite3
 import time
+from array import array
 from pathlib import Path
 
 from cachefs.engine.index import SCHEMA_VERSION, CachedFile, Index, block_count
@@ -137,6 +138,7 @@ def _repair(data_dir: Path, files: list[CachedFile], block_size: int) -> list[Ca
         if not sane:
             log.warning("cache data of %s does not match its index: dropping it", cf.file_id)
             cf.present = bytearray(n)
+            cf.atime = array("Q", bytes(8 * n))
             cf.zero_from = None
             _unlink(path)
             repaired.append(cf)

@@ -1,10 +1,11 @@
 """FileCache: reads served from the block cache, misses raised as ReadData.
 
 Policy in short: a hit is a bitmap check and one pread; a miss plans runs of
-missing blocks, fetches each run with ReadData calls (one reader per block:
-others wait for it), writes whole blocks, then marks them present.  The
-bitmap reaches SQLite only after the data file is synced (see ``flush``), so
-a crash loses blocks, never trusts wrong ones.
+missing blocks, fetches each run with ReadData calls (one fetcher per block:
+other readers wait for it), writes whole blocks, then marks them present.
+Sequential readers get readahead.  The bitmap reaches SQLite only after the
+data files are synced (Catalog.flush), so a crash loses blocks, never trusts
+wrong ones.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,18 @@ import trio
 
 from cachefs.contract import Backend, DirEntry, FileAttrs, FileKind, ReadData
 from cachefs.engine.cachedir import lock_cache_dir, open_index
-from cachefs.engine.fetch import Fetch, FetchRunner, Modified, Replan
-from cachefs.engine.index import CachedFile, Index, block_count, row_of
+from cachefs.engine.catalog import Catalog
+from cachefs.engine.config import CacheConfig
+from cachefs.engine.evict import Evictor, evictable
+from cachefs.engine.fetch import FetchRunner, Modified, Replan
+from cachefs.engine.index import CachedFile, Index
+from cachefs.engine.readahead import Readahead
 from cachefs.engine.store import DataFile
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.errors import (
-    CacheFSError,
-    InvalidBlockSize,
     NotAFile,
     NotFound,
+    PinLimitExceeded,
     ReadFailed,
     StorageQuarantined,
     TransientFailure,
@@ -37,30 +40,8 @@ from cachefs.errors import (
 
 log = logging.getLogger(__name__)
 
-MIN_BLOCK, MAX_BLOCK = 4 << 10, 64 << 20
 # How many times one read may re-plan (version changes, FILE_MODIFIED_*) before it fails.
 MAX_REPLANS = 4
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    """Tunables of the engine.  The defaults suit a local disk and S3 alike."""
-
-    block_size: int = 1 << 20
-    ttl: float = 60.0
-    retries: int = 3
-    retry_delay: float = 0.1
-    retry_max_delay: float = 2.0
-    max_fetch: int = 8 << 20
-    flush_interval: float = 1.0
-
-    def validate(self) -> None:
-        bs = self.block_size
-        if not (MIN_BLOCK <= bs <= MAX_BLOCK) or bs & (bs - 1):
-            raise InvalidBlockSize(f"block size {bs} must be a power of two between 4K and 64M")
-        for name in ("ttl", "retries", "retry_delay", "retry_max_delay"):
-            if getattr(self, name) < 0:
-                raise CacheFSError(f"{name} must not be negative")
 
 
 class OpenFile:
@@ -84,30 +65,23 @@ class FileCache:
         backend: Backend,
         cache_dir: Path,
         config: CacheConfig,
-        index: Index,
-        files: list[CachedFile],
-        external_error: str | None,
-        on_invalidate: Callable[[str], None] | None,
+        catalog: Catalog,
+        nursery: trio.Nursery,
     ) -> None:
         self.backend = backend
         self.cache_dir = cache_dir
         self.config = config
-        self._index = index
-        self._data_dir = cache_dir / "data"
-        self._on_invalidate = on_invalidate
-        self._files: dict[str, CachedFile] = {cf.file_id: cf for cf in files}
-        self._other: dict[str, tuple[FileAttrs, float]] = {}
-        self._next_row = max((cf.row_id for cf in files), default=0) + 1
-        self._dirty: set[CachedFile] = set()
-        self._unsynced: set[DataFile] = set()
-        self._deleted: list[int] = []
+        self.catalog = catalog
+        self._nursery = nursery
+        self.disk_limiter = trio.CapacityLimiter(8)
+        self.fetch_limiter = trio.CapacityLimiter(config.max_fetches)
+        self.evictor = Evictor(
+            catalog, cache_dir, config.cache_size, config.min_free, self.disk_limiter
+        )
+        self._runner = FetchRunner(self)
         self._handles: dict[str, int] = {}
         self._open: set[OpenFile] = set()
-        self._contexts: dict[str, Any] = {}
         self._had_continuous: set[str] = set()
-        self._flush_lock = trio.Lock()
-        self.disk_limiter = trio.CapacityLimiter(8)
-        self.external_error = external_error
         self.counters = {
             "read_data_calls": 0,
             "bytes_from_backend": 0,
@@ -115,29 +89,32 @@ class FileCache:
             "miss_bytes": 0,
             "stale_served": 0,
         }
-        self.cached_bytes = sum(self._present_bytes(cf) for cf in files)
-        self._runner = FetchRunner(self)
+
+    @property
+    def external_error(self) -> str | None:
+        return self.catalog.external_error
 
     # -- attributes -----------------------------------------------------------------
 
     async def getattr(self, file_id: str) -> FileAttrs:
         """Attributes of *file_id*, asking the backend once the TTL has passed."""
         now = trio.current_time()
-        cf = self._files.get(file_id)
+        cf = self.catalog.files.get(file_id)
         if cf is not None and now - cf.validated_at < self.config.ttl:
             return cf.attrs
-        other = self._other.get(file_id)
+        other = self.catalog.other.get(file_id)
         if other is not None and now - other[1] < self.config.ttl:
             return other[0]
         return await self._revalidate(file_id)
 
     async def _revalidate(self, file_id: str) -> FileAttrs:
-        cf = self._files.get(file_id)
-        known = cf.attrs if cf is not None else self._other.get(file_id, (None, 0))[0]
-        if self.external_error is not None:
+        cat = self.catalog
+        cf = cat.files.get(file_id)
+        known = cf.attrs if cf is not None else cat.other.get(file_id, (None, 0))[0]
+        if cat.external_error is not None:
             if known is None:
                 raise StorageQuarantined(
-                    f"{file_id or '/'}: storage is offline: {self.external_error}"
+                    f"{file_id or '/'}: storage is offline: {cat.external_error}"
                 )
             return known
         try:
@@ -149,73 +126,15 @@ class FileCache:
             self.counters["stale_served"] += 1
             return known
         if attrs is None:
-            self._forget(file_id)
+            cat.forget(file_id)
             raise NotFound(f"{file_id or '/'}: no such file or directory")
-        return self._learn(file_id, attrs)
-
-    def _learn(self, file_id: str, attrs: FileAttrs) -> FileAttrs:
-        now = trio.current_time()
-        cf = self._files.get(file_id)
-        if attrs.kind is not FileKind.FILE:
-            if cf is not None:
-                self._retire(cf)
-            self._other[file_id] = (attrs, now)
-            return attrs
-        self._other.pop(file_id, None)
-        if cf is None or cf.version != attrs.version or cf.size != attrs.size:
-            error = None
-            if cf is not None:
-                error = cf.error
-                self._retire(cf)
-            cf = self._new_file(file_id, attrs, error)
-        else:
-            cf.mtime, cf.mode = attrs.mtime, attrs.mode
-        cf.validated_at = now
-        return cf.attrs
-
-    def _forget(self, file_id: str) -> None:
-        self._other.pop(file_id, None)
-        cf = self._files.get(file_id)
-        if cf is not None:
-            self._retire(cf)
-
-    def _new_file(self, file_id: str, attrs: FileAttrs, error: str | None) -> CachedFile:
-        row_id, self._next_row = self._next_row, self._next_row + 1
-        cf = CachedFile(
-            row_id=row_id,
-            file_id=file_id,
-            version=attrs.version,
-            size=attrs.size,
-            mtime=attrs.mtime,
-            mode=attrs.mode,
-            present=bytearray(block_count(attrs.size, self.config.block_size)),
-            error=error,
-        )
-        cf.data = DataFile(self._data_dir / str(row_id), attrs.size)
-        self._files[file_id] = cf
-        if error is not None:
-            self._dirty.add(cf)
-        return cf
-
-    def _retire(self, cf: CachedFile) -> None:
-        """Drop everything cached of this version (the source has another)."""
-        if cf.retired:
-            return
-        cf.retired = True
-        self.cached_bytes -= self._present_bytes(cf)
-        assert cf.data is not None
-        cf.data.retire()
-        self._deleted.append(cf.row_id)
-        self._dirty.discard(cf)
-        if self._files.get(cf.file_id) is cf:
-            del self._files[cf.file_id]
-        if self._on_invalidate is not None:
-            self._on_invalidate(cf.file_id)
+        return cat.learn(file_id, attrs, trio.current_time())
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         """The entries of *dir_id*; their attributes refresh what the cache knows."""
-        if self.external_error is not None:
-            raise StorageQuarantined(f"{dir_id or '/'}: storage is offline: {self.external_error}")
+        cat = self.catalog
+        if cat.external_error is not None:
+            raise StorageQuarantined(f"{dir_id or '/'}: storage is offline: {cat.external_error}")
         try:
             entries = await self.backend.list_dir(dir_id)
         except (FileNotFoundError, NotADirectoryError):
@@ -223,11 +142,19 @@ class FileCache:
         except Exception as e:
             raise TransientFailure(f"{dir_id or '/'}: listing failed: {e}") from None
         prefix = f"{dir_id}/" if dir_id else ""
+        now = trio.current_time()
         for entry in entries:
             file_id = prefix + entry.name
-            if entry.attrs.kind is not FileKind.FILE or file_id in self._files:
-                self._learn(file_id, entry.attrs)
+            if entry.attrs.kind is not FileKind.FILE or file_id in cat.files:
+                cat.learn(file_id, entry.attrs, now)
         return entries
+
+    async def _current(self, file_id: str) -> CachedFile:
+        attrs = await self.getattr(file_id)
+        cf = self.catalog.files.get(file_id)
+        if cf is None or attrs.kind is not FileKind.FILE:
+            raise NotFound(f"{file_id}: no such file")
+        return cf
 
     # -- reading --------------------------------------------------------------------
 
@@ -243,55 +170,51 @@ class FileCache:
 
     async def read(self, fh: OpenFile, offset: int, length: int) -> bytes:
         """Up to *length* bytes at *offset*; b"" at or past the end of the file."""
-        cf = self._files.get(fh.file_id)
+        cf = self.catalog.files.get(fh.file_id)
         if cf is None:
             cf = await self._current(fh.file_id)
         end = min(offset + length, cf.size)
         if offset >= end:
             return b""
-        sequential, abandoned = fh.reader.observe(offset, end)
-        if abandoned is not None:
-            await self.cancel_transfer(cf, abandoned)
+        reader = fh.reader
+        sequential, ended = reader.observe(offset, end)
+        if ended is not None:
+            await self._end_run(cf, *ended)
         bs = self.config.block_size
-        if cf.present.find(0, offset // bs, (end - 1) // bs + 1) < 0:
+        first, last = offset // bs, (end - 1) // bs
+        if sequential and reader.run_reads >= 2 and self.config.max_readahead:
+            self._read_ahead(fh, cf, end)
+        if cf.present.find(0, first, last + 1) < 0:
             data = os.pread(self._fd(fh, cf), end - offset, offset)
             if len(data) == end - offset:
+                self.catalog.touch(cf, first, last)
                 self.counters["hit_bytes"] += len(data)
                 return data
             self._lost(cf, offset, end)
         self.counters["miss_bytes"] += end - offset
         return await self._read_miss(fh, offset, end, sequential)
 
-    async def prefetch(self, file_id: str) -> None:
-        """Fetch every missing block of *file_id* in one WHOLE_FILE transfer."""
-        fh = await self.open(file_id)
-        try:
-            for _ in range(MAX_REPLANS):
-                cf = await self._current(file_id)
-                last = len(cf.present) - 1
-                if last < 0:
-                    return
-                transfer = Transfer(Kind.WHOLE, last, last)
-                try:
-                    await self.ensure(cf, 0, last, transfer)
-                    return
-                except Modified:
-                    await self._revalidate_after_change(cf)
-                except Replan:
-                    pass
-                finally:
-                    if transfer.open and not cf.retired:
-                        await self.cancel_transfer(cf, transfer)
-            raise TransientFailure(f"{file_id}: the file kept changing while being fetched")
-        finally:
-            await self.close(fh)
+    def _read_ahead(self, fh: OpenFile, cf: CachedFile, end: int) -> None:
+        reader = fh.reader
+        if reader.readahead is None:
+            reader.readahead = Readahead(
+                self._transfer_for(fh, cf, True), self.config.block_size, self.config.max_readahead
+            )
+        reader.readahead.extend(
+            cf,
+            end,
+            self.config.block_size,
+            self.config.max_readahead,
+            self._nursery,
+            self._runner.ensure,
+        )
 
-    async def _current(self, file_id: str) -> CachedFile:
-        attrs = await self.getattr(file_id)
-        cf = self._files.get(file_id)
-        if cf is None or attrs.kind is not FileKind.FILE:
-            raise NotFound(f"{file_id}: no such file")
-        return cf
+    async def _end_run(self, cf: CachedFile, transfer: Transfer | None, ahead: Any) -> None:
+        """A sequential run ended: stop its readahead, cancel its transfer."""
+        if ahead is not None:
+            await ahead.stop()
+        if transfer is not None and transfer.open:
+            await self.cancel_transfer(cf, transfer)
 
     def _fd(self, fh: OpenFile, cf: CachedFile) -> int:
         data = cf.data
@@ -309,7 +232,7 @@ class FileCache:
         bs = self.config.block_size
         log.warning("cache data of %s is short: refetching", cf.file_id)
         for b in range(offset // bs, (end - 1) // bs + 1):
-            self._unmark(cf, b)
+            self.catalog.unmark(cf, b)
 
     async def _read_miss(self, fh: OpenFile, offset: int, end: int, sequential: bool) -> bytes:
         bs = self.config.block_size
@@ -319,13 +242,14 @@ class FileCache:
             if offset >= stop:
                 return b""
             first, last = offset // bs, (stop - 1) // bs
-            transfer = self._transfer_for(fh, cf, sequential, last)
+            transfer = self._transfer_for(fh, cf, sequential)
             try:
-                await self.ensure(cf, first, last, transfer)
+                await self._runner.ensure(cf, first, last, transfer)
             except (Modified, Replan) as e:
                 await self._stop_transfer(fh, cf, transfer)
                 if isinstance(e, Modified):
-                    await self._revalidate_after_change(cf)
+                    self.catalog.retire(cf)
+                    await self._revalidate(cf.file_id)
                 continue
             except ReadFailed:
                 if transfer.kind is Kind.RANDOM:
@@ -335,14 +259,15 @@ class FileCache:
                 continue
             data = os.pread(self._fd(fh, cf), stop - offset, offset)
             if len(data) == stop - offset:
+                self.catalog.touch(cf, first, last)
                 return data
             self._lost(cf, offset, stop)
         raise TransientFailure(f"{fh.file_id}: the file kept changing while being read")
 
-    def _transfer_for(self, fh: OpenFile, cf: CachedFile, sequential: bool, last: int) -> Transfer:
+    def _transfer_for(self, fh: OpenFile, cf: CachedFile, sequential: bool) -> Transfer:
         file_last = max(0, len(cf.present) - 1)
         if not sequential:
-            return Transfer(Kind.RANDOM, last, file_last)
+            return Transfer(Kind.RANDOM, file_last, file_last)
         t = fh.reader.continuous
         if t is None or t.finished:
             restarted = fh.reader.run_start == 0 and cf.file_id in self._had_continuous
@@ -352,99 +277,20 @@ class FileCache:
         return t
 
     async def _stop_transfer(self, fh: OpenFile, cf: CachedFile, transfer: Transfer) -> None:
-        if transfer.open:
-            await self.cancel_transfer(cf, transfer)
         if fh.reader.continuous is transfer:
-            fh.reader.continuous = None
-
-    async def _revalidate_after_change(self, cf: CachedFile) -> None:
-        """The backend said the file changed: drop its blocks and re-stat."""
-        self._retire(cf)
-        await self._revalidate(cf.file_id)
-
-    async def ensure(self, cf: CachedFile, first: int, last: int, transfer: Transfer) -> None:
-        """Make blocks first..last of *cf* present, fetching what no one else fetches.
-
-        Raises Modified / Replan for the caller to re-plan, ReadFailed to fail.
-        """
-        bs = self.config.block_size
-        while True:
-            if cf.retired:
-                raise Replan
-            if cf.zero_from is not None:
-                for b in range(max(first, -(-cf.zero_from // bs)), last + 1):
-                    self.mark(cf, b)
-            b = cf.present.find(0, first, last + 1)
-            if b < 0:
-                return
-            self._runner.check_latches(cf)
-            runs: list[tuple[int, int]] = []
-            waits: list[Fetch] = []
-            limit = max(1, self.config.max_fetch // bs)
-            while b <= last:
-                if cf.present[b]:
-                    b += 1
-                elif (f := cf.inflight.get(b)) is not None:
-                    if not waits or waits[-1] is not f:
-                        waits.append(f)  # type: ignore[arg-type]
-                    b += 1
-                else:
-                    s = b
-                    while (
-                        b <= last and not cf.present[b] and b not in cf.inflight and b - s < limit
-                    ):
-                        b += 1
-                    runs.append((s, b - 1))
-            if runs:
-                if transfer.kind is Kind.RANDOM:
-                    transfer.last_block = runs[-1][1]
-                else:
-                    transfer.last_block = max(runs[-1][1], cf.present.rfind(0, first))
-            fetches = [Fetch(s, e) for s, e in runs]
-            for f in fetches:
-                for blk in range(f.first, f.last + 1):
-                    cf.inflight[blk] = f
-            try:
-                for f in fetches:
-                    await self._runner.run(cf, f, transfer)
-            finally:
-                for f in fetches:
-                    f.finish(cf)
-            for f in waits:
-                await f.done.wait()
-                f.raise_error()
-
-    def mark(self, cf: CachedFile, b: int) -> None:
-        if not cf.present[b]:
-            cf.present[b] = 1
-            self.cached_bytes += self._block_len(cf, b)
-            self._dirty.add(cf)
-
-    def mark_dirty(self, cf: CachedFile) -> None:
-        self._dirty.add(cf)
-
-    def _unmark(self, cf: CachedFile, b: int) -> None:
-        if cf.present[b]:
-            cf.present[b] = 0
-            self.cached_bytes -= self._block_len(cf, b)
-            self._dirty.add(cf)
-
-    def _block_len(self, cf: CachedFile, b: int) -> int:
-        bs = self.config.block_size
-        return min(bs, cf.size - b * bs)
-
-    def _present_bytes(self, cf: CachedFile) -> int:
-        n = cf.present.count(1) * self.config.block_size
-        if cf.present and cf.present[-1]:
-            n -= len(cf.present) * self.config.block_size - cf.size
-        return n
+            ended = fh.reader.detach()
+            if ended is not None:
+                await self._end_run(cf, *ended)
+        elif transfer.open:
+            await self.cancel_transfer(cf, transfer)
 
     async def cancel_transfer(self, cf: CachedFile, transfer: Transfer) -> None:
-        """Tell the backend a transfer with calls in flight ended early."""
+        """Tell the backend a transfer with calls made ended early."""
         transfer.finished = True
-        if self.external_error is not None or cf.error is not None:
+        if self.catalog.external_error is not None or cf.error is not None:
             return
-        if cf.file_id not in self._contexts:
+        context = self._runner.context_of(cf.file_id)
+        if context is None:
             return
         req = ReadData(
             file_id=cf.file_id,
@@ -453,7 +299,7 @@ class FileCache:
             flags=transfer.cancel_flags(),
             buffer=memoryview(bytearray()),
             bytes_to_read=0,
-            file_context=self._contexts[cf.file_id],
+            file_context=context[0],
             version=cf.version,
         )
         await self._runner.call(req)
@@ -464,10 +310,10 @@ class FileCache:
             return
         fh.closed = True
         self._open.discard(fh)
-        t = fh.reader.continuous
-        cf = self._files.get(fh.file_id)
-        if t is not None and t.open and cf is not None:
-            await self.cancel_transfer(cf, t)
+        ended = fh.reader.detach()
+        cf = self.catalog.files.get(fh.file_id)
+        if ended is not None and cf is not None:
+            await self._end_run(cf, *ended)
         if fh.data is not None:
             fh.data.release()
             fh.data = None
@@ -478,35 +324,107 @@ class FileCache:
         self._handles.pop(fh.file_id, None)
         await self._runner.close_context(fh.file_id)
 
+    # -- whole files ----------------------------------------------------------------
+
+    async def prefetch(self, file_id: str) -> None:
+        """Fetch every missing block of *file_id* in one WHOLE_FILE transfer."""
+        fh = await self.open(file_id)
+        try:
+            for _ in range(MAX_REPLANS):
+                cf = await self._current(file_id)
+                last = len(cf.present) - 1
+                if last < 0:
+                    return
+                transfer = Transfer(Kind.WHOLE, last, last)
+                try:
+                    await self._runner.ensure(cf, 0, last, transfer)
+                    return
+                except Modified:
+                    self.catalog.retire(cf)
+                    await self._revalidate(file_id)
+                except Replan:
+                    pass
+                finally:
+                    if transfer.open and not cf.retired:
+                        await self.cancel_transfer(cf, transfer)
+            raise TransientFailure(f"{file_id}: the file kept changing while being fetched")
+        finally:
+            await self.close(fh)
+
+    async def pin(self, file_id: str) -> None:
+        """Fetch *file_id* whole and keep it: eviction never touches a pinned file.
+
+        Raises PinLimitExceeded if pinned files alone would pass the cache limit.
+        """
+        cf = await self._current(file_id)
+        if not cf.pinned:
+            total = self.catalog.pinned_bytes + cf.size
+            if total > self.evictor.limit:
+                raise PinLimitExceeded(
+                    f"cannot pin {file_id}: pinned files would hold {total} bytes,"
+                    f" more than the cache limit of {self.evictor.limit} bytes"
+                )
+            self.catalog.set_pinned(cf, True)
+        await self.prefetch(file_id)
+        await self.flush()
+
+    async def unpin(self, file_id: str) -> bool:
+        """Let *file_id* be evicted again; False if it was not pinned."""
+        cf = self.catalog.files.get(file_id)
+        if cf is None or not cf.pinned:
+            return False
+        self.catalog.set_pinned(cf, False)
+        await self.flush()
+        return True
+
+    async def purge(self, file_id: str) -> int:
+        """Drop the cached data of *file_id* unless pinned; returns the bytes freed."""
+        cf = self.catalog.files.get(file_id)
+        if cf is None or cf.pinned:
+            return 0
+        victims = [(cf, b) for b in evictable(cf)]
+        before = self.catalog.cached_bytes
+        await self.evictor.drop(victims)
+        return before - self.catalog.cached_bytes
+
+    def pinned(self) -> list[str]:
+        return sorted(cf.file_id for cf in self.catalog.files.values() if cf.pinned)
+
     # -- latches and statistics ---------------------------------------------------
 
     async def reset_file_errors(self, file_id: str | None = None) -> list[str]:
         """Lift FILE_FAILURE latches (of one file, or all); returns the files reset."""
         reset = []
-        for cf in list(self._files.values()):
+        for cf in list(self.catalog.files.values()):
             if cf.error is not None and file_id in (None, cf.file_id):
                 cf.error = None
-                self._dirty.add(cf)
+                self.catalog.dirty.add(cf)
                 reset.append(cf.file_id)
         await self.flush()
         return reset
 
     async def reset_external_error(self) -> None:
         """Lift the PERMANENT_FAILURE latch: the backend is asked again."""
-        self.external_error = None
+        self.catalog.external_error = None
         await self.flush()
 
     def file_errors(self) -> list[str]:
-        return sorted(cf.file_id for cf in self._files.values() if cf.error is not None)
+        return self.catalog.file_errors()
 
     def statistics(self) -> dict[str, Any]:
-        errors = self.file_errors()
+        errors = self.catalog.file_errors()
+        hits, misses = self.counters["hit_bytes"], self.counters["miss_bytes"]
         return {
             **self.counters,
-            "cached_bytes": self.cached_bytes,
+            "hit_ratio": hits / (hits + misses) if hits + misses else None,
+            "cached_bytes": self.catalog.cached_bytes,
+            "cache_limit": self.evictor.limit,
+            "min_free": self.evictor.min_free,
+            "pinned_bytes": self.catalog.pinned_bytes,
+            "evicted_bytes": self.evictor.evicted_bytes,
             "files_in_error": len(errors),
             "file_errors": errors,
-            "external_error": self.external_error,
+            "external_error": self.catalog.external_error,
             "block_size": self.config.block_size,
             "ttl": self.config.ttl,
             "cache_dir": str(self.cache_dir),
@@ -515,37 +433,13 @@ class FileCache:
     # -- persistence ----------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Commit metadata: sync written data files first, then one SQLite batch."""
-        async with self._flush_lock:
-            dirty, self._dirty = self._dirty, set()
-            unsynced, self._unsynced = self._unsynced, set()
-            deleted, self._deleted = self._deleted, []
-            rows = [row_of(cf) for cf in dirty if not cf.retired]
-            try:
-                for data in unsynced:
-                    await data.sync(self.disk_limiter)
-                async with self._index.lock:
-                    await trio.to_thread.run_sync(
-                        self._write_index, rows, deleted, self.external_error
-                    )
-            except BaseException:
-                self._dirty |= {cf for cf in dirty if not cf.retired}
-                self._unsynced |= unsynced
-                self._deleted += deleted
-                raise
-
-    def _write_index(self, rows: list[tuple], deleted: list[int], external: str | None) -> None:
-        self._index.write_batch(rows, deleted)
-        self._index.set_meta("external_error", external)
-
-    def note_written(self, cf: CachedFile) -> None:
-        assert cf.data is not None
-        self._unsynced.add(cf.data)
+        """Commit metadata now (it is also committed every flush_interval seconds)."""
+        await self.catalog.flush(self.disk_limiter)
 
     async def _serve_flusher(self) -> None:
         while True:
             await trio.sleep(self.config.flush_interval)
-            if self._dirty or self._deleted:
+            if self.catalog.needs_flush:
                 try:
                     await self.flush()
                 except OSError as e:
@@ -563,36 +457,41 @@ class FileCache:
 async def open_file_cache(
     backend: Backend,
     cache_dir: str | os.PathLike[str],
-    config: CacheConfig = CacheConfig(),
+    config: CacheConfig | None = None,
     *,
     on_invalidate: Callable[[str], None] | None = None,
 ) -> AsyncIterator[FileCache]:
     """Open the cache in *cache_dir* (which must exist) over *backend*.
 
     Takes the directory's lock (CacheDirInUse if another live process holds
-    it), loads or rebuilds the index, and runs the metadata flusher.  On exit
-    open transfers are canceled and metadata is committed; the backend is
-    left open (its owner closes it).
+    it), loads or rebuilds the index, and runs the flusher and the trimmer.
+    On exit open transfers are canceled and metadata is committed; the
+    backend is left open (its owner closes it).
     """
+    config = config or CacheConfig()
     config.validate()
     path = Path(cache_dir).absolute()
     lock_fd = lock_cache_dir(path)
+    index: Index | None = None
     try:
         index, files, external_error, repaired = await trio.to_thread.run_sync(
             open_index, path, config.block_size
         )
-        try:
-            cache = FileCache(backend, path, config, index, files, external_error, on_invalidate)
-            cache._dirty.update(repaired)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cache._serve_flusher)
-                try:
-                    yield cache
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await cache._shutdown()
-                    nursery.cancel_scope.cancel()
-        finally:
-            index.close()
+        catalog = Catalog(
+            index, path / "data", config.block_size, files, external_error, on_invalidate
+        )
+        catalog.dirty.update(repaired)
+        async with trio.open_nursery() as nursery:
+            cache = FileCache(backend, path, config, catalog, nursery)
+            nursery.start_soon(cache._serve_flusher)
+            nursery.start_soon(cache.evictor.serve_trimmer)
+            try:
+                yield cache
+            finally:
+                with trio.CancelScope(shield=True):
+                    await cache._shutdown()
+                nursery.cancel_scope.cancel()
     finally:
+        if index is not None:
+            index.close()
         os.close(lock_fd)

@@ -17,7 +17,7 @@ import trio
 
 from cachefs.contract import ReadData, RWResult
 from cachefs.engine.index import CachedFile
-from cachefs.engine.transfers import Transfer
+from cachefs.engine.transfers import Kind, Transfer
 from cachefs.errors import FileQuarantined, ReadFailed, StorageQuarantined, TransientFailure
 
 if TYPE_CHECKING:
@@ -68,11 +68,12 @@ class FetchRunner:
 
     def __init__(self, cache: FileCache) -> None:
         self._cache = cache
+        self._contexts: dict[str, Any] = {}
 
     def check_latches(self, cf: CachedFile) -> None:
-        c = self._cache
-        if c.external_error is not None:
-            raise StorageQuarantined(f"{cf.file_id}: storage is offline: {c.external_error}")
+        external = self._cache.catalog.external_error
+        if external is not None:
+            raise StorageQuarantined(f"{cf.file_id}: storage is offline: {external}")
         if cf.error is not None:
             raise FileQuarantined(
                 f"{cf.file_id}: quarantined after {cf.error} (cachefs reset-file-errors lifts it)"
@@ -111,8 +112,14 @@ class FetchRunner:
             return rc, n
         return rc, 0
 
+    def context_of(self, file_id: str) -> tuple[Any] | None:
+        """(context,) when the backend has *file_id* open, else None."""
+        if file_id in self._contexts:
+            return (self._contexts[file_id],)
+        return None
+
     async def _context(self, file_id: str) -> Any:
-        contexts = self._cache._contexts
+        contexts = self._contexts
         if file_id in contexts:
             return contexts[file_id]
         ctx = await self._cache.backend.open_file(file_id)
@@ -123,12 +130,12 @@ class FetchRunner:
         return contexts[file_id]
 
     async def close_context(self, file_id: str) -> None:
-        contexts = self._cache._contexts
+        contexts = self._contexts
         if file_id in contexts:
             await self._close(file_id, contexts.pop(file_id))
 
     async def close_all_contexts(self) -> None:
-        for file_id in list(self._cache._contexts):
+        for file_id in list(self._contexts):
             with trio.move_on_after(5):
                 await self.close_context(file_id)
 
@@ -138,9 +145,63 @@ class FetchRunner:
         except Exception as e:
             log.warning("backend close_file(%s) failed: %s", file_id, e)
 
+    async def ensure(self, cf: CachedFile, first: int, last: int, transfer: Transfer) -> None:
+        """Make blocks first..last of *cf* present, fetching what no one else fetches.
+
+        Raises Modified / Replan for the caller to re-plan, ReadFailed to fail.
+        """
+        bs = self._cache.config.block_size
+        limit = max(1, self._cache.config.max_fetch // bs)
+        while True:
+            if cf.retired:
+                raise Replan
+            if cf.zero_from is not None:
+                for b in range(max(first, -(-cf.zero_from // bs)), last + 1):
+                    self._cache.catalog.mark(cf, b)
+            b = cf.present.find(0, first, last + 1)
+            if b < 0:
+                return
+            self.check_latches(cf)
+            runs: list[tuple[int, int]] = []
+            waits: list[Fetch] = []
+            while b <= last:
+                if cf.present[b]:
+                    b += 1
+                elif (f := cf.inflight.get(b)) is not None:
+                    if not waits or waits[-1] is not f:
+                        waits.append(f)
+                    b += 1
+                else:
+                    s = b
+                    while b <= last and b - s < limit and not cf.present[b]:
+                        if b in cf.inflight:
+                            break
+                        b += 1
+                    runs.append((s, b - 1))
+            if runs:
+                if transfer.kind is Kind.RANDOM:
+                    transfer.last_block = runs[-1][1]
+                else:
+                    transfer.last_block = max(runs[-1][1], cf.present.rfind(0, first))
+            fetches = [Fetch(s, e) for s, e in runs]
+            for f in fetches:
+                for blk in range(f.first, f.last + 1):
+                    cf.inflight[blk] = f
+            try:
+                for f in fetches:
+                    await self.run(cf, f, transfer)
+            finally:
+                for f in fetches:
+                    f.finish(cf)
+            for f in waits:
+                await f.done.wait()
+                f.raise_error()
+
     async def run(self, cf: CachedFile, fetch: Fetch, transfer: Transfer) -> None:
+        """Fetch blocks fetch.first..fetch.last; at most max_fetches runs at once."""
         try:
-            await self._run(cf, fetch, transfer)
+            async with self._cache.fetch_limiter:
+                await self._run(cf, fetch, transfer)
         except trio.Cancelled:
             raise
         except BaseException as e:
@@ -149,6 +210,7 @@ class FetchRunner:
 
     async def _run(self, cf: CachedFile, fetch: Fetch, transfer: Transfer) -> None:
         c = self._cache
+        cat = c.catalog
         cfg = c.config
         bs = cfg.block_size
         start = fetch.first * bs
@@ -196,7 +258,7 @@ class FetchRunner:
             if rc is RWResult.RANGE_BEYOND_EOF:
                 view[pos - start :] = bytes(stop - pos)
                 cf.zero_from = pos if cf.zero_from is None else min(cf.zero_from, pos)
-                c.mark_dirty(cf)
+                cat.dirty.add(cf)
                 pos = stop
             elif rc is RWResult.FILE_MODIFIED_EXTERNALLY:
                 raise Modified
@@ -204,11 +266,11 @@ class FetchRunner:
                 raise Replan
             elif rc is RWResult.FILE_FAILURE:
                 cf.error = f"FILE_FAILURE at offset {pos}"
-                c.mark_dirty(cf)
+                cat.dirty.add(cf)
                 await c.flush()
                 self.check_latches(cf)
             elif rc is RWResult.PERMANENT_FAILURE:
-                c.external_error = f"PERMANENT_FAILURE reading {cf.file_id} at offset {pos}"
+                cat.external_error = f"PERMANENT_FAILURE reading {cf.file_id} at offset {pos}"
                 await c.flush()
                 self.check_latches(cf)
             elif rc is RWResult.FAILURE:
@@ -221,12 +283,13 @@ class FetchRunner:
             complete = stop if pos >= stop else pos - pos % bs
             if complete > written:
                 assert cf.data is not None
+                await c.evictor.make_room(complete - written)
                 await cf.data.write(
                     written, view[written - start : complete - start], c.disk_limiter
                 )
                 if cf.retired:
                     raise Replan
                 for b in range(written // bs, (complete - 1) // bs + 1):
-                    c.mark(cf, b)
-                c.note_written(cf)
+                    cat.mark(cf, b)
+                cat.note_written(cf)
                 written = complete

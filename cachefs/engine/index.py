@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS files (
     mode INTEGER NOT NULL,
     zero_from INTEGER,
     error TEXT,
+    pinned INTEGER NOT NULL,
     present BLOB NOT NULL
 );
 """
@@ -58,10 +60,18 @@ class CachedFile:
     present: bytearray
     zero_from: int | None = None
     error: str | None = None
+    pinned: bool = False
     validated_at: float = float("-inf")
     retired: bool = False
     inflight: dict[int, object] = field(default_factory=dict)
     data: DataFile | None = None
+    atime: array = field(init=False)
+    # Blocks marked present since the data file was last synced.
+    unsynced: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        # Last read of each block, in ticks of the catalog's LRU clock.
+        self.atime = array("Q", bytes(8 * len(self.present)))
 
     @property
     def attrs(self) -> FileAttrs:
@@ -109,10 +119,12 @@ class Index:
 
     def load(self) -> list[CachedFile]:
         rows = self._db.execute(
-            "SELECT id, file_id, version, size, mtime, mode, zero_from, error, present FROM files"
+            "SELECT id, file_id, version, size, mtime, mode, zero_from, error, pinned, present"
+            " FROM files"
         )
         out = []
-        for row_id, file_id, version, size, mtime, mode, zero_from, error, present in rows:
+        for row in rows:
+            row_id, file_id, version, size, mtime, mode, zero_from, error, pinned, present = row
             out.append(
                 CachedFile(
                     row_id=row_id,
@@ -124,6 +136,7 @@ class Index:
                     present=bytearray(present),
                     zero_from=zero_from,
                     error=error,
+                    pinned=bool(pinned),
                 )
             )
         return out
@@ -139,7 +152,7 @@ class Index:
                     "DELETE FROM files WHERE file_id=? AND id<>?", [(r[1], r[0]) for r in rows]
                 )
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
                 )
 
     def wipe(self) -> None:
@@ -148,7 +161,12 @@ class Index:
             self._db.execute("DELETE FROM meta")
 
 
-def row_of(cf: CachedFile) -> tuple:
+def row_of(cf: CachedFile, synced_only: bool = False) -> tuple:
+    """The index row of *cf*; with *synced_only*, unsynced blocks show as absent."""
+    present = bytearray(cf.present)
+    if synced_only:
+        for b in cf.unsynced:
+            present[b] = 0
     return (
         cf.row_id,
         cf.file_id,
@@ -158,5 +176,6 @@ def row_of(cf: CachedFile) -> tuple:
         cf.mode,
         cf.zero_from,
         cf.error,
-        bytes(cf.present),
+        int(cf.pinned),
+        bytes(present),
     )

@@ -9,6 +9,8 @@ when no thread uses it, so a number is never reused under a writer.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 from pathlib import Path
@@ -68,6 +70,16 @@ class DataFile:
         finally:
             self.release()
 
+    async def punch(self, ranges: list[tuple[int, int]], limiter: trio.CapacityLimiter) -> None:
+        """Give the space of (offset, length) *ranges* back to the filesystem."""
+        if self.retired:
+            return
+        fd = self.acquire()
+        try:
+            await trio.to_thread.run_sync(punch_holes, fd, ranges, limiter=limiter)
+        finally:
+            self.release()
+
     async def sync(self, limiter: trio.CapacityLimiter) -> None:
         if self.retired:
             return
@@ -83,3 +95,28 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_fallocate.restype = ctypes.c_int
+
+
+def punch_holes(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """Deallocate byte ranges of *fd*; they read as zeros afterwards.
+
+    Where the filesystem cannot punch holes, the ranges are overwritten with
+    zeros (correct, though the space is not returned) and a warning is logged.
+    """
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    for offset, length in ranges:
+        if _fallocate(fd, mode, offset, length) == 0:
+            continue
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+        log.warning("the cache filesystem cannot punch holes: evicted space is not returned")
+        _pwrite_all(fd, memoryview(bytes(length)), offset)

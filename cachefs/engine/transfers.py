@@ -19,6 +19,7 @@ Policy (documented in README):
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from cachefs.contract import RWEvent
 
@@ -85,28 +86,35 @@ class Transfer:
 
 
 class ReaderState:
-    """Sequential detection for one open handle."""
+    """Sequential detection for one open handle, and its current run."""
 
-    __slots__ = ("next_pos", "run_start", "continuous")
+    __slots__ = ("next_pos", "run_start", "run_reads", "continuous", "readahead")
 
     def __init__(self) -> None:
         self.next_pos: int | None = None
         self.run_start = 0
+        self.run_reads = 0
         self.continuous: Transfer | None = None
+        self.readahead: Any = None
 
-    def observe(self, offset: int, end: int) -> tuple[bool, Transfer | None]:
+    def observe(self, offset: int, end: int) -> tuple[bool, tuple[Transfer | None, Any] | None]:
         """Record a read of [offset, end).
 
-        Returns (sequential, transfer to cancel).  A sequential read that
-        starts a new run (at 0, or after random reads) drops the old
-        continuous transfer; a random read drops it too.
+        Returns whether it is sequential, and the (transfer, readahead) of a
+        run it ended: a read at 0 starts a new run, a read elsewhere than
+        where the last one stopped is random and ends the run too.
         """
         sequential = offset == self.next_pos or offset == 0
         new_run = offset != self.next_pos
         self.next_pos = end
-        old = self.continuous
         if sequential and not new_run:
+            self.run_reads += 1
             return True, None
-        self.run_start = offset
-        self.continuous = None
-        return sequential, old if old is not None and old.open else None
+        self.run_start, self.run_reads = offset, 1
+        return sequential, self.detach()
+
+    def detach(self) -> tuple[Transfer | None, Any] | None:
+        """Take the current run's transfer and readahead away, if any."""
+        old = (self.continuous, self.readahead)
+        self.continuous = self.readahead = None
+        return old if old != (None, None) else None

@@ -1,0 +1,214 @@
+"""What the cache holds, in memory, and how it reaches the index.
+
+The catalog is the in-memory mirror the hit path reads (one CachedFile per
+file, a byte per block) and the only writer of the index.  Its rule: data
+first, metadata second.  ``flush`` syncs every data file written since the
+last commit before it commits the bitmaps, so a block marked present on disk
+always has its bytes.  Eviction runs the other way round (clear, commit, then
+punch), which the evictor does through ``unmark`` and ``flush``.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from cachefs.contract import FileAttrs, FileKind
+from cachefs.engine.index import CachedFile, Index, block_count, row_of
+from cachefs.engine.store import DataFile
+
+log = logging.getLogger(__name__)
+
+
+class Catalog:
+    def __init__(
+        self,
+        index: Index,
+        data_dir: Path,
+        block_size: int,
+        files: list[CachedFile],
+        external_error: str | None,
+        on_invalidate: Callable[[str], None] | None,
+    ) -> None:
+        self.index = index
+        self.data_dir = data_dir
+        self.block_size = block_size
+        self.files: dict[str, CachedFile] = {cf.file_id: cf for cf in files}
+        self.other: dict[str, tuple[FileAttrs, float]] = {}
+        self.external_error = external_error
+        self.dirty: set[CachedFile] = set()
+        self._unsynced: set[DataFile] = set()
+        self._deleted: list[int] = []
+        self._next_row = max((cf.row_id for cf in files), default=0) + 1
+        self._on_invalidate = on_invalidate
+        self._flush_lock = trio.Lock()
+        self.cached_bytes = sum(self.present_bytes(cf) for cf in files)
+        self.pinned_bytes = sum(cf.size for cf in files if cf.pinned)
+        self.tick = 1  # LRU clock: one step per read
+
+    # -- versions -------------------------------------------------------------------
+
+    def learn(self, file_id: str, attrs: FileAttrs, now: float) -> FileAttrs:
+        """Record what the backend says *file_id* is; a new version drops the old one."""
+        cf = self.files.get(file_id)
+        if attrs.kind is not FileKind.FILE:
+            if cf is not None:
+                self.retire(cf)
+            self.other[file_id] = (attrs, now)
+            return attrs
+        self.other.pop(file_id, None)
+        if cf is None or cf.version != attrs.version or cf.size != attrs.size:
+            error, pinned = None, False
+            if cf is not None:
+                error, pinned = cf.error, cf.pinned
+                self.retire(cf)
+            cf = self._new_file(file_id, attrs, error, pinned)
+        else:
+            cf.mtime, cf.mode = attrs.mtime, attrs.mode
+        cf.validated_at = now
+        return cf.attrs
+
+    def forget(self, file_id: str) -> None:
+        """The path is gone from the source."""
+        self.other.pop(file_id, None)
+        cf = self.files.get(file_id)
+        if cf is not None:
+            self.retire(cf)
+
+    def _new_file(
+        self, file_id: str, attrs: FileAttrs, error: str | None, pinned: bool
+    ) -> CachedFile:
+        row_id, self._next_row = self._next_row, self._next_row + 1
+        n = block_count(attrs.size, self.block_size)
+        cf = CachedFile(
+            row_id=row_id,
+            file_id=file_id,
+            version=attrs.version,
+            size=attrs.size,
+            mtime=attrs.mtime,
+            mode=attrs.mode,
+            present=bytearray(n),
+            error=error,
+            pinned=pinned,
+        )
+        cf.data = DataFile(self.data_dir / str(row_id), attrs.size)
+        self.files[file_id] = cf
+        if pinned:
+            self.pinned_bytes += cf.size
+        if error is not None or pinned:
+            self.dirty.add(cf)
+        return cf
+
+    def retire(self, cf: CachedFile) -> None:
+        """Drop everything cached of this version (the source has another, or none)."""
+        if cf.retired:
+            return
+        cf.retired = True
+        self.cached_bytes -= self.present_bytes(cf)
+        if cf.pinned:
+            self.pinned_bytes -= cf.size
+        assert cf.data is not None
+        cf.data.retire()
+        self._deleted.append(cf.row_id)
+        self.dirty.discard(cf)
+        if self.files.get(cf.file_id) is cf:
+            del self.files[cf.file_id]
+        if self._on_invalidate is not None:
+            self._on_invalidate(cf.file_id)
+
+    def set_pinned(self, cf: CachedFile, pinned: bool) -> None:
+        if cf.pinned != pinned:
+            cf.pinned = pinned
+            self.pinned_bytes += cf.size if pinned else -cf.size
+            self.dirty.add(cf)
+
+    # -- blocks ---------------------------------------------------------------------
+
+    def mark(self, cf: CachedFile, b: int) -> None:
+        if not cf.present[b]:
+            cf.present[b] = 1
+            cf.unsynced.add(b)
+            self.cached_bytes += self.block_len(cf, b)
+            self.dirty.add(cf)
+
+    def unmark(self, cf: CachedFile, b: int) -> None:
+        if cf.present[b]:
+            cf.present[b] = 0
+            cf.unsynced.discard(b)
+            self.cached_bytes -= self.block_len(cf, b)
+            self.dirty.add(cf)
+
+    def touch(self, cf: CachedFile, first: int, last: int) -> None:
+        """Note a read of blocks first..last for LRU."""
+        tick, self.tick = self.tick, self.tick + 1
+        atime = cf.atime
+        if first == last:
+            atime[first] = tick
+        else:
+            atime[first : last + 1] = array("Q", [tick]) * (last - first + 1)
+
+    def block_len(self, cf: CachedFile, b: int) -> int:
+        return min(self.block_size, cf.size - b * self.block_size)
+
+    def present_bytes(self, cf: CachedFile) -> int:
+        n = cf.present.count(1) * self.block_size
+        if cf.present and cf.present[-1]:
+            n -= len(cf.present) * self.block_size - cf.size
+        return n
+
+    def note_written(self, cf: CachedFile) -> None:
+        assert cf.data is not None
+        self._unsynced.add(cf.data)
+
+    def file_errors(self) -> list[str]:
+        return sorted(cf.file_id for cf in self.files.values() if cf.error is not None)
+
+    # -- commits --------------------------------------------------------------------
+
+    @property
+    def needs_flush(self) -> bool:
+        return bool(self.dirty or self._deleted)
+
+    async def flush(self, disk_limiter: trio.CapacityLimiter) -> None:
+        """Commit metadata: sync written data files first, then one SQLite batch."""
+        async with self._flush_lock:
+            dirty, self.dirty = self.dirty, set()
+            unsynced, self._unsynced = self._unsynced, set()
+            deleted, self._deleted = self._deleted, []
+            rows = [row_of(cf) for cf in dirty if not cf.retired]
+            # Everything marked so far was written before this sync starts.
+            unsynced_blocks = {cf: cf.unsynced for cf in dirty}
+            for cf in dirty:
+                cf.unsynced = set()
+            try:
+                for data in unsynced:
+                    await data.sync(disk_limiter)
+                async with self.index.lock:
+                    await trio.to_thread.run_sync(self._write, rows, deleted, self.external_error)
+            except BaseException:
+                for cf, blocks in unsynced_blocks.items():
+                    cf.unsynced |= blocks
+                self.dirty |= {cf for cf in dirty if not cf.retired}
+                self._unsynced |= unsynced
+                self._deleted += deleted
+                raise
+
+    async def commit_cleared(self, files: list[CachedFile]) -> None:
+        """Commit the bitmaps of *files* now, without syncing data.
+
+        For eviction: bits it cleared reach the index before the holes are
+        punched; blocks not yet synced are written as absent (the next flush
+        commits them properly).
+        """
+        async with self._flush_lock:
+            rows = [row_of(cf, synced_only=True) for cf in files if not cf.retired]
+            async with self.index.lock:
+                await trio.to_thread.run_sync(self._write, rows, [], self.external_error)
+
+    def _write(self, rows: list[tuple], deleted: list[int], external: str | None) -> None:
+        self.index.write_batch(rows, deleted)
+        self.index.set_meta("external_error", external)

@@ -1,0 +1,43 @@
+"""Tunables of the engine, checked once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cachefs.errors import ConfigError, InvalidBlockSize
+
+MIN_BLOCK, MAX_BLOCK = 4 << 10, 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Tunables of the engine.  The defaults suit a local disk and S3 alike.
+
+    ``cache_size`` None: 10 GiB or 80% of the cache filesystem's free space,
+    whichever is smaller.  ``min_free`` None: 5% of the cache filesystem.
+    """
+
+    block_size: int = 1 << 20
+    ttl: float = 60.0
+    retries: int = 3
+    retry_delay: float = 0.1
+    retry_max_delay: float = 2.0
+    max_fetch: int = 8 << 20
+    max_fetches: int = 8
+    max_readahead: int = 64 << 20
+    cache_size: int | None = None
+    min_free: int | None = None
+    flush_interval: float = 1.0
+
+    def validate(self) -> None:
+        bs = self.block_size
+        if not (MIN_BLOCK <= bs <= MAX_BLOCK) or bs & (bs - 1):
+            raise InvalidBlockSize(f"block size {bs} must be a power of two between 4K and 64M")
+        for name in ("ttl", "retries", "retry_delay", "retry_max_delay", "max_readahead"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if self.max_fetches < 1 or self.max_fetch < 1:
+            raise ConfigError("max_fetches and max_fetch must be at least 1")
+        for name in ("cache_size", "min_free"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"{name} must not be negative")

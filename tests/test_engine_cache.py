@@ -1,0 +1,162 @@
+"""Cache management: the size limit, LRU eviction, pins, purge, readahead."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from enginerig import BS, Rig, read_at, read_sequential
+
+from cachefs import PinLimitExceeded
+
+LIMIT = 16 * BS
+
+
+def disk_usage(cache_dir: Path) -> int:
+    """Bytes the cache's data files really occupy on disk."""
+    return sum(e.stat().st_blocks * 512 for e in os.scandir(cache_dir / "data"))
+
+
+async def test_the_limit_holds_under_four_parallel_readers(tmp_path):
+    files = {f"f{i}": os.urandom(20 * BS + i) for i in range(4)}  # 5x the limit
+    rig = Rig(tmp_path, files)
+    max_fetches, max_fetch = 2, 2 * BS
+    # In flight may overshoot; a file's partial last block takes a whole 4 KiB page.
+    bound = LIMIT + max_fetches * max_fetch + 4096 * len(files)
+    peak = 0
+    async with rig.engine(
+        cache_size=LIMIT, min_free=0, max_fetches=max_fetches, max_fetch=max_fetch
+    ) as cache:
+
+        async def reader(name: str) -> None:
+            nonlocal peak
+            rnd = random.Random(name)
+            fh = await cache.open(name)
+            for _ in range(60):
+                offset = rnd.randrange(len(files[name]))
+                got = await cache.read(fh, offset, rnd.randrange(1, 3 * BS))
+                assert got == files[name][offset : offset + len(got)]
+                peak = max(peak, disk_usage(rig.cache_dir))
+            await cache.close(fh)
+
+        async with trio.open_nursery() as nursery:
+            for name in files:
+                nursery.start_soon(reader, name)
+        stats = cache.statistics()
+        assert stats["cached_bytes"] <= LIMIT
+        assert stats["evicted_bytes"] > 0
+    assert peak <= bound
+    assert disk_usage(rig.cache_dir) <= LIMIT + 4096 * len(files)
+
+
+async def test_eviction_is_least_recently_read_first(tmp_path):
+    files = {name: os.urandom(BS) for name in "abcde"}
+    rig = Rig(tmp_path, files)
+    async with rig.engine(cache_size=4 * BS, min_free=0) as cache:
+        for name in "abcd":
+            await read_at(cache, name, 0, 10)
+        await read_at(cache, "a", 0, 10)  # a is now the most recently read
+        await read_at(cache, "e", 0, 10)  # over the limit: b and c go first
+        rig.calls()
+        for name in "ade":
+            assert await read_at(cache, name, 0, BS) == files[name]
+        assert rig.reads() == []
+        assert await read_at(cache, "b", 0, BS) == files["b"]
+        assert [c["file_id"] for c in rig.reads()] == ["b"]
+
+
+async def test_evicted_space_is_returned_to_the_filesystem(tmp_path):
+    rig = Rig(tmp_path, {"big": os.urandom(8 * BS), "other": os.urandom(8 * BS)})
+    async with rig.engine(cache_size=10 * BS, min_free=0) as cache:
+        assert await read_sequential(cache, "big") == rig.memory._files["big"].data
+        assert disk_usage(rig.cache_dir) >= 8 * BS
+        await read_sequential(cache, "other")
+        assert disk_usage(rig.cache_dir) <= 10 * BS
+
+
+async def test_pinned_files_survive_pressure_and_remounts(tmp_path):
+    files = {"pinned": os.urandom(6 * BS + 3), **{f"f{i}": os.urandom(8 * BS) for i in range(5)}}
+    rig = Rig(tmp_path, files)
+    async with rig.engine(cache_size=LIMIT, min_free=0) as cache:
+        await cache.pin("pinned")
+        assert cache.statistics()["pinned_bytes"] == len(files["pinned"])
+        for i in range(5):
+            await read_sequential(cache, f"f{i}")
+        rig.calls()
+        assert await read_sequential(cache, "pinned") == files["pinned"]
+        assert rig.reads() == []
+    async with rig.engine(cache_size=LIMIT, min_free=0) as cache:
+        assert cache.pinned() == ["pinned"]
+        for i in range(5):
+            await read_sequential(cache, f"f{i}")
+        rig.calls()
+        assert await read_sequential(cache, "pinned") == files["pinned"]
+        assert rig.reads() == []
+        assert await cache.unpin("pinned")
+        assert cache.statistics()["pinned_bytes"] == 0
+
+
+async def test_pinning_beyond_the_limit_is_refused(tmp_path):
+    rig = Rig(tmp_path, {"a": os.urandom(10 * BS), "b": os.urandom(10 * BS)})
+    async with rig.engine(cache_size=LIMIT, min_free=0) as cache:
+        await cache.pin("a")
+        with pytest.raises(PinLimitExceeded, match="cannot pin b"):
+            await cache.pin("b")
+        assert cache.pinned() == ["a"]
+
+
+async def test_purge_drops_unpinned_data(tmp_path):
+    files = {"a": os.urandom(5 * BS), "p": os.urandom(3 * BS)}
+    rig = Rig(tmp_path, files)
+    async with rig.engine(min_free=0) as cache:
+        await read_sequential(cache, "a")
+        await cache.pin("p")
+        assert await cache.purge("a") == 5 * BS
+        assert await cache.purge("p") == 0
+        assert disk_usage(rig.cache_dir) <= 3 * BS + 4096
+        rig.calls()
+        assert await read_sequential(cache, "a") == files["a"]
+        assert rig.reads()
+
+
+async def test_prefetch_then_remount_serves_with_zero_calls(tmp_path):
+    files = {"a": os.urandom(5 * BS + 1), "d/b": os.urandom(100)}
+    rig = Rig(tmp_path, files)
+    async with rig.engine() as cache:
+        for name in files:
+            await cache.prefetch(name)
+    assert all("WHOLE_FILE" in c["flags"] for c in rig.calls())
+    async with rig.engine() as cache:
+        for name, data in files.items():
+            assert await read_sequential(cache, name) == data
+    assert rig.calls() == []
+
+
+async def test_readahead_windows_grow_and_stop_with_canceled_on_seek_away(tmp_path):
+    data = os.urandom(128 * BS)  # 8 MiB
+    rig = Rig(tmp_path, {"f": data})
+    step = 2 * BS  # 128 KiB reads, like the kernel's
+    mib = 1 << 20
+    async with rig.engine(max_readahead=4 * mib) as cache:
+        fh = await cache.open("f")
+        reached, seen = [], []
+        for i in range(4):
+            assert await cache.read(fh, i * step, step) == data[i * step : (i + 1) * step]
+            await trio.testing.wait_all_tasks_blocked()
+            seen += rig.calls()
+            reached.append(max(c["position"] + c["bytes_to_read"] for c in seen))
+        ends = [(i + 1) * step for i in range(4)]
+        # No readahead on the first read; then 1, 2, 4 MiB past the reader.
+        assert reached[0] == ends[0]
+        assert reached[1:] == [ends[1] + mib, ends[2] + 2 * mib, ends[3] + 4 * mib]
+        rig.calls()
+        assert await cache.read(fh, 100 * BS, 10) == data[100 * BS : 100 * BS + 10]
+        await cache.close(fh)
+    after = rig.calls()
+    assert after[0]["flags"] == ["CANCELED"]
+    assert "RANDOM_STARTED" in after[1]["flags"]
+    assert all(c["position"] >= 100 * BS or c["flags"] == ["CANCELED"] for c in after)
