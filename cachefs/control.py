@@ -1,0 +1,310 @@
+"""Talking to a running mount: finding it, and its control socket.
+
+Finding the mount for a PATH needs no request to the file system (so it
+works on a hung mount): the longest mount point in /proc/self/mountinfo of
+type ``fuse.cachefs`` that contains PATH.  The mount's fsname (the "source"
+column of mountinfo, what ``df`` shows) is ``cachefs:<cache dir>``,
+percent-encoded, which leads to the control socket.
+
+The control socket is ``control.sock`` in the cache directory, mode 0600.
+A client sends one JSON object per line, ``{"command": NAME, ...}``; the
+mount answers each with one line, ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": MESSAGE, "exit_code": N}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+
+import trio
+
+from cachefs.errors import CacheDirInUse, CacheFSError, ConfigError
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.cachefs"
+SUBTYPE = "cachefs"
+SOCKET_NAME = "control.sock"
+_FSNAME_PREFIX = "cachefs:"
+_MAX_LINE = 1 << 20
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class NotInMount(ConfigError):
+    """A path the user gave is not inside a cachefs mount."""
+
+
+class MountUnreachable(CacheFSError):
+    """The mount's daemon does not answer on its control socket."""
+
+
+class RemoteError(CacheFSError):
+    """The mount answered a request with an error."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- finding a mount ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MountEntry:
+    mountpoint: Path
+    major: int
+    minor: int
+    cache_dir: Path | None
+
+    @property
+    def socket_path(self) -> Path | None:
+        return self.cache_dir / SOCKET_NAME if self.cache_dir else None
+
+    def file_id(self, path: Path) -> str:
+        """The file id of *path*, which lies inside this mount."""
+        rel = os.path.relpath(path, self.mountpoint)
+        return "" if rel == "." else rel
+
+
+def fsname_for(cache_dir: Path) -> str:
+    """The fsname that tells clients where the mount keeps its cache."""
+    return _FSNAME_PREFIX + quote(os.fsencode(cache_dir), safe="/-_.~")
+
+
+def _cache_dir_from_fsname(fsname: str) -> Path | None:
+    if not fsname.startswith(_FSNAME_PREFIX):
+        return None
+    return Path(os.fsdecode(unquote_to_bytes(fsname[len(_FSNAME_PREFIX) :])))
+
+
+def _unescape(field: bytes) -> str:
+    return os.fsdecode(_MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), field))
+
+
+def cachefs_mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[MountEntry]:
+    """Every cachefs mount this process can see, in mount order."""
+    mounts = []
+    for line in mountinfo.read_bytes().splitlines():
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-")
+        except ValueError:
+            continue
+        if fields[sep + 1].decode(errors="replace") != FSTYPE:
+            continue
+        major, minor = (int(n) for n in fields[2].split(b":"))
+        mounts.append(
+            MountEntry(
+                mountpoint=Path(_unescape(fields[4])),
+                major=major,
+                minor=minor,
+                cache_dir=_cache_dir_from_fsname(_unescape(fields[sep + 2])),
+            )
+        )
+    return mounts
+
+
+def _inside(path: Path, mountpoint: Path) -> bool:
+    return path == mountpoint or mountpoint in path.parents
+
+
+def find_mount(path: str | Path) -> MountEntry:
+    """The innermost cachefs mount containing *path*; NotInMount if none."""
+    mounts = cachefs_mounts()
+    # abspath first: it needs no request to the (maybe hung) mount.
+    for candidate in dict.fromkeys((Path(os.path.abspath(path)), Path(os.path.realpath(path)))):
+        matching = [m for m in mounts if _inside(candidate, m.mountpoint)]
+        if matching:
+            return max(matching, key=lambda m: len(m.mountpoint.parts))
+    raise NotInMount(f"{path} is not inside a cachefs mount")
+
+
+def mount_at(mountpoint: str | Path) -> MountEntry | None:
+    """The cachefs mount whose mount point is exactly *mountpoint*, if any."""
+    target = Path(os.path.abspath(mountpoint))
+    matching = [m for m in cachefs_mounts() if m.mountpoint == target]
+    return matching[-1] if matching else None
+
+
+# -- the socket -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _address(path: Path) -> Iterator[str]:
+    """An AF_UNIX address for *path*, going through /proc for long paths."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def _connect(path: Path, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with _address(path) as address:
+            sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _replace_stale(path: Path) -> None:
+    """Remove a socket left by a crashed mount; CacheDirInUse if one answers."""
+    if not os.path.lexists(path):
+        return
+    try:
+        _connect(path, timeout=2.0).close()
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale control socket %s", path)
+        path.unlink(missing_ok=True)
+        return
+    except OSError as e:
+        raise CacheDirInUse(
+            f"cache dir {path.parent} has a control socket that answers: {e}"
+        ) from e
+    raise CacheDirInUse(f"cache dir {path.parent} is in use by a running mount")
+
+
+async def serve_control(
+    cache_dir: Path,
+    handle: Handler,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer control requests on ``<cache_dir>/control.sock`` until cancelled."""
+    path = cache_dir / SOCKET_NAME
+    _replace_stale(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _address(path) as address:
+            await sock.bind(address)
+        os.chmod(path, 0o600)
+        identity = os.stat(path).st_ino
+        sock.listen(8)
+    except BaseException:
+        sock.close()
+        raise
+    limiter = trio.CapacityLimiter(4)
+    try:
+        task_status.started()
+        await trio.serve_listeners(
+            lambda stream: _serve_client(stream, handle, limiter), [trio.SocketListener(sock)]
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == identity:
+                path.unlink()
+
+
+async def _serve_client(
+    stream: trio.SocketStream, handle: Handler, limiter: trio.CapacityLimiter
+) -> None:
+    buffer = bytearray()
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            buffer += data
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                async with limiter:
+                    answer = await _answer(line, handle)
+                try:
+                    await stream.send_all(json.dumps(answer).encode() + b"\n")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+            if len(buffer) > _MAX_LINE:
+                return
+
+
+async def _answer(line: bytes, handle: Handler) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+        if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+            raise ValueError("a request is a JSON object with a 'command'")
+    except ValueError as e:
+        return {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
+    try:
+        return {"ok": True, "result": await handle(request)}
+    except CacheFSError as e:
+        return {"ok": False, "error": str(e), "exit_code": e.exit_code}
+    except Exception as e:
+        log.exception("control request %r failed", request.get("command"))
+        return {"ok": False, "error": f"internal error: {e!r}", "exit_code": 1}
+
+
+def request(mount: MountEntry, command: str, timeout: float = 30.0, **args: Any) -> Any:
+    """Send one request to *mount* and return its result; raises on errors."""
+    path = mount.socket_path
+    if path is None:
+        raise MountUnreachable(f"cannot tell where the mount at {mount.mountpoint} keeps its cache")
+    try:
+        with _connect(path, timeout) as sock:
+            sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
+            with sock.makefile("rb") as replies:
+                line = replies.readline(_MAX_LINE)
+    except (ConnectionRefusedError, FileNotFoundError) as e:
+        raise MountUnreachable(
+            f"the mount at {mount.mountpoint} does not answer ({e.strerror}): "
+            "is its daemon running?"
+        ) from e
+    except OSError as e:
+        raise MountUnreachable(f"talking to the mount at {mount.mountpoint}: {e}") from e
+    if not line:
+        raise MountUnreachable(f"the mount at {mount.mountpoint} closed the connection")
+    answer = json.loads(line)
+    if not answer.get("ok"):
+        raise RemoteError(answer.get("error", "request failed"), int(answer.get("exit_code", 1)))
+    return answer.get("result")
+
+
+# -- stopping a mount --------------------------------------------------------------
+
+
+def lazy_unmount(mountpoint: Path) -> None:
+    """Detach *mountpoint* now (``fusermount3 -u -z``); the kernel lets go when it is idle."""
+    if shutil.which("fusermount3"):
+        cmd = ["fusermount3", "-u", "-z", str(mountpoint)]
+    else:
+        cmd = ["umount", "-l", str(mountpoint)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise CacheFSError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """True once process *pid* has exited (zombies count), False after *timeout*."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,389 @@
+"""Wiring of a mount: options -> backend -> engine -> FUSE, in one nursery.
+
+``serve_mount`` runs a mount in this process until it is unmounted (by
+``cachefs unmount``, SIGTERM/SIGINT/SIGHUP, or ``fusermount3 -u``); on every
+way out the FUSE session is closed, the engine commits its metadata and the
+backend is closed.  ``spawn_daemon`` starts the same thing as a detached
+process and returns once the mount is ready, or raises with the reason it
+failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+import cachefs
+from backends.faulty import FaultyBackend
+from backends.trace import TraceBackend
+from cachefs.contract import Backend
+from cachefs.control import SUBTYPE, MountEntry, fsname_for, mount_at, serve_control
+from cachefs.engine import CacheConfig, FileCache, open_file_cache
+from cachefs.errors import CacheDirError, CacheFSError, ConfigError
+from cachefs.fuse_ops import KernelInvalidator, Operations
+from cachefs.namespace import Namespace
+from cachefs.registry import open_backend, source_scheme
+
+log = logging.getLogger(__name__)
+
+#: Requests in flight get this long to finish after an unmount was asked for.
+UNMOUNT_GRACE = 10.0
+MAX_BACKGROUND = 64
+FUSECTL = Path("/sys/fs/fuse/connections")
+LOG_NAME = "cachefs.log"
+
+
+class MountFailed(CacheFSError):
+    """The mount daemon reported a failure (or died) before the mount was ready."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True, slots=True)
+class MountOptions:
+    source: str
+    mountpoint: Path
+    cache_dir: Path
+    config: CacheConfig
+    faults: Path | None = None
+    trace: Path | None = None
+    readahead_kb: int = 1024
+
+
+def normalize_source(source: str) -> str:
+    """A plain path made absolute; URLs as written."""
+    if source_scheme(source) == "file" and "://" not in source:
+        return os.path.abspath(source)
+    return source
+
+
+def default_cache_dir(source: str) -> Path:
+    """``$XDG_CACHE_HOME/cachefs/<hash>`` (root: ``/var/cache/cachefs/<hash>``)."""
+    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    if os.geteuid() == 0:
+        base = Path("/var/cache")
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cachefs" / digest
+
+
+def prepare_cache_dir(path: Path) -> Path:
+    """Create *path* (mode 0700) if needed; its absolute form."""
+    path = Path(os.path.abspath(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise CacheDirError(f"cannot create cache dir {path}: {e.strerror}") from None
+    if not path.is_dir():
+        raise CacheDirError(f"cache dir {path} is not a directory")
+    return path
+
+
+def check_fuse(device: str = "/dev/fuse", fusermount: str = "fusermount3") -> None:
+    """ConfigError unless this machine can mount FUSE file systems."""
+    if not os.path.exists(device):
+        raise ConfigError(
+            f"{device} is missing: install fuse3 (apt-get install fuse3), "
+            "or give the container the device (--device /dev/fuse)"
+        )
+    if not os.access(device, os.R_OK | os.W_OK):
+        raise ConfigError(f"no permission to open {device}: run as root or fix its mode")
+    if os.geteuid() != 0 and shutil.which(fusermount) is None:
+        raise ConfigError("fusermount3 is missing: install fuse3 (apt-get install fuse3)")
+
+
+def check_mountpoint(path: Path) -> None:
+    """ConfigError unless *path* is an empty directory that is not mounted on."""
+    if mount_at(path) is not None:
+        raise ConfigError(f"{path} is already a cachefs mount point")
+    try:
+        entries = os.listdir(path)
+    except FileNotFoundError:
+        raise ConfigError(f"mount point {path} does not exist") from None
+    except NotADirectoryError:
+        raise ConfigError(f"mount point {path} is not a directory") from None
+    except OSError as e:
+        raise ConfigError(
+            f"mount point {path} is unusable ({e.strerror}); "
+            f"if it is a stale mount, run: fusermount3 -u -z {path}"
+        ) from None
+    if entries:
+        raise ConfigError(f"mount point {path} is not empty")
+
+
+def run_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Mount in this process and serve until unmounted."""
+    trio.run(serve_mount, opts, on_ready)
+
+
+async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Mount, call *on_ready*, serve until unmounted; always leave the cache consistent."""
+    check_fuse()
+    check_mountpoint(opts.mountpoint)
+    # trace(faulty(source)): the trace records what the faults returned.
+    backend: Backend = open_backend(opts.source)
+    try:
+        if opts.faults is not None:
+            backend = FaultyBackend(backend, opts.faults)
+        if opts.trace is not None:
+            backend = TraceBackend(backend, opts.trace)
+        invalidator = KernelInvalidator()
+        async with open_file_cache(
+            backend, opts.cache_dir, opts.config, on_invalidate=invalidator.notify
+        ) as cache:
+            namespace = Namespace(cache)
+            await _serve_fuse(opts, cache, namespace, invalidator, on_ready)
+        log.info("cache metadata committed")
+    finally:
+        with trio.CancelScope(shield=True):
+            await backend.aclose()
+
+
+class _Session:
+    """The FUSE session's life: mounting, and stopping gently, then by cancellation."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.mounted = False
+        self.stopping = False
+
+    def mount(self, ops: Operations, mountpoint: Path, fsname: str) -> None:
+        options = set(pyfuse3.default_options)
+        options |= {f"fsname={fsname}", f"subtype={SUBTYPE}"}
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as e:
+            raise CacheFSError(f"cannot mount on {mountpoint}: {e} (see the log)") from None
+        self.mounted = True
+        self._nursery.start_soon(self._run_fuse)
+
+    def stop(self) -> None:
+        if self.stopping or not self.mounted:
+            self._nursery.cancel_scope.cancel()
+            return
+        self.stopping = True
+        pyfuse3.terminate()
+        self._nursery.start_soon(self._cancel_after_grace)
+
+    async def _cancel_after_grace(self) -> None:
+        await trio.sleep(UNMOUNT_GRACE)
+        log.warning("requests still running %.0f s after unmount: cancelling them", UNMOUNT_GRACE)
+        self._nursery.cancel_scope.cancel()
+
+    async def _run_fuse(self) -> None:
+        await pyfuse3.main()
+        log.info("file system loop ended")
+        self._nursery.cancel_scope.cancel()
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                self.stop()
+
+
+async def _serve_fuse(
+    opts: MountOptions,
+    cache: FileCache,
+    namespace: Namespace,
+    invalidator: KernelInvalidator,
+    on_ready: Callable[[], None],
+) -> None:
+    session: _Session | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            session = _Session(nursery)
+            nursery.start_soon(session.watch_signals)
+            await nursery.start(invalidator.serve, namespace)
+            handler = _control_handler(opts, cache, namespace, session)
+            # The control socket first: once the mount is visible, it answers.
+            await nursery.start(serve_control, opts.cache_dir, handler)
+            session.mount(Operations(namespace, cache), opts.mountpoint, fsname_for(opts.cache_dir))
+            entry = mount_at(opts.mountpoint)
+            if entry is not None:
+                tune(entry, opts.readahead_kb)
+            else:
+                log.warning("%s is not in /proc/self/mountinfo: not tuned", opts.mountpoint)
+            log.info("mounted %s on %s (cache %s)", opts.source, opts.mountpoint, opts.cache_dir)
+            on_ready()
+    finally:
+        if session is not None and session.mounted:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", opts.mountpoint)
+
+
+def _control_handler(
+    opts: MountOptions, cache: FileCache, namespace: Namespace, session: _Session
+) -> Callable[[dict[str, Any]], Any]:
+    async def handle(request: dict[str, Any]) -> Any:
+        command = request["command"]
+        if command == "stats":
+            return {
+                **cache.statistics(),
+                "source": opts.source,
+                "mountpoint": str(opts.mountpoint),
+                "pid": os.getpid(),
+                "inodes": len(namespace),
+            }
+        if command == "reset-file-errors":
+            return await _reset_file_errors(cache, request.get("file_ids"))
+        if command == "reset-external-error":
+            await cache.reset_external_error()
+            return None
+        if command == "unmount":
+            log.info("unmount requested")
+            session.stop()
+            return {"pid": os.getpid()}
+        raise ConfigError(f"unknown control command {command!r}")
+
+    return handle
+
+
+async def _reset_file_errors(cache: FileCache, file_ids: Any) -> list[str]:
+    """Reset the latched files named by *file_ids*: a directory means every file below it."""
+    if not isinstance(file_ids, list) or not all(isinstance(f, str) for f in file_ids):
+        raise ConfigError("reset-file-errors needs a list of file ids")
+    if "" in file_ids:
+        return await cache.reset_file_errors(None)
+    latched = cache.file_errors()
+    targets = {
+        f for f in latched for prefix in file_ids if f == prefix or f.startswith(prefix + "/")
+    }
+    reset: list[str] = []
+    for file_id in sorted(targets):
+        reset += await cache.reset_file_errors(file_id)
+    return reset
+
+
+def tune(entry: MountEntry, readahead_kb: int) -> None:
+    """Raise the mount's readahead and background request limit; warn on failure."""
+    bdi = Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb")
+    try:
+        bdi.write_text(f"{readahead_kb}\n")
+    except OSError as e:
+        log.warning("cannot set readahead (%s): %s", bdi, e.strerror)
+    if not _fusectl_available():
+        log.info("%s is not available: max_background left as is", FUSECTL)
+        return
+    conn = FUSECTL / str(os.makedev(entry.major, entry.minor))
+    try:
+        (conn / "max_background").write_text(f"{MAX_BACKGROUND}\n")
+        (conn / "congestion_threshold").write_text(f"{MAX_BACKGROUND * 3 // 4}\n")
+    except OSError as e:
+        log.warning("cannot set max_background (%s): %s", conn, e.strerror)
+
+
+def _fusectl_available() -> bool:
+    try:
+        if any(FUSECTL.iterdir()):
+            return True
+    except OSError:
+        return False
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    done = subprocess.run(
+        ["mount", "-t", "fusectl", "fusectl", str(FUSECTL)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    return done.returncode == 0
+
+
+# -- running as a daemon ------------------------------------------------------
+
+
+class Readiness:
+    """The daemon's end of the readiness pipe: one line, then closed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def _send(self, line: str) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.write(fd, line.encode("utf-8", "replace"))
+        except OSError:
+            pass  # the parent gave up waiting
+        finally:
+            os.close(fd)
+
+    def ready(self) -> None:
+        self._send("ok\n")
+
+    def failed(self, exit_code: int, message: str) -> None:
+        self._send(f"error {exit_code} {' '.join(message.split())}\n")
+
+
+def spawn_daemon(argv: list[str], log_path: Path, timeout: float) -> int:
+    """Start ``cachefs <argv> --ready-fd N`` detached; return its pid once ready."""
+    read_end, write_end = os.pipe()
+    env = dict(os.environ)
+    package_root = str(Path(cachefs.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    try:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with open(log_fd, "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cachefs", *argv, "--ready-fd", str(write_end)],
+                pass_fds=(write_end,),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+                cwd="/",
+                env=env,
+            )
+    finally:
+        os.close(write_end)
+    try:
+        line = _read_line(read_end, timeout)
+    finally:
+        os.close(read_end)
+    if line == "ok":
+        return proc.pid
+    if line is None:
+        proc.terminate()
+        raise MountFailed(f"the mount was not ready within {timeout:.0f} s; see {log_path}")
+    if line.startswith("error "):
+        _, code, message = line.split(" ", 2)
+        raise MountFailed(message, int(code))
+    try:
+        status = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        status = None
+    raise MountFailed(f"the mount daemon exited (status {status}); see {log_path}")
+
+
+def _read_line(fd: int, timeout: float) -> str | None:
+    """One line from *fd*; "" on EOF; None if none came in time."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("utf-8", "replace").strip()

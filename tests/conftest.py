@@ -1,0 +1,147 @@
+"""Fixtures for tests that really mount: ``mount(source, *options)`` starts
+``python -m cachefs mount ... --foreground`` in a subprocess, waits (with a
+deadline) until the mount point is mounted, and always unmounts at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cachefs.control import mount_at
+
+REPO = Path(__file__).resolve().parent.parent
+MOUNT_DEADLINE = 20.0
+EXIT_DEADLINE = 30.0
+
+
+def run_cachefs(*args: object, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run the cachefs command line in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "cachefs", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def lazy_unmount(mountpoint: Path) -> None:
+    if mount_at(mountpoint) is not None:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+@dataclass
+class Mount:
+    source: Path
+    mountpoint: Path
+    cache_dir: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+    options: tuple[str, ...] = field(default=())
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.mountpoint / rel
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def unmount(self) -> None:
+        """Unmount cleanly with ``cachefs unmount``; the daemon must exit with 0."""
+        done = run_cachefs("unmount", self.mountpoint, "--timeout", EXIT_DEADLINE)
+        assert done.returncode == 0, done.stderr
+        assert self.proc.wait(timeout=EXIT_DEADLINE) == 0, self.log_text()
+        assert mount_at(self.mountpoint) is None
+
+    def stop(self) -> None:
+        """Whatever state it is in: unmounted, daemon gone (for finally)."""
+        try:
+            if self.proc.poll() is None and mount_at(self.mountpoint) is not None:
+                run_cachefs("unmount", self.mountpoint, "--timeout", EXIT_DEADLINE)
+            try:
+                self.proc.wait(timeout=EXIT_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=EXIT_DEADLINE)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            lazy_unmount(self.mountpoint)
+
+
+class MountFactory:
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp = tmp_path
+        self._count = 0
+        self.mounts: list[Mount] = []
+
+    def __call__(
+        self,
+        source: Path,
+        *options: object,
+        cache_dir: Path | None = None,
+        block_size: str | None = "64K",
+    ) -> Mount:
+        self._count += 1
+        mountpoint = self._tmp / f"mnt{self._count}"
+        mountpoint.mkdir()
+        cache_dir = cache_dir or self._tmp / f"cache{self._count}"
+        log = self._tmp / f"mount{self._count}.log"
+        args = [str(o) for o in options]
+        if block_size is not None:
+            args += ["--block-size", block_size]
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cachefs", "mount", str(source), str(mountpoint)]
+                + ["--foreground", "--cache-dir", str(cache_dir), "--log-level", "debug", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                cwd=REPO,
+            )
+        mount = Mount(source, mountpoint, cache_dir, log, proc, tuple(args))
+        self.mounts.append(mount)
+        deadline = time.monotonic() + MOUNT_DEADLINE
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None:
+                pytest.fail(f"cachefs mount exited with {proc.returncode}:\n{mount.log_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"not mounted after {MOUNT_DEADLINE} s:\n{mount.log_text()}")
+            time.sleep(0.02)
+        return mount
+
+    def close(self) -> None:
+        for mount in reversed(self.mounts):
+            mount.stop()
+
+
+@pytest.fixture
+def cachefs() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``python -m cachefs ARGS...``; returns the CompletedProcess."""
+    return run_cachefs
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[MountFactory]:
+    """Mount sources for one test; every mount is gone when the test ends.
+
+    Skips the test when the machine has no /dev/fuse (never when it has one).
+    """
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse (FUSE) on this machine")
+    factory = MountFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()

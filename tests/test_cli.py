@@ -1,0 +1,245 @@
+"""The cachefs command line: help, bad input, background mounts, the control socket."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from cachefs.cli import format_stats
+from cachefs.control import (
+    MountEntry,
+    RemoteError,
+    cachefs_mounts,
+    fsname_for,
+    mount_at,
+    request,
+    serve_control,
+)
+from cachefs.errors import CacheDirInUse, ConfigError
+from cachefs.mount import check_fuse, default_cache_dir
+
+if TYPE_CHECKING:
+    from conftest import MountFactory
+
+Cachefs = Callable[..., subprocess.CompletedProcess[str]]
+
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+COMMANDS = ["mount", "unmount", "stats", "reset-file-errors", "reset-external-error"]
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("cachefs") and "error:" in lines[0], lines[0]
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "hello.txt").write_text("hello\n")
+    return root
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_on_every_command(cachefs: Cachefs, command: str | None) -> None:
+    done = cachefs(*([command] if command else []), "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: cachefs {command or ''}".rstrip())
+    if command is None:
+        assert all(c in done.stdout for c in COMMANDS)
+
+
+# -- bad input: exit 2, one line ---------------------------------------------------------
+
+
+def test_usage_errors(cachefs: Cachefs) -> None:
+    assert_one_line_error(cachefs("mount"), "required")
+    assert_one_line_error(cachefs("frobnicate"), "invalid choice")
+    assert_one_line_error(cachefs("mount", "a", "b", "--retries", "-1"), "--retries")
+
+
+@needs_fuse
+def test_missing_source(cachefs: Cachefs, tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    done = cachefs("mount", tmp_path / "nope", tmp_path / "mnt", "--cache-dir", tmp_path / "c")
+    assert_one_line_error(done, "nope", "does not exist")
+
+
+@needs_fuse
+def test_mountpoint_missing_or_not_empty(cachefs: Cachefs, tmp_path: Path, src: Path) -> None:
+    cache = tmp_path / "c"
+    assert_one_line_error(
+        cachefs("mount", src, tmp_path / "nope", "--cache-dir", cache), "does not exist"
+    )
+    assert_one_line_error(cachefs("mount", src, src, "--cache-dir", cache), "not empty")
+
+
+@needs_fuse
+@pytest.mark.parametrize(
+    ("size", "words"),
+    [("3K", ["power of two"]), ("1G", ["power of two"]), ("12Q", ["invalid size", "12Q"])],
+)
+def test_bad_block_size(
+    cachefs: Cachefs, tmp_path: Path, src: Path, size: str, words: list[str]
+) -> None:
+    (tmp_path / "mnt").mkdir()
+    done = cachefs(
+        "mount", src, tmp_path / "mnt", "--cache-dir", tmp_path / "c", "--block-size", size
+    )
+    assert_one_line_error(done, *words)
+
+
+@needs_fuse
+def test_malformed_faults_file(cachefs: Cachefs, tmp_path: Path, src: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    rules = tmp_path / "rules.json"
+    rules.write_text('[{"file": "*", "result": "NO_SUCH_RESULT"}]')
+    done = cachefs("mount", src, tmp_path / "mnt", "--cache-dir", tmp_path / "c", "--faults", rules)
+    assert_one_line_error(done, "rules.json")
+    assert mount_at(tmp_path / "mnt") is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["stats"], ["stats", "--json"], ["reset-file-errors"], ["reset-external-error"], ["unmount"]],
+)
+def test_path_not_in_a_mount(cachefs: Cachefs, tmp_path: Path, args: list[str]) -> None:
+    assert_one_line_error(cachefs(*args, tmp_path), str(tmp_path), "not inside a cachefs mount")
+
+
+def test_cache_dir_in_use(cachefs: Cachefs, mount: MountFactory, tmp_path: Path, src: Path) -> None:
+    m = mount(src)
+    (tmp_path / "other").mkdir()
+    done = cachefs("mount", src, tmp_path / "other", "--cache-dir", m.cache_dir)
+    assert_one_line_error(done, "in use")
+    assert mount_at(tmp_path / "other") is None
+    assert (m / "hello.txt").read_text() == "hello\n"  # the first mount is unharmed
+
+
+def test_missing_fuse_names_the_package() -> None:
+    with pytest.raises(ConfigError, match=r"apt-get install fuse3"):
+        check_fuse(device="/nonexistent/fuse")
+
+
+# -- a background mount -------------------------------------------------------------------
+
+
+@needs_fuse
+def test_background_mount_returns_when_ready(cachefs: Cachefs, tmp_path: Path, src: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    done = cachefs("mount", src, mnt, "--cache-dir", cache, "--block-size", "64K")
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        assert (mnt / "hello.txt").read_text() == "hello\n"
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+        assert stat.S_IMODE((cache / "control.sock").stat().st_mode) == 0o600
+        entry = mount_at(mnt)
+        assert entry is not None and entry.cache_dir == cache
+        done = cachefs("unmount", mnt)
+        assert done.returncode == 0, done.stderr
+        assert mount_at(mnt) is None
+        assert not (cache / "control.sock").exists()
+        assert "unmounted" in (cache / "cachefs.log").read_text()
+    finally:
+        if mount_at(mnt) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"/srv/data").hexdigest()[:16]
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir("/srv/data") == tmp_path / "cachefs" / digest
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_cache_dir("/srv/data") == Path("/var/cache/cachefs") / digest
+
+
+# -- finding mounts and the control socket (in process) -------------------------------------
+
+
+def test_mountinfo_entries_lead_to_the_cache_dir(tmp_path: Path) -> None:
+    cache = Path("/var/cache/a dir,with=odd chars/é")
+    fsname = fsname_for(cache)
+    assert fsname.isascii() and "," not in fsname and " " not in fsname
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        f"42 27 0:39 / /mnt/my\\040files rw,nosuid shared:5 - fuse.cachefs {fsname} rw,user_id=0\n"
+        "43 27 0:40 / /mnt/other rw - fuse.sshfs host:/ rw\n"
+    )
+    assert cachefs_mounts(mountinfo) == [MountEntry(Path("/mnt/my files"), 0, 39, cache)]
+    entry = cachefs_mounts(mountinfo)[0]
+    assert entry.file_id(Path("/mnt/my files")) == ""
+    assert entry.file_id(Path("/mnt/my files/a/b")) == "a/b"
+
+
+async def _handler(req: dict[str, object]) -> object:
+    if req["command"] == "echo":
+        return req.get("value")
+    raise ConfigError(f"unknown control command {req['command']!r}")
+
+
+async def test_control_socket_with_a_long_path(tmp_path: Path) -> None:
+    cache = tmp_path / ("long-" * 30)
+    cache.mkdir()
+    entry = MountEntry(Path("/mnt"), 0, 1, cache)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, cache, _handler)
+        assert stat.S_IMODE((cache / "control.sock").stat().st_mode) == 0o600
+        assert await trio.to_thread.run_sync(lambda: request(entry, "echo", value=[1])) == [1]
+        with pytest.raises(RemoteError) as info:
+            await trio.to_thread.run_sync(request, entry, "nope")
+        assert info.value.exit_code == 2
+        # A second server on the same cache dir refuses to start.
+        with pytest.raises(CacheDirInUse):
+            await serve_control(cache, _handler)
+        nursery.cancel_scope.cancel()
+    assert not (cache / "control.sock").exists()
+
+
+async def test_stale_control_socket_is_replaced(tmp_path: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "control.sock"))
+    stale.close()  # what a crashed mount leaves behind: connections are refused
+    entry = MountEntry(Path("/mnt"), 0, 1, tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, tmp_path, _handler)
+        assert await trio.to_thread.run_sync(lambda: request(entry, "echo", value="x")) == "x"
+        nursery.cancel_scope.cancel()
+
+
+def test_stats_table() -> None:
+    table = format_stats(
+        {
+            "source": "/srv/data",
+            "block_size": 1 << 20,
+            "ttl": 60.0,
+            "read_data_calls": 3,
+            "cached_bytes": 3 << 20,
+            "files_in_error": 1,
+            "file_errors": ["bad.bin"],
+            "external_error": None,
+            "stale_served": 0,
+        }
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["source", "/srv/data"]
+    assert "1.0 MiB" in table and "3.0 MiB" in table and "60 s" in table
+    assert any(line.split()[-1] == "bad.bin" for line in lines)
+    assert any(line.startswith("external error") and line.endswith("none") for line in lines)
+    assert any(line.startswith("stale served") for line in lines)
