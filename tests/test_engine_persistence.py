@@ -111,3 +111,20 @@ async def test_a_file_as_cache_dir_is_refused(tmp_path):
     with pytest.raises(CacheDirError, match="not a directory"):
         async with open_file_cache(Rig(tmp_path).backend, tmp_path / "file"):
             pass
+
+
+async def test_start_up_gives_back_space_of_blocks_written_but_never_marked(tmp_path):
+    rig = Rig(tmp_path, {"d/f": DATA, "s": SMALL})
+    async with rig.engine() as cache:
+        assert await read_at(cache, "d/f", 0, 10) == DATA[:10]
+    (data_file,) = [
+        e.path for e in os.scandir(rig.cache_dir / "data") if e.stat().st_size == len(DATA)
+    ]
+    with open(data_file, "r+b") as f:  # a fill that crashed before its blocks were marked
+        f.seek(2 * BS)
+        f.write(os.urandom(3 * BS))
+    assert os.stat(data_file).st_blocks * 512 >= 4 * BS
+    async with rig.engine() as cache:
+        assert os.stat(data_file).st_blocks * 512 <= BS + 4096
+        assert cache.statistics()["cached_bytes"] == BS
+        assert await read_sequential(cache, "d/f") == DATA

@@ -244,3 +244,17 @@ async def test_ttl_bounds_how_long_a_version_is_trusted(tmp_path, mock_clock):
         assert (await cache.getattr("f")).size == len(b"new content")
         assert await read_at(cache, "f", 0, 100) == b"new content"
         assert cache.statistics()["cached_bytes"] == len(b"new content")
+
+
+async def test_listings_stay_available_while_the_storage_is_quarantined(tmp_path):
+    rig = Rig(tmp_path, {"d/f": DATA, "d/g": OTHER})
+    async with rig.engine() as cache:
+        assert sorted(e.name for e in await cache.list_dir("d")) == ["f", "g"]
+        assert await read_at(cache, "d/f", 0, 10) == DATA[:10]
+        rig.faults([{"file": "d/g", "result": "PERMANENT_FAILURE"}])
+        with pytest.raises(StorageQuarantined):
+            await read_at(cache, "d/g", 0, 10)
+        assert sorted(e.name for e in await cache.list_dir("d")) == ["f", "g"]
+        assert cache.statistics()["stale_served"] == 1
+        with pytest.raises(StorageQuarantined):
+            await cache.list_dir("")  # never listed: nothing to serve

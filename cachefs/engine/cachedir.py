@@ -16,11 +16,10 @@ import os
 import shutil
 import sqlite3
 import time
-from array import array
 from pathlib import Path
 
 from cachefs.engine.index import SCHEMA_VERSION, CachedFile, Index, block_count
-from cachefs.engine.store import DataFile
+from cachefs.engine.store import DataFile, punch_holes
 from cachefs.errors import CacheDirError, CacheDirInUse
 
 log = logging.getLogger(__name__)
@@ -117,32 +116,58 @@ def _move_aside(db_path: Path) -> None:
 
 
 def _repair(data_dir: Path, files: list[CachedFile], block_size: int) -> list[CachedFile]:
-    """Drop bitmaps that do not match their data file; delete orphan data files."""
+    """Make the index and the data files agree; return the rows changed.
+
+    A bitmap whose data file is missing or of the wrong size is dropped; data
+    files without a row are deleted; space held by blocks the index does not
+    mark (a fill interrupted by a crash) is given back.
+    """
     repaired = []
     rows = {str(cf.row_id) for cf in files}
-    for entry in os.scandir(data_dir):
-        if entry.name not in rows:
-            log.info("removing orphan cache data file %s", entry.path)
-            _unlink(entry.path)
+    on_disk: dict[str, os.stat_result] = {}
+    with os.scandir(data_dir) as it:
+        for entry in it:
+            if entry.name in rows:
+                on_disk[entry.name] = entry.stat()
+            else:
+                log.info("removing orphan cache data file %s", entry.path)
+                _unlink(entry.path)
     for cf in files:
-        path = data_dir / str(cf.row_id)
+        name = str(cf.row_id)
+        path = f"{data_dir}/{name}"
         cf.data = DataFile(path, cf.size)
         n = block_count(cf.size, block_size)
+        st = on_disk.get(name)
         sane = len(cf.present) == n and not cf.present.translate(None, b"\x00\x01")
-        if sane and 1 not in cf.present:
-            continue
-        try:
-            sane = sane and os.stat(path).st_size == cf.size
-        except FileNotFoundError:
-            sane = False
+        if 1 in cf.present:
+            sane = sane and st is not None and st.st_size == cf.size
         if not sane:
             log.warning("cache data of %s does not match its index: dropping it", cf.file_id)
             cf.present = bytearray(n)
-            cf.atime = array("Q", bytes(8 * n))
             cf.zero_from = None
             _unlink(path)
             repaired.append(cf)
+        elif st is not None and st.st_blocks * 512 > cf.present.count(1) * block_size + 4096:
+            _punch_unmarked(path, cf, block_size)
     return repaired
+
+
+def _punch_unmarked(path: str, cf: CachedFile, block_size: int) -> None:
+    """Free the space of blocks written but never marked (drift after a crash)."""
+    present, n = cf.present, len(cf.present)
+    holes = []
+    b = present.find(0)
+    while b >= 0:
+        end = present.find(1, b)
+        end = n if end < 0 else end
+        holes.append((b * block_size, min(end * block_size, cf.size) - b * block_size))
+        b = present.find(0, end) if end < n else -1
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        punch_holes(fd, holes)
+    finally:
+        os.close(fd)
+    log.info("gave back the space of unmarked blocks of %s", cf.file_id)
 
 
 def _unlink(path: str | Path) -> None:

@@ -95,7 +95,7 @@ class Catalog:
             error=error,
             pinned=pinned,
         )
-        cf.data = DataFile(self.data_dir / str(row_id), attrs.size)
+        cf.data = DataFile(f"{self.data_dir}/{row_id}", attrs.size)
         self.files[file_id] = cf
         if pinned:
             self.pinned_bytes += cf.size
@@ -131,6 +131,8 @@ class Catalog:
     def mark(self, cf: CachedFile, b: int) -> None:
         if not cf.present[b]:
             cf.present[b] = 1
+            if cf.unsynced is None:
+                cf.unsynced = set()
             cf.unsynced.add(b)
             self.cached_bytes += self.block_len(cf, b)
             self.dirty.add(cf)
@@ -138,7 +140,8 @@ class Catalog:
     def unmark(self, cf: CachedFile, b: int) -> None:
         if cf.present[b]:
             cf.present[b] = 0
-            cf.unsynced.discard(b)
+            if cf.unsynced:
+                cf.unsynced.discard(b)
             self.cached_bytes -= self.block_len(cf, b)
             self.dirty.add(cf)
 
@@ -146,6 +149,8 @@ class Catalog:
         """Note a read of blocks first..last for LRU."""
         tick, self.tick = self.tick, self.tick + 1
         atime = cf.atime
+        if atime is None:
+            atime = cf.atime = array("Q", bytes(8 * len(cf.present)))
         if first == last:
             atime[first] = tick
         else:
@@ -183,7 +188,7 @@ class Catalog:
             # Everything marked so far was written before this sync starts.
             unsynced_blocks = {cf: cf.unsynced for cf in dirty}
             for cf in dirty:
-                cf.unsynced = set()
+                cf.unsynced = None
             try:
                 for data in unsynced:
                     await data.sync(disk_limiter)
@@ -191,7 +196,8 @@ class Catalog:
                     await trio.to_thread.run_sync(self._write, rows, deleted, self.external_error)
             except BaseException:
                 for cf, blocks in unsynced_blocks.items():
-                    cf.unsynced |= blocks
+                    if blocks:
+                        cf.unsynced = blocks | (cf.unsynced or set())
                 self.dirty |= {cf for cf in dirty if not cf.retired}
                 self._unsynced |= unsynced
                 self._deleted += deleted

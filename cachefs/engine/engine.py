@@ -82,6 +82,7 @@ class FileCache:
         self._handles: dict[str, int] = {}
         self._open: set[OpenFile] = set()
         self._had_continuous: set[str] = set()
+        self._listings: dict[str, list[DirEntry]] = {}
         self.counters = {
             "read_data_calls": 0,
             "bytes_from_backend": 0,
@@ -131,16 +132,29 @@ class FileCache:
         return cat.learn(file_id, attrs, trio.current_time())
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
-        """The entries of *dir_id*; their attributes refresh what the cache knows."""
+        """The entries of *dir_id*; their attributes refresh what the cache knows.
+
+        While the storage is quarantined or does not answer, the last listing
+        seen in this mount is served (counted in ``stale_served``).
+        """
         cat = self.catalog
-        if cat.external_error is not None:
-            raise StorageQuarantined(f"{dir_id or '/'}: storage is offline: {cat.external_error}")
+        name = dir_id or "/"
         try:
-            entries = await self.backend.list_dir(dir_id)
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"{dir_id or '/'}: no such directory") from None
-        except Exception as e:
-            raise TransientFailure(f"{dir_id or '/'}: listing failed: {e}") from None
+            if cat.external_error is not None:
+                raise StorageQuarantined(f"{name}: storage is offline: {cat.external_error}")
+            try:
+                entries = await self.backend.list_dir(dir_id)
+            except (FileNotFoundError, NotADirectoryError):
+                self._listings.pop(dir_id, None)
+                raise NotFound(f"{name}: no such directory") from None
+            except Exception as e:
+                raise TransientFailure(f"{name}: listing failed: {e}") from None
+        except ReadFailed:
+            if dir_id not in self._listings:
+                raise
+            self.counters["stale_served"] += 1
+            return self._listings[dir_id]
+        self._listings[dir_id] = entries
         prefix = f"{dir_id}/" if dir_id else ""
         now = trio.current_time()
         for entry in entries:

@@ -94,7 +94,7 @@ class Evictor:
     def _choose(self, need: int) -> list[tuple[CachedFile, int]]:
         bs = self._catalog.block_size
         candidates = (
-            (cf.atime[b], cf.row_id, b, cf)
+            (cf.atime[b] if cf.atime else 0, cf.row_id, b, cf)
             for cf in self._catalog.files.values()
             if not cf.pinned
             for b in evictable(cf)
@@ -122,7 +122,7 @@ class Evictor:
                 for b in range(first, last + 1):
                     self.evicted_bytes += cat.block_len(cf, b)
                     cat.unmark(cf, b)
-                    cf.inflight[b] = hold
+                cf.hold(first, last, hold)
                 holds.append((cf, hold))
         pending = sum(cat.block_len(cf, b) for cf, b in victims)
         self._punching += pending
@@ -141,7 +141,7 @@ class Evictor:
 
 def evictable(cf: CachedFile) -> Iterator[int]:
     """Present blocks of *cf* that no one is fetching or evicting."""
-    present, inflight = cf.present, cf.inflight
+    present, inflight = cf.present, cf.inflight or {}
     b = present.find(1)
     while b >= 0:
         if b not in inflight:

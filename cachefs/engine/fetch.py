@@ -49,9 +49,7 @@ class Fetch:
         self.error: BaseException | None = None
 
     def finish(self, cf: CachedFile) -> None:
-        for b in range(self.first, self.last + 1):
-            if cf.inflight.get(b) is self:
-                del cf.inflight[b]
+        cf.unhold(self.first, self.last, self)
         self.done.set()
 
     def raise_error(self) -> None:
@@ -167,14 +165,14 @@ class FetchRunner:
             while b <= last:
                 if cf.present[b]:
                     b += 1
-                elif (f := cf.inflight.get(b)) is not None:
+                elif (f := cf.busy(b)) is not None:
                     if not waits or waits[-1] is not f:
                         waits.append(f)
                     b += 1
                 else:
                     s = b
                     while b <= last and b - s < limit and not cf.present[b]:
-                        if b in cf.inflight:
+                        if cf.busy(b) is not None:
                             break
                         b += 1
                     runs.append((s, b - 1))
@@ -185,8 +183,7 @@ class FetchRunner:
                     transfer.last_block = max(runs[-1][1], cf.present.rfind(0, first))
             fetches = [Fetch(s, e) for s, e in runs]
             for f in fetches:
-                for blk in range(f.first, f.last + 1):
-                    cf.inflight[blk] = f
+                cf.hold(f.first, f.last, f)
             try:
                 for f in fetches:
                     await self.run(cf, f, transfer)

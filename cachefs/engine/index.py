@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -63,15 +64,34 @@ class CachedFile:
     pinned: bool = False
     validated_at: float = float("-inf")
     retired: bool = False
-    inflight: dict[int, object] = field(default_factory=dict)
     data: DataFile | None = None
-    atime: array = field(init=False)
+    # Made on first use, dropped when empty: a cache may know 100,000s of files.
+    # Blocks being fetched or evicted -> the Fetch to wait for.
+    inflight: dict[int, Any] | None = None
+    # Last read of each block, in ticks of the catalog's LRU clock.
+    atime: array | None = None
     # Blocks marked present since the data file was last synced.
-    unsynced: set[int] = field(default_factory=set)
+    unsynced: set[int] | None = None
 
-    def __post_init__(self) -> None:
-        # Last read of each block, in ticks of the catalog's LRU clock.
-        self.atime = array("Q", bytes(8 * len(self.present)))
+    def busy(self, b: int) -> Any:
+        """The Fetch holding block *b*, or None."""
+        return None if self.inflight is None else self.inflight.get(b)
+
+    def hold(self, first: int, last: int, fetch: Any) -> None:
+        if self.inflight is None:
+            self.inflight = {}
+        for b in range(first, last + 1):
+            self.inflight[b] = fetch
+
+    def unhold(self, first: int, last: int, fetch: Any) -> None:
+        inflight = self.inflight
+        if inflight is None:
+            return
+        for b in range(first, last + 1):
+            if inflight.get(b) is fetch:
+                del inflight[b]
+        if not inflight:
+            self.inflight = None
 
     @property
     def attrs(self) -> FileAttrs:
@@ -164,7 +184,7 @@ class Index:
 def row_of(cf: CachedFile, synced_only: bool = False) -> tuple:
     """The index row of *cf*; with *synced_only*, unsynced blocks show as absent."""
     present = bytearray(cf.present)
-    if synced_only:
+    if synced_only and cf.unsynced:
         for b in cf.unsynced:
             present[b] = 0
     return (

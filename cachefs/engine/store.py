@@ -13,7 +13,6 @@ import ctypes
 import errno
 import logging
 import os
-from pathlib import Path
 
 import trio
 
@@ -25,7 +24,7 @@ class DataFile:
 
     __slots__ = ("path", "size", "fd", "users", "retired")
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: str, size: int) -> None:
         self.path = path
         self.size = size
         self.fd: int | None = None
@@ -57,7 +56,7 @@ class DataFile:
         if not self.retired:
             self.retired = True
             try:
-                self.path.unlink()
+                os.unlink(self.path)
             except FileNotFoundError:
                 pass
 
