@@ -27,7 +27,7 @@ class CacheConfig:
     max_readahead: int = 64 << 20
     cache_size: int | None = None
     min_free: int | None = None
-    flush_interval: float = 1.0
+    flush_interval: float = 5.0
 
     def validate(self) -> None:
         bs = self.block_size

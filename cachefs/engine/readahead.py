@@ -1,7 +1,8 @@
 """Readahead: fetch ahead of a sequential reader in growing windows.
 
 Policy: from the second read of a sequential run on, the engine keeps the
-blocks up to ``window`` bytes past the reader fetched or in flight.  The
+blocks up to ``window`` bytes past the reader fetched or in flight (refilled
+when less than half a window is left).  The
 window starts at 1 MiB (or one block) and doubles each time it is extended,
 up to ``max_readahead``.  Fetches run as background tasks of the engine, one
 ReadData call per chunk of up to 4 MiB; the engine's fetch limiter allows at
@@ -56,7 +57,8 @@ class Readahead:
         ensure: EnsureFn,
     ) -> None:
         """The reader reached *end*: have blocks up to end + window fetched."""
-        if self._stopped or self.upto >= cf.size or end + self.window <= self.upto:
+        # Refill once less than half a window is ahead, so calls stay large.
+        if self._stopped or self.upto >= cf.size or end + self.window // 2 <= self.upto:
             return
         start = max(self.upto, end)
         self.upto = min(cf.size, end + self.window)
