@@ -76,11 +76,14 @@ async def test_prefetch_is_a_whole_file_transfer(tmp_path):
     async with rig.engine(max_fetch=4 * BS) as cache:
         await cache.prefetch("f")
         assert await read_sequential(cache, "f") == DATA
-    calls = rig.calls()
+    # Chunks run in parallel: one call starts the transfer, the one that
+    # fetches the last block finishes it.
+    calls = sorted(rig.calls(), key=lambda c: c["position"])
     assert [c["position"] for c in calls] == [0, 4 * BS, 8 * BS]
-    assert flags(calls[0]) == {"WHOLE_FILE", "CONTINUOUS_STARTED", "TIL_END"}
-    assert flags(calls[1]) == {"WHOLE_FILE", "IN_PROGRESS", "TIL_END"}
-    assert flags(calls[2]) == {"WHOLE_FILE", "IN_PROGRESS", "CONTINUOUS_FINISHED", "TIL_END"}
+    assert all({"WHOLE_FILE", "TIL_END"} <= flags(c) for c in calls)
+    assert sum("CONTINUOUS_STARTED" in flags(c) for c in calls) == 1
+    assert sum("IN_PROGRESS" in flags(c) for c in calls) == 2
+    assert [c["position"] for c in calls if "CONTINUOUS_FINISHED" in flags(c)] == [8 * BS]
 
 
 async def test_closing_a_reader_mid_transfer_sends_canceled(tmp_path):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from cachefs.engine.index import SCHEMA_VERSION, CachedFile, Index, block_count
-from cachefs.engine.store import DataFile, punch_holes
+from cachefs.engine.store import DataFile, page_end, punch_holes
 from cachefs.errors import CacheDirError, CacheDirInUse
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _punch_unmarked(path: str, cf: CachedFile, block_size: int) -> None:
     while b >= 0:
         end = present.find(1, b)
         end = n if end < 0 else end
-        holes.append((b * block_size, min(end * block_size, cf.size) - b * block_size))
+        holes.append((b * block_size, page_end(min(end * block_size, cf.size)) - b * block_size))
         b = present.find(0, end) if end < n else -1
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:

@@ -131,6 +131,7 @@ class Catalog:
     def mark(self, cf: CachedFile, b: int) -> None:
         if not cf.present[b]:
             cf.present[b] = 1
+            self.touch(cf, b, b)  # a fresh block is recent: evict older ones first
             if cf.unsynced is None:
                 cf.unsynced = set()
             cf.unsynced.add(b)
@@ -140,6 +141,7 @@ class Catalog:
     def unmark(self, cf: CachedFile, b: int) -> None:
         if cf.present[b]:
             cf.present[b] = 0
+            cf.epoch += 1
             if cf.unsynced:
                 cf.unsynced.discard(b)
             self.cached_bytes -= self.block_len(cf, b)

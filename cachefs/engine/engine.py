@@ -27,7 +27,7 @@ from cachefs.engine.evict import Evictor, evictable
 from cachefs.engine.fetch import FetchRunner, Modified, Replan
 from cachefs.engine.index import CachedFile, Index
 from cachefs.engine.readahead import Readahead
-from cachefs.engine.store import DataFile
+from cachefs.engine.store import DataFile, pread_into, read_nowait
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.errors import (
     NotAFile,
@@ -78,6 +78,12 @@ class FileCache:
         self.evictor = Evictor(
             catalog, cache_dir, config.cache_size, config.min_free, self.disk_limiter
         )
+        # What is in flight stays well inside the cache, or fills would evict
+        # each other's blocks before their readers get them.
+        bs, limit = config.block_size, self.evictor.limit
+        share = limit // (4 * config.max_fetches)
+        self.max_fetch = max(bs, min(config.max_fetch, share) // bs * bs)
+        self.max_readahead = min(config.max_readahead, max(bs, limit // 4))
         self._runner = FetchRunner(self)
         self._handles: dict[str, int] = {}
         self._open: set[OpenFile] = set()
@@ -182,8 +188,8 @@ class FileCache:
         self._open.add(fh)
         return fh
 
-    async def read(self, fh: OpenFile, offset: int, length: int) -> bytes:
-        """Up to *length* bytes at *offset*; b"" at or past the end of the file."""
+    async def read(self, fh: OpenFile, offset: int, length: int) -> bytes | bytearray:
+        """Up to *length* bytes at *offset*; empty at or past the end of the file."""
         cf = self.catalog.files.get(fh.file_id)
         if cf is None:
             cf = await self._current(fh.file_id)
@@ -196,15 +202,13 @@ class FileCache:
             await self._end_run(cf, *ended)
         bs = self.config.block_size
         first, last = offset // bs, (end - 1) // bs
-        if sequential and reader.run_reads >= 2 and self.config.max_readahead:
+        if sequential and reader.run_reads >= 2 and self.max_readahead:
             self._read_ahead(fh, cf, end)
         if cf.present.find(0, first, last + 1) < 0:
-            data = os.pread(self._fd(fh, cf), end - offset, offset)
-            if len(data) == end - offset:
-                self.catalog.touch(cf, first, last)
+            data = await self._serve(fh, cf, offset, end)
+            if data is not None:
                 self.counters["hit_bytes"] += len(data)
                 return data
-            self._lost(cf, offset, end)
         self.counters["miss_bytes"] += end - offset
         return await self._read_miss(fh, offset, end, sequential)
 
@@ -212,13 +216,13 @@ class FileCache:
         reader = fh.reader
         if reader.readahead is None:
             reader.readahead = Readahead(
-                self._transfer_for(fh, cf, True), self.config.block_size, self.config.max_readahead
+                self._transfer_for(fh, cf, True), self.config.block_size, self.max_readahead
             )
         reader.readahead.extend(
             cf,
             end,
             self.config.block_size,
-            self.config.max_readahead,
+            self.max_readahead,
             self._nursery,
             self._runner.ensure,
         )
@@ -241,6 +245,37 @@ class FileCache:
         assert data.fd is not None
         return data.fd
 
+    async def _serve(self, fh: OpenFile, cf: CachedFile, offset: int, end: int) -> bytearray | None:
+        """Bytes [offset, end) of present blocks from the data file, or None.
+
+        Data in the page cache is read on the loop without blocking; what is
+        only on disk is read in a worker thread, so readers of the cache disk
+        run in parallel.  None means the blocks are gone (evicted or retired
+        meanwhile, or lost from the data file): the caller fetches them.
+        """
+        n = end - offset
+        fd = self._fd(fh, cf)
+        buf = bytearray(n)
+        got = read_nowait(fd, buf, offset)
+        if got < n:
+            epoch, data = cf.epoch, cf.data
+            assert data is not None
+            data.acquire()  # the fd outlives a version change during the read
+            try:
+                got += await trio.to_thread.run_sync(
+                    pread_into, fd, memoryview(buf)[got:], offset + got, limiter=self.disk_limiter
+                )
+            finally:
+                data.release()
+            if cf.epoch != epoch or cf.retired:
+                return None
+        if got < n:
+            self._lost(cf, offset, end)
+            return None
+        bs = self.config.block_size
+        self.catalog.touch(cf, offset // bs, (end - 1) // bs)
+        return buf
+
     def _lost(self, cf: CachedFile, offset: int, end: int) -> None:
         """The data file lost bytes it should hold: forget those blocks."""
         bs = self.config.block_size
@@ -248,7 +283,9 @@ class FileCache:
         for b in range(offset // bs, (end - 1) // bs + 1):
             self.catalog.unmark(cf, b)
 
-    async def _read_miss(self, fh: OpenFile, offset: int, end: int, sequential: bool) -> bytes:
+    async def _read_miss(
+        self, fh: OpenFile, offset: int, end: int, sequential: bool
+    ) -> bytes | bytearray:
         bs = self.config.block_size
         for _ in range(MAX_REPLANS):
             cf = await self._current(fh.file_id)
@@ -271,11 +308,9 @@ class FileCache:
                 raise
             if cf.retired:
                 continue
-            data = os.pread(self._fd(fh, cf), stop - offset, offset)
-            if len(data) == stop - offset:
-                self.catalog.touch(cf, first, last)
+            data = await self._serve(fh, cf, offset, stop)
+            if data is not None:
                 return data
-            self._lost(cf, offset, stop)
         raise TransientFailure(f"{fh.file_id}: the file kept changing while being read")
 
     def _transfer_for(self, fh: OpenFile, cf: CachedFile, sequential: bool) -> Transfer:
@@ -341,7 +376,11 @@ class FileCache:
     # -- whole files ----------------------------------------------------------------
 
     async def prefetch(self, file_id: str) -> None:
-        """Fetch every missing block of *file_id* in one WHOLE_FILE transfer."""
+        """Fetch every missing block of *file_id* in one WHOLE_FILE transfer.
+
+        One pass over the file, up to max_fetches calls in flight; a file
+        larger than the cache is fetched once, not kept.
+        """
         fh = await self.open(file_id)
         try:
             for _ in range(MAX_REPLANS):
@@ -351,7 +390,7 @@ class FileCache:
                     return
                 transfer = Transfer(Kind.WHOLE, last, last)
                 try:
-                    await self._runner.ensure(cf, 0, last, transfer)
+                    await self._prefetch_pass(cf, transfer)
                     return
                 except Modified:
                     self.catalog.retire(cf)
@@ -364,6 +403,26 @@ class FileCache:
             raise TransientFailure(f"{file_id}: the file kept changing while being fetched")
         finally:
             await self.close(fh)
+
+    async def _prefetch_pass(self, cf: CachedFile, transfer: Transfer) -> None:
+        per = max(1, self.max_fetch // self.config.block_size)
+        last = len(cf.present) - 1
+        chunks = iter(
+            (a, min(last, a + per - 1))
+            for a in range(0, last + 1, per)
+            if cf.present.find(0, a, min(last, a + per - 1) + 1) >= 0
+        )
+
+        async def worker() -> None:
+            for first, end in chunks:  # shared: each chunk goes to one worker
+                await self._runner.ensure(cf, first, end, transfer)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.config.max_fetches):
+                    nursery.start_soon(worker)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
 
     async def pin(self, file_id: str) -> None:
         """Fetch *file_id* whole and keep it: eviction never touches a pinned file.
@@ -398,7 +457,7 @@ class FileCache:
             return 0
         victims = [(cf, b) for b in evictable(cf)]
         before = self.catalog.cached_bytes
-        await self.evictor.drop(victims)
+        await self.evictor.drop(victims, count=False)
         return before - self.catalog.cached_bytes
 
     def pinned(self) -> list[str]:
@@ -509,3 +568,13 @@ async def open_file_cache(
         if index is not None:
             index.close()
         os.close(lock_fd)
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of a nursery's group that is not a cancellation."""
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            e = first_error(e)
+        if not isinstance(e, trio.Cancelled):
+            return e
+    return group.exceptions[0]

@@ -27,6 +27,7 @@ import trio
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.fetch import Fetch
 from cachefs.engine.index import CachedFile
+from cachefs.engine.store import page_end
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,31 @@ class Evictor:
         self.evicted_bytes = 0
         # Bytes whose bits are cleared but whose holes are not punched yet.
         self._punching = 0
+        # Bytes fills were given room for but have not marked yet.
+        self._reserved = 0
         self._lock = trio.Lock()
 
     def allowed(self) -> int:
         """What the cache may hold now: the limit, less any shortfall of free space."""
         st = os.statvfs(self._cache_dir)
         free = st.f_bavail * st.f_frsize
-        return min(self.limit, self._catalog.cached_bytes + free - self.min_free) - self._punching
+        used = self._catalog.cached_bytes + self._reserved
+        return min(self.limit, used + free - self.min_free) - self._punching - self._reserved
 
     async def make_room(self, nbytes: int) -> None:
-        """Evict before *nbytes* more would cross the limit or the free-space floor."""
-        if self._catalog.cached_bytes + nbytes <= self.allowed():
-            return
-        async with self._lock:
-            allowed = self.allowed()
-            if self._catalog.cached_bytes + nbytes <= allowed:
-                return
-            await self._evict_to(int(min(self.limit * LOW_WATER, allowed)) - nbytes)
+        """Evict before *nbytes* more would cross the limit or the free-space floor.
+
+        The room is reserved until :meth:`settle` (the fill marked its blocks).
+        """
+        if self._catalog.cached_bytes + nbytes > self.allowed():
+            async with self._lock:
+                allowed = self.allowed()
+                if self._catalog.cached_bytes + nbytes > allowed:
+                    await self._evict_to(int(min(self.limit * LOW_WATER, allowed)) - nbytes)
+        self._reserved += nbytes
+
+    def settle(self, nbytes: int) -> None:
+        self._reserved -= nbytes
 
     async def serve_trimmer(self) -> None:
         while True:
@@ -108,8 +117,11 @@ class Evictor:
             freed += self._catalog.block_len(cf, b)
         return out
 
-    async def drop(self, victims: list[tuple[CachedFile, int]]) -> None:
-        """Evict these blocks: clear, commit, punch; readers wait meanwhile."""
+    async def drop(self, victims: list[tuple[CachedFile, int]], *, count: bool = True) -> None:
+        """Evict these blocks: clear, commit, punch; readers wait meanwhile.
+
+        *count*: add them to ``evicted_bytes`` (a purge does not).
+        """
         cat = self._catalog
         bs = cat.block_size
         by_file: dict[CachedFile, list[int]] = {}
@@ -120,7 +132,8 @@ class Evictor:
             for first, last in runs(sorted(blocks)):
                 hold = Fetch(first, last)
                 for b in range(first, last + 1):
-                    self.evicted_bytes += cat.block_len(cf, b)
+                    if count:
+                        self.evicted_bytes += cat.block_len(cf, b)
                     cat.unmark(cf, b)
                 cf.hold(first, last, hold)
                 holds.append((cf, hold))
@@ -131,7 +144,7 @@ class Evictor:
             for cf, hold in holds:
                 assert cf.data is not None
                 start = hold.first * bs
-                end = min((hold.last + 1) * bs, cf.size)
+                end = page_end(min((hold.last + 1) * bs, cf.size))
                 await cf.data.punch([(start, end - start)], self._disk_limiter)
         finally:
             self._punching -= pending

@@ -149,7 +149,7 @@ class FetchRunner:
         Raises Modified / Replan for the caller to re-plan, ReadFailed to fail.
         """
         bs = self._cache.config.block_size
-        limit = max(1, self._cache.config.max_fetch // bs)
+        limit = max(1, self._cache.max_fetch // bs)
         while True:
             if cf.retired:
                 raise Replan
@@ -184,6 +184,8 @@ class FetchRunner:
             fetches = [Fetch(s, e) for s, e in runs]
             for f in fetches:
                 cf.hold(f.first, f.last, f)
+            # Held until the whole range is in: a reader's blocks are not
+            # evicted between two of its runs (that could go on forever).
             try:
                 for f in fetches:
                     await self.run(cf, f, transfer)
@@ -281,12 +283,15 @@ class FetchRunner:
             if complete > written:
                 assert cf.data is not None
                 await c.evictor.make_room(complete - written)
-                await cf.data.write(
-                    written, view[written - start : complete - start], c.disk_limiter
-                )
-                if cf.retired:
-                    raise Replan
-                for b in range(written // bs, (complete - 1) // bs + 1):
-                    cat.mark(cf, b)
+                try:
+                    await cf.data.write(
+                        written, view[written - start : complete - start], c.disk_limiter
+                    )
+                    if cf.retired:
+                        raise Replan
+                    for b in range(written // bs, (complete - 1) // bs + 1):
+                        cat.mark(cf, b)
+                finally:
+                    c.evictor.settle(complete - written)
                 cat.note_written(cf)
                 written = complete

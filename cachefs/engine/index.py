@@ -62,6 +62,9 @@ class CachedFile:
     zero_from: int | None = None
     error: str | None = None
     pinned: bool = False
+    # Bumped whenever a block stops being present: a read that left the loop
+    # checks it to know its bytes were not evicted meanwhile.
+    epoch: int = 0
     validated_at: float = float("-inf")
     retired: bool = False
     data: DataFile | None = None
@@ -111,7 +114,9 @@ class Index:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is durable, so eviction's "commit, then punch"
+            # holds across a power cut, not only a crash of the process.
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except BaseException:
             self._db.close()

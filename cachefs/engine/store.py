@@ -108,6 +108,11 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+def page_end(offset: int) -> int:
+    """*offset* rounded up to a 4 KiB page, so a partial last page is freed too."""
+    return -(-offset // 4096) * 4096
+
+
 def punch_holes(fd: int, ranges: list[tuple[int, int]]) -> None:
     """Deallocate byte ranges of *fd*; they read as zeros afterwards.
 
@@ -123,3 +128,29 @@ def punch_holes(fd: int, ranges: list[tuple[int, int]]) -> None:
             raise OSError(err, os.strerror(err))
         log.warning("the cache filesystem cannot punch holes: evicted space is not returned")
         _pwrite_all(fd, memoryview(bytes(length)), offset)
+
+
+def read_nowait(fd: int, buf: bytearray, offset: int) -> int:
+    """Read what the page cache holds at *offset* into *buf*, without blocking."""
+    try:
+        return os.preadv(fd, [buf], offset, _NOWAIT)
+    except BlockingIOError:
+        return 0
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:
+            raise
+        return 0  # this filesystem cannot say: read in a thread
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Fill *buf* from *offset*; fewer bytes only at the end of the file."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
