@@ -1,4 +1,4 @@
-"""The ``cachefs`` command: mount, unmount, stats and the reset commands.
+"""The ``cachefs`` command: mount, unmount, the cache commands, stats and the resets.
 
 Every error a user can cause ends as one line, ``cachefs: error: ...``, on
 stderr and the error's exit code (2 for bad input); a traceback appears only
@@ -8,29 +8,27 @@ with ``--log-level debug``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
 
-from cachefs.control import (
-    MountEntry,
-    MountUnreachable,
-    NotInMount,
-    find_mount,
-    lazy_unmount,
-    mount_at,
-    request,
-    wait_for_exit,
+from cachefs.client import (
+    cmd_pin,
+    cmd_prefetch,
+    cmd_purge,
+    cmd_reset_external_error,
+    cmd_reset_file_errors,
+    cmd_stats,
+    cmd_unmount,
+    cmd_unpin,
 )
 from cachefs.engine import CacheConfig
-from cachefs.errors import CacheFSError
+from cachefs.errors import CacheFSError, ConfigError
 from cachefs.mount import (
     LOG_NAME,
     MountOptions,
@@ -50,6 +48,7 @@ log = logging.getLogger("cachefs")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 READY_TIMEOUT = 60.0
+DEFAULTS = CacheConfig()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +70,36 @@ def _non_negative(kind: type[int] | type[float]) -> Any:
 
     convert.__name__ = kind.__name__
     return convert
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size_or_percent(text: str) -> int | float:
+    """A size in bytes (int), or a share of the cache filesystem like ``5%`` (float)."""
+    if not text.strip().endswith("%"):
+        return _size(text)
+    try:
+        percent = float(text.strip()[:-1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid percentage {text!r}") from None
+    if not 0 <= percent < 100:
+        raise argparse.ArgumentTypeError(f"a percentage must be from 0% to below 100%: {text!r}")
+    return percent / 100
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +160,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="retries of a failing read, with backoff, before the reader gets EIO (default: 3)",
     )
     mount.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        type=_size,
+        help="most bytes of cached blocks to keep; the least recently read go first "
+        "(default: 10G or 80%% of the cache filesystem's free space, whichever is smaller)",
+    )
+    mount.add_argument(
+        "--min-free",
+        metavar="SIZE|N%",
+        type=_size_or_percent,
+        help="free space to leave on the cache filesystem, evicting to keep it: a size, or a "
+        "percentage of the filesystem like 5%% (default: 5%%)",
+    )
+    mount.add_argument(
+        "--max-readahead",
+        metavar="SIZE",
+        type=_size,
+        default=DEFAULTS.max_readahead,
+        help="how far ahead of a sequential reader to fetch, in windows growing from 1M "
+        f"(default: {DEFAULTS.max_readahead >> 20}M; 0 disables)",
+    )
+    mount.add_argument(
+        "--max-fetches",
+        metavar="N",
+        type=_at_least_one,
+        default=DEFAULTS.max_fetches,
+        help=f"ReadData calls in flight at once (default: {DEFAULTS.max_fetches})",
+    )
+    mount.add_argument(
         "--faults",
         metavar="FILE",
         help="inject read failures from a JSON rules file, re-read while mounted (testing)",
@@ -169,11 +227,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     unmount.set_defaults(run=cmd_unmount)
 
+    prefetch = command(
+        "prefetch",
+        "fetch files whole into the cache",
+        "Fetch each PATH (a file, or every file below a directory) whole into the cache of "
+        "its mount. Shows a progress bar on a terminal and a summary line at the end; "
+        "exits with 1 and names the files that failed.",
+    )
+    prefetch.add_argument("paths", metavar="PATH", nargs="+")
+    prefetch.set_defaults(run=cmd_prefetch)
+
+    pin = command(
+        "pin",
+        "fetch files whole and keep them cached",
+        "Pin each PATH (a file, or every file below a directory): fetched whole and never "
+        "evicted, also after a remount. Refused (exit 1) if pinned files would exceed the "
+        "cache size.",
+    )
+    pin.add_argument("paths", metavar="PATH", nargs="+")
+    pin.set_defaults(run=cmd_pin)
+
+    unpin = command(
+        "unpin",
+        "let pinned files be evicted again",
+        "Unpin each PATH (a directory: every pinned file below it). Their data stays cached "
+        "until it is evicted or purged.",
+    )
+    unpin.add_argument("paths", metavar="PATH", nargs="+")
+    unpin.set_defaults(run=cmd_unpin)
+
+    purge = command(
+        "purge",
+        "drop files from the cache",
+        "Drop the cached data of each PATH (a directory: of every file below it) and return "
+        "its disk space; pinned files are kept. The next read asks the source again.",
+    )
+    purge.add_argument("paths", metavar="PATH", nargs="+")
+    purge.set_defaults(run=cmd_purge)
+
     stats = command(
         "stats",
         "show a mount's counters",
         "Show the counters of the mount containing PATH: backend calls and bytes, cache hits "
-        "and misses, cached bytes, latched file errors and the external error.",
+        "and misses, hit ratio, cached, pinned and evicted bytes, the cache limit and free "
+        "space floor, latched file errors and the external error.",
     )
     stats.add_argument("path", metavar="PATH", help="any path inside the mount")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -204,13 +301,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
     """Check and complete the mount options; creates the cache dir."""
-    config = CacheConfig(block_size=parse_size(args.block_size), ttl=args.ttl, retries=args.retries)
-    config.validate()
+    block_size = parse_size(args.block_size)
+    if args.cache_size is not None and args.cache_size < block_size:
+        raise ConfigError(
+            f"--cache-size {format_size(args.cache_size)} is smaller than one cache block "
+            f"({format_size(block_size)})"
+        )
     source = normalize_source(args.source)
+    cache_dir = prepare_cache_dir(Path(args.cache_dir or default_cache_dir(source)))
+    min_free = args.min_free
+    if isinstance(min_free, float):
+        st = os.statvfs(cache_dir)
+        min_free = int(st.f_blocks * st.f_frsize * min_free)
+    config = CacheConfig(
+        block_size=block_size,
+        ttl=args.ttl,
+        retries=args.retries,
+        cache_size=args.cache_size,
+        min_free=min_free,
+        max_readahead=args.max_readahead,
+        max_fetches=args.max_fetches,
+    )
+    config.validate()
     return MountOptions(
         source=source,
         mountpoint=Path(os.path.realpath(args.mountpoint)),
-        cache_dir=prepare_cache_dir(Path(args.cache_dir or default_cache_dir(source))),
+        cache_dir=cache_dir,
         config=config,
         faults=Path(os.path.abspath(args.faults)) if args.faults else None,
         trace=Path(os.path.abspath(args.trace)) if args.trace else None,
@@ -228,9 +344,15 @@ def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
         f"--block-size={opts.config.block_size}",
         f"--ttl={opts.config.ttl!r}",
         f"--retries={opts.config.retries}",
+        f"--max-readahead={opts.config.max_readahead}",
+        f"--max-fetches={opts.config.max_fetches}",
         f"--readahead-kb={opts.readahead_kb}",
         f"--log-level={log_level}",
     ]
+    if opts.config.cache_size is not None:
+        argv.append(f"--cache-size={opts.config.cache_size}")
+    if opts.config.min_free is not None:
+        argv.append(f"--min-free={opts.config.min_free}")
     if opts.faults:
         argv.append(f"--faults={opts.faults}")
     if opts.trace:
@@ -262,89 +384,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except BaseException as e:
         readiness.failed(1, f"internal error: {e!r}")
         raise
-    return 0
-
-
-# -- talking to a mount -----------------------------------------------------------------
-
-
-def cmd_unmount(args: argparse.Namespace) -> int:
-    entry = mount_at(args.mountpoint)
-    if entry is None:
-        inside = find_mount(args.mountpoint)  # NotInMount if not even inside one
-        raise NotInMount(
-            f"{args.mountpoint} is not a mount point (the mount is {inside.mountpoint})"
-        )
-    try:
-        pid = request(entry, "stats", timeout=5.0)["pid"]
-        started = time.monotonic()
-        request(entry, "unmount", timeout=args.timeout)
-    except MountUnreachable as e:
-        log.warning("%s; detaching the mount", e)
-        lazy_unmount(entry.mountpoint)
-        return 0
-    left = max(0.0, args.timeout - (time.monotonic() - started))
-    if not wait_for_exit(pid, left):
-        lazy_unmount(entry.mountpoint)
-        raise CacheFSError(
-            f"the daemon (pid {pid}) did not exit within {args.timeout:g} s; "
-            "the mount was detached (fusermount3 -u -z)"
-        )
-    return 0
-
-
-_STATS_ROWS = (
-    ("source", "source", str),
-    ("mount point", "mountpoint", str),
-    ("cache dir", "cache_dir", str),
-    ("block size", "block_size", format_size),
-    ("ttl", "ttl", lambda v: f"{v:g} s"),
-    ("ReadData calls", "read_data_calls", str),
-    ("from backend", "bytes_from_backend", format_size),
-    ("cache hits", "hit_bytes", format_size),
-    ("cache misses", "miss_bytes", format_size),
-    ("cached", "cached_bytes", format_size),
-    ("files in error", "files_in_error", str),
-    ("external error", "external_error", lambda v: v or "none"),
-)
-
-
-def format_stats(stats: dict[str, Any]) -> str:
-    """The human-readable table of ``cachefs stats``."""
-    rows = [(label, fmt(stats[key])) for label, key, fmt in _STATS_ROWS if key in stats]
-    shown = {key for _, key, _ in _STATS_ROWS} | {"file_errors"}
-    rows += [
-        (key.replace("_", " "), str(value))
-        for key, value in sorted(stats.items())
-        if key not in shown and isinstance(value, int | float | str)
-    ]
-    rows += [("  in error", file_id) for file_id in stats.get("file_errors", [])]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    stats = request(find_mount(args.path), "stats")
-    print(json.dumps(stats, indent=2, sort_keys=True) if args.json else format_stats(stats))
-    return 0
-
-
-def cmd_reset_file_errors(args: argparse.Namespace) -> int:
-    by_mount: dict[MountEntry, list[str]] = {}
-    for path in args.paths:
-        entry = find_mount(path)
-        by_mount.setdefault(entry, []).append(entry.file_id(Path(os.path.abspath(path))))
-    for entry, file_ids in by_mount.items():
-        reset = request(entry, "reset-file-errors", file_ids=file_ids)
-        for file_id in reset:
-            print(f"reset {entry.mountpoint / file_id}")
-        if not reset:
-            print(f"no latched file errors under {', '.join(args.paths)}")
-    return 0
-
-
-def cmd_reset_external_error(args: argparse.Namespace) -> int:
-    request(find_mount(args.path), "reset-external-error")
     return 0
 
 

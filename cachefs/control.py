@@ -9,7 +9,9 @@ percent-encoded, which leads to the control socket.
 The control socket is ``control.sock`` in the cache directory, mode 0600.
 A client sends one JSON object per line, ``{"command": NAME, ...}``; the
 mount answers each with one line, ``{"ok": true, "result": ...}`` or
-``{"ok": false, "error": MESSAGE, "exit_code": N}``.
+``{"ok": false, "error": MESSAGE, "exit_code": N}``.  A long request (a
+prefetch) may first send any number of ``{"progress": {...}}`` lines; if
+the client leaves before the answer, the request is cancelled.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from urllib.parse import quote, unquote_to_bytes
 
 import trio
 
-from cachefs.errors import CacheDirInUse, CacheFSError, ConfigError
+from cachefs.errors import (
+    CacheDirInUse,
+    CacheFSError,
+    MountUnreachable,
+    NotInMount,
+    RemoteError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +50,10 @@ _FSNAME_PREFIX = "cachefs:"
 _MAX_LINE = 1 << 20
 _MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+#: Clients served at once; more wait in the listen backlog.
+MAX_CLIENTS = 16
 
-
-class NotInMount(ConfigError):
-    """A path the user gave is not inside a cachefs mount."""
-
-
-class MountUnreachable(CacheFSError):
-    """The mount's daemon does not answer on its control socket."""
-
-
-class RemoteError(CacheFSError):
-    """The mount answered a request with an error."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+Handler = Callable[[dict[str, Any], "Progress"], Awaitable[Any]]
 
 
 # -- finding a mount ----------------------------------------------------------
@@ -192,7 +187,11 @@ async def serve_control(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer control requests on ``<cache_dir>/control.sock`` until cancelled."""
+    """Answer control requests on ``<cache_dir>/control.sock`` until cancelled.
+
+    Each client is served in its own task, its requests one after another;
+    at most MAX_CLIENTS at once.  A long request does not hold up others.
+    """
     path = cache_dir / SOCKET_NAME
     _replace_stale(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -205,7 +204,7 @@ async def serve_control(
     except BaseException:
         sock.close()
         raise
-    limiter = trio.CapacityLimiter(4)
+    limiter = trio.CapacityLimiter(MAX_CLIENTS)
     try:
         task_status.started()
         await trio.serve_listeners(
@@ -217,11 +216,39 @@ async def serve_control(
                 path.unlink()
 
 
+class Progress:
+    """Where a handler sends the progress lines of one request.
+
+    ``send`` never raises: once the client has gone, the request is
+    cancelled (nobody waits for its answer) and further sends do nothing.
+    """
+
+    def __init__(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        self._stream = stream
+        self._scope = scope
+        self._lock = trio.Lock()
+        self.client_gone = False
+
+    async def send(self, fields: dict[str, Any]) -> None:
+        if self.client_gone:
+            return
+        async with self._lock:
+            try:
+                await self._stream.send_all(_encode({"progress": fields}))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.client_gone = True
+                self._scope.cancel()
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
 async def _serve_client(
     stream: trio.SocketStream, handle: Handler, limiter: trio.CapacityLimiter
 ) -> None:
     buffer = bytearray()
-    async with stream:
+    async with limiter, stream:
         while True:
             try:
                 data = await stream.receive_some(65536)
@@ -233,17 +260,20 @@ async def _serve_client(
             while (end := buffer.find(b"\n")) >= 0:
                 line = bytes(buffer[:end])
                 del buffer[: end + 1]
-                async with limiter:
-                    answer = await _answer(line, handle)
+                with trio.CancelScope() as scope:
+                    answer = await _answer(line, handle, Progress(stream, scope))
+                if scope.cancelled_caught:
+                    log.info("a control client left before its answer: its request was cancelled")
+                    return
                 try:
-                    await stream.send_all(json.dumps(answer).encode() + b"\n")
+                    await stream.send_all(_encode(answer))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
             if len(buffer) > _MAX_LINE:
                 return
 
 
-async def _answer(line: bytes, handle: Handler) -> dict[str, Any]:
+async def _answer(line: bytes, handle: Handler, progress: Progress) -> dict[str, Any]:
     try:
         request = json.loads(line)
         if not isinstance(request, dict) or not isinstance(request.get("command"), str):
@@ -251,7 +281,7 @@ async def _answer(line: bytes, handle: Handler) -> dict[str, Any]:
     except ValueError as e:
         return {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
     try:
-        return {"ok": True, "result": await handle(request)}
+        return {"ok": True, "result": await handle(request, progress)}
     except CacheFSError as e:
         return {"ok": False, "error": str(e), "exit_code": e.exit_code}
     except Exception as e:
@@ -259,16 +289,23 @@ async def _answer(line: bytes, handle: Handler) -> dict[str, Any]:
         return {"ok": False, "error": f"internal error: {e!r}", "exit_code": 1}
 
 
-def request(mount: MountEntry, command: str, timeout: float = 30.0, **args: Any) -> Any:
-    """Send one request to *mount* and return its result; raises on errors."""
+def request(
+    mount: MountEntry,
+    command: str,
+    timeout: float = 30.0,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    **args: Any,
+) -> Any:
+    """Send one request to *mount* and return its result; raises on errors.
+
+    Progress lines go to *on_progress*.  *timeout* bounds each wait for a
+    line, so a long request that keeps reporting progress never times out.
+    """
     path = mount.socket_path
     if path is None:
         raise MountUnreachable(f"cannot tell where the mount at {mount.mountpoint} keeps its cache")
     try:
-        with _connect(path, timeout) as sock:
-            sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
-            with sock.makefile("rb") as replies:
-                line = replies.readline(_MAX_LINE)
+        sock = _connect(path, timeout)
     except (ConnectionRefusedError, FileNotFoundError) as e:
         raise MountUnreachable(
             f"the mount at {mount.mountpoint} does not answer ({e.strerror}): "
@@ -276,12 +313,28 @@ def request(mount: MountEntry, command: str, timeout: float = 30.0, **args: Any)
         ) from e
     except OSError as e:
         raise MountUnreachable(f"talking to the mount at {mount.mountpoint}: {e}") from e
-    if not line:
-        raise MountUnreachable(f"the mount at {mount.mountpoint} closed the connection")
-    answer = json.loads(line)
+    with sock, sock.makefile("rb") as replies:
+        _talk(mount, sock.sendall, _encode({"command": command, **args}))
+        while True:
+            line = _talk(mount, replies.readline, _MAX_LINE)
+            if not line:
+                raise MountUnreachable(f"the mount at {mount.mountpoint} closed the connection")
+            answer = json.loads(line)
+            if "progress" not in answer:
+                break
+            if on_progress is not None:
+                on_progress(answer["progress"])
     if not answer.get("ok"):
         raise RemoteError(answer.get("error", "request failed"), int(answer.get("exit_code", 1)))
     return answer.get("result")
+
+
+def _talk(mount: MountEntry, io: Callable[[Any], Any], arg: Any) -> Any:
+    """One socket operation, its OSError as MountUnreachable."""
+    try:
+        return io(arg)
+    except OSError as e:
+        raise MountUnreachable(f"talking to the mount at {mount.mountpoint}: {e}") from e
 
 
 # -- stopping a mount --------------------------------------------------------------

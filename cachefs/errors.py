@@ -85,3 +85,30 @@ class PinLimitExceeded(CacheFSError):
 
     errno = _errno.ENOSPC
     exit_code = 1
+
+
+# -- the command line and the control socket ------------------------------------------
+
+
+class NotInMount(ConfigError):
+    """A path the user gave is not inside a cachefs mount."""
+
+
+class MountUnreachable(CacheFSError):
+    """The mount's daemon does not answer on its control socket."""
+
+
+class RemoteError(CacheFSError):
+    """The mount answered a request with an error."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class MountFailed(CacheFSError):
+    """The mount daemon reported a failure (or died) before the mount was ready."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

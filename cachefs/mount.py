@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
@@ -30,10 +29,11 @@ import trio
 import cachefs
 from backends.faulty import FaultyBackend
 from backends.trace import TraceBackend
+from cachefs.commands import ControlCommands
 from cachefs.contract import Backend
 from cachefs.control import SUBTYPE, MountEntry, fsname_for, mount_at, serve_control
 from cachefs.engine import CacheConfig, FileCache, open_file_cache
-from cachefs.errors import CacheDirError, CacheFSError, ConfigError
+from cachefs.errors import CacheDirError, CacheFSError, ConfigError, MountFailed
 from cachefs.fuse_ops import KernelInvalidator, Operations
 from cachefs.namespace import Namespace
 from cachefs.registry import open_backend, source_scheme
@@ -45,14 +45,6 @@ UNMOUNT_GRACE = 10.0
 MAX_BACKGROUND = 64
 FUSECTL = Path("/sys/fs/fuse/connections")
 LOG_NAME = "cachefs.log"
-
-
-class MountFailed(CacheFSError):
-    """The mount daemon reported a failure (or died) before the mount was ready."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +204,16 @@ async def _serve_fuse(
             session = _Session(nursery)
             nursery.start_soon(session.watch_signals)
             await nursery.start(invalidator.serve, namespace)
-            handler = _control_handler(opts, cache, namespace, session)
+            commands = ControlCommands(
+                cache,
+                namespace,
+                source=opts.source,
+                mountpoint=opts.mountpoint,
+                stop=session.stop,
+                invalidate=invalidator.notify,
+            )
             # The control socket first: once the mount is visible, it answers.
-            await nursery.start(serve_control, opts.cache_dir, handler)
+            await nursery.start(serve_control, opts.cache_dir, commands)
             session.mount(Operations(namespace, cache), opts.mountpoint, fsname_for(opts.cache_dir))
             entry = mount_at(opts.mountpoint)
             if entry is not None:
@@ -227,49 +226,6 @@ async def _serve_fuse(
         if session is not None and session.mounted:
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", opts.mountpoint)
-
-
-def _control_handler(
-    opts: MountOptions, cache: FileCache, namespace: Namespace, session: _Session
-) -> Callable[[dict[str, Any]], Any]:
-    async def handle(request: dict[str, Any]) -> Any:
-        command = request["command"]
-        if command == "stats":
-            return {
-                **cache.statistics(),
-                "source": opts.source,
-                "mountpoint": str(opts.mountpoint),
-                "pid": os.getpid(),
-                "inodes": len(namespace),
-            }
-        if command == "reset-file-errors":
-            return await _reset_file_errors(cache, request.get("file_ids"))
-        if command == "reset-external-error":
-            await cache.reset_external_error()
-            return None
-        if command == "unmount":
-            log.info("unmount requested")
-            session.stop()
-            return {"pid": os.getpid()}
-        raise ConfigError(f"unknown control command {command!r}")
-
-    return handle
-
-
-async def _reset_file_errors(cache: FileCache, file_ids: Any) -> list[str]:
-    """Reset the latched files named by *file_ids*: a directory means every file below it."""
-    if not isinstance(file_ids, list) or not all(isinstance(f, str) for f in file_ids):
-        raise ConfigError("reset-file-errors needs a list of file ids")
-    if "" in file_ids:
-        return await cache.reset_file_errors(None)
-    latched = cache.file_errors()
-    targets = {
-        f for f in latched for prefix in file_ids if f == prefix or f.startswith(prefix + "/")
-    }
-    reset: list[str] = []
-    for file_id in sorted(targets):
-        reset += await cache.reset_file_errors(file_id)
-    return reset
 
 
 def tune(entry: MountEntry, readahead_kb: int) -> None:

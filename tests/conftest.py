@@ -1,10 +1,14 @@
 """Fixtures for tests that really mount: ``mount(source, *options)`` starts
 ``python -m cachefs mount ... --foreground`` in a subprocess, waits (with a
 deadline) until the mount point is mounted, and always unmounts at the end.
+Also the helpers those tests share: reads that bypass the kernel's page
+cache, and what a cache dir really occupies on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +40,34 @@ def run_cachefs(*args: object, timeout: float = 60.0) -> subprocess.CompletedPro
     )
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pread_direct(path: Path, offset: int, length: int = 64 * 1024) -> bytes:
+    """One read that reaches cachefs as it is: no page cache, no kernel readahead."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def disk_usage(cache_dir: Path) -> int:
+    """Bytes the cache's data files really occupy on disk (allocated blocks)."""
+    total = 0
+    for entry in os.scandir(cache_dir / "data"):
+        try:
+            total += entry.stat().st_blocks * 512
+        except FileNotFoundError:  # retired meanwhile
+            pass
+    return total
+
+
 def lazy_unmount(mountpoint: Path) -> None:
     if mount_at(mountpoint) is not None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
@@ -54,6 +87,18 @@ class Mount:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def stats(self) -> dict[str, Any]:
+        """``cachefs stats --json`` of this mount."""
+        done = run_cachefs("stats", "--json", self.mountpoint)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def kill(self) -> None:
+        """kill -9 the daemon, then detach the dead mount (``fusermount3 -u -z``)."""
+        self.proc.kill()
+        self.proc.wait()
+        lazy_unmount(self.mountpoint)
 
     def unmount(self) -> None:
         """Unmount cleanly with ``cachefs unmount``; the daemon must exit with 0."""

@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from cachefs.cli import format_stats
+from cachefs.client import format_stats
 from cachefs.control import (
     MountEntry,
-    RemoteError,
+    Progress,
     cachefs_mounts,
     fsname_for,
     mount_at,
     request,
     serve_control,
 )
-from cachefs.errors import CacheDirInUse, ConfigError
+from cachefs.errors import CacheDirInUse, ConfigError, RemoteError
 from cachefs.mount import check_fuse, default_cache_dir
 
 if TYPE_CHECKING:
@@ -33,7 +33,17 @@ if TYPE_CHECKING:
 Cachefs = Callable[..., subprocess.CompletedProcess[str]]
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-COMMANDS = ["mount", "unmount", "stats", "reset-file-errors", "reset-external-error"]
+COMMANDS = [
+    "mount",
+    "unmount",
+    "prefetch",
+    "pin",
+    "unpin",
+    "purge",
+    "stats",
+    "reset-file-errors",
+    "reset-external-error",
+]
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -114,7 +124,17 @@ def test_malformed_faults_file(cachefs: Cachefs, tmp_path: Path, src: Path) -> N
 
 @pytest.mark.parametrize(
     "args",
-    [["stats"], ["stats", "--json"], ["reset-file-errors"], ["reset-external-error"], ["unmount"]],
+    [
+        ["stats"],
+        ["stats", "--json"],
+        ["reset-file-errors"],
+        ["reset-external-error"],
+        ["unmount"],
+        ["prefetch"],
+        ["pin"],
+        ["unpin"],
+        ["purge"],
+    ],
 )
 def test_path_not_in_a_mount(cachefs: Cachefs, tmp_path: Path, args: list[str]) -> None:
     assert_one_line_error(cachefs(*args, tmp_path), str(tmp_path), "not inside a cachefs mount")
@@ -188,9 +208,13 @@ def test_mountinfo_entries_lead_to_the_cache_dir(tmp_path: Path) -> None:
     assert entry.file_id(Path("/mnt/my files/a/b")) == "a/b"
 
 
-async def _handler(req: dict[str, object]) -> object:
+async def _handler(req: dict[str, object], progress: Progress) -> object:
     if req["command"] == "echo":
         return req.get("value")
+    if req["command"] == "count":
+        for i in range(int(str(req["to"]))):
+            await progress.send({"done": i})
+        return "counted"
     raise ConfigError(f"unknown control command {req['command']!r}")
 
 
@@ -235,6 +259,11 @@ def test_stats_table() -> None:
             "file_errors": ["bad.bin"],
             "external_error": None,
             "stale_served": 0,
+            "cache_limit": 10 << 30,
+            "min_free": 5 << 30,
+            "pinned_bytes": 1 << 20,
+            "evicted_bytes": 0,
+            "hit_ratio": 0.875,
         }
     )
     lines = table.splitlines()
@@ -243,3 +272,49 @@ def test_stats_table() -> None:
     assert any(line.split()[-1] == "bad.bin" for line in lines)
     assert any(line.startswith("external error") and line.endswith("none") for line in lines)
     assert any(line.startswith("stale served") for line in lines)
+    rows = {line[:14].strip(): line[14:].strip() for line in lines}
+    assert rows["cache limit"] == "10.0 GiB" and rows["min free"] == "5.0 GiB"
+    assert rows["pinned"] == "1.0 MiB" and rows["evicted"] == "0 B"
+    assert rows["hit ratio"] == "87.5%"
+    assert "n/a" in format_stats({"hit_ratio": None})
+
+
+async def test_progress_lines_come_before_the_answer(tmp_path: Path) -> None:
+    entry = MountEntry(Path("/mnt"), 0, 1, tmp_path)
+    seen: list[object] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, tmp_path, _handler)
+        answer = await trio.to_thread.run_sync(
+            lambda: request(entry, "count", to=3, on_progress=seen.append)
+        )
+        assert answer == "counted"
+        assert seen == [{"done": 0}, {"done": 1}, {"done": 2}]
+        # A client that does not listen for progress gets just the answer.
+        assert await trio.to_thread.run_sync(lambda: request(entry, "count", to=2)) == "counted"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_leaves_cancels_its_request(tmp_path: Path) -> None:
+    cancelled = trio.Event()
+
+    async def endless(req: dict[str, object], progress: Progress) -> object:
+        try:
+            while True:
+                await progress.send({"tick": True})
+                await trio.sleep(0.01)  # pacing, not synchronisation
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    def leave_after_first_line() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(tmp_path / "control.sock"))
+            sock.sendall(b'{"command": "endless"}\n')
+            assert sock.makefile("rb").readline().startswith(b'{"progress"')
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, tmp_path, endless)
+        await trio.to_thread.run_sync(leave_after_first_line)
+        with trio.fail_after(10):
+            await cancelled.wait()
+        nursery.cancel_scope.cancel()

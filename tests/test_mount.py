@@ -7,7 +7,6 @@ reached the backend; --faults makes the backend fail on demand.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import select
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import pytest
 import trio
+from conftest import pread_direct, sha256
 
 from backends.trace import read_trace
 from cachefs.contract import DirEntry, FileAttrs, FileKind
@@ -45,23 +45,6 @@ SMALL_SIZES = {
     "10blocks+7": 10 * KB64 + 7,
 }
 BIG = 64 << 20
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def pread_direct(path: Path, offset: int, length: int = KB64) -> bytes:
-    """One read that reaches cachefs as it is: no page cache, no kernel readahead."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
 
 
 def write_rules(path: Path, rules: list[dict[str, object]]) -> None:

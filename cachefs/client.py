@@ -1,0 +1,183 @@
+"""The cachefs commands that act on a running mount, through its control socket.
+
+unmount, stats, prefetch, pin, unpin, purge and the resets.  A PATH names
+its mount (found in /proc/self/mountinfo, no request to the file system)
+and a file id within it; errors are raised as CacheFSError for the
+command line to print as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cachefs.control import (
+    MountEntry,
+    find_mount,
+    lazy_unmount,
+    mount_at,
+    request,
+    wait_for_exit,
+)
+from cachefs.errors import CacheFSError, MountUnreachable, NotInMount
+from cachefs.progress import ProgressBar, summary
+from cachefs.sizes import format_size
+
+log = logging.getLogger("cachefs")
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    entry = mount_at(args.mountpoint)
+    if entry is None:
+        inside = find_mount(args.mountpoint)  # NotInMount if not even inside one
+        raise NotInMount(
+            f"{args.mountpoint} is not a mount point (the mount is {inside.mountpoint})"
+        )
+    try:
+        pid = request(entry, "stats", timeout=5.0)["pid"]
+        started = time.monotonic()
+        request(entry, "unmount", timeout=args.timeout)
+    except MountUnreachable as e:
+        log.warning("%s; detaching the mount", e)
+        lazy_unmount(entry.mountpoint)
+        return 0
+    left = max(0.0, args.timeout - (time.monotonic() - started))
+    if not wait_for_exit(pid, left):
+        lazy_unmount(entry.mountpoint)
+        raise CacheFSError(
+            f"the daemon (pid {pid}) did not exit within {args.timeout:g} s; "
+            "the mount was detached (fusermount3 -u -z)"
+        )
+    return 0
+
+
+_STATS_ROWS = (
+    ("source", "source", str),
+    ("mount point", "mountpoint", str),
+    ("cache dir", "cache_dir", str),
+    ("block size", "block_size", format_size),
+    ("ttl", "ttl", lambda v: f"{v:g} s"),
+    ("ReadData calls", "read_data_calls", str),
+    ("from backend", "bytes_from_backend", format_size),
+    ("cache hits", "hit_bytes", format_size),
+    ("cache misses", "miss_bytes", format_size),
+    ("cached", "cached_bytes", format_size),
+    ("cache limit", "cache_limit", format_size),
+    ("min free", "min_free", format_size),
+    ("pinned", "pinned_bytes", format_size),
+    ("pinned files", "pinned_files", str),
+    ("evicted", "evicted_bytes", format_size),
+    ("hit ratio", "hit_ratio", lambda v: "n/a" if v is None else f"{v:.1%}"),
+    ("max readahead", "max_readahead", format_size),
+    ("max fetches", "max_fetches", str),
+    ("files in error", "files_in_error", str),
+    ("external error", "external_error", lambda v: v or "none"),
+)
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The human-readable table of ``cachefs stats``."""
+    rows = [(label, fmt(stats[key])) for label, key, fmt in _STATS_ROWS if key in stats]
+    shown = {key for _, key, _ in _STATS_ROWS} | {"file_errors"}
+    rows += [
+        (key.replace("_", " "), str(value))
+        for key, value in sorted(stats.items())
+        if key not in shown and isinstance(value, int | float | str)
+    ]
+    rows += [("  in error", file_id) for file_id in stats.get("file_errors", [])]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = request(find_mount(args.path), "stats")
+    print(json.dumps(stats, indent=2, sort_keys=True) if args.json else format_stats(stats))
+    return 0
+
+
+def _by_mount(paths: list[str]) -> dict[MountEntry, list[str]]:
+    """The file ids of *paths* (symlinks resolved), grouped by the mount holding them."""
+    by_mount: dict[MountEntry, list[str]] = {}
+    for path in paths:
+        real = Path(os.path.realpath(path))
+        entry = find_mount(real)
+        by_mount.setdefault(entry, []).append(entry.file_id(real))
+    return by_mount
+
+
+def _whole_files(args: argparse.Namespace, verb_past: str) -> int:
+    """prefetch and pin: progress on a terminal, a summary, the failures; exit 1 on any."""
+    status = 0
+    for entry, file_ids in _by_mount(args.paths).items():
+        bar = ProgressBar(args.command, sys.stderr) if sys.stderr.isatty() else None
+        started = time.monotonic()
+        try:
+            on_progress = bar.update if bar is not None else None
+            result = request(entry, args.command, on_progress=on_progress, file_ids=file_ids)
+        finally:
+            if bar is not None:
+                bar.close()
+        if result["succeeded"] or not result["failed"]:
+            print(summary(verb_past, result, time.monotonic() - started), flush=True)
+        if "warning" in result:
+            print(f"cachefs: warning: {result['warning']}", file=sys.stderr)
+        for failure in result["failed"]:
+            print(f"cachefs: error: {failure['error']}", file=sys.stderr)
+            status = max(status, int(failure["exit_code"]))
+    return status
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    return _whole_files(args, "prefetched")
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    return _whole_files(args, "pinned")
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    for entry, file_ids in _by_mount(args.paths).items():
+        result = request(entry, "unpin", file_ids=file_ids)
+        n = len(result["unpinned"])
+        print(f"unpinned {n} file{'s' * (n != 1)}")
+        for file_id in result["not_pinned"]:
+            print(
+                f"cachefs: warning: nothing pinned at {entry.mountpoint / file_id}", file=sys.stderr
+            )
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    for entry, file_ids in _by_mount(args.paths).items():
+        result = request(entry, "purge", file_ids=file_ids)
+        n, kept = result["purged"], len(result["pinned"])
+        line = f"purged {n} file{'s' * (n != 1)}, freed {format_size(result['freed'])}"
+        if kept:
+            line += f"; kept {kept} pinned file{'s' * (kept != 1)}"
+        print(line)
+    return 0
+
+
+def cmd_reset_file_errors(args: argparse.Namespace) -> int:
+    by_mount: dict[MountEntry, list[str]] = {}
+    for path in args.paths:
+        entry = find_mount(path)
+        by_mount.setdefault(entry, []).append(entry.file_id(Path(os.path.abspath(path))))
+    for entry, file_ids in by_mount.items():
+        reset = request(entry, "reset-file-errors", file_ids=file_ids)
+        for file_id in reset:
+            print(f"reset {entry.mountpoint / file_id}")
+        if not reset:
+            print(f"no latched file errors under {', '.join(args.paths)}")
+    return 0
+
+
+def cmd_reset_external_error(args: argparse.Namespace) -> int:
+    request(find_mount(args.path), "reset-external-error")
+    return 0
