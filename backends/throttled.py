@@ -1,0 +1,151 @@
+"""A wrapper that makes a fast backend behave like a remote object store.
+
+Policy:
+
+- Every request to the storage (``stat``, ``list_dir``, ``read_data``)
+  waits ``latency`` seconds before its first byte.  ``open_file`` and
+  ``close_file`` pass through at no cost: an object store has no open.
+- A ReadData call is one connection: after its first byte, its bytes arrive
+  at ``bandwidth`` bytes per second.  The call returns when its last byte
+  would have arrived, ``start + latency + bytes_read / bandwidth``; time the
+  wrapped backend spends counts towards that, it is not added to it.
+- Concurrent calls are concurrent connections, each at the full
+  ``bandwidth`` (as range GETs on separate connections are); with
+  ``max_connections`` set, further calls first wait for a free connection,
+  as in a client's connection pool.
+- CANCELED notifications pass through at once.
+
+The defaults, 30 ms and 90 MiB/s, are roughly one S3 connection.  Time is
+trio's clock, so tests can run the wrapper under a MockClock.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from cachefs.contract import Backend, DirEntry, FileAttrs, ReadData, RWEvent
+from cachefs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+DEFAULT_LATENCY = 0.030
+DEFAULT_BANDWIDTH = 90 * MiB
+
+
+class ThrottledBackend:
+    """Wrap *inner*: *latency* seconds per request, *bandwidth* bytes/s per connection."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        latency: float = DEFAULT_LATENCY,
+        bandwidth: float = DEFAULT_BANDWIDTH,
+        max_connections: int | None = None,
+    ) -> None:
+        if latency < 0:
+            raise ConfigError(f"throttle latency must not be negative, got {latency}")
+        if bandwidth <= 0:
+            raise ConfigError(f"throttle bandwidth must be positive, got {bandwidth}")
+        if max_connections is not None and max_connections < 1:
+            raise ConfigError(f"max_connections must be at least 1, got {max_connections}")
+        self.inner = inner
+        self.latency = latency
+        self.bandwidth = bandwidth
+        self._pool = trio.CapacityLimiter(max_connections) if max_connections else None
+        self._requests = 0
+        self._bytes = 0
+        self._active = 0
+        self._peak = 0
+        self._busy = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"ThrottledBackend({self.inner!r}, latency={self.latency:g}, "
+            f"bandwidth={self.bandwidth / MiB:g} MiB/s)"
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        """Requests and bytes so far, connections open now and at most, and the
+        summed duration of the finished ReadData calls (over a wall time: the
+        mean number of connections in use)."""
+        return {
+            "requests": self._requests,
+            "bytes": self._bytes,
+            "connections": self._active,
+            "peak_connections": self._peak,
+            "read_seconds": self._busy,
+        }
+
+    async def _first_byte(self) -> float:
+        """Count a request, wait for its first byte; the time it was sent."""
+        self._requests += 1
+        start = trio.current_time()
+        await trio.sleep(self.latency)
+        return start
+
+    async def _read(self, req: ReadData) -> None:
+        self._active += 1
+        self._peak = max(self._peak, self._active)
+        try:
+            start = await self._first_byte()
+            await self.inner.read_data(req)
+            self._bytes += req.bytes_read
+            await trio.sleep_until(start + self.latency + req.bytes_read / self.bandwidth)
+            self._busy += trio.current_time() - start
+        finally:
+            self._active -= 1
+
+    async def read_data(self, req: ReadData) -> None:
+        if req.flags & RWEvent.CANCELED:
+            await self.inner.read_data(req)
+            return
+        if self._pool is None:
+            await self._read(req)
+            return
+        async with self._pool:
+            await self._read(req)
+
+    async def stat(self, file_id: str) -> FileAttrs | None:
+        await self._first_byte()
+        return await self.inner.stat(file_id)
+
+    async def list_dir(self, dir_id: str) -> list[DirEntry]:
+        await self._first_byte()
+        return await self.inner.list_dir(dir_id)
+
+    async def open_file(self, file_id: str) -> Any:
+        return await self.inner.open_file(file_id)
+
+    async def close_file(self, file_id: str, context: Any) -> None:
+        await self.inner.close_file(file_id, context)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def parse_throttle(spec: str) -> tuple[float, float]:
+    """``"LATENCY_MS,MIBPS"`` (e.g. ``"30,90"``) as (seconds, bytes per second).
+
+    Raises ConfigError with the reason when *spec* is malformed.
+    """
+    parts = spec.split(",")
+    if len(parts) != 2:
+        raise ConfigError(f"throttle {spec!r}: expected LATENCY_MS,MIBPS (e.g. 30,90)")
+    try:
+        latency_ms, mibps = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigError(f"throttle {spec!r}: expected two numbers, e.g. 30,90") from None
+    if latency_ms < 0 or mibps <= 0:
+        raise ConfigError(f"throttle {spec!r}: latency must be >= 0 and bandwidth > 0")
+    return latency_ms / 1000, mibps * MiB
+
+
+def throttle(inner: Backend, spec: str = "30,90", **options: Any) -> ThrottledBackend:
+    """Wrap *inner* as *spec* (``"LATENCY_MS,MIBPS"``) says; the mount's factory."""
+    latency, bandwidth = parse_throttle(spec)
+    return ThrottledBackend(inner, latency=latency, bandwidth=bandwidth, **options)

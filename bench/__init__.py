@@ -1,0 +1,7 @@
+"""The benchmark suite of issue 6: ``python -m bench`` (``--help`` for the options).
+
+It makes its own data under a work dir, measures raw / cachefs / rclone
+mount under cold, cache-hit and warm conditions, reads a file cold through
+the throttled backend, and writes JSON, Markdown and a PNG chart to
+bench/results/.
+"""

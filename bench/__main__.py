@@ -1,0 +1,163 @@
+"""``python -m bench``: the whole suite, then the report and the targets."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.dataset import FULL, QUICK, ensure_data
+from bench.jobs import JOBS
+from bench.report import check_goals, ratios, write_outputs
+from bench.s3like import run_s3like
+from bench.suite import Run, default_workdir, run_jobs
+from bench.system import REPO, BenchError, can_drop_caches, machine, missing_tools
+from bench.targets import TARGETS
+
+# a 1-minute load average above this at start means someone else is using the CPUs
+BUSY_LOAD = 0.5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="fio, small files, metadata and time to first byte through cachefs, "
+        "against the raw source and rclone mount --vfs-cache-mode full, cold / cache-hit / "
+        "warm; then a throttled (S3-like) cold read. Run as root (it drops kernel caches).",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, short runs (< 2 min)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=default_workdir(),
+        help="data, mount points and caches (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=REPO / "bench" / "results",
+        help="where the JSON, Markdown and PNG go (default: bench/results)",
+    )
+    parser.add_argument(
+        "--targets",
+        default="raw,cachefs,rclone",
+        help="comma-separated subset of raw,cachefs,rclone (default: all)",
+    )
+    parser.add_argument(
+        "--jobs",
+        default=",".join(j.key for j in JOBS),
+        help="comma-separated subset of the jobs (default: all: %(default)s)",
+    )
+    parser.add_argument(
+        "--throttle",
+        default="30,90",
+        metavar="LATENCY_MS,MIBPS",
+        help="the throttled backend: first-byte latency and per-connection bandwidth "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--no-throttled", action="store_true", help="skip the throttled read")
+    parser.add_argument(
+        "--no-drop-caches",
+        action="store_true",
+        help="run without root: kernel caches are not dropped, so cold and cache-hit "
+        "figures are not what they say (marked in the results)",
+    )
+    return parser
+
+
+def _choose(text: str, known: list[str], what: str) -> list[str]:
+    chosen = [t for t in text.split(",") if t]
+    unknown = [t for t in chosen if t not in known]
+    if unknown or not chosen:
+        raise BenchError(f"unknown {what} {','.join(unknown)}: choose from {','.join(known)}")
+    return chosen
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so every mount is unmounted on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {message}", flush=True)
+
+    try:
+        return _main(args, say, t0)
+    except BenchError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted (mounts were unmounted)", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace, say: Any, t0: float) -> int:
+    names = _choose(args.targets, list(TARGETS), "targets")
+    job_keys = _choose(args.jobs, [j.key for j in JOBS], "jobs")
+    missing = missing_tools(names)
+    if missing:
+        raise BenchError(f"missing: {', '.join(missing)}")
+    drop = not args.no_drop_caches
+    if drop and not can_drop_caches():
+        raise BenchError(
+            "not root: cannot drop kernel caches (echo 3 > /proc/sys/vm/drop_caches); "
+            "run as root, or pass --no-drop-caches and read cold figures as warm"
+        )
+    sizes = QUICK if args.quick else FULL
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    source = ensure_data(workdir, sizes, say)
+    facts = machine(workdir)
+    say(f"{facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB, {facts['disk']}")
+    load_before = os.getloadavg()[0]
+    if load_before > BUSY_LOAD:
+        say(f"the machine is busy (load {load_before:.2f}): figures will be noisy")
+    targets = [TARGETS[n](source, workdir) for n in names]
+    jobs = [j for j in JOBS if j.key in job_keys]
+    results = run_jobs(Run(jobs, targets, sizes, drop, say))
+    s3like = None
+    if not args.no_throttled:
+        try:
+            s3like = run_s3like(source, workdir, sizes, args.throttle, drop, say)
+        except BenchError as e:
+            say(f"throttled read FAILED: {e}")
+    table = ratios(results)
+    report: dict[str, Any] = {
+        "started": started,
+        "duration_s": round(time.monotonic() - t0, 1),
+        "caches_dropped": drop,
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "machine": facts,
+        "sizes": asdict(sizes),
+        "workdir": str(workdir),
+        "results": results,
+        "s3like": s3like,
+        "ratios": table,
+        "goals": check_goals(table, s3like),
+    }
+    paths = write_outputs(report, args.results, stamp)
+    print()
+    print("Targets (issue 6 §3), ratios from this run:")
+    for g in report["goals"]:
+        ratio = "–" if g["ratio"] is None else f"{g['ratio']:.3f}"
+        print(f"  {g['verdict']:<4}  {ratio:>6}  {g['goal']}")
+    print()
+    print(f"{paths['md']}\n{paths['json']}\n{paths['png']}")
+    say("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Ratios, the targets of issue 6 §3, and the JSON / Markdown / PNG outputs.
+
+A ratio is always "how many times as fast as": for a time (time to first
+byte) the other target's time is divided by cachefs's, so > 1 means cachefs
+is faster everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.jobs import JOBS, Job
+from bench.suite import CONDITIONS
+
+PEERS = ("raw", "rclone")
+
+
+@dataclass(frozen=True)
+class Goal:
+    title: str
+    job: str  # a job key, or "s3like"
+    condition: str
+    peer: str
+    at_least: float
+
+
+GOALS = [
+    Goal("warm seq 1M >= 0.9 x raw", "seq1m_j1", "warm", "raw", 0.9),
+    Goal("warm rand 4k (1 job) >= 0.9 x raw", "rand4k_j1", "warm", "raw", 0.9),
+    Goal("warm rand 4k (4 jobs) >= 0.9 x raw", "rand4k_j4", "warm", "raw", 0.9),
+    Goal("cache-hit seq 1M >= 0.9 x raw", "seq1m_j1", "cache-hit", "raw", 0.9),
+    Goal("cache-hit seq 1M >= 1.0 x rclone", "seq1m_j1", "cache-hit", "rclone", 1.0),
+    Goal("cold seq 1M >= 0.5 x raw", "seq1m_j1", "cold", "raw", 0.5),
+    Goal("cold seq 1M >= 3 x rclone", "seq1m_j1", "cold", "rclone", 3.0),
+    Goal("cache-hit rand 4k (4 jobs) >= 1.0 x rclone", "rand4k_j4", "cache-hit", "rclone", 1.0),
+    Goal("throttled-S3 cold seq >= 6 x naive single stream", "s3like", "cold", "naive", 6.0),
+]
+
+
+def _speed_ratio(job: Job, ours: Any, theirs: Any) -> float | None:
+    if not isinstance(ours, int | float) or not isinstance(theirs, int | float):
+        return None
+    if min(ours, theirs) <= 0:
+        return None
+    return round(ours / theirs if job.higher_is_better else theirs / ours, 3)
+
+
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """cachefs/raw and cachefs/rclone for every job and condition measured."""
+    out = []
+    for job in JOBS:
+        if job.key not in results:
+            continue
+        for condition in CONDITIONS:
+            row = results[job.key][condition]
+            ours = row.get("cachefs", {}).get("value")
+            entry: dict[str, Any] = {"job": job.key, "condition": condition}
+            for peer in PEERS:
+                entry[f"cachefs/{peer}"] = _speed_ratio(job, ours, row.get(peer, {}).get("value"))
+            entry["rclone/raw"] = _speed_ratio(
+                job, row.get("rclone", {}).get("value"), row.get("raw", {}).get("value")
+            )
+            out.append(entry)
+    return out
+
+
+def check_goals(table: list[dict[str, Any]], s3like: dict[str, Any] | None) -> list[dict[str, Any]]:
+    out = []
+    for goal in GOALS:
+        ratio = None
+        if goal.job == "s3like":
+            ratio = s3like.get("ratio") if s3like else None
+        else:
+            for row in table:
+                if row["job"] == goal.job and row["condition"] == goal.condition:
+                    ratio = row[f"cachefs/{goal.peer}"]
+        verdict = "n/a" if ratio is None else ("PASS" if ratio >= goal.at_least else "MISS")
+        out.append(
+            {"goal": goal.title, "ratio": ratio, "at_least": goal.at_least, "verdict": verdict}
+        )
+    return out
+
+
+# -- Markdown ----------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _cell(figures: dict[str, Any]) -> str:
+    if "error" in figures:
+        return "error"
+    return _fmt(figures.get("value"))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"### cachefs benchmark ({report['sizes']['mode']} run, {report['started']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, "
+        f"kernel {m['kernel']}; disk {m['disk']}. {m['fio']}, {m['rclone']}.",
+        f"Load average {report['load_average']['before']:.2f} before the run, "
+        f"{report['load_average']['after']:.2f} after; "
+        f"kernel caches {'dropped' if report['caches_dropped'] else 'NOT dropped'} "
+        "for cold and cache-hit. Ratios are speed ratios from this one run "
+        "(> 1: cachefs faster); CPU and peak RSS are the mount daemon's during the measured job.",
+        "",
+        "| job | condition | raw | cachefs | rclone | cachefs/raw | cachefs/rclone "
+        "| cachefs CPU s | cachefs RSS MiB | rclone CPU s | rclone RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_key = {(r["job"], r["condition"]): r for r in report["ratios"]}
+    for job in JOBS:
+        if job.key not in report["results"]:
+            continue
+        for condition in CONDITIONS:
+            row = report["results"][job.key][condition]
+            r = by_key[(job.key, condition)]
+            ours, theirs = row.get("cachefs", {}), row.get("rclone", {})
+            cells = [
+                f"{job.title} ({job.unit})",
+                condition,
+                _cell(row.get("raw", {})),
+                _cell(ours),
+                _cell(theirs),
+                _fmt(r["cachefs/raw"]),
+                _fmt(r["cachefs/rclone"]),
+                _fmt(ours.get("daemon_cpu_s")),
+                _fmt(ours.get("daemon_peak_rss_mib")),
+                _fmt(theirs.get("daemon_cpu_s")),
+                _fmt(theirs.get("daemon_peak_rss_mib")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    s3 = report.get("s3like")
+    if s3:
+        t = s3["throttle"]
+        lines += [
+            "",
+            f"Throttled backend ({t['latency_ms']:g} ms first byte, "
+            f"{t['mib_s_per_connection']:g} MiB/s per connection), cold sequential read: "
+            f"cachefs {_fmt(s3['cachefs']['value'])} MiB/s "
+            f"(daemon CPU {_fmt(s3['cachefs'].get('daemon_cpu_s'))} s), "
+            f"naive single stream {_fmt(s3['naive']['value'])} MiB/s: "
+            f"**{_fmt(s3['ratio'])} x**. S3 via moto: {s3['moto']}.",
+        ]
+    lines += ["", "| target (issue 6 §3) | ratio | verdict |", "|---|---:|---|"]
+    for g in report["goals"]:
+        lines.append(f"| {g['goal']} | {_fmt(g['ratio'])} | {g['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- chart -------------------------------------------------------------------------------
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    """Bars of cachefs/raw, rclone/raw and cachefs/rclone per job and condition (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["ratios"]
+    labels = [f"{r['job']}\n{r['condition']}" for r in rows]
+    series = [("cachefs/raw", "tab:blue"), ("rclone/raw", "tab:orange")]
+    series.append(("cachefs/rclone", "tab:green"))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.75), 5.5))
+    for i, (key, color) in enumerate(series):
+        xs = [n + (i - 1) * width for n in range(len(rows))]
+        ys = [r[key] or 0 for r in rows]
+        ax.bar(xs, ys, width, label=key, color=color)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("speed ratio (log scale)")
+    m = report["machine"]
+    ax.set_title(
+        f"cachefs benchmark, {report['sizes']['mode']} run: {m['cores']} x {m['cpu']}, "
+        f"{m['memory_gib']} GiB, kernel {m['kernel']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], results_dir: Path, stamp: str) -> dict[str, Path]:
+    """``bench-<mode>-<stamp>.{json,md,png}``, copied to ``latest-<mode>.*``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    base = results_dir / f"bench-{report['sizes']['mode']}-{stamp}"
+    paths = {ext: base.with_suffix(f".{ext}") for ext in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    paths["md"].write_text(markdown(report))
+    chart(report, paths["png"])
+    for ext, path in paths.items():
+        shutil.copyfile(path, results_dir / f"latest-{report['sizes']['mode']}.{ext}")
+    return paths

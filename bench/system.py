@@ -1,0 +1,211 @@
+"""The machine under the benchmark: tools, facts, kernel caches, daemon accounting."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+# tool -> how to get it
+TOOLS = {
+    "fio": "apt-get install fio",
+    "rclone": "apt-get install rclone",
+    "fusermount3": "apt-get install fuse3",
+    "ls": "coreutils",
+    "cat": "coreutils",
+}
+
+
+class BenchError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+def missing_tools(targets: list[str]) -> list[str]:
+    """What this run needs and cannot find, as ``name (how to get it)``."""
+    need = dict(TOOLS)
+    if "rclone" not in targets:
+        need.pop("rclone")
+    missing = [f"{tool} ({how})" for tool, how in need.items() if shutil.which(tool) is None]
+    if not os.path.exists("/dev/fuse"):
+        missing.append("/dev/fuse (apt-get install fuse3, or --device /dev/fuse)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        missing.append("matplotlib (pip install -e '.[bench]')")
+    return missing
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _first(text: str, key: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(key):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _run(*cmd: str) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip()
+
+
+def _disk(path: Path) -> str:
+    """The device, file system and model under *path*, as well as we can tell."""
+    line = _run("findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", str(path)).split()
+    if len(line) < 2:
+        return "unknown"
+    source, fstype = line[0], line[1]
+    device = _run("lsblk", "-n", "-d", "-o", "PKNAME", source) or Path(source).name
+    pairs = _run("lsblk", "-n", "-d", "-P", "-o", "NAME,MODEL,SIZE,ROTA,TRAN", f"/dev/{device}")
+    info = dict(re.findall(r'(\w+)="([^"]*)"', pairs))
+    if not info:
+        return f"{source} ({fstype})"
+    kind = "rotational" if info.get("ROTA") == "1" else "non-rotational"
+    driver = Path(f"/sys/block/{device}/device/driver")
+    model = info.get("MODEL") or info.get("TRAN") or (driver.exists() and driver.resolve().name)
+    return f"{source} ({fstype}), {info.get('SIZE', '?')}, {model or '?'}, {kind} per the kernel"
+
+
+def machine(workdir: Path) -> dict[str, Any]:
+    """CPU, cores, memory, kernel, disk and tool versions, for the report."""
+    cpuinfo = _read("/proc/cpuinfo")
+    mem_kb = int(_first(_read("/proc/meminfo"), "MemTotal").split()[0] or 0)
+    return {
+        "cpu": _first(cpuinfo, "model name"),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / (1 << 20), 1),
+        "kernel": platform.release(),
+        "disk": _disk(workdir),
+        "python": platform.python_version(),
+        "fio": _run("fio", "--version"),
+        "rclone": (_run("rclone", "version").splitlines() or ["missing"])[0],
+        "fuse": _run("fusermount3", "--version"),
+    }
+
+
+def can_drop_caches() -> bool:
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches(enabled: bool = True) -> None:
+    """Write back and drop the page, dentry and inode caches (root only)."""
+    os.sync()
+    if enabled:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+# -- mounts ----------------------------------------------------------------------------
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].replace(b"\\040", b" ") == target:
+                return True
+    return False
+
+
+def lazy_unmount(path: Path) -> None:
+    """The last resort: detach whatever is mounted on *path*."""
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+
+
+def wait_mounted(path: Path, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
+    """Return once *path* is mounted; BenchError if *proc* died or time ran out."""
+    end = time.monotonic() + deadline
+    while not is_mounted(path):
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[0]} exited with {proc.returncode}; see {log}")
+        if time.monotonic() > end:
+            raise BenchError(f"{path} not mounted after {deadline:g} s; see {log}")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def python_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def cachefs_cmd(*args: str) -> list[str]:
+    return python_cmd("cachefs", *args)
+
+
+# -- daemon accounting ------------------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+
+
+def _status_kb(pid: int, key: str) -> int:
+    value = _first(_read(f"/proc/{pid}/status"), key)
+    return int(value.split()[0]) if value != "unknown" else 0
+
+
+@dataclass
+class DaemonWatch:
+    """CPU time and peak RSS of a daemon over one measured run.
+
+    The peak is reset at the start (``clear_refs`` 5, root); where that fails
+    the figure is the peak since the daemon started, which is said so.
+    """
+
+    pid: int | None
+    _cpu: float = 0.0
+    _reset: bool = False
+
+    def start(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5\n")
+            self._reset = True
+        except OSError:
+            self._reset = False
+        self._cpu = _cpu_seconds(self.pid)
+
+    def stop(self) -> dict[str, Any]:
+        if self.pid is None:
+            return {}
+        return {
+            "daemon_cpu_s": round(_cpu_seconds(self.pid) - self._cpu, 3),
+            "daemon_peak_rss_mib": round(_status_kb(self.pid, "VmHWM") / 1024, 1),
+            "daemon_rss_mib": round(_status_kb(self.pid, "VmRSS") / 1024, 1),
+            "peak_is_per_run": self._reset,
+        }

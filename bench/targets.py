@@ -1,0 +1,247 @@
+"""What the jobs run against: the raw source, a cachefs mount, an rclone mount.
+
+``fresh()`` of a mounted target mounts it with an empty cache and always
+unmounts it on the way out (``fusermount3 -u -z`` as the last resort); the
+daemon it started is always stopped and its cache dir removed.  While mounted, ``root`` is where the
+data appears and ``pid`` is the daemon to account for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.system import (
+    REPO,
+    BenchError,
+    cachefs_cmd,
+    is_mounted,
+    lazy_unmount,
+    python_cmd,
+    stop_process,
+    wait_mounted,
+)
+
+MOUNT_DEADLINE = 60.0
+EXIT_DEADLINE = 30.0
+
+
+class Target:
+    """The raw source: fio directly on the directory (the physical limit)."""
+
+    name = "raw"
+
+    def __init__(self, source: Path, workdir: Path) -> None:
+        self.source = source
+        self.workdir = workdir
+        self.root = source
+        self.pid: int | None = None
+
+    @contextmanager
+    def fresh(self) -> Iterator[None]:
+        yield
+
+    def counters(self) -> dict[str, Any]:
+        return {}
+
+    def _prepare(self, kind: str) -> tuple[Path, Path, Path]:
+        """An unmounted empty mount point, an empty cache dir and a log file."""
+        mnt = self.workdir / "mnt" / kind
+        cache = self.workdir / "cache" / kind
+        lazy_unmount(mnt)
+        mnt.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        return mnt, cache, logs / f"{kind}.log"
+
+
+class CachefsTarget(Target):
+    """``cachefs mount SOURCE MNT --cache-dir DIR`` (the daemon of the CLI)."""
+
+    name = "cachefs"
+
+    @contextmanager
+    def fresh(self) -> Iterator[None]:
+        mnt, cache, log = self._prepare(self.name)
+        done = subprocess.run(
+            cachefs_cmd("mount", str(self.source), str(mnt), "--cache-dir", str(cache)),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            timeout=MOUNT_DEADLINE,
+            check=False,
+        )
+        try:
+            if done.returncode != 0:
+                raise BenchError(f"cachefs mount failed: {done.stderr.strip()}")
+            self.root = mnt
+            self.pid = int(self.counters()["pid"])
+            yield
+        finally:
+            self._unmount(mnt)
+            _keep_log(cache / "cachefs.log", log)
+            shutil.rmtree(cache, ignore_errors=True)
+            self.root, self.pid = self.source, None
+
+    def counters(self) -> dict[str, Any]:
+        from cachefs.control import mount_at, request
+
+        entry = mount_at(self.root)
+        return request(entry, "stats", timeout=10.0) if entry is not None else {}
+
+    def _unmount(self, mnt: Path) -> None:
+        pid = self.pid
+        try:
+            if is_mounted(mnt):
+                subprocess.run(
+                    cachefs_cmd("unmount", str(mnt), "--timeout", str(EXIT_DEADLINE)),
+                    capture_output=True,
+                    cwd=REPO,
+                    stdin=subprocess.DEVNULL,
+                    timeout=EXIT_DEADLINE + 10,
+                    check=False,
+                )
+        finally:
+            lazy_unmount(mnt)
+            if pid is not None:
+                _end_daemon(pid)
+
+
+class RcloneTarget(Target):
+    """``rclone mount SOURCE MNT --vfs-cache-mode full`` with its own cache dir."""
+
+    name = "rclone"
+
+    @contextmanager
+    def fresh(self) -> Iterator[None]:
+        mnt, cache, log = self._prepare(self.name)
+        cmd = ["rclone", "mount", str(self.source), str(mnt), "--vfs-cache-mode", "full"]
+        cmd += ["--cache-dir", str(cache), "--config", "/dev/null"]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
+        try:
+            wait_mounted(mnt, proc, log, MOUNT_DEADLINE)
+            self.root, self.pid = mnt, proc.pid
+            yield
+        finally:
+            try:
+                if is_mounted(mnt):
+                    subprocess.run(
+                        ["fusermount3", "-u", str(mnt)], capture_output=True, check=False
+                    )
+                stop_process(proc)
+            finally:
+                lazy_unmount(mnt)
+                shutil.rmtree(cache, ignore_errors=True)
+                self.root, self.pid = self.source, None
+
+
+class ThrottledTarget(Target):
+    """cachefs over ``throttle(local)``, through ``python -m bench.launcher``."""
+
+    name = "cachefs-throttled"
+
+    def __init__(self, source: Path, workdir: Path, spec: str) -> None:
+        super().__init__(source, workdir)
+        self.spec = spec
+        self.backend_stats: dict[str, Any] = {}
+
+    @contextmanager
+    def fresh(self) -> Iterator[None]:
+        mnt, cache, log = self._prepare("throttled")
+        cmd = python_cmd("bench.launcher", str(self.source), str(mnt), "--cache-dir", str(cache))
+        with open(log, "ab") as err:
+            proc = subprocess.Popen(
+                [*cmd, "--throttle", self.spec],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        try:
+            _wait_ready(proc, log)
+            self.root, self.pid = mnt, proc.pid
+            yield
+        finally:
+            try:
+                stop_process(proc, EXIT_DEADLINE)
+                if proc.stdout is not None:
+                    self.backend_stats = _last_json(proc.stdout.read())
+                    proc.stdout.close()
+            finally:
+                lazy_unmount(mnt)
+                shutil.rmtree(cache, ignore_errors=True)
+                self.root, self.pid = self.source, None
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
+    assert proc.stdout is not None
+    end = time.monotonic() + MOUNT_DEADLINE
+    while time.monotonic() < end:
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            line = proc.stdout.readline()
+            if line.strip() == b"ready":
+                return
+            if not line:
+                proc.wait()
+                raise BenchError(f"the throttled mount exited with {proc.returncode}; see {log}")
+    raise BenchError(f"the throttled mount was not ready after {MOUNT_DEADLINE:g} s; see {log}")
+
+
+def _last_json(output: bytes) -> dict[str, Any]:
+    """The backend statistics the launcher printed last, or {}."""
+    for line in reversed(output.decode(errors="replace").splitlines()):
+        if line.startswith("{"):
+            try:
+                return dict(json.loads(line).get("backend", {}))
+            except ValueError:
+                break
+    return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _end_daemon(pid: int) -> None:
+    """The daemon this suite started must be gone: SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        end = time.monotonic() + EXIT_DEADLINE
+        while _alive(pid) and time.monotonic() < end:
+            time.sleep(0.05)
+        if not _alive(pid):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+
+
+def _keep_log(src: Path, dst: Path) -> None:
+    try:
+        with open(src, "rb") as f, open(dst, "ab") as out:
+            shutil.copyfileobj(f, out)
+    except OSError:
+        pass
+
+
+TARGETS = {"raw": Target, "cachefs": CachefsTarget, "rclone": RcloneTarget}
