@@ -497,5 +497,5 @@ def test_registry_memory_and_unknown() -> None:
     with pytest.raises(UnknownBackend) as info:
         open_backend("xyz://bucket/key")
     assert str(info.value) == (
-        "unknown source scheme 'xyz' in 'xyz://bucket/key': known schemes are file, memory"
+        "unknown source scheme 'xyz' in 'xyz://bucket/key': known schemes are file, memory, s3"
     )

@@ -1,0 +1,323 @@
+"""An S3 bucket, or a prefix of one, as a cachefs source (scheme ``s3``).
+
+Policy:
+
+- ``s3://bucket[/prefix]``.  Objects under the prefix are files; "/"-delimited
+  common prefixes are directories; a zero-byte ``dir/`` marker object makes
+  its directory exist and is not shown.  Where a key and a prefix share a
+  name, the file is shown.  A key with an empty, ``.`` or ``..`` segment
+  cannot be served, and makes its directory fail to list (obstore refuses it).
+- The version tag of a file is its ETag.  Reads are ranged GETs pinned to the
+  version the cache holds (If-Match on a strong ETag): the object changed
+  (412) or vanished (404) -> FILE_MODIFIED_EXTERNALLY; the range reaches past
+  the end -> RANGE_BEYOND_EOF with the bytes that exist.
+- The first call of a continuous transfer opens one GET to the end of the
+  file; later calls that start where it stands read on from it.  It is
+  closed by the call that finishes the transfer, by close_file, by CANCELED
+  (every stream of that file), and when another call has already fetched
+  past it (readahead).
+- Errors, after obstore's own bounded retries (backends.s3errors has the
+  table): 5xx, 429/SlowDown, timeouts, a response broken off midway ->
+  FAILURE; 403 or another 4xx on one object -> FILE_FAILURE; bucket missing,
+  credentials rejected, wrong region, no connection -> PERMANENT_FAILURE.
+  ``stat`` and ``list_dir`` raise OSError with a one-line reason instead (the
+  engine then serves what it has cached).
+- Credentials come from the environment as the AWS SDKs read it; profiles and
+  the shared config files (``AWS_PROFILE``, ``~/.aws``) only when boto3 is
+  installed.  ``open_backend`` lists the bucket once, within a deadline, so a
+  missing bucket, rejected credentials or a dead endpoint fail the mount at
+  start with one line.
+- Every request runs in a trio worker thread (obstore's synchronous API
+  releases the GIL), at most ``max_threads`` at a time, each call on its own
+  connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import obstore
+import trio
+from obstore.store import S3Store
+
+from backends.s3config import Target, check, key_ok, resolve
+from backends.s3errors import describe, result_for
+from backends.s3streams import S3File, Stream
+from cachefs.contract import DirEntry, FileAttrs, FileKind, ReadData, RWEvent, RWResult
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_STARTING = RWEvent.CONTINUOUS_STARTED | RWEvent.CONTINUOUS_RESTARTED
+# Outcomes worth a warning; a changed or shorter object is routine.
+_WARN = frozenset({RWResult.FAILURE, RWResult.FILE_FAILURE, RWResult.PERMANENT_FAILURE})
+
+
+class BrokenResponse(Exception):
+    """A response broke off after its headers: FAILURE, whatever the cause."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _file_attrs(meta: dict[str, Any]) -> FileAttrs:
+    mtime = meta["last_modified"].timestamp()
+    etag = meta.get("e_tag")
+    version = etag if etag else f"{meta['size']}@{mtime}"
+    return FileAttrs(FileKind.FILE, meta["size"], mtime, version, 0o444)
+
+
+class S3Backend:
+    """Serve *bucket* (under *prefix*) read-only through obstore.
+
+    *store* serves metadata and ranged GETs; *stream_store* the long GETs of
+    continuous transfers (no overall timeout, a read timeout instead).
+    """
+
+    def __init__(
+        self, target: Target, store: S3Store, stream_store: S3Store, *, max_threads: int = 16
+    ) -> None:
+        self.url = target.url
+        self.endpoint = target.shown
+        self._store = store
+        self._stream_store = stream_store
+        self._limiter = trio.CapacityLimiter(max_threads)
+        self._dir = FileAttrs(FileKind.DIR, 0, time.time(), "dir", 0o555)
+        self._files: weakref.WeakSet[S3File] = weakref.WeakSet()
+        self._counts = dict.fromkeys(("heads", "lists", "gets", "streams", "stream_reads"), 0)
+
+    def __repr__(self) -> str:
+        return f"S3Backend({self.url!r} at {self.endpoint})"
+
+    def statistics(self) -> dict[str, Any]:
+        """Requests made so far by kind, and the streams open now."""
+        open_streams = sum(f.open_streams() for f in list(self._files))
+        return {**self._counts, "open_streams": open_streams}
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -- metadata ----------------------------------------------------------
+
+    def _head(self, file_id: str) -> FileAttrs | None:
+        self._counts["heads"] += 1
+        try:
+            return _file_attrs(obstore.head(self._store, file_id))
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise _os_error(e, f"HEAD {file_id}") from None
+
+    def _has_children(self, dir_id: str) -> bool:
+        self._counts["lists"] += 1
+        try:
+            for chunk in obstore.list(self._store, dir_id, chunk_size=1):
+                return bool(chunk)
+            return False
+        except Exception as e:
+            raise _os_error(e, f"listing {dir_id}/") from None
+
+    def _stat_sync(self, file_id: str) -> FileAttrs | None:
+        if file_id == "":
+            return self._dir
+        if not key_ok(file_id):
+            return None
+        attrs = self._head(file_id)
+        if attrs is None and self._has_children(file_id):
+            return self._dir
+        return attrs
+
+    async def stat(self, file_id: str) -> FileAttrs | None:
+        """HEAD the object; if there is none, one short listing for a directory."""
+        return await self._run(self._stat_sync, file_id)
+
+    def _list_sync(self, dir_id: str) -> list[DirEntry]:
+        if dir_id and not key_ok(dir_id):
+            raise FileNotFoundError(f"invalid directory id {dir_id!r}")
+        self._counts["lists"] += 1
+        try:
+            listing = obstore.list_with_delimiter(self._store, dir_id or None)
+        except Exception as e:
+            raise _os_error(e, f"listing {dir_id}/") from None
+        start = len(dir_id) + 1 if dir_id else 0
+        entries: dict[str, FileAttrs] = {}
+        marker = False
+        for path in listing["common_prefixes"]:
+            entries[path[start:]] = self._dir
+        for meta in listing["objects"]:
+            if meta["path"] == dir_id:
+                marker = True  # the zero-byte "dir/" object
+            else:
+                entries[meta["path"][start:]] = _file_attrs(meta)
+        if dir_id and not entries and not marker:
+            if self._head(dir_id) is not None:
+                raise NotADirectoryError(f"not a directory: {dir_id!r}")
+            raise FileNotFoundError(f"no such directory: {dir_id!r}")
+        return [DirEntry(name, entries[name]) for name in sorted(entries)]
+
+    async def list_dir(self, dir_id: str) -> list[DirEntry]:
+        """One delimited listing (obstore follows its pages), sorted by name."""
+        return await self._run(self._list_sync, dir_id)
+
+    # -- data --------------------------------------------------------------
+
+    async def open_file(self, file_id: str) -> S3File:
+        """No request: an object store has no open.  Reads find out what changed."""
+        await trio.lowlevel.checkpoint()
+        ctx = S3File(file_id)
+        self._files.add(ctx)
+        return ctx
+
+    async def close_file(self, file_id: str, context: S3File) -> None:
+        await trio.lowlevel.checkpoint()
+        context.close()
+
+    def _get(self, req: ReadData, store: S3Store, end: int) -> Any:
+        options: dict[str, Any] = {"range": (req.position, end)}
+        if req.version.startswith('"'):  # a weak ETag (W/"...") never matches
+            options["if_match"] = req.version
+        return obstore.get(store, req.file_id, options=options)
+
+    def _ranged(self, req: ReadData) -> int:
+        self._counts["gets"] += 1
+        response = self._get(req, self._store, req.position + req.bytes_to_read)
+        try:
+            data = response.bytes()
+        except Exception as e:
+            raise BrokenResponse(e) from e
+        n = min(len(data), req.bytes_to_read)
+        req.buffer[:n] = memoryview(data)[:n]
+        return n
+
+    def _open_stream(self, req: ReadData, generation: int) -> Stream | None:
+        """A GET from the call's position to the end, or None if one is useless."""
+        end = max(req.size, req.position + req.bytes_to_read)
+        if not req.flags & _STARTING or req.flags & RWEvent.CONTINUOUS_FINISHED:
+            return None
+        if req.position + req.bytes_to_read >= end:
+            return None
+        self._counts["streams"] += 1
+        return Stream(
+            self._get(req, self._stream_store, end), req.position, req.version, generation
+        )
+
+    def _fetch(self, req: ReadData) -> int:
+        """Bytes copied into ``req.buffer``, from the transfer's stream or a ranged GET."""
+        ctx = req.file_context if isinstance(req.file_context, S3File) else None
+        if ctx is None:
+            return self._ranged(req)
+        stream, generation = ctx.take(req.position, req.version)
+        if stream is None:
+            stream = self._open_stream(req, generation)
+            if stream is None:
+                return self._ranged(req)
+        self._counts["stream_reads"] += 1
+        try:
+            n = stream.read_into(req.buffer[: req.bytes_to_read])
+        except Exception as e:
+            stream.close()
+            raise BrokenResponse(e) from e
+        if n == req.bytes_to_read and not req.flags & RWEvent.CONTINUOUS_FINISHED:
+            ctx.keep(stream)
+        else:
+            stream.close()
+        return n
+
+    def _read_sync(self, req: ReadData) -> None:
+        try:
+            n = self._fetch(req)
+        except BrokenResponse as e:
+            # Whatever obstore's own retry met then, the engine's retry finds out.
+            # What arrived is dropped: the retry is one ranged GET.
+            self._failed(req, RWResult.FAILURE, f"response broken off: {describe(e.cause)}")
+        except Exception as e:
+            self._failed(req, *result_for(e))
+        else:
+            req.bytes_read = n
+            if n < req.bytes_to_read:
+                req.result_code = RWResult.RANGE_BEYOND_EOF
+            else:
+                req.result_code = RWResult.SUCCESS
+
+    @staticmethod
+    def _failed(req: ReadData, rc: RWResult, reason: str) -> None:
+        level = logging.WARNING if rc in _WARN else logging.DEBUG
+        log.log(level, "GET %s @%d: %s -> %s", req.file_id, req.position, reason, rc.name)
+        req.bytes_read, req.result_code = 0, rc
+
+    async def read_data(self, req: ReadData) -> None:
+        """Fill ``req.buffer`` from a ranged GET or the transfer's stream."""
+        if req.flags & RWEvent.CANCELED:
+            if isinstance(req.file_context, S3File):
+                req.file_context.close()
+            await trio.lowlevel.checkpoint()
+            return
+        if req.bytes_to_read == 0:
+            await trio.lowlevel.checkpoint()
+            return
+        if not key_ok(req.file_id):
+            req.result_code = RWResult.FILE_MODIFIED_EXTERNALLY
+            await trio.lowlevel.checkpoint()
+            return
+        await self._run(self._read_sync, req)
+
+    async def aclose(self) -> None:
+        """Close every stream still open."""
+        for ctx in list(self._files):
+            ctx.close()
+        await trio.lowlevel.checkpoint()
+
+
+def _os_error(e: Exception, what: str) -> OSError:
+    """A one-line OSError for stat/list_dir: the engine logs it and serves the cache."""
+    rc, reason = result_for(e)
+    if rc is RWResult.FILE_FAILURE:
+        return PermissionError(f"{what}: {reason}")
+    return OSError(f"{what}: {reason}")
+
+
+def open_backend(
+    url: str,
+    *,
+    endpoint: str | None = None,
+    anonymous: bool = False,
+    path_style: bool | None = None,
+    region: str | None = None,
+    max_threads: int = 16,
+    timeout: float = 30.0,
+    connect_timeout: float = 5.0,
+    retries: int = 3,
+    check_timeout: float | None = 15.0,
+) -> S3Backend:
+    """Open ``s3://bucket[/prefix]`` (see backends.s3config for the options' defaults).
+
+    A request gives up after *timeout* seconds and is retried at most
+    *retries* times within *timeout* seconds more.  Unless *check_timeout*
+    is None, the bucket is listed once first: SourceError with the reason if
+    it is missing, refuses the credentials, or does not answer in time.
+    """
+    target = resolve(
+        url,
+        endpoint=endpoint,
+        anonymous=anonymous,
+        path_style=path_style,
+        region=region,
+        connect_timeout=connect_timeout,
+        read_timeout=timeout,
+    )
+    backend = S3Backend(
+        target,
+        target.store(timeout, retries, timeout),
+        target.store(None, retries, timeout),
+        max_threads=max_threads,
+    )
+    log.debug("%r: credentials from %s", backend, target.keys_from)
+    if check_timeout is not None:
+        check(target, check_timeout)
+    return backend

@@ -1,0 +1,153 @@
+"""The engine's core cases over every kind of source: memory, a directory, S3 (moto)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+from enginerig import BS, Rig, SourceFactory, read_at, read_sequential
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cachefs import NotFound
+
+pytest_plugins = ["s3server"]
+
+DATA = os.urandom(10 * BS + 7)
+SMALL = os.urandom(1000)
+
+
+def rig_of(tmp_path: Path, make_source: SourceFactory, files: dict[str, bytes]) -> Rig:
+    return Rig(tmp_path, source=make_source(files))
+
+
+async def test_a_sequential_read_is_one_continuous_transfer(tmp_path, make_source):
+    rig = rig_of(tmp_path, make_source, {"d/f": DATA})
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "d/f", 3 * BS) == DATA
+    calls = rig.calls()
+    assert [c["position"] for c in calls] == [0, 3 * BS, 6 * BS, 9 * BS]
+    assert all(c["result"] == "SUCCESS" for c in calls)
+    assert "CONTINUOUS_STARTED" in calls[0]["flags"]
+    assert "CONTINUOUS_FINISHED" in calls[-1]["flags"]
+
+
+async def test_a_sequential_read_with_readahead_returns_the_bytes(tmp_path, make_source):
+    big = os.urandom(200 * BS + 3)
+    rig = rig_of(tmp_path, make_source, {"big": big})
+    async with rig.engine(max_readahead=32 * BS, max_fetches=4) as cache:
+        assert await read_sequential(cache, "big", 2 * BS) == big
+    assert all(c["result"] == "SUCCESS" for c in rig.reads())
+
+
+async def test_random_reads_return_the_source_bytes(tmp_path, make_source):
+    rig = rig_of(tmp_path, make_source, {"f": DATA, "s": SMALL})
+    async with rig.engine() as cache:
+        for offset, length in [(5 * BS + 3, 2 * BS), (0, 10), (10 * BS, 100), (7, BS)]:
+            assert await read_at(cache, "f", offset, length) == DATA[offset : offset + length]
+        assert await read_at(cache, "s", 990, 100) == SMALL[990:]
+        assert await read_at(cache, "s", 2000, 10) == b""
+
+
+async def test_parallel_readers_get_their_bytes(tmp_path, make_source):
+    files = {f"f{i}": os.urandom(4 * BS + i) for i in range(4)}
+    rig = rig_of(tmp_path, make_source, files)
+    async with rig.engine() as cache, trio.open_nursery() as nursery:
+
+        async def reader(name: str) -> None:
+            assert await read_sequential(cache, name, BS // 2) == files[name]
+
+        for name in files:
+            nursery.start_soon(reader, name)
+
+
+async def test_a_second_engine_serves_the_same_bytes_with_zero_calls(tmp_path, make_source):
+    rig = rig_of(tmp_path, make_source, {"d/f": DATA, "s": SMALL})
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "d/f") == DATA
+        assert await read_sequential(cache, "s") == SMALL
+    assert rig.reads()
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "d/f") == DATA
+        assert await read_at(cache, "s", 10, 100) == SMALL[10:110]
+    assert rig.calls() == []
+
+
+async def test_a_replaced_file_is_read_new_when_the_backend_says_so(tmp_path, make_source):
+    rig = rig_of(tmp_path, make_source, {"f": DATA})
+    async with rig.engine(ttl=3600) as cache:
+        assert await read_at(cache, "f", 0, BS) == DATA[:BS]
+        new = os.urandom(2 * BS + 1)
+        rig.source.put("f", new)
+        assert await read_at(cache, "f", 0, 10) == DATA[:10]  # trusted within the TTL
+        assert await read_at(cache, "f", 5 * BS, 10) == b""  # a miss: the new file is shorter
+        assert await read_at(cache, "f", 0, 3 * BS) == new
+    assert "FILE_MODIFIED_EXTERNALLY" in [c["result"] for c in rig.reads()]
+
+
+async def test_a_replaced_file_is_read_new_after_the_ttl(tmp_path, make_source, mock_clock):
+    rig = rig_of(tmp_path, make_source, {"f": DATA})
+    async with rig.engine(ttl=60) as cache:
+        assert await read_sequential(cache, "f") == DATA
+        rig.source.put("f", b"new content")
+        mock_clock.jump(30)
+        assert await read_at(cache, "f", 0, 100) == DATA[:100]
+        mock_clock.jump(31)
+        assert (await cache.getattr("f")).size == len(b"new content")
+        assert await read_at(cache, "f", 0, 100) == b"new content"
+
+
+async def test_a_deleted_file_reads_as_not_found(tmp_path, make_source):
+    rig = rig_of(tmp_path, make_source, {"f": DATA, "g": SMALL})
+    async with rig.engine(ttl=0) as cache:
+        fh = await cache.open("f")
+        rig.source.delete("f")
+        with pytest.raises(NotFound):
+            await cache.read(fh, 0, 10)
+        await cache.close(fh)
+        with pytest.raises(NotFound):
+            await cache.open("f")
+        assert await read_at(cache, "g", 0, 10) == SMALL[:10]
+
+
+async def test_listings_show_files_and_directories(tmp_path, make_source):
+    rig = rig_of(tmp_path, make_source, {"a": b"1", "d/b": b"22", "d/e/c": b"333"})
+    async with rig.engine() as cache:
+        top = {e.name: e.attrs for e in await cache.list_dir("")}
+        assert {n: a.kind.value for n, a in top.items()} == {"a": "file", "d": "dir"}
+        assert top["a"].size == 1
+        inner = {e.name: e.attrs.kind.value for e in await cache.list_dir("d")}
+        assert inner == {"b": "file", "e": "dir"}
+        with pytest.raises(NotFound):
+            await cache.list_dir("nope")
+
+
+names = st.sampled_from(["a", "b", "d/c"])
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    source=st.dictionaries(names, st.binary(max_size=5 * 4096 + 17), min_size=1),
+    plan=st.lists(
+        st.tuples(names, st.integers(0, 6 * 4096), st.integers(0, 3 * 4096)), max_size=20
+    ),
+)
+def test_random_reads_over_random_files_return_the_source_bytes(make_source, source, plan):
+    async def main() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            rig = Rig(Path(tmp), source=make_source(source))
+            for _ in range(2):  # cold, then again on the same cache dir
+                async with rig.engine(block_size=4096, max_fetch=2 * 4096) as cache:
+                    for name, offset, length in plan:
+                        if name in source:
+                            got = await read_at(cache, name, offset, length)
+                            assert got == source[name][offset : offset + length]
+
+    trio.run(main)
