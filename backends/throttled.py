@@ -22,6 +22,7 @@ trio's clock, so tests can run the wrapper under a MockClock.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import trio
@@ -140,8 +141,8 @@ def parse_throttle(spec: str) -> tuple[float, float]:
         latency_ms, mibps = float(parts[0]), float(parts[1])
     except ValueError:
         raise ConfigError(f"throttle {spec!r}: expected two numbers, e.g. 30,90") from None
-    if latency_ms < 0 or mibps <= 0:
-        raise ConfigError(f"throttle {spec!r}: latency must be >= 0 and bandwidth > 0")
+    if not (0 <= latency_ms < math.inf and 0 < mibps < math.inf):  # also rejects nan
+        raise ConfigError(f"throttle {spec!r}: latency must be >= 0 and bandwidth > 0, both finite")
     return latency_ms / 1000, mibps * MiB
 
 

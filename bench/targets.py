@@ -8,9 +8,7 @@ data appears and ``pid`` is the daemon to account for.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -26,7 +24,6 @@ from bench.system import (
     cachefs_cmd,
     is_mounted,
     lazy_unmount,
-    python_cmd,
     stop_process,
     wait_mounted,
 )
@@ -75,7 +72,14 @@ class CachefsTarget(Target):
     def fresh(self) -> Iterator[None]:
         mnt, cache, log = self._prepare(self.name)
         done = subprocess.run(
-            cachefs_cmd("mount", str(self.source), str(mnt), "--cache-dir", str(cache)),
+            cachefs_cmd(
+                "mount",
+                str(self.source),
+                str(mnt),
+                "--cache-dir",
+                str(cache),
+                *self.mount_options(),
+            ),
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -94,6 +98,10 @@ class CachefsTarget(Target):
             _keep_log(cache / "cachefs.log", log)
             shutil.rmtree(cache, ignore_errors=True)
             self.root, self.pid = self.source, None
+
+    def mount_options(self) -> list[str]:
+        """Options of ``cachefs mount`` beyond the cache dir."""
+        return []
 
     def counters(self) -> dict[str, Any]:
         from cachefs.control import mount_at, request
@@ -150,68 +158,17 @@ class RcloneTarget(Target):
                 self.root, self.pid = self.source, None
 
 
-class ThrottledTarget(Target):
-    """cachefs over ``throttle(local)``, through ``python -m bench.launcher``."""
+class ThrottledTarget(CachefsTarget):
+    """``cachefs mount ... --throttle SPEC``: cachefs over ``throttle(local)``."""
 
     name = "cachefs-throttled"
 
     def __init__(self, source: Path, workdir: Path, spec: str) -> None:
         super().__init__(source, workdir)
         self.spec = spec
-        self.backend_stats: dict[str, Any] = {}
 
-    @contextmanager
-    def fresh(self) -> Iterator[None]:
-        mnt, cache, log = self._prepare("throttled")
-        cmd = python_cmd("bench.launcher", str(self.source), str(mnt), "--cache-dir", str(cache))
-        with open(log, "ab") as err:
-            proc = subprocess.Popen(
-                [*cmd, "--throttle", self.spec],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                cwd=REPO,
-                start_new_session=True,
-            )
-        try:
-            _wait_ready(proc, log)
-            self.root, self.pid = mnt, proc.pid
-            yield
-        finally:
-            try:
-                stop_process(proc, EXIT_DEADLINE)
-                if proc.stdout is not None:
-                    self.backend_stats = _last_json(proc.stdout.read())
-                    proc.stdout.close()
-            finally:
-                lazy_unmount(mnt)
-                shutil.rmtree(cache, ignore_errors=True)
-                self.root, self.pid = self.source, None
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
-    assert proc.stdout is not None
-    end = time.monotonic() + MOUNT_DEADLINE
-    while time.monotonic() < end:
-        if select.select([proc.stdout], [], [], 0.2)[0]:
-            line = proc.stdout.readline()
-            if line.strip() == b"ready":
-                return
-            if not line:
-                proc.wait()
-                raise BenchError(f"the throttled mount exited with {proc.returncode}; see {log}")
-    raise BenchError(f"the throttled mount was not ready after {MOUNT_DEADLINE:g} s; see {log}")
-
-
-def _last_json(output: bytes) -> dict[str, Any]:
-    """The backend statistics the launcher printed last, or {}."""
-    for line in reversed(output.decode(errors="replace").splitlines()):
-        if line.startswith("{"):
-            try:
-                return dict(json.loads(line).get("backend", {}))
-            except ValueError:
-                break
-    return {}
+    def mount_options(self) -> list[str]:
+        return [f"--throttle={self.spec}"]
 
 
 def _alive(pid: int) -> bool:

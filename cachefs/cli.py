@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from backends.throttled import parse_throttle
 from cachefs.client import (
     cmd_pin,
     cmd_prefetch,
@@ -90,6 +91,15 @@ def _size_or_percent(text: str) -> int | float:
     if not 0 <= percent < 100:
         raise argparse.ArgumentTypeError(f"a percentage must be from 0% to below 100%: {text!r}")
     return percent / 100
+
+
+def _throttle(text: str) -> str:
+    """A ``LATENCY_MS,MIBPS`` spec, checked; passed on as written."""
+    try:
+        parse_throttle(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _at_least_one(text: str) -> int:
@@ -197,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--trace",
         metavar="FILE",
         help="append one JSON line per backend ReadData call to FILE (testing, diagnosis)",
+    )
+    mount.add_argument(
+        "--throttle",
+        metavar="LATENCY_MS,MIBPS",
+        type=_throttle,
+        help="simulate a remote store: per-request first-byte latency in ms and "
+        "per-connection bandwidth in MiB/s (benchmarks, testing)",
     )
     mount.add_argument(
         "--readahead-kb",
@@ -330,6 +347,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         config=config,
         faults=Path(os.path.abspath(args.faults)) if args.faults else None,
         trace=Path(os.path.abspath(args.trace)) if args.trace else None,
+        throttle=args.throttle,
         readahead_kb=args.readahead_kb,
     )
 
@@ -357,6 +375,8 @@ def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
         argv.append(f"--faults={opts.faults}")
     if opts.trace:
         argv.append(f"--trace={opts.trace}")
+    if opts.throttle:
+        argv.append(f"--throttle={opts.throttle}")
     return argv
 
 

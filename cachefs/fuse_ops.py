@@ -80,8 +80,14 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, namespace: Namespace, cache: FileCache) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        cache: FileCache,
+        on_init: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__()
+        self._on_init = on_init
         self._ns = namespace
         self._cache = cache
         self._ttl = namespace.ttl
@@ -91,6 +97,16 @@ class Operations(pyfuse3.Operations):
         self._handles = count(1)
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, _OpenDir] = {}
+
+    def init(self) -> None:
+        """The kernel's INIT request: calls *on_init*.
+
+        The answer goes to the kernel when this returns, before any other task
+        runs: a task woken by *on_init* sees the connection set up (settings
+        the kernel takes from the INIT answer, such as its readahead, are
+        final by then).  Must not raise.
+        """
+        self._on_init()
 
     def _entry(self, ino: int, attrs: FileAttrs) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
@@ -160,7 +176,10 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # ENOSYS, not ENOATTR: the kernel then stops asking for the rest of the
+        # mount (ls -l would ask twice per entry) and callers get EOPNOTSUPP,
+        # which is true: the mirror has no extended attributes.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

@@ -28,6 +28,7 @@ import trio
 
 import cachefs
 from backends.faulty import FaultyBackend
+from backends.throttled import throttle
 from backends.trace import TraceBackend
 from cachefs.commands import ControlCommands
 from cachefs.contract import Backend
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Requests in flight get this long to finish after an unmount was asked for.
 UNMOUNT_GRACE = 10.0
+#: The kernel sends INIT at once; this only bounds a broken mount's start.
+INIT_DEADLINE = 10.0
 MAX_BACKGROUND = 64
 FUSECTL = Path("/sys/fs/fuse/connections")
 LOG_NAME = "cachefs.log"
@@ -55,6 +58,7 @@ class MountOptions:
     config: CacheConfig
     faults: Path | None = None
     trace: Path | None = None
+    throttle: str | None = None
     readahead_kb: int = 1024
 
 
@@ -129,13 +133,17 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
     """Mount, call *on_ready*, serve until unmounted; always leave the cache consistent."""
     check_fuse()
     check_mountpoint(opts.mountpoint)
-    # trace(faulty(source)): the trace records what the faults returned.
+    # trace(faulty(throttled(source))): the throttle slows the source down as a
+    # remote store would, and the trace records what the faults returned.
     backend: Backend = open_backend(opts.source)
     try:
+        if opts.throttle is not None:
+            backend = throttle(backend, opts.throttle)
         if opts.faults is not None:
             backend = FaultyBackend(backend, opts.faults)
         if opts.trace is not None:
             backend = TraceBackend(backend, opts.trace)
+        log.info("backend: %r", backend)
         invalidator = KernelInvalidator()
         async with open_file_cache(
             backend, opts.cache_dir, opts.config, on_invalidate=invalidator.notify
@@ -214,12 +222,10 @@ async def _serve_fuse(
             )
             # The control socket first: once the mount is visible, it answers.
             await nursery.start(serve_control, opts.cache_dir, commands)
-            session.mount(Operations(namespace, cache), opts.mountpoint, fsname_for(opts.cache_dir))
-            entry = mount_at(opts.mountpoint)
-            if entry is not None:
-                tune(entry, opts.readahead_kb)
-            else:
-                log.warning("%s is not in /proc/self/mountinfo: not tuned", opts.mountpoint)
+            initialized = trio.Event()
+            ops = Operations(namespace, cache, on_init=initialized.set)
+            session.mount(ops, opts.mountpoint, fsname_for(opts.cache_dir))
+            await _tune_when_initialized(opts, initialized)
             log.info("mounted %s on %s (cache %s)", opts.source, opts.mountpoint, opts.cache_dir)
             on_ready()
     finally:
@@ -228,13 +234,38 @@ async def _serve_fuse(
             log.info("unmounted %s", opts.mountpoint)
 
 
+async def _tune_when_initialized(opts: MountOptions, initialized: trio.Event) -> None:
+    """Tune the mount once the kernel has taken our answer to its INIT request.
+
+    Not before: the kernel sets the mount's readahead from that answer, to at
+    most what it offered at mount time (its 128 KiB default), and so undoes
+    any earlier setting.
+    """
+    with trio.move_on_after(INIT_DEADLINE):
+        await initialized.wait()
+    if not initialized.is_set():
+        log.warning("no FUSE INIT request within %.0f s: the mount is not tuned", INIT_DEADLINE)
+        return
+    entry = mount_at(opts.mountpoint)
+    if entry is None:
+        log.warning("%s is not in /proc/self/mountinfo: not tuned", opts.mountpoint)
+        return
+    await trio.to_thread.run_sync(tune, entry, opts.readahead_kb)
+
+
 def tune(entry: MountEntry, readahead_kb: int) -> None:
-    """Raise the mount's readahead and background request limit; warn on failure."""
+    """Raise the mount's readahead and background request limit; warn on failure.
+
+    Call it after the FUSE INIT handshake, or the kernel resets the readahead.
+    """
+    # The mount's bdi is named after its st_dev, as mountinfo shows it.
     bdi = Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb")
     try:
         bdi.write_text(f"{readahead_kb}\n")
     except OSError as e:
         log.warning("cannot set readahead (%s): %s", bdi, e.strerror)
+    else:
+        log.debug("%s: %s", bdi, bdi.read_text().strip())
     if not _fusectl_available():
         log.info("%s is not available: max_background left as is", FUSECTL)
         return

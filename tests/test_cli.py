@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
+from cachefs.cli import _daemon_argv, build_parser, mount_options
 from cachefs.client import format_stats
 from cachefs.control import (
     MountEntry,
@@ -120,6 +121,25 @@ def test_malformed_faults_file(cachefs: Cachefs, tmp_path: Path, src: Path) -> N
     done = cachefs("mount", src, tmp_path / "mnt", "--cache-dir", tmp_path / "c", "--faults", rules)
     assert_one_line_error(done, "rules.json")
     assert mount_at(tmp_path / "mnt") is None
+
+
+@pytest.mark.parametrize("spec", ["30", "30,90,1", "a,90", "30,0", "-1,90", "nan,90", "1,inf"])
+def test_bad_throttle(cachefs: Cachefs, tmp_path: Path, src: Path, spec: str) -> None:
+    (tmp_path / "mnt").mkdir()
+    done = cachefs(
+        "mount", src, tmp_path / "mnt", "--cache-dir", tmp_path / "c", f"--throttle={spec}"
+    )
+    assert_one_line_error(done, "--throttle", repr(spec))
+    assert mount_at(tmp_path / "mnt") is None
+
+
+def test_mount_options_reach_the_daemon(tmp_path: Path, src: Path) -> None:
+    given = ["mount", str(src), str(tmp_path), "--cache-dir", str(tmp_path / "c")]
+    given += ["--throttle", "30,90", "--trace", "t.jsonl", "--readahead-kb", "2048"]
+    opts = mount_options(build_parser().parse_args(given))
+    assert opts.throttle == "30,90" and opts.readahead_kb == 2048
+    again = mount_options(build_parser().parse_args(_daemon_argv(opts, "info")))
+    assert again == opts
 
 
 @pytest.mark.parametrize(

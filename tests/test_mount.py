@@ -28,6 +28,7 @@ from cachefs.control import mount_at
 from cachefs.engine import CacheConfig
 from cachefs.errors import FileQuarantined, NotFound
 from cachefs.fuse_ops import Operations
+from cachefs.mount import FUSECTL, MAX_BACKGROUND
 from cachefs.namespace import ROOT_INODE, Namespace
 
 if TYPE_CHECKING:
@@ -167,9 +168,14 @@ def test_read_only_and_other_operations(mount: MountFactory, source: Path) -> No
         with pytest.raises(OSError) as info:
             attempt()
         assert info.value.errno == errno.EROFS
-    with pytest.raises(OSError) as info:
-        os.getxattr(m / "one.bin", "user.x")
-    assert info.value.errno == errno.ENODATA
+    for path in (m / "one.bin", m.mountpoint):  # answered ENOSYS: "not supported"
+        for name in ("user.x", "security.selinux"):
+            with pytest.raises(OSError) as info:
+                os.getxattr(path, name)
+            assert info.value.errno == errno.EOPNOTSUPP, name
+        with pytest.raises(OSError) as info:  # the kernel answers: no ACL
+            os.getxattr(path, "system.posix_acl_access")
+        assert info.value.errno == errno.ENODATA
     assert os.listxattr(m / "one.bin") == []
     st = os.statvfs(m.mountpoint)
     assert st.f_bsize == KB64 and st.f_blocks > 0
@@ -189,6 +195,46 @@ def test_a_changed_source_file_is_served_anew(mount: MountFactory, tmp_path: Pat
     path.write_bytes(b"TWO, LONGER")
     os.utime(path, ns=(0, 1_000_000_000))
     assert (m / "v.txt").read_bytes() == b"TWO, LONGER"
+
+
+def test_throttled_and_traced_reads_back_exactly(
+    mount: MountFactory, source: Path, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    m = mount(source, "--throttle", "1,1000", "--trace", trace)
+    for name in SMALL_SIZES:
+        assert sha256(m / f"{name}.bin") == sha256(source / f"{name}.bin"), name
+    assert sum(r["bytes_read"] for r in read_trace(trace)) >= sum(SMALL_SIZES.values())
+    assert "TraceBackend(ThrottledBackend(LocalBackend(" in m.log_text()
+
+
+# -- the kernel's side of the mount ------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse and root"
+)
+def test_kernel_readahead_and_max_background_are_set(
+    cachefs: Cachefs, source: Path, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # In the background: `cachefs mount` returns once the mount is ready and tuned.
+    done = cachefs("mount", source, mnt, "--cache-dir", tmp_path / "c", "--readahead-kb", 2048)
+    try:
+        assert done.returncode == 0, done.stderr
+        dev = os.stat(mnt).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "2048"
+        assert (mnt / "one.bin").read_bytes() == (source / "one.bin").read_bytes()
+        assert bdi.read_text().strip() == "2048"  # it sticks
+        connection = FUSECTL / str(dev)
+        if connection.is_dir():
+            assert (connection / "max_background").read_text().strip() == str(MAX_BACKGROUND)
+        assert cachefs("unmount", mnt).returncode == 0
+    finally:
+        if mount_at(mnt) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
 
 
 # -- persistence ----------------------------------------------------------------------
