@@ -27,6 +27,7 @@ from cachefs.engine.evict import Evictor, evictable
 from cachefs.engine.fetch import FetchRunner, Modified, Replan
 from cachefs.engine.index import CachedFile, Index
 from cachefs.engine.readahead import Readahead
+from cachefs.engine.readers import ReaderPool
 from cachefs.engine.store import DataFile, pread_into, read_nowait
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.errors import (
@@ -85,6 +86,7 @@ class FileCache:
         self.max_fetch = max(bs, min(config.max_fetch, share) // bs * bs)
         self.max_readahead = min(config.max_readahead, max(bs, limit // 4))
         self._runner = FetchRunner(self)
+        self._readers = ReaderPool()
         self._handles: dict[str, int] = {}
         self._open: set[OpenFile] = set()
         self._had_continuous: set[str] = set()
@@ -262,9 +264,7 @@ class FileCache:
             assert data is not None
             data.acquire()  # the fd outlives a version change during the read
             try:
-                got += await trio.to_thread.run_sync(
-                    pread_into, fd, memoryview(buf)[got:], offset + got, limiter=self.disk_limiter
-                )
+                got += await self._readers.run(pread_into, fd, memoryview(buf)[got:], offset + got)
             finally:
                 data.release()
             if cf.epoch != epoch or cf.retired:
@@ -561,8 +561,11 @@ async def open_file_cache(
             try:
                 yield cache
             finally:
-                with trio.CancelScope(shield=True):
-                    await cache._shutdown()
+                try:
+                    with trio.CancelScope(shield=True):
+                        await cache._shutdown()
+                finally:
+                    cache._readers.close()
                 nursery.cancel_scope.cancel()
     finally:
         if index is not None:
