@@ -38,7 +38,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cachefs.contract import Backend, DirEntry, FileAttrs, ReadData, RWEvent, RWResult
+from backends.wrapper import Wrapper
+from cachefs.contract import Backend, ReadData, RWEvent, RWResult
 from cachefs.errors import RulesError
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,11 @@ def _state(path: Path) -> tuple[int, int, int] | str:
     return (s.st_mtime_ns, s.st_size, s.st_ino)
 
 
-class FaultyBackend:
+class FaultyBackend(Wrapper):
     """Wrap *inner*, applying the rules of *rules_path* to ReadData calls."""
 
     def __init__(self, inner: Backend, rules_path: str | Path) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.rules_path = Path(rules_path)
         self._seen = _state(self.rules_path)
         self.rules = load_rules(self.rules_path)
@@ -195,18 +196,3 @@ class FaultyBackend:
         req.bytes_read = sub.bytes_read
         if sub.result_code != RWResult.SUCCESS:
             req.result_code = sub.result_code
-
-    async def stat(self, file_id: str) -> FileAttrs | None:
-        return await self.inner.stat(file_id)
-
-    async def list_dir(self, dir_id: str) -> list[DirEntry]:
-        return await self.inner.list_dir(dir_id)
-
-    async def open_file(self, file_id: str) -> Any:
-        return await self.inner.open_file(file_id)
-
-    async def close_file(self, file_id: str, context: Any) -> None:
-        await self.inner.close_file(file_id, context)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()

@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from backends.wrapper import Wrapper
 from cachefs.contract import Backend, DirEntry, FileAttrs, ReadData, RWEvent
 from cachefs.errors import ConfigError
 
@@ -37,7 +38,7 @@ DEFAULT_LATENCY = 0.030
 DEFAULT_BANDWIDTH = 90 * MiB
 
 
-class ThrottledBackend:
+class ThrottledBackend(Wrapper):
     """Wrap *inner*: *latency* seconds per request, *bandwidth* bytes/s per connection."""
 
     def __init__(
@@ -54,7 +55,7 @@ class ThrottledBackend:
             raise ConfigError(f"throttle bandwidth must be positive, got {bandwidth}")
         if max_connections is not None and max_connections < 1:
             raise ConfigError(f"max_connections must be at least 1, got {max_connections}")
-        self.inner = inner
+        super().__init__(inner)
         self.latency = latency
         self.bandwidth = bandwidth
         self._pool = trio.CapacityLimiter(max_connections) if max_connections else None
@@ -118,15 +119,6 @@ class ThrottledBackend:
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         await self._first_byte()
         return await self.inner.list_dir(dir_id)
-
-    async def open_file(self, file_id: str) -> Any:
-        return await self.inner.open_file(file_id)
-
-    async def close_file(self, file_id: str, context: Any) -> None:
-        await self.inner.close_file(file_id, context)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def parse_throttle(spec: str) -> tuple[float, float]:

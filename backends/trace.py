@@ -21,7 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cachefs.contract import Backend, DirEntry, FileAttrs, ReadData, RWResult, flag_names
+from backends.wrapper import Wrapper
+from cachefs.contract import Backend, ReadData, RWResult, flag_names
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,11 @@ def read_trace(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class TraceBackend:
+class TraceBackend(Wrapper):
     """Wrap *inner*, appending one line per ReadData call to *trace_path*."""
 
     def __init__(self, inner: Backend, trace_path: str | Path) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.trace_path = Path(trace_path)
         self._out = open(self.trace_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
@@ -66,18 +67,6 @@ class TraceBackend:
         except ValueError:
             result = str(req.result_code)
         self._write(req, result)
-
-    async def stat(self, file_id: str) -> FileAttrs | None:
-        return await self.inner.stat(file_id)
-
-    async def list_dir(self, dir_id: str) -> list[DirEntry]:
-        return await self.inner.list_dir(dir_id)
-
-    async def open_file(self, file_id: str) -> Any:
-        return await self.inner.open_file(file_id)
-
-    async def close_file(self, file_id: str, context: Any) -> None:
-        await self.inner.close_file(file_id, context)
 
     async def aclose(self) -> None:
         """Close the trace file, then the wrapped backend."""
