@@ -14,7 +14,7 @@ from typing import Any
 from bench.dataset import FULL, QUICK, ensure_data
 from bench.jobs import JOBS
 from bench.report import check_goals, ratios, write_outputs
-from bench.s3like import run_s3like
+from bench.s3like import run_moto, run_s3like
 from bench.suite import Run, default_workdir, run_jobs
 from bench.system import REPO, BenchError, can_drop_caches, machine, missing_tools
 from bench.targets import TARGETS
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="fio, small files, metadata and time to first byte through cachefs, "
         "against the raw source and rclone mount --vfs-cache-mode full, cold / cache-hit / "
-        "warm; then a throttled (S3-like) cold read. Run as root (it drops kernel caches).",
+        "warm; then cold reads through a throttled backend and from a moto-served S3 bucket. "
+        "Run as root (it drops kernel caches).",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, short runs (< 2 min)")
     parser.add_argument(
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument("--no-throttled", action="store_true", help="skip the throttled read")
+    parser.add_argument(
+        "--no-moto", action="store_true", help="skip the read from a moto-served S3 bucket"
+    )
     parser.add_argument(
         "--no-drop-caches",
         action="store_true",
@@ -133,6 +137,13 @@ def _main(args: argparse.Namespace, say: Any, t0: float) -> int:
             s3like = run_s3like(source, workdir, sizes, args.throttle, drop, say)
         except BenchError as e:
             say(f"throttled read FAILED: {e}")
+    moto = None
+    if not args.no_moto:
+        try:
+            moto = run_moto(source, workdir, sizes, drop, say)
+        except BenchError as e:
+            say(f"moto read FAILED: {e}")
+            moto = {"error": str(e)}
     table = ratios(results)
     report: dict[str, Any] = {
         "started": started,
@@ -144,6 +155,7 @@ def _main(args: argparse.Namespace, say: Any, t0: float) -> int:
         "workdir": str(workdir),
         "results": results,
         "s3like": s3like,
+        "moto": moto,
         "ratios": table,
         "goals": check_goals(table, s3like),
     }

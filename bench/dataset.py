@@ -41,6 +41,8 @@ class Sizes:
     warm_seq_seconds: int  # warm seq jobs loop over their files this long
     throttled_seconds: int  # cachefs cold read through the throttled backend
     naive_bytes: int  # the naive single-stream read through the throttled backend
+    moto_object: int  # the object on the moto-served bucket (the big file's first bytes)
+    moto_seconds: int  # each read of it stops here even if the object is not read through
 
     @property
     def tree_entries(self) -> int:
@@ -60,6 +62,8 @@ FULL = Sizes(
     warm_seq_seconds=3,
     throttled_seconds=10,
     naive_bytes=192 * MiB,
+    moto_object=256 * MiB,
+    moto_seconds=60,
 )
 
 QUICK = Sizes(
@@ -75,6 +79,8 @@ QUICK = Sizes(
     warm_seq_seconds=1,
     throttled_seconds=3,
     naive_bytes=48 * MiB,
+    moto_object=64 * MiB,
+    moto_seconds=20,
 )
 
 

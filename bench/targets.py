@@ -74,7 +74,7 @@ class CachefsTarget(Target):
         done = subprocess.run(
             cachefs_cmd(
                 "mount",
-                str(self.source),
+                self.source_arg(),
                 str(mnt),
                 "--cache-dir",
                 str(cache),
@@ -98,6 +98,10 @@ class CachefsTarget(Target):
             _keep_log(cache / "cachefs.log", log)
             shutil.rmtree(cache, ignore_errors=True)
             self.root, self.pid = self.source, None
+
+    def source_arg(self) -> str:
+        """The SOURCE of ``cachefs mount``."""
+        return str(self.source)
 
     def mount_options(self) -> list[str]:
         """Options of ``cachefs mount`` beyond the cache dir."""

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import trio
 
 from backends.throttled import parse_throttle
+from cachefs import s3options
 from cachefs.client import (
     cmd_pin,
     cmd_prefetch,
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cachefs",
         description="A read-only FUSE file system that serves a source (a directory, "
-        "file:///path) through a persistent block cache.",
+        "file:///path, s3://bucket/prefix) through a persistent block cache.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -135,17 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     mount = command(
         "mount",
         "mount SOURCE on MOUNTPOINT",
-        "Mount SOURCE (a directory or file:///abs/path) read-only on MOUNTPOINT. "
+        "Mount SOURCE (a directory, file:///abs/path or s3://BUCKET[/PREFIX]) read-only "
+        "on MOUNTPOINT. "
         "Returns once the mount is ready, or with the reason it failed; "
         "the daemon logs to cachefs.log in the cache dir.",
     )
-    mount.add_argument("source", metavar="SOURCE", help="directory path or file:///abs/path")
+    mount.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="directory path, file:///abs/path or s3://BUCKET[/PREFIX]",
+    )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
     mount.add_argument(
         "--cache-dir",
         metavar="DIR",
         help="where cached blocks and metadata live (default: "
-        "$XDG_CACHE_HOME/cachefs/<hash of SOURCE>, as root /var/cache/cachefs/<hash>)",
+        "$XDG_CACHE_HOME/cachefs/<hash of SOURCE and S3 endpoint>, "
+        "as root /var/cache/cachefs/<hash>)",
     )
     mount.add_argument(
         "--block-size",
@@ -226,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--foreground", action="store_true", help="serve in this process, logging to stderr"
     )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    s3options.add_arguments(mount)
     mount.set_defaults(run=cmd_mount)
 
     unmount = command(
@@ -325,7 +333,11 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
             f"({format_size(block_size)})"
         )
     source = normalize_source(args.source)
-    cache_dir = prepare_cache_dir(Path(args.cache_dir or default_cache_dir(source)))
+    backend_options = s3options.from_args(args, source)
+    cache_dir = args.cache_dir or default_cache_dir(
+        s3options.cache_identity(source, backend_options)
+    )
+    cache_dir = prepare_cache_dir(Path(cache_dir))
     min_free = args.min_free
     if isinstance(min_free, float):
         st = os.statvfs(cache_dir)
@@ -349,6 +361,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         trace=Path(os.path.abspath(args.trace)) if args.trace else None,
         throttle=args.throttle,
         readahead_kb=args.readahead_kb,
+        backend_options=backend_options,
     )
 
 
@@ -377,11 +390,12 @@ def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
         argv.append(f"--trace={opts.trace}")
     if opts.throttle:
         argv.append(f"--throttle={opts.throttle}")
-    return argv
+    return argv + s3options.to_argv(opts.backend_options)
 
 
-def _check_source(source: str) -> None:
-    backend = open_backend(source)
+def _check_source(source: str, options: dict[str, Any]) -> None:
+    """Open and close the source (an S3 bucket: one listing, at most ~15 s)."""
+    backend = open_backend(source, **options)
     trio.run(backend.aclose)
 
 
@@ -389,9 +403,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     readiness = Readiness(args.ready_fd)
     try:
         if not args.foreground:
+            source = normalize_source(args.source)
+            options = s3options.from_args(args, source)
             check_fuse()
             check_mountpoint(Path(os.path.realpath(args.mountpoint)))
-            _check_source(normalize_source(args.source))
+            _check_source(source, options)
         opts = mount_options(args)
         if args.foreground:
             run_mount(opts, on_ready=readiness.ready)

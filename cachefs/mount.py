@@ -20,8 +20,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -60,6 +62,8 @@ class MountOptions:
     trace: Path | None = None
     throttle: str | None = None
     readahead_kb: int = 1024
+    #: keyword options of the source's backend factory (the ``--s3-*`` options)
+    backend_options: dict[str, Any] = field(default_factory=dict)
 
 
 def normalize_source(source: str) -> str:
@@ -69,9 +73,13 @@ def normalize_source(source: str) -> str:
     return source
 
 
-def default_cache_dir(source: str) -> Path:
-    """``$XDG_CACHE_HOME/cachefs/<hash>`` (root: ``/var/cache/cachefs/<hash>``)."""
-    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+def default_cache_dir(identity: str) -> Path:
+    """``$XDG_CACHE_HOME/cachefs/<hash>`` (root: ``/var/cache/cachefs/<hash>``).
+
+    *identity* names what is cached: the source, and for a bucket its endpoint
+    (``cachefs.s3options.cache_identity``), so that two sources never share a dir.
+    """
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     if os.geteuid() == 0:
         base = Path("/var/cache")
     else:
@@ -133,9 +141,13 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
     """Mount, call *on_ready*, serve until unmounted; always leave the cache consistent."""
     check_fuse()
     check_mountpoint(opts.mountpoint)
+    # A remote source is checked when opened (an S3 bucket is listed once,
+    # within its own deadline): off the loop, which serves nothing yet anyway.
+    backend: Backend = await trio.to_thread.run_sync(
+        partial(open_backend, opts.source, **opts.backend_options)
+    )
     # trace(faulty(throttled(source))): the throttle slows the source down as a
     # remote store would, and the trace records what the faults returned.
-    backend: Backend = open_backend(opts.source)
     try:
         if opts.throttle is not None:
             backend = throttle(backend, opts.throttle)

@@ -1,6 +1,8 @@
 """Fixtures for tests that really mount: ``mount(source, *options)`` starts
 ``python -m cachefs mount ... --foreground`` in a subprocess, waits (with a
 deadline) until the mount point is mounted, and always unmounts at the end.
+*source* is a directory or a URL (``s3://bucket``, with ``--s3-endpoint``
+among the options); the daemon inherits this process's environment.
 Also the helpers those tests share: reads that bypass the kernel's page
 cache, and what a cache dir really occupies on disk.
 """
@@ -75,7 +77,7 @@ def lazy_unmount(mountpoint: Path) -> None:
 
 @dataclass
 class Mount:
-    source: Path
+    source: Path | str
     mountpoint: Path
     cache_dir: Path
     log: Path
@@ -133,7 +135,7 @@ class MountFactory:
 
     def __call__(
         self,
-        source: Path,
+        source: Path | str,
         *options: object,
         cache_dir: Path | None = None,
         block_size: str | None = "64K",
