@@ -240,4 +240,10 @@ def check(target: Target, timeout: float) -> None:
         )
     if result_for(error)[0] is RWResult.PERMANENT_FAILURE:
         raise SourceError(f"{where} cannot be reached: {reason}")
+    if "169.254.169.254" in reason or "169.254.170.2" in reason:
+        # No keys anywhere, so the SDK asked the instance/container metadata service.
+        raise SourceError(
+            f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID and"
+            f" AWS_SECRET_ACCESS_KEY, or --s3-anonymous for a public bucket)"
+        )
     raise SourceError(f"{where} refused to list the bucket: {reason}")
