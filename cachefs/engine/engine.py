@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from cachefs.contract import Backend, DirEntry, FileAttrs, FileKind, ReadData
+from cachefs.engine.attrs import Attributes
 from cachefs.engine.cachedir import lock_cache_dir, open_index
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.config import CacheConfig
@@ -32,10 +33,8 @@ from cachefs.engine.store import DataFile, pread_into, read_nowait
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.errors import (
     NotAFile,
-    NotFound,
     PinLimitExceeded,
     ReadFailed,
-    StorageQuarantined,
     TransientFailure,
 )
 
@@ -90,7 +89,6 @@ class FileCache:
         self._handles: dict[str, int] = {}
         self._open: set[OpenFile] = set()
         self._had_continuous: set[str] = set()
-        self._listings: dict[str, list[DirEntry]] = {}
         self.counters = {
             "read_data_calls": 0,
             "bytes_from_backend": 0,
@@ -98,6 +96,7 @@ class FileCache:
             "miss_bytes": 0,
             "stale_served": 0,
         }
+        self._attrs = Attributes(backend, catalog, config.ttl, self.counters)
 
     @property
     def external_error(self) -> str | None:
@@ -107,76 +106,11 @@ class FileCache:
 
     async def getattr(self, file_id: str) -> FileAttrs:
         """Attributes of *file_id*, asking the backend once the TTL has passed."""
-        now = trio.current_time()
-        cf = self.catalog.files.get(file_id)
-        if cf is not None and now - cf.validated_at < self.config.ttl:
-            return cf.attrs
-        other = self.catalog.other.get(file_id)
-        if other is not None and now - other[1] < self.config.ttl:
-            return other[0]
-        return await self._revalidate(file_id)
-
-    async def _revalidate(self, file_id: str) -> FileAttrs:
-        cat = self.catalog
-        cf = cat.files.get(file_id)
-        known = cf.attrs if cf is not None else cat.other.get(file_id, (None, 0))[0]
-        if cat.external_error is not None:
-            if known is None:
-                raise StorageQuarantined(
-                    f"{file_id or '/'}: storage is offline: {cat.external_error}"
-                )
-            return known
-        try:
-            attrs = await self.backend.stat(file_id)
-        except Exception as e:
-            if known is None:
-                raise TransientFailure(f"{file_id or '/'}: stat failed: {e}") from None
-            log.warning("stat of %s failed (%s): serving the cached version", file_id, e)
-            self.counters["stale_served"] += 1
-            return known
-        if attrs is None:
-            cat.forget(file_id)
-            raise NotFound(f"{file_id or '/'}: no such file or directory")
-        return cat.learn(file_id, attrs, trio.current_time())
+        return await self._attrs.getattr(file_id)
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
-        """The entries of *dir_id*; their attributes refresh what the cache knows.
-
-        While the storage is quarantined or does not answer, the last listing
-        seen in this mount is served (counted in ``stale_served``).
-        """
-        cat = self.catalog
-        name = dir_id or "/"
-        try:
-            if cat.external_error is not None:
-                raise StorageQuarantined(f"{name}: storage is offline: {cat.external_error}")
-            try:
-                entries = await self.backend.list_dir(dir_id)
-            except (FileNotFoundError, NotADirectoryError):
-                self._listings.pop(dir_id, None)
-                raise NotFound(f"{name}: no such directory") from None
-            except Exception as e:
-                raise TransientFailure(f"{name}: listing failed: {e}") from None
-        except ReadFailed:
-            if dir_id not in self._listings:
-                raise
-            self.counters["stale_served"] += 1
-            return self._listings[dir_id]
-        self._listings[dir_id] = entries
-        prefix = f"{dir_id}/" if dir_id else ""
-        now = trio.current_time()
-        for entry in entries:
-            file_id = prefix + entry.name
-            if entry.attrs.kind is not FileKind.FILE or file_id in cat.files:
-                cat.learn(file_id, entry.attrs, now)
-        return entries
-
-    async def _current(self, file_id: str) -> CachedFile:
-        attrs = await self.getattr(file_id)
-        cf = self.catalog.files.get(file_id)
-        if cf is None or attrs.kind is not FileKind.FILE:
-            raise NotFound(f"{file_id}: no such file")
-        return cf
+        """The entries of *dir_id*; the last listing seen is served while offline."""
+        return await self._attrs.list_dir(dir_id)
 
     # -- reading --------------------------------------------------------------------
 
@@ -194,7 +128,7 @@ class FileCache:
         """Up to *length* bytes at *offset*; empty at or past the end of the file."""
         cf = self.catalog.files.get(fh.file_id)
         if cf is None:
-            cf = await self._current(fh.file_id)
+            cf = await self._attrs.current(fh.file_id)
         end = min(offset + length, cf.size)
         if offset >= end:
             return b""
@@ -288,7 +222,7 @@ class FileCache:
     ) -> bytes | bytearray:
         bs = self.config.block_size
         for _ in range(MAX_REPLANS):
-            cf = await self._current(fh.file_id)
+            cf = await self._attrs.current(fh.file_id)
             stop = min(end, cf.size)
             if offset >= stop:
                 return b""
@@ -300,7 +234,7 @@ class FileCache:
                 await self._stop_transfer(fh, cf, transfer)
                 if isinstance(e, Modified):
                     self.catalog.retire(cf)
-                    await self._revalidate(cf.file_id)
+                    await self._attrs.revalidate(cf.file_id)
                 continue
             except ReadFailed:
                 if transfer.kind is Kind.RANDOM:
@@ -384,17 +318,17 @@ class FileCache:
         fh = await self.open(file_id)
         try:
             for _ in range(MAX_REPLANS):
-                cf = await self._current(file_id)
+                cf = await self._attrs.current(file_id)
                 last = len(cf.present) - 1
                 if last < 0:
                     return
                 transfer = Transfer(Kind.WHOLE, last, last)
                 try:
-                    await self._prefetch_pass(cf, transfer)
+                    await self._runner.fetch_whole(cf, transfer)
                     return
                 except Modified:
                     self.catalog.retire(cf)
-                    await self._revalidate(file_id)
+                    await self._attrs.revalidate(file_id)
                 except Replan:
                     pass
                 finally:
@@ -404,32 +338,12 @@ class FileCache:
         finally:
             await self.close(fh)
 
-    async def _prefetch_pass(self, cf: CachedFile, transfer: Transfer) -> None:
-        per = max(1, self.max_fetch // self.config.block_size)
-        last = len(cf.present) - 1
-        chunks = iter(
-            (a, min(last, a + per - 1))
-            for a in range(0, last + 1, per)
-            if cf.present.find(0, a, min(last, a + per - 1) + 1) >= 0
-        )
-
-        async def worker() -> None:
-            for first, end in chunks:  # shared: each chunk goes to one worker
-                await self._runner.ensure(cf, first, end, transfer)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.config.max_fetches):
-                    nursery.start_soon(worker)
-        except BaseExceptionGroup as group:
-            raise first_error(group) from None
-
     async def pin(self, file_id: str) -> None:
         """Fetch *file_id* whole and keep it: eviction never touches a pinned file.
 
         Raises PinLimitExceeded if pinned files alone would pass the cache limit.
         """
-        cf = await self._current(file_id)
+        cf = await self._attrs.current(file_id)
         if not cf.pinned:
             total = self.catalog.pinned_bytes + cf.size
             if total > self.evictor.limit:
@@ -571,13 +485,3 @@ async def open_file_cache(
         if index is not None:
             index.close()
         os.close(lock_fd)
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The first exception of a nursery's group that is not a cancellation."""
-    for e in group.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            e = first_error(e)
-        if not isinstance(e, trio.Cancelled):
-            return e
-    return group.exceptions[0]

@@ -196,6 +196,28 @@ class FetchRunner:
                 await f.done.wait()
                 f.raise_error()
 
+    async def fetch_whole(self, cf: CachedFile, transfer: Transfer) -> None:
+        """One pass over every missing block of *cf*, max_fetches runs at a time."""
+        c = self._cache
+        per = max(1, c.max_fetch // c.config.block_size)
+        last = len(cf.present) - 1
+        chunks = iter(
+            (a, min(last, a + per - 1))
+            for a in range(0, last + 1, per)
+            if cf.present.find(0, a, min(last, a + per - 1) + 1) >= 0
+        )
+
+        async def worker() -> None:
+            for first, end in chunks:  # shared: each chunk goes to one worker
+                await self.ensure(cf, first, end, transfer)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(c.config.max_fetches):
+                    nursery.start_soon(worker)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+
     async def run(self, cf: CachedFile, fetch: Fetch, transfer: Transfer) -> None:
         """Fetch blocks fetch.first..fetch.last; at most max_fetches runs at once."""
         try:
@@ -295,3 +317,13 @@ class FetchRunner:
                     c.evictor.settle(complete - written)
                 cat.note_written(cf)
                 written = complete
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of a nursery's group that is not a cancellation."""
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            e = first_error(e)
+        if not isinstance(e, trio.Cancelled):
+            return e
+    return group.exceptions[0]

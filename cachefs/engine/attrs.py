@@ -1,0 +1,106 @@
+"""Attributes and listings: what the backend says the source holds, within a TTL.
+
+Policy: a file's attributes are trusted for ``ttl`` seconds; past that the
+next look asks the backend, and a new version drops the cached one.  While
+the storage is quarantined, or a stat or listing fails, what was last known
+is served (stale-if-error, counted in ``stale_served``); with nothing known
+the caller gets the error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from cachefs.contract import Backend, DirEntry, FileAttrs, FileKind
+from cachefs.engine.catalog import Catalog
+from cachefs.engine.index import CachedFile
+from cachefs.errors import NotFound, ReadFailed, StorageQuarantined, TransientFailure
+
+log = logging.getLogger(__name__)
+
+
+class Attributes:
+    def __init__(
+        self, backend: Backend, catalog: Catalog, ttl: float, counters: dict[str, Any]
+    ) -> None:
+        self._backend = backend
+        self._catalog = catalog
+        self._ttl = ttl
+        self._counters = counters
+        self._listings: dict[str, list[DirEntry]] = {}
+
+    async def getattr(self, file_id: str) -> FileAttrs:
+        """Attributes of *file_id*, asking the backend once the TTL has passed."""
+        now = trio.current_time()
+        cf = self._catalog.files.get(file_id)
+        if cf is not None and now - cf.validated_at < self._ttl:
+            return cf.attrs
+        other = self._catalog.other.get(file_id)
+        if other is not None and now - other[1] < self._ttl:
+            return other[0]
+        return await self.revalidate(file_id)
+
+    async def revalidate(self, file_id: str) -> FileAttrs:
+        cat = self._catalog
+        cf = cat.files.get(file_id)
+        known = cf.attrs if cf is not None else cat.other.get(file_id, (None, 0))[0]
+        if cat.external_error is not None:
+            if known is None:
+                raise StorageQuarantined(
+                    f"{file_id or '/'}: storage is offline: {cat.external_error}"
+                )
+            return known
+        try:
+            attrs = await self._backend.stat(file_id)
+        except Exception as e:
+            if known is None:
+                raise TransientFailure(f"{file_id or '/'}: stat failed: {e}") from None
+            log.warning("stat of %s failed (%s): serving the cached version", file_id, e)
+            self._counters["stale_served"] += 1
+            return known
+        if attrs is None:
+            cat.forget(file_id)
+            raise NotFound(f"{file_id or '/'}: no such file or directory")
+        return cat.learn(file_id, attrs, trio.current_time())
+
+    async def list_dir(self, dir_id: str) -> list[DirEntry]:
+        """The entries of *dir_id*; their attributes refresh what the cache knows.
+
+        While the storage is quarantined or does not answer, the last listing
+        seen in this mount is served (counted in ``stale_served``).
+        """
+        cat = self._catalog
+        name = dir_id or "/"
+        try:
+            if cat.external_error is not None:
+                raise StorageQuarantined(f"{name}: storage is offline: {cat.external_error}")
+            try:
+                entries = await self._backend.list_dir(dir_id)
+            except (FileNotFoundError, NotADirectoryError):
+                self._listings.pop(dir_id, None)
+                raise NotFound(f"{name}: no such directory") from None
+            except Exception as e:
+                raise TransientFailure(f"{name}: listing failed: {e}") from None
+        except ReadFailed:
+            if dir_id not in self._listings:
+                raise
+            self._counters["stale_served"] += 1
+            return self._listings[dir_id]
+        self._listings[dir_id] = entries
+        prefix = f"{dir_id}/" if dir_id else ""
+        now = trio.current_time()
+        for entry in entries:
+            file_id = prefix + entry.name
+            if entry.attrs.kind is not FileKind.FILE or file_id in cat.files:
+                cat.learn(file_id, entry.attrs, now)
+        return entries
+
+    async def current(self, file_id: str) -> CachedFile:
+        attrs = await self.getattr(file_id)
+        cf = self._catalog.files.get(file_id)
+        if cf is None or attrs.kind is not FileKind.FILE:
+            raise NotFound(f"{file_id}: no such file")
+        return cf
