@@ -82,6 +82,36 @@ async def _naive(source: Path, spec: str, limit: int) -> dict[str, Any]:
     }
 
 
+def cold_read(target: Any, label: str, size: int, seconds: float, drop: bool) -> dict[str, Any]:
+    """fio's cold sequential 1 MiB read of BIG through a fresh mount of *target*.
+
+    Returns fio's figures, the daemon's CPU and peak RSS, and what the engine
+    asked of its backend meanwhile.
+    """
+    with target.fresh():
+        drop_caches(drop)
+        before = target.counters()
+        watch = DaemonWatch(target.pid)
+        watch.start()
+        figures = fio(
+            label,
+            False,
+            seconds + 60,
+            f"--filename={target.root / BIG}",
+            "--rw=read",
+            "--bs=1M",
+            f"--size={size}",
+            f"--runtime={seconds}",
+        )
+        result = {"value": figures["bw_mib_s"], **figures, **watch.stop()}
+        after = target.counters()
+    result["backend"] = {
+        "read_data_calls": after["read_data_calls"] - before["read_data_calls"],
+        "bytes": after["bytes_from_backend"] - before["bytes_from_backend"],
+    }
+    return result
+
+
 def run_s3like(
     source: Path, workdir: Path, sizes: Sizes, spec: str, drop: bool, say: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -93,31 +123,19 @@ def run_s3like(
     drop_caches(drop)
     out["naive"] = trio.run(_naive, source, spec, sizes.naive_bytes)
     say(f"naive single stream: {out['naive']['value']} MiB/s")
-    target = ThrottledTarget(source, workdir, spec)
-    with target.fresh():
-        drop_caches(drop)
-        before = target.counters()
-        watch = DaemonWatch(target.pid)
-        watch.start()
-        figures = fio(
-            "throttled",
-            False,
-            sizes.throttled_seconds + 60,
-            f"--filename={target.root / BIG}",
-            "--rw=read",
-            "--bs=1M",
-            f"--size={sizes.big}",
-            f"--runtime={sizes.throttled_seconds}",
-        )
-        out["cachefs"] = {"value": figures["bw_mib_s"], **figures, **watch.stop()}
-        after = target.counters()
-    calls = after["read_data_calls"] - before["read_data_calls"]
-    fetched = after["bytes_from_backend"] - before["bytes_from_backend"]
+    out["cachefs"] = cold_read(
+        ThrottledTarget(source, workdir, spec),
+        "throttled",
+        sizes.big,
+        sizes.throttled_seconds,
+        drop,
+    )
+    calls = out["cachefs"]["backend"]["read_data_calls"]
+    fetched = out["cachefs"]["backend"]["bytes"]
     # Each call holds a connection for latency + bytes / bandwidth (the local
     # source is far faster than the throttle), so their summed time is known.
     busy = calls * latency + fetched / bandwidth
-    out["cachefs"]["backend"] = {"read_data_calls": calls, "bytes": fetched}
-    out["cachefs"]["mean_connections"] = round(busy / figures["runtime_s"], 2)
+    out["cachefs"]["mean_connections"] = round(busy / out["cachefs"]["runtime_s"], 2)
     say(
         f"cachefs cold through the throttle: {out['cachefs']['value']} MiB/s, "
         f"{out['cachefs']['mean_connections']} connections in use on average"
@@ -265,28 +283,9 @@ def run_moto(
         say(f"moto: {size // MiB} MiB object uploaded in {time.perf_counter() - started:.1f} s")
         out["naive"] = _ranged_get_loop(store, size, sizes.moto_seconds)
         say(f"moto: single-stream 1 MiB ranged GETs: {out['naive']['value']} MiB/s")
-        target = MotoTarget(workdir, endpoint)
-        with target.fresh():
-            drop_caches(drop)
-            before = target.counters()
-            watch = DaemonWatch(target.pid)
-            watch.start()
-            figures = fio(
-                "moto",
-                False,
-                sizes.moto_seconds + 60,
-                f"--filename={target.root / BIG}",
-                "--rw=read",
-                "--bs=1M",
-                f"--size={size}",
-                f"--runtime={sizes.moto_seconds}",
-            )
-            out["cachefs"] = {"value": figures["bw_mib_s"], **figures, **watch.stop()}
-            after = target.counters()
-    out["cachefs"]["backend"] = {
-        "read_data_calls": after["read_data_calls"] - before["read_data_calls"],
-        "bytes": after["bytes_from_backend"] - before["bytes_from_backend"],
-    }
+        out["cachefs"] = cold_read(
+            MotoTarget(workdir, endpoint), "moto", size, sizes.moto_seconds, drop
+        )
     out["ratio"] = round(out["cachefs"]["value"] / out["naive"]["value"], 2)
     say(
         f"moto: cachefs cold: {out['cachefs']['value']} MiB/s "
