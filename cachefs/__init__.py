@@ -1,16 +1,29 @@
 """cachefs: a FUSE mount served from a persistent block cache over pluggable backends."""
 
-from cachefs.contract import Backend, DirEntry, FileAttrs, FileKind, ReadData, RWEvent, RWResult
+from cachefs.contract import (
+    Backend,
+    ContentInfo,
+    DirEntry,
+    FileAttrs,
+    FileKind,
+    ReadData,
+    RWEvent,
+    RWResult,
+)
 from cachefs.engine import CacheConfig, FileCache, OpenFile, open_file_cache
 from cachefs.errors import (
+    BadKey,
     CacheDirError,
     CacheDirInUse,
     CacheFSError,
     ConfigError,
+    CorruptData,
     FileQuarantined,
     InvalidBlockSize,
+    NoContentInfo,
     NotAFile,
     NotFound,
+    OutOfBounds,
     PinLimitExceeded,
     ReadFailed,
     RulesError,
@@ -21,7 +34,10 @@ from cachefs.errors import (
 )
 
 __all__ = [
+    "BadKey",
     "Backend",
+    "ContentInfo",
+    "CorruptData",
     "CacheConfig",
     "CacheDirError",
     "CacheDirInUse",
@@ -34,7 +50,9 @@ __all__ = [
     "FileQuarantined",
     "InvalidBlockSize",
     "NotAFile",
+    "NoContentInfo",
     "NotFound",
+    "OutOfBounds",
     "OpenFile",
     "PinLimitExceeded",
     "ReadData",

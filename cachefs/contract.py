@@ -8,6 +8,8 @@ exactly these signatures so that they stack.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,6 +101,82 @@ class ReadData:
     version: str = ""
 
 
+CONTENT_INFO_FORMAT = "cachefs-content-info/1"
+
+
+@dataclass(frozen=True, slots=True)
+class ContentInfo:
+    """What one version of a file must contain (after PeerDist content information).
+
+    ``block_hashes`` holds the SHA-256 of each ``block_size`` block, the last
+    one possibly shorter; the content hash is the SHA-256 of the hashes
+    concatenated.  It describes the version ``version`` of size ``size`` and
+    nothing else: the cache ignores it for any other version or block size.
+    """
+
+    version: str
+    size: int
+    block_size: int
+    block_hashes: tuple[bytes, ...]
+
+    @property
+    def content_hash(self) -> bytes:
+        return hashlib.sha256(b"".join(self.block_hashes)).digest()
+
+    @classmethod
+    def of_bytes(cls, data: bytes, version: str, block_size: int) -> ContentInfo:
+        """The content information of *data* (a whole file) at *version*."""
+        hashes = tuple(
+            hashlib.sha256(data[i : i + block_size]).digest()
+            for i in range(0, len(data), block_size)
+        )
+        return cls(version, len(data), block_size, hashes)
+
+    def to_bytes(self) -> bytes:
+        """The stored form: one JSON object, hashes in hex."""
+        return json.dumps(
+            {
+                "format": CONTENT_INFO_FORMAT,
+                "version": self.version,
+                "size": self.size,
+                "block_size": self.block_size,
+                "content_hash": self.content_hash.hex(),
+                "blocks": [h.hex() for h in self.block_hashes],
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ContentInfo:
+        """Parse the stored form; ValueError names what is wrong.
+
+        The block hashes must match the content hash and their number must
+        match size and block size, or the whole record is refused.
+        """
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"not content information: {e}") from None
+        if not isinstance(raw, dict) or raw.get("format") != CONTENT_INFO_FORMAT:
+            raise ValueError(f"not content information in format {CONTENT_INFO_FORMAT}")
+        try:
+            version, size, bs = raw["version"], raw["size"], raw["block_size"]
+            blocks, content_hash = raw["blocks"], bytes.fromhex(raw["content_hash"])
+            hashes = tuple(bytes.fromhex(h) for h in blocks)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed content information: {e!r}") from None
+        if not isinstance(version, str) or type(size) is not int or type(bs) is not int:
+            raise ValueError("malformed content information: bad version, size or block_size")
+        if size < 0 or bs <= 0 or len(hashes) != -(-size // bs):
+            raise ValueError("content information: block count does not match size")
+        if any(len(h) != 32 for h in hashes):
+            raise ValueError("content information: a block hash is not SHA-256")
+        ci = cls(version, size, bs, hashes)
+        if ci.content_hash != content_hash:
+            raise ValueError("content information: block hashes do not match the content hash")
+        return ci
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the cache asks of a storage.
@@ -109,6 +187,11 @@ class Backend(Protocol):
     is taken as a transient failure of the storage.  ``read_data`` reports
     through ``result_code`` and should not raise; if it does, the call is
     treated as FAILURE.
+
+    Optional: ``content_info(file_id) -> ContentInfo | None`` (what the
+    source publishes for the file; None if nothing), and
+    ``put_content_info(file_id, info)`` (where ``cachefs publish`` stores
+    it).  The cache checks every block against it before serving.
     """
 
     async def stat(self, file_id: str) -> FileAttrs | None: ...

@@ -74,6 +74,28 @@ class StorageQuarantined(ReadFailed):
     """The storage is latched after PERMANENT_FAILURE until reset_external_error."""
 
 
+class CorruptData(ReadFailed):
+    """The backend kept returning bytes that do not match the content information."""
+
+
+class BadKey(ConfigError):
+    """The encryption key is missing, malformed, or not the cache's key."""
+
+
+class OutOfBounds(CacheFSError):
+    """add-data at an offset (or reaching) beyond the end of the file."""
+
+    errno = _errno.EINVAL
+    exit_code = 4
+
+
+class NoContentInfo(CacheFSError):
+    """add-data without content information to check the data against (and no --trust)."""
+
+    errno = _errno.EPERM
+    exit_code = 3
+
+
 class NotAFile(CacheFSError):
     """Data was asked of a directory or a symlink."""
 
