@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hmac
+import json
 import logging
 import os
 import shutil
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from cachefs.engine.crypto import CacheKey, new_salt
 from cachefs.engine.index import SCHEMA_VERSION, CachedFile, Index, block_count
 from cachefs.engine.store import DataFile, page_end, punch_holes
-from cachefs.errors import CacheDirError, CacheDirInUse
+from cachefs.errors import BadKey, CacheDirError, CacheDirInUse
 
 log = logging.getLogger(__name__)
 
@@ -53,36 +57,47 @@ def lock_cache_dir(cache_dir: Path) -> int:
     return fd
 
 
-def open_index(
-    cache_dir: Path, block_size: int
-) -> tuple[Index, list[CachedFile], str | None, list[CachedFile]]:
-    """Open (or rebuild) the index.
+@dataclass
+class Opened:
+    """What opening a cache directory found."""
 
-    Returns it with its checked rows, the storage latch, and the rows the
-    check repaired (to be written back).
+    index: Index
+    files: list[CachedFile]
+    external_error: str | None
+    repaired: list[CachedFile]  # rows the check changed, to be written back
+    key: CacheKey | None
+    next_row: int
+
+
+def open_index(cache_dir: Path, block_size: int, key_material: bytes | None = None) -> Opened:
+    """Open (or rebuild) the index; with *key_material*, an encrypted cache.
+
+    An encrypted cache opened without a key, or with another key, is refused
+    (BadKey); an unencrypted cache opened with a key is started afresh.
+    Blocking: scrypt and SQLite run here.
     """
     data_dir = cache_dir / "data"
     db_path = cache_dir / INDEX_NAME
     fresh = not db_path.exists()
     try:
         data_dir.mkdir(mode=0o700, exist_ok=True)
-        index, files, external_error = _load(db_path, block_size)
+        opened = _load(db_path, block_size, key_material)
     except sqlite3.DatabaseError as e:
         log.warning("cache index %s is unreadable (%s): starting with an empty cache", db_path, e)
         _move_aside(db_path)
         fresh = True
-        index, files, external_error = _load(db_path, block_size)
+        opened = _load(db_path, block_size, key_material)
     except OSError as e:
         raise CacheDirError(f"cache dir {cache_dir} is not usable: {e}") from None
     if fresh:
         # Data without the index that vouched for it cannot be trusted.
         shutil.rmtree(data_dir, ignore_errors=True)
         data_dir.mkdir(mode=0o700, exist_ok=True)
-    repaired = _repair(data_dir, files, block_size)
-    return index, files, external_error, repaired
+    opened.repaired = _repair(data_dir, opened.files, block_size, opened.key)
+    return opened
 
 
-def _load(db_path: Path, block_size: int) -> tuple[Index, list[CachedFile], str | None]:
+def _load(db_path: Path, block_size: int, key_material: bytes | None) -> Opened:
     index = Index(db_path)
     try:
         index.check()
@@ -94,15 +109,60 @@ def _load(db_path: Path, block_size: int) -> tuple[Index, list[CachedFile], str 
                 old_bs,
                 schema,
             )
-            index.wipe()
-            shutil.rmtree(db_path.parent / "data", ignore_errors=True)
-            (db_path.parent / "data").mkdir(mode=0o700, exist_ok=True)
+            _wipe(index, db_path.parent)
         index.set_meta("schema", SCHEMA_VERSION)
         index.set_meta("block_size", str(block_size))
-        return index, index.load(), index.get_meta("external_error")
+        key = _key_of(index, db_path.parent, key_material)
+        files, refused = index.load(key)
+        if refused:
+            index.write_batch([], refused)  # their data files go as orphans
+        external = index.get_meta("external_error")
+        if external is not None and external.startswith("sealed:"):
+            opened = None if key is None else key.open(bytes.fromhex(external[7:]), _EXTERNAL)
+            external = "PERMANENT_FAILURE" if opened is None else opened.decode()
+        next_row = int(index.get_meta("next_row") or 1)
+        return Opened(index, files, external, [], key, next_row)
     except BaseException:
         index.close()
         raise
+
+
+_EXTERNAL = b"external_error"
+
+
+def _key_of(index: Index, cache_dir: Path, material: bytes | None) -> CacheKey | None:
+    """The cache's key: checked against its key check value, or set up anew."""
+    stored = index.get_meta("encryption")
+    if stored is None:
+        if material is None:
+            return None
+        if index.load()[0]:
+            log.warning("cache %s holds unencrypted data: starting it afresh, encrypted", cache_dir)
+            _wipe(index, cache_dir)
+        salt = new_salt()
+        key = CacheKey.derive(material, salt)
+        index.set_meta("encryption", json.dumps({"salt": salt.hex(), "check": key.check_value()}))
+        return key
+    if material is None:
+        raise BadKey(
+            f"cache dir {cache_dir} is encrypted: mount with --encrypt and its key"
+            " (--key-file or CACHEFS_KEY), or use another cache dir"
+        )
+    try:
+        info = json.loads(stored)
+        salt, check = bytes.fromhex(info["salt"]), info["check"]
+    except (ValueError, KeyError, TypeError):
+        raise CacheDirError(f"cache dir {cache_dir}: its encryption record is damaged") from None
+    key = CacheKey.derive(material, salt)
+    if not hmac.compare_digest(key.check_value(), str(check)):
+        raise BadKey(f"the key is not the one cache dir {cache_dir} was encrypted with")
+    return key
+
+
+def _wipe(index: Index, cache_dir: Path) -> None:
+    index.wipe()
+    shutil.rmtree(cache_dir / "data", ignore_errors=True)
+    (cache_dir / "data").mkdir(mode=0o700, exist_ok=True)
 
 
 def _move_aside(db_path: Path) -> None:
@@ -115,7 +175,9 @@ def _move_aside(db_path: Path) -> None:
             pass
 
 
-def _repair(data_dir: Path, files: list[CachedFile], block_size: int) -> list[CachedFile]:
+def _repair(
+    data_dir: Path, files: list[CachedFile], block_size: int, key: CacheKey | None
+) -> list[CachedFile]:
     """Make the index and the data files agree; return the rows changed.
 
     A bitmap whose data file is missing or of the wrong size is dropped; data
@@ -135,24 +197,24 @@ def _repair(data_dir: Path, files: list[CachedFile], block_size: int) -> list[Ca
     for cf in files:
         name = str(cf.row_id)
         path = f"{data_dir}/{name}"
-        cf.data = DataFile(path, cf.size)
+        cf.data = DataFile(path, cf.size, block_size, key, cf.row_id, cf.version)
         n = block_count(cf.size, block_size)
         st = on_disk.get(name)
         sane = len(cf.present) == n and not cf.present.translate(None, b"\x00\x01")
         if 1 in cf.present:
-            sane = sane and st is not None and st.st_size == cf.size
+            sane = sane and st is not None and st.st_size == cf.data.disk_size
         if not sane:
             log.warning("cache data of %s does not match its index: dropping it", cf.file_id)
             cf.present = bytearray(n)
             cf.zero_from = None
             _unlink(path)
             repaired.append(cf)
-        elif st is not None and st.st_blocks * 512 > cf.present.count(1) * block_size + 4096:
-            _punch_unmarked(path, cf, block_size)
+        elif st is not None and st.st_blocks * 512 > cf.present.count(1) * cf.data.stride + 4096:
+            _punch_unmarked(cf.data, cf)
     return repaired
 
 
-def _punch_unmarked(path: str, cf: CachedFile, block_size: int) -> None:
+def _punch_unmarked(data: DataFile, cf: CachedFile) -> None:
     """Free the space of blocks written but never marked (drift after a crash)."""
     present, n = cf.present, len(cf.present)
     holes = []
@@ -160,9 +222,10 @@ def _punch_unmarked(path: str, cf: CachedFile, block_size: int) -> None:
     while b >= 0:
         end = present.find(1, b)
         end = n if end < 0 else end
-        holes.append((b * block_size, page_end(min(end * block_size, cf.size)) - b * block_size))
+        start, stop = data.span(b, end - 1)
+        holes.append((start, page_end(stop) - start))
         b = present.find(0, end) if end < n else -1
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(data.path, os.O_RDWR | os.O_CLOEXEC)
     try:
         punch_holes(fd, holes)
     finally:

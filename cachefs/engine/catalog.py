@@ -14,12 +14,16 @@ import logging
 from array import array
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from cachefs.contract import FileAttrs, FileKind
 from cachefs.engine.index import CachedFile, Index, block_count, row_of
 from cachefs.engine.store import DataFile
+
+if TYPE_CHECKING:
+    from cachefs.engine.crypto import CacheKey
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +37,11 @@ class Catalog:
         files: list[CachedFile],
         external_error: str | None,
         on_invalidate: Callable[[str], None] | None,
+        key: CacheKey | None = None,
+        next_row: int = 1,
     ) -> None:
         self.index = index
+        self.key = key
         self.data_dir = data_dir
         self.block_size = block_size
         self.files: dict[str, CachedFile] = {cf.file_id: cf for cf in files}
@@ -43,7 +50,8 @@ class Catalog:
         self.dirty: set[CachedFile] = set()
         self._unsynced: set[DataFile] = set()
         self._deleted: list[int] = []
-        self._next_row = max((cf.row_id for cf in files), default=0) + 1
+        # Row ids are never reused: a sealed block is bound to its row.
+        self._next_row = max(next_row, max((cf.row_id for cf in files), default=0) + 1)
         self._on_invalidate = on_invalidate
         self._flush_lock = trio.Lock()
         self.cached_bytes = sum(self.present_bytes(cf) for cf in files)
@@ -95,13 +103,23 @@ class Catalog:
             error=error,
             pinned=pinned,
         )
-        cf.data = DataFile(f"{self.data_dir}/{row_id}", attrs.size)
+        cf.data = self.data_file(cf)
         self.files[file_id] = cf
         if pinned:
             self.pinned_bytes += cf.size
         if error is not None or pinned:
             self.dirty.add(cf)
         return cf
+
+    def data_file(self, cf: CachedFile) -> DataFile:
+        return DataFile(
+            f"{self.data_dir}/{cf.row_id}",
+            cf.size,
+            self.block_size,
+            self.key,
+            cf.row_id,
+            cf.version,
+        )
 
     def retire(self, cf: CachedFile) -> None:
         """Drop everything cached of this version (the source has another, or none)."""
@@ -186,7 +204,7 @@ class Catalog:
             dirty, self.dirty = self.dirty, set()
             unsynced, self._unsynced = self._unsynced, set()
             deleted, self._deleted = self._deleted, []
-            rows = [row_of(cf) for cf in dirty if not cf.retired]
+            rows = [row_of(cf, key=self.key) for cf in dirty if not cf.retired]
             # Everything marked so far was written before this sync starts.
             unsynced_blocks = {cf: cf.unsynced for cf in dirty}
             for cf in dirty:
@@ -213,10 +231,13 @@ class Catalog:
         commits them properly).
         """
         async with self._flush_lock:
-            rows = [row_of(cf, synced_only=True) for cf in files if not cf.retired]
+            rows = [row_of(cf, True, self.key) for cf in files if not cf.retired]
             async with self.index.lock:
                 await trio.to_thread.run_sync(self._write, rows, [], self.external_error)
 
     def _write(self, rows: list[tuple], deleted: list[int], external: str | None) -> None:
         self.index.write_batch(rows, deleted)
+        if external is not None and self.key is not None:  # it may name a file
+            external = "sealed:" + self.key.seal(external.encode(), b"external_error").hex()
         self.index.set_meta("external_error", external)
+        self.index.set_meta("next_row", str(self._next_row))

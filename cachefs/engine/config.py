@@ -15,6 +15,9 @@ class CacheConfig:
 
     ``cache_size`` None: 10 GiB or 80% of the cache filesystem's free space,
     whichever is smaller.  ``min_free`` None: 5% of the cache filesystem.
+    ``verify``: when blocks read back from the cache disk are checked
+    against their hashes: ``once`` per block per mount, ``always``, or
+    ``off`` (no hashing, no content information).
     """
 
     block_size: int = 1 << 20
@@ -28,6 +31,7 @@ class CacheConfig:
     cache_size: int | None = None
     min_free: int | None = None
     flush_interval: float = 5.0
+    verify: str = "once"
 
     def validate(self) -> None:
         bs = self.block_size
@@ -38,6 +42,8 @@ class CacheConfig:
                 raise ConfigError(f"{name} must not be negative")
         if self.max_fetches < 1 or self.max_fetch < 1:
             raise ConfigError("max_fetches and max_fetch must be at least 1")
+        if self.verify not in ("once", "always", "off"):
+            raise ConfigError(f"verify must be once, always or off, not {self.verify!r}")
         for name in ("cache_size", "min_free"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"{name} must not be negative")

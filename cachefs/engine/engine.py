@@ -24,12 +24,14 @@ from cachefs.engine.attrs import Attributes
 from cachefs.engine.cachedir import lock_cache_dir, open_index
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.config import CacheConfig
+from cachefs.engine.content import Content
 from cachefs.engine.evict import Evictor, evictable
 from cachefs.engine.fetch import FetchRunner, Modified, Replan
 from cachefs.engine.index import CachedFile, Index
 from cachefs.engine.readahead import Readahead
 from cachefs.engine.readers import ReaderPool
 from cachefs.engine.store import DataFile, pread_into, read_nowait
+from cachefs.engine.supply import AddResult, Supplier
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.errors import (
     NotAFile,
@@ -97,6 +99,10 @@ class FileCache:
             "stale_served": 0,
         }
         self._attrs = Attributes(backend, catalog, config.ttl, self.counters)
+        self.content = Content(
+            backend, catalog, config.verify, catalog.key is not None, self.counters
+        )
+        self._supplier = Supplier(self)
 
     @property
     def external_error(self) -> str | None:
@@ -189,6 +195,10 @@ class FileCache:
         run in parallel.  None means the blocks are gone (evicted or retired
         meanwhile, or lost from the data file): the caller fetches them.
         """
+        bs = self.config.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if self.content.must_check(cf, first, last):
+            return await self._serve_checked(fh, cf, offset, end)
         n = end - offset
         fd = self._fd(fh, cf)
         buf = bytearray(n)
@@ -206,9 +216,35 @@ class FileCache:
         if got < n:
             self._lost(cf, offset, end)
             return None
-        bs = self.config.block_size
-        self.catalog.touch(cf, offset // bs, (end - 1) // bs)
+        self.catalog.touch(cf, first, last)
         return buf
+
+    async def _serve_checked(
+        self, fh: OpenFile, cf: CachedFile, offset: int, end: int
+    ) -> bytearray | None:
+        """Like _serve, reading whole blocks: opened (encrypted) and checked, or None."""
+        bs = self.config.block_size
+        first, last = offset // bs, (end - 1) // bs
+        expected = self.content.to_check(cf, first, last)
+        fd = self._fd(fh, cf)
+        epoch, data = cf.epoch, cf.data
+        assert data is not None
+        data.acquire()
+        try:
+            buf, bad = await self._readers.run(data.read_blocks, fd, first, last, expected)
+        finally:
+            data.release()
+        if cf.epoch != epoch or cf.retired:
+            return None
+        if bad:
+            self.content.failed(cf, bad)
+            return None
+        self.content.passed(cf, first, last)
+        self.catalog.touch(cf, first, last)
+        lo = offset - first * bs
+        if lo == 0 and end - offset == len(buf):
+            return buf
+        return buf[lo : lo + end - offset]
 
     def _lost(self, cf: CachedFile, offset: int, end: int) -> None:
         """The data file lost bytes it should hold: forget those blocks."""
@@ -306,6 +342,21 @@ class FileCache:
             return
         self._handles.pop(fh.file_id, None)
         await self._runner.close_context(fh.file_id)
+
+    # -- content from elsewhere ---------------------------------------------------
+
+    async def add_data(
+        self, file_id: str, offset: int, data: bytes | memoryview, *, trust: bool = False
+    ) -> AddResult:
+        """Supply bytes of *file_id* at *offset* without asking the backend.
+
+        A block becomes visible to readers only once it is complete and
+        matches its hash (from content information, or recorded when the
+        block was fetched before); a part of a block is held until the rest
+        arrives.  Raises OutOfBounds past the end of the file, NoContentInfo
+        for a block whose hash is unknown unless *trust*.
+        """
+        return await self._supplier.add(file_id, offset, data, trust)
 
     # -- whole files ----------------------------------------------------------------
 
@@ -413,6 +464,8 @@ class FileCache:
             "file_errors": errors,
             "external_error": self.catalog.external_error,
             "block_size": self.config.block_size,
+            "verify": self.config.verify,
+            "encrypted": self.catalog.key is not None,
             "ttl": self.config.ttl,
             "cache_dir": str(self.cache_dir),
         }
@@ -447,13 +500,15 @@ async def open_file_cache(
     config: CacheConfig | None = None,
     *,
     on_invalidate: Callable[[str], None] | None = None,
+    key_material: bytes | None = None,
 ) -> AsyncIterator[FileCache]:
     """Open the cache in *cache_dir* (which must exist) over *backend*.
 
     Takes the directory's lock (CacheDirInUse if another live process holds
     it), loads or rebuilds the index, and runs the flusher and the trimmer.
     On exit open transfers are canceled and metadata is committed; the
-    backend is left open (its owner closes it).
+    backend is left open (its owner closes it).  With *key_material* the
+    cache is encrypted at rest (BadKey if it is not the cache's key).
     """
     config = config or CacheConfig()
     config.validate()
@@ -461,13 +516,19 @@ async def open_file_cache(
     lock_fd = lock_cache_dir(path)
     index: Index | None = None
     try:
-        index, files, external_error, repaired = await trio.to_thread.run_sync(
-            open_index, path, config.block_size
-        )
+        opened = await trio.to_thread.run_sync(open_index, path, config.block_size, key_material)
+        index = opened.index
         catalog = Catalog(
-            index, path / "data", config.block_size, files, external_error, on_invalidate
+            index,
+            path / "data",
+            config.block_size,
+            opened.files,
+            opened.external_error,
+            on_invalidate,
+            opened.key,
+            opened.next_row,
         )
-        catalog.dirty.update(repaired)
+        catalog.dirty.update(opened.repaired)
         async with trio.open_nursery() as nursery:
             cache = FileCache(backend, path, config, catalog, nursery)
             nursery.start_soon(cache._serve_flusher)

@@ -123,7 +123,6 @@ class Evictor:
         *count*: add them to ``evicted_bytes`` (a purge does not).
         """
         cat = self._catalog
-        bs = cat.block_size
         by_file: dict[CachedFile, list[int]] = {}
         for cf, b in victims:
             by_file.setdefault(cf, []).append(b)
@@ -143,8 +142,8 @@ class Evictor:
             await cat.commit_cleared(list(by_file))
             for cf, hold in holds:
                 assert cf.data is not None
-                start = hold.first * bs
-                end = page_end(min((hold.last + 1) * bs, cf.size))
+                start, end = cf.data.span(hold.first, hold.last)
+                end = page_end(end)
                 await cf.data.punch([(start, end - start)], self._disk_limiter)
         finally:
             self._punching -= pending

@@ -6,6 +6,8 @@ in a row count as one FAILURE); RANGE_BEYOND_EOF zeroes the tail and never
 asks past it again; FILE_MODIFIED_EXTERNALLY drops the file and re-stats;
 FILE_MODIFIED_LOCALLY re-plans; FAILURE retries with exponential backoff;
 FILE_FAILURE latches the file; PERMANENT_FAILURE latches the storage.
+Bytes that do not match the file's content information are not stored and
+count as a FAILURE (retried, then EIO).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import trio
 from cachefs.contract import ReadData, RWResult
 from cachefs.engine.index import CachedFile
 from cachefs.engine.transfers import Kind, Transfer
-from cachefs.errors import FileQuarantined, ReadFailed, StorageQuarantined, TransientFailure
+from cachefs.errors import (
+    CorruptData,
+    FileQuarantined,
+    ReadFailed,
+    StorageQuarantined,
+    TransientFailure,
+)
 
 if TYPE_CHECKING:
     from cachefs.engine.engine import FileCache
@@ -153,9 +161,6 @@ class FetchRunner:
         while True:
             if cf.retired:
                 raise Replan
-            if cf.zero_from is not None:
-                for b in range(max(first, -(-cf.zero_from // bs)), last + 1):
-                    self._cache.catalog.mark(cf, b)
             b = cf.present.find(0, first, last + 1)
             if b < 0:
                 return
@@ -234,38 +239,24 @@ class FetchRunner:
         cat = c.catalog
         cfg = c.config
         bs = cfg.block_size
+        await c.content.ensure_info(cf)
         start = fetch.first * bs
         stop = min((fetch.last + 1) * bs, cf.size)
-        if cf.zero_from is not None:
-            stop = min(stop, max(cf.zero_from, start + 1))
         view = memoryview(bytearray(stop - start))
         pos = written = start
-        failures = empty = 0
+        failures = empty = corrupt = 0
         while pos < stop:
             self.check_latches(cf)
             if cf.retired:
                 raise Replan
-            want = stop - pos
-            try:
-                ctx = await self._context(cf.file_id)
-            except FileNotFoundError:
-                raise Modified from None
-            except Exception as e:
-                log.warning("backend open_file(%s) failed: %s", cf.file_id, e)
-                rc, n = RWResult.FAILURE, 0
+            if cf.zero_from is not None and pos >= cf.zero_from:
+                # Known to read as zeros: the backend is not asked again.
+                view[pos - start :] = bytes(stop - pos)
+                rc, n = RWResult.SUCCESS, stop - pos
             else:
-                transfer.position = pos
-                req = ReadData(
-                    file_id=cf.file_id,
-                    size=cf.size,
-                    position=pos,
-                    flags=transfer.flags_for((stop - 1) // bs),
-                    buffer=view[pos - start :],
-                    bytes_to_read=want,
-                    file_context=ctx,
-                    version=cf.version,
-                )
-                rc, n = await self.call(req)
+                rc, n = await self._call_for(cf, transfer, view[pos - start :], pos, stop)
+                transfer.position = pos + n
+            want = stop - pos
             if rc is RWResult.SUCCESS and n < want:
                 rc = RWResult.PARTIAL
             if rc is RWResult.PARTIAL and n == want:
@@ -275,7 +266,6 @@ class FetchRunner:
                 if empty >= EMPTY_PARTIALS:
                     rc, empty = RWResult.FAILURE, 0
             pos += n
-            transfer.position = pos
             if rc is RWResult.RANGE_BEYOND_EOF:
                 view[pos - start :] = bytes(stop - pos)
                 cf.zero_from = pos if cf.zero_from is None else min(cf.zero_from, pos)
@@ -303,20 +293,81 @@ class FetchRunner:
                 await trio.sleep(min(cfg.retry_delay * 2 ** (failures - 1), cfg.retry_max_delay))
             complete = stop if pos >= stop else pos - pos % bs
             if complete > written:
-                assert cf.data is not None
-                await c.evictor.make_room(complete - written)
-                try:
-                    await cf.data.write(
-                        written, view[written - start : complete - start], c.disk_limiter
+                stored = await self.store(cf, written, view[written - start : complete - start])
+                if stored < complete:
+                    c.counters["corrupt_from_backend"] += 1
+                    corrupt += 1
+                    log.warning(
+                        "block %d of %s from the backend does not match its content information",
+                        stored // bs,
+                        cf.file_id,
                     )
-                    if cf.retired:
-                        raise Replan
-                    for b in range(written // bs, (complete - 1) // bs + 1):
-                        cat.mark(cf, b)
-                finally:
-                    c.evictor.settle(complete - written)
-                cat.note_written(cf)
-                written = complete
+                    if corrupt > cfg.retries:
+                        raise CorruptData(
+                            f"{cf.file_id}: the backend returned damaged data"
+                            f" {corrupt} times at offset {stored}"
+                        )
+                    pos = stored
+                    await trio.sleep(min(cfg.retry_delay * 2 ** (corrupt - 1), cfg.retry_max_delay))
+                written = stored
+
+    async def _call_for(
+        self, cf: CachedFile, transfer: Transfer, buffer: memoryview, pos: int, stop: int
+    ) -> tuple[RWResult, int]:
+        """One ReadData call for [pos, stop) (stopping short of known zeros)."""
+        bs = self._cache.config.block_size
+        if cf.zero_from is not None:
+            stop = min(stop, cf.zero_from)
+        try:
+            ctx = await self._context(cf.file_id)
+        except FileNotFoundError:
+            raise Modified from None
+        except Exception as e:
+            log.warning("backend open_file(%s) failed: %s", cf.file_id, e)
+            return RWResult.FAILURE, 0
+        transfer.position = pos
+        req = ReadData(
+            file_id=cf.file_id,
+            size=cf.size,
+            position=pos,
+            flags=transfer.flags_for((stop - 1) // bs),
+            buffer=buffer[: stop - pos],
+            bytes_to_read=stop - pos,
+            file_context=ctx,
+            version=cf.version,
+        )
+        rc, n = await self.call(req)
+        if rc is RWResult.SUCCESS and n == stop - pos and len(buffer) > n:
+            rc = RWResult.PARTIAL  # the rest is known zeros: the loop fills it
+        return rc, n
+
+    async def store(self, cf: CachedFile, offset: int, data: memoryview) -> int:
+        """Check and write whole blocks at *offset*, then mark them present.
+
+        Returns where the stored bytes end: short of ``offset + len(data)``
+        when a block did not match the content information (it and the
+        blocks after it are not stored).
+        """
+        c = self._cache
+        cat = c.catalog
+        bs = c.config.block_size
+        first, last = offset // bs, (offset + len(data) - 1) // bs
+        assert cf.data is not None
+        await c.evictor.make_room(len(data))
+        try:
+            hashes, n = await cf.data.write_blocks(
+                first, data, c.content.expected(cf, first, last), c.content.hashing, c.disk_limiter
+            )
+            if cf.retired:
+                raise Replan
+            done = -(-n // bs)
+            c.content.record(cf, first, hashes)
+            for b in range(first, first + done):
+                cat.mark(cf, b)
+        finally:
+            c.evictor.settle(len(data))
+        cat.note_written(cf)
+        return offset + n
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

@@ -9,27 +9,32 @@ holds ``Index.lock`` around every call).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from cachefs.contract import FileAttrs, FileKind
 from cachefs.engine.store import DataFile
 
+if TYPE_CHECKING:
+    from cachefs.engine.crypto import CacheKey
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY,
     file_id TEXT UNIQUE NOT NULL,
+    name BLOB,
     version TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime REAL NOT NULL,
@@ -37,7 +42,9 @@ CREATE TABLE IF NOT EXISTS files (
     zero_from INTEGER,
     error TEXT,
     pinned INTEGER NOT NULL,
-    present BLOB NOT NULL
+    present BLOB NOT NULL,
+    hashes BLOB,
+    content_hash BLOB
 );
 """
 
@@ -50,6 +57,11 @@ class CachedFile:
     data file.  ``zero_from`` is where the backend said the data ends
     (RANGE_BEYOND_EOF): below the known size, everything from there reads as
     zeros without asking the backend.
+
+    ``hashes`` holds the SHA-256 of each block (32 bytes each, zeros where
+    unknown): recorded as blocks arrive, or the source's content information
+    when ``content_hash`` is set (then every block's hash is known and is
+    the authority).  ``verified`` marks the blocks checked in this process.
     """
 
     row_id: int
@@ -62,6 +74,8 @@ class CachedFile:
     zero_from: int | None = None
     error: str | None = None
     pinned: bool = False
+    hashes: bytearray | None = None
+    content_hash: bytes | None = None
     # Bumped whenever a block stops being present: a read that left the loop
     # checks it to know its bytes were not evicted meanwhile.
     epoch: int = 0
@@ -75,6 +89,10 @@ class CachedFile:
     atime: array | None = None
     # Blocks marked present since the data file was last synced.
     unsynced: set[int] | None = None
+    # Blocks whose bytes were checked against their hash in this process.
+    verified: bytearray | None = None
+    # The backend was asked for content information in this process.
+    info_asked: bool = False
 
     def busy(self, b: int) -> Any:
         """The Fetch holding block *b*, or None."""
@@ -96,9 +114,20 @@ class CachedFile:
         if not inflight:
             self.inflight = None
 
+    def hash_of(self, b: int) -> bytes | None:
+        """The known SHA-256 of block *b*, or None."""
+        h = self.hashes
+        if h is None:
+            return None
+        out = bytes(h[32 * b : 32 * b + 32])
+        return None if out == _NO_HASH else out
+
     @property
     def attrs(self) -> FileAttrs:
         return FileAttrs(FileKind.FILE, self.size, self.mtime, self.version, self.mode)
+
+
+_NO_HASH = bytes(32)
 
 
 def block_count(size: int, block_size: int) -> int:
@@ -142,29 +171,24 @@ class Index:
         if result != "ok":
             raise sqlite3.DatabaseError(result)
 
-    def load(self) -> list[CachedFile]:
+    def load(self, key: CacheKey | None = None) -> tuple[list[CachedFile], list[int]]:
+        """The rows that can be trusted, and the ids of those that cannot.
+
+        A row is refused when its sealed fields fail authentication (wrong
+        or tampered, with a key) or its hashes do not match its content hash.
+        """
         rows = self._db.execute(
-            "SELECT id, file_id, version, size, mtime, mode, zero_from, error, pinned, present"
-            " FROM files"
+            "SELECT id, file_id, name, version, size, mtime, mode, zero_from, error, pinned,"
+            " present, hashes, content_hash FROM files"
         )
-        out = []
+        out, refused = [], []
         for row in rows:
-            row_id, file_id, version, size, mtime, mode, zero_from, error, pinned, present = row
-            out.append(
-                CachedFile(
-                    row_id=row_id,
-                    file_id=file_id,
-                    version=version,
-                    size=size,
-                    mtime=mtime,
-                    mode=mode,
-                    present=bytearray(present),
-                    zero_from=zero_from,
-                    error=error,
-                    pinned=bool(pinned),
-                )
-            )
-        return out
+            cf = _file_of(row, key)
+            if cf is None:
+                refused.append(row[0])
+            else:
+                out.append(cf)
+        return out, refused
 
     def write_batch(self, rows: list[tuple], deleted: list[int]) -> None:
         """Upsert *rows* (as from :func:`row_of`) and delete *deleted* ids, atomically."""
@@ -177,7 +201,8 @@ class Index:
                     "DELETE FROM files WHERE file_id=? AND id<>?", [(r[1], r[0]) for r in rows]
                 )
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
                 )
 
     def wipe(self) -> None:
@@ -186,15 +211,62 @@ class Index:
             self._db.execute("DELETE FROM meta")
 
 
-def row_of(cf: CachedFile, synced_only: bool = False) -> tuple:
-    """The index row of *cf*; with *synced_only*, unsynced blocks show as absent."""
+def _file_of(row: tuple, key: CacheKey | None) -> CachedFile | None:
+    row_id, file_id, name, version, size, mtime, mode, zero_from, error, pinned = row[:10]
+    present, hashes, content_hash = row[10:]
+    if key is not None:
+        opened = None if name is None else key.open(name, b"name:%d" % row_id)
+        if opened is None or key.name_tag(opened.decode(errors="replace")) != file_id:
+            log.warning("cache index row %d fails authentication: dropping it", row_id)
+            return None
+        file_id = opened.decode()
+        if hashes is not None:
+            hashes = key.open(hashes, b"hashes:%d" % row_id)
+            if hashes is None:
+                log.warning("hashes of cache index row %d fail authentication", row_id)
+                return None
+    if content_hash is not None and (
+        hashes is None or hashlib.sha256(hashes).digest() != content_hash
+    ):
+        log.warning("content information of %s in the cache index is damaged", file_id)
+        return None
+    return CachedFile(
+        row_id=row_id,
+        file_id=file_id,
+        version=version,
+        size=size,
+        mtime=mtime,
+        mode=mode,
+        present=bytearray(present),
+        zero_from=zero_from,
+        error=error,
+        pinned=bool(pinned),
+        hashes=None if hashes is None else bytearray(hashes),
+        content_hash=content_hash,
+    )
+
+
+def row_of(cf: CachedFile, synced_only: bool = False, key: CacheKey | None = None) -> tuple:
+    """The index row of *cf*; with *synced_only*, unsynced blocks show as absent.
+
+    With a key, the name and the hashes are sealed and the name's tag is
+    the lookup column: no file name is stored in clear.
+    """
     present = bytearray(cf.present)
     if synced_only and cf.unsynced:
         for b in cf.unsynced:
             present[b] = 0
+    file_id, name = cf.file_id, None
+    hashes = None if cf.hashes is None else bytes(cf.hashes)
+    if key is not None:
+        file_id = key.name_tag(cf.file_id)
+        name = key.seal(cf.file_id.encode(), b"name:%d" % cf.row_id)
+        if hashes is not None:
+            hashes = key.seal(hashes, b"hashes:%d" % cf.row_id)
     return (
         cf.row_id,
-        cf.file_id,
+        file_id,
+        name,
         cf.version,
         cf.size,
         cf.mtime,
@@ -203,4 +275,6 @@ def row_of(cf: CachedFile, synced_only: bool = False) -> tuple:
         cf.error,
         int(cf.pinned),
         bytes(present),
+        hashes,
+        cf.content_hash,
     )

@@ -1,7 +1,10 @@
 """Block bytes on disk: one sparse data file per cached file version.
 
-Block ``i`` lives at offset ``i * block_size`` of ``data/<row id>``; a block
-that was never written is a hole and reads as zeros.  The hit path preads a
+Block ``i`` lives at offset ``i * stride`` of ``data/<row id>``; a block
+that was never written is a hole and reads as zeros.  Plain, the stride is
+the block size and the file mirrors the source file.  Encrypted, each block
+is sealed on its own (nonce, ciphertext, tag: OVERHEAD more bytes), bound
+to its row, version and index, so the stride is block size + OVERHEAD.  The hit path preads a
 kept-open fd on the trio loop (the measured exception to "no blocking I/O on
 the loop"); writes and syncs run in worker threads, and an fd is closed only
 when no thread uses it, so a number is never reused under a writer.
@@ -11,33 +14,77 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from cachefs.engine.crypto import CacheKey
+
+OVERHEAD = 28  # nonce 12 + GCM tag 16: what sealing adds to a block
 
 log = logging.getLogger(__name__)
 
 
 class DataFile:
-    """One version's data file.  ``users`` counts holders of the fd."""
+    """One version's data file.  ``users`` counts holders of the fd.
 
-    __slots__ = ("path", "size", "fd", "users", "retired")
+    ``size`` is the source file's size; ``disk_size`` what the data file
+    measures (more when blocks are sealed).
+    """
 
-    def __init__(self, path: str, size: int) -> None:
+    __slots__ = (
+        "path",
+        "size",
+        "fd",
+        "users",
+        "retired",
+        "block_size",
+        "stride",
+        "disk_size",
+        "key",
+        "row_id",
+        "version",
+    )
+
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        block_size: int,
+        key: CacheKey | None = None,
+        row_id: int = 0,
+        version: str = "",
+    ) -> None:
         self.path = path
         self.size = size
         self.fd: int | None = None
         self.users = 0
         self.retired = False
+        self.block_size = block_size
+        self.key = key
+        self.row_id = row_id
+        self.version = version
+        if key is None:
+            self.stride, self.disk_size = block_size, size
+        else:
+            self.stride = block_size + OVERHEAD
+            self.disk_size = size + -(-size // block_size) * OVERHEAD
+
+    def span(self, first: int, last: int) -> tuple[int, int]:
+        """Where blocks first..last lie in the data file: (start, end)."""
+        return first * self.stride, min((last + 1) * self.stride, self.disk_size)
 
     def acquire(self) -> int:
         """Open (creating a sparse file of the full size) and hold the fd."""
         if self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                if os.fstat(fd).st_size != self.size:
-                    os.ftruncate(fd, self.size)
+                if os.fstat(fd).st_size != self.disk_size:
+                    os.ftruncate(fd, self.disk_size)
             except BaseException:
                 os.close(fd)
                 raise
@@ -60,14 +107,100 @@ class DataFile:
             except FileNotFoundError:
                 pass
 
-    async def write(self, offset: int, data: memoryview, limiter: trio.CapacityLimiter) -> None:
+    async def write_blocks(
+        self,
+        first: int,
+        data: memoryview,
+        expected: bytes | None,
+        hash_them: bool,
+        limiter: trio.CapacityLimiter,
+    ) -> tuple[list[bytes], int]:
+        """Check and store whole blocks from block *first* (the file's last may be short).
+
+        With *hash_them*, each block's SHA-256 is computed and, where
+        *expected* (32 bytes per block, zeros for unknown) knows it,
+        compared: storing stops before the first block that does not
+        match.  Returns the hashes of the blocks stored (empty without
+        *hash_them*) and how many bytes were stored.
+        """
         if self.retired:  # its bytes are no longer wanted; do not recreate the file
-            return
+            return [], 0
         fd = self.acquire()
         try:
-            await trio.to_thread.run_sync(_pwrite_all, fd, data, offset, limiter=limiter)
+            return await trio.to_thread.run_sync(
+                self._write_blocks, fd, first, data, expected, hash_them, limiter=limiter
+            )
         finally:
             self.release()
+
+    def _write_blocks(
+        self, fd: int, first: int, data: memoryview, expected: bytes | None, hash_them: bool
+    ) -> tuple[list[bytes], int]:
+        bs = self.block_size
+        hashes: list[bytes] = []
+        good = len(data)
+        if hash_them:
+            for i, at in enumerate(range(0, len(data), bs)):
+                h = hashlib.sha256(data[at : at + bs]).digest()
+                want = None if expected is None else expected[32 * i : 32 * i + 32]
+                if want and want != _NO_HASH and want != h:
+                    good = at
+                    break
+                hashes.append(h)
+        key = self.key
+        if key is None:
+            _pwrite_all(fd, data[:good], first * bs)
+        else:
+            for i, at in enumerate(range(0, good, bs)):
+                sealed = key.seal_block(self.row_id, self.version, first + i, data[at : at + bs])
+                _pwrite_all(fd, memoryview(sealed), (first + i) * self.stride)
+        return hashes, good
+
+    def read_blocks(
+        self, fd: int, first: int, last: int, expected: bytes | None
+    ) -> tuple[bytearray, list[int]]:
+        """Blocks first..last as plain bytes, and the blocks that failed their check.
+
+        Blocking (run it in a thread).  A block fails when its seal does not
+        open (encrypted), when it is short on disk, or when *expected* (32
+        bytes per block, zeros for "do not check") has a hash it does not
+        match.  Failed blocks read as zeros in the result.
+        """
+        bs = self.block_size
+        start, stop = first * bs, min((last + 1) * bs, self.size)
+        out = bytearray(stop - start)
+        view = memoryview(out)
+        bad: list[int] = []
+        key = self.key
+        if key is None:
+            got = pread_into(fd, view, start)
+            for b in range(first, last + 1):
+                if b * bs + min(bs, self.size - b * bs) > start + got:
+                    bad.append(b)
+        else:
+            sealed = bytearray(min(bs, stop - start) + OVERHEAD)
+            for b in range(first, last + 1):
+                at = b * bs - start
+                n = min(bs, stop - b * bs)
+                rec = memoryview(sealed)[: n + OVERHEAD]
+                if pread_into(fd, rec, b * self.stride) < len(rec):
+                    bad.append(b)
+                    continue
+                plain = key.open_block(self.row_id, self.version, b, rec)
+                if plain is None:
+                    bad.append(b)
+                    continue
+                view[at : at + n] = plain
+        if expected is not None:
+            for b in range(first, last + 1):
+                i = b - first
+                want = expected[32 * i : 32 * i + 32]
+                if want == _NO_HASH or b in bad:
+                    continue
+                block = view[b * bs - start : min((b + 1) * bs, stop) - start]
+                if hashlib.sha256(block).digest() != want:
+                    bad.append(b)
+        return out, sorted(bad)
 
     async def punch(self, ranges: list[tuple[int, int]], limiter: trio.CapacityLimiter) -> None:
         """Give the space of (offset, length) *ranges* back to the filesystem."""
@@ -89,6 +222,7 @@ class DataFile:
             self.release()
 
 
+_NO_HASH = bytes(32)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
