@@ -119,9 +119,9 @@ class Rig:
         return [c for c in self.calls() if "CANCELED" not in c["flags"]]
 
     @asynccontextmanager
-    async def engine(self, **overrides: Any):
+    async def engine(self, key: bytes | None = None, **overrides: Any):
         async with open_file_cache(
-            self.backend, self.cache_dir, replace(CONFIG, **overrides)
+            self.backend, self.cache_dir, replace(CONFIG, **overrides), key_material=key
         ) as cache:
             yield cache
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 VERIFY_MODES = ("once", "always", "off")
 NO_HASH = bytes(32)
+UNKNOWN = b"\xff" * 32  # no block hashes to this (as good as never)
 
 
 class Content:
@@ -136,7 +137,7 @@ class Content:
         """Whether a read of blocks first..last goes through :meth:`to_check` (hot path)."""
         if self._encrypted:
             return True
-        if cf.hashes is None or not self.hashing:
+        if not self.hashing:
             return False
         if self.verify == "always":
             return True
@@ -144,16 +145,25 @@ class Content:
         return v is None or v.find(0, first, last + 1) >= 0
 
     def to_check(self, cf: CachedFile, first: int, last: int) -> bytes | None:
-        """The hashes to compare blocks first..last with (zeros: no check), or None."""
-        if cf.hashes is None or not self.hashing:
+        """What to compare blocks first..last with, 32 bytes each, or None.
+
+        Zeros: no check (verified in this process).  A block with no hash
+        at all (cached while verification was off, or a bitmap that claims
+        more than was stored) gets one that cannot match: it is refetched.
+        """
+        if not self.hashing:
             return None
-        want = bytearray(cf.hashes[32 * first : 32 * (last + 1)])
-        v = cf.verified
-        if self.verify == "once" and v is not None:
-            for b in range(first, last + 1):
-                if v[b]:
-                    i = 32 * (b - first)
-                    want[i : i + 32] = NO_HASH
+        n = last - first + 1
+        hashes = cf.hashes
+        want = (
+            bytearray(32 * n) if hashes is None else bytearray(hashes[32 * first : 32 * (last + 1)])
+        )
+        v = cf.verified if self.verify == "once" else None
+        for i in range(n):
+            if v is not None and v[first + i]:
+                want[32 * i : 32 * i + 32] = NO_HASH
+            elif want[32 * i : 32 * i + 32] == NO_HASH:
+                want[32 * i : 32 * i + 32] = UNKNOWN
         return None if want.count(0) == len(want) else bytes(want)
 
     def passed(self, cf: CachedFile, first: int, last: int) -> None:
