@@ -17,6 +17,7 @@ Policy:
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -89,6 +90,7 @@ class ControlCommands:
             "pin": self.pin,
             "unpin": self.unpin,
             "purge": self.purge,
+            "add-data": self.add_data,
             "reset-file-errors": self.reset_file_errors,
             "reset-external-error": self.reset_external_error,
             "unmount": self.unmount,
@@ -124,6 +126,18 @@ class ControlCommands:
         for file_id in _below(file_ids, self._cache.file_errors()):
             reset += await self._cache.reset_file_errors(file_id)
         return reset
+
+    async def add_data(self, request: dict[str, Any], progress: Progress) -> dict[str, int]:
+        """Supply bytes of one file (base64 in ``data``) at ``offset``; see FileCache.add_data."""
+        try:
+            file_id, offset = request["file_id"], request["offset"]
+            data = base64.b64decode(request["data"], validate=True)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"malformed add-data request: {e}") from None
+        if not isinstance(file_id, str) or type(offset) is not int:
+            raise ConfigError("malformed add-data request: bad file_id or offset")
+        got = await self._cache.add_data(file_id, offset, data, trust=bool(request.get("trust")))
+        return {"accepted": got.accepted, "rejected": got.rejected, "pending": got.pending}
 
     async def reset_external_error(self, request: dict[str, Any], progress: Progress) -> None:
         await self._cache.reset_external_error()

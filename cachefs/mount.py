@@ -36,6 +36,7 @@ from cachefs.commands import ControlCommands
 from cachefs.contract import Backend
 from cachefs.control import SUBTYPE, MountEntry, fsname_for, mount_at, serve_control
 from cachefs.engine import CacheConfig, FileCache, open_file_cache
+from cachefs.engine.crypto import read_key_material
 from cachefs.errors import CacheDirError, CacheFSError, ConfigError, MountFailed
 from cachefs.fuse_ops import KernelInvalidator, Operations
 from cachefs.namespace import Namespace
@@ -64,6 +65,9 @@ class MountOptions:
     readahead_kb: int = 1024
     #: keyword options of the source's backend factory (the ``--s3-*`` options)
     backend_options: dict[str, Any] = field(default_factory=dict)
+    #: encrypt the cache at rest, the key from key_file or CACHEFS_KEY
+    encrypt: bool = False
+    key_file: Path | None = None
 
 
 def normalize_source(source: str) -> str:
@@ -157,8 +161,16 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
             backend = TraceBackend(backend, opts.trace)
         log.info("backend: %r", backend)
         invalidator = KernelInvalidator()
+        key = None
+        if opts.encrypt:
+            key_file = None if opts.key_file is None else str(opts.key_file)
+            key = read_key_material(key_file, os.environ)
         async with open_file_cache(
-            backend, opts.cache_dir, opts.config, on_invalidate=invalidator.notify
+            backend,
+            opts.cache_dir,
+            opts.config,
+            on_invalidate=invalidator.notify,
+            key_material=key,
         ) as cache:
             namespace = Namespace(cache)
             await _serve_fuse(opts, cache, namespace, invalidator, on_ready)
