@@ -5,17 +5,23 @@ The rules file holds a JSON list; on each ReadData call the first rule whose
 
     [{"file": "big/*.bin", "result": "PARTIAL", "max_bytes": 4096},
      {"file": "short.txt", "eof": 100},
+     {"file": "bad.bin", "corrupt": true, "count": 1},
      {"file": "*", "result": "FAILURE", "count": 3}]
 
 Keys of a rule:
 
 - ``file`` (glob, required) and ``result`` (an RWResult name; required
-  unless ``eof`` is given, where it defaults to RANGE_BEYOND_EOF).
+  unless ``eof`` or ``corrupt`` is given; with ``eof`` it defaults to
+  RANGE_BEYOND_EOF).
 - neither ``max_bytes`` nor ``eof``: copy nothing and answer ``result``.
 - ``max_bytes``: ask the wrapped backend for at most this many bytes into the
   front of the buffer and answer ``result`` with what was copied.
 - ``eof``: pretend the file ends there.  A call reaching past it gets the
   real bytes below it and RANGE_BEYOND_EOF; any other call is passed through.
+- ``corrupt`` (true or false): pass the call through, then flip every bit
+  of the first byte of each 4 KiB the call returned (offsets 0, 4096, …
+  of the buffer), leaving the result code as the wrapped backend set it.
+  Cannot be combined with ``result``, ``max_bytes`` or ``eof``.
 - ``count``: apply to the next N matching calls only (counted in memory; a
   rewrite of the file starts the counts afresh).
 
@@ -44,7 +50,9 @@ from cachefs.errors import RulesError
 
 log = logging.getLogger(__name__)
 
-_KEYS = ("file", "result", "max_bytes", "eof", "count")
+_KEYS = ("file", "result", "max_bytes", "eof", "corrupt", "count")
+# A corrupt call flips the first byte of every CORRUPT_STRIDE bytes it returned.
+CORRUPT_STRIDE = 4096
 _RESULTS = ", ".join(r.name for r in RWResult)
 
 
@@ -55,6 +63,7 @@ class Rule:
     max_bytes: int | None = None
     eof: int | None = None
     count: int | None = None
+    corrupt: bool = False
 
     def matches(self, file_id: str) -> bool:
         return (self.count is None or self.count > 0) and fnmatch.fnmatchcase(file_id, self.file)
@@ -81,6 +90,14 @@ def _rule(raw: object) -> Rule:
     if not isinstance(glob, str):
         raise ValueError("'file' must be a glob string")
     eof, max_bytes = _int(raw, "eof"), _int(raw, "max_bytes")
+    corrupt = raw.get("corrupt", False)
+    if not isinstance(corrupt, bool):
+        raise ValueError(f"corrupt must be true or false, got {json.dumps(corrupt)}")
+    if corrupt:
+        for key in ("result", "max_bytes", "eof"):
+            if key in raw:
+                raise ValueError(f"'corrupt' cannot be combined with {key!r}")
+        return Rule(glob, RWResult.SUCCESS, count=_int(raw, "count"), corrupt=True)
     if eof is not None and max_bytes is not None:
         raise ValueError("'eof' and 'max_bytes' cannot be combined")
     name = raw.get("result", "RANGE_BEYOND_EOF" if eof is not None else None)
@@ -117,6 +134,12 @@ def load_rules(path: str | Path) -> list[Rule]:
     except UnicodeDecodeError:
         raise RulesError(f"faults file {path}: not UTF-8 text") from None
     return parse_rules(text, str(path))
+
+
+def corrupt(buffer: memoryview, length: int) -> None:
+    """Flip the first byte of every CORRUPT_STRIDE bytes of ``buffer[:length]``."""
+    for i in range(0, length, CORRUPT_STRIDE):
+        buffer[i] ^= 0xFF
 
 
 def _state(path: Path) -> tuple[int, int, int] | str:
@@ -172,6 +195,10 @@ class FaultyBackend(Wrapper):
             await self.inner.read_data(req)
             return
         log.debug("fault %s for %r @%d", rule, req.file_id, req.position)
+        if rule.corrupt:
+            await self.inner.read_data(req)
+            corrupt(req.buffer, req.bytes_read)
+            return
         if rule.eof is not None:
             if req.position + req.bytes_to_read <= rule.eof:
                 await self.inner.read_data(req)

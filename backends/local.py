@@ -17,6 +17,12 @@ Policy:
   file answers FILE_MODIFIED_EXTERNALLY; any other OSError answers FAILURE.
 - Every blocking call runs in a trio worker thread, at most ``max_threads``
   at a time; a ReadData call is exactly one thread hop.
+- Content information (``cachefs publish``; backends.localci) is stored as
+  ``<root>/.cachefs-ci/<file_id>``, the record's JSON, replaced atomically
+  (temporary file, fsync, rename).  ``.cachefs-ci`` is never shown: it is
+  left out of the root's listing and everything below it is absent.  A
+  record that is missing answers None; one that does not parse answers None
+  with a warning naming the file; any other OSError is raised.
 """
 
 from __future__ import annotations
@@ -33,7 +39,17 @@ from typing import TypeVar
 
 import trio
 
-from cachefs.contract import DirEntry, FileAttrs, FileKind, ReadData, RWEvent, RWResult
+from backends import localci
+from backends.localci import CI_DIR
+from cachefs.contract import (
+    ContentInfo,
+    DirEntry,
+    FileAttrs,
+    FileKind,
+    ReadData,
+    RWEvent,
+    RWResult,
+)
 from cachefs.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -122,13 +138,21 @@ class LocalBackend:
         leave the root or pass through a symlinked directory."""
         if file_id == "":
             return self.root
-        parts = file_id.split("/")
-        if file_id.startswith("/") or "\0" in file_id or any(p in ("", ".", "..") for p in parts):
-            raise FileNotFoundError(errno.ENOENT, f"invalid file id {file_id!r}")
-        path = os.path.join(self.root, *parts)
+        parts = _parts(file_id)
+        if parts[0] == CI_DIR:
+            raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is cachefs's own")
+        return self._below(self.root, parts)
+
+    def _ci_path(self, file_id: str) -> str:
+        """Where the content information of *file_id* is kept."""
+        return self._below(os.path.join(self.root, CI_DIR), _parts(file_id))
+
+    @staticmethod
+    def _below(top: str, parts: list[str]) -> str:
+        path = os.path.join(top, *parts)
         parent = os.path.dirname(path)
         if os.path.realpath(parent) != parent:
-            raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is below a symlink")
+            raise FileNotFoundError(errno.ENOENT, f"{'/'.join(parts)!r} is below a symlink")
         return path
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
@@ -160,6 +184,8 @@ class LocalBackend:
             out: list[DirEntry] = []
             with os.scandir(dir_fd) as it:
                 for entry in it:
+                    if dir_id == "" and entry.name == CI_DIR:
+                        continue
                     try:
                         s = entry.stat(follow_symlinks=False)
                         target = None
@@ -240,8 +266,52 @@ class LocalBackend:
             return
         await self._run(self._read_sync, req)
 
+    # -- content information (backends.localci) ---------------------------
+
+    def _ci_path_or_none(self, file_id: str) -> str | None:
+        try:
+            return self._ci_path(file_id)
+        except FileNotFoundError:
+            return None
+
+    def _read_ci_sync(self, file_id: str) -> ContentInfo | None:
+        path = self._ci_path_or_none(file_id)
+        return None if path is None else localci.read(path, file_id)
+
+    async def content_info(self, file_id: str) -> ContentInfo | None:
+        """The stored record of *file_id*, as stored; None if none or malformed."""
+        return await self._run(self._read_ci_sync, file_id)
+
+    def _write_ci_sync(self, file_id: str, data: bytes) -> None:
+        localci.write(self._ci_path(file_id), data)
+
+    async def put_content_info(self, file_id: str, info: ContentInfo) -> None:
+        """Store *info* for *file_id*, replacing any record atomically."""
+        await self._run(self._write_ci_sync, file_id, info.to_bytes())
+
+    def _delete_ci_sync(self, file_id: str) -> None:
+        path = self._ci_path_or_none(file_id)
+        if path is not None:
+            localci.delete(path, os.path.join(self.root, CI_DIR))
+
+    async def delete_content_info(self, file_id: str) -> None:
+        """Remove the record of *file_id*, if any."""
+        await self._run(self._delete_ci_sync, file_id)
+
+    async def content_info_ids(self) -> list[str]:
+        """The file ids that have a stored record (for pruning)."""
+        return await self._run(localci.file_ids, os.path.join(self.root, CI_DIR))
+
     async def aclose(self) -> None:
         pass
+
+
+def _parts(file_id: str) -> list[str]:
+    """The components of a file id; FileNotFoundError if one is unusable."""
+    parts = file_id.split("/")
+    if file_id.startswith("/") or "\0" in file_id or any(p in ("", ".", "..") for p in parts):
+        raise FileNotFoundError(errno.ENOENT, f"invalid file id {file_id!r}")
+    return parts
 
 
 def _pread_into(fd: int, buffer: memoryview, position: int, count: int) -> int:

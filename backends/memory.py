@@ -10,6 +10,9 @@ Policy:
   ``req.version`` is set and is not the current version; RANGE_BEYOND_EOF
   when the range reaches past the end (the bytes that exist are copied).
 - Changes made with put/delete/mkdir are visible at once, to every caller.
+- Content information is a dict ``path -> ContentInfo``, set with
+  ``put_content_info`` or :meth:`MemoryBackend.publish`; it is kept as given
+  (whatever version it names) until replaced or deleted.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from dataclasses import dataclass
 
 import trio
 
-from cachefs.contract import DirEntry, FileAttrs, FileKind, ReadData, RWEvent, RWResult
+from cachefs.contract import (
+    ContentInfo,
+    DirEntry,
+    FileAttrs,
+    FileKind,
+    ReadData,
+    RWEvent,
+    RWResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +65,7 @@ class MemoryBackend:
         self._files: dict[str, _File] = {}
         self._dirs: set[str] = {""}
         self._versions = itertools.count(1)
+        self._content: dict[str, ContentInfo] = {}
         self._created = time.time()
         for path, data in (files or {}).items():
             self.put(path, data)
@@ -87,6 +99,16 @@ class MemoryBackend:
             raise FileExistsError(errno.EEXIST, f"{path!r} or a parent is a file")
         self._dirs.update(_parents(path))
         self._dirs.add(path)
+
+    def publish(self, path: str, block_size: int) -> ContentInfo:
+        """Give the file at *path* the content information of what it holds now."""
+        path = _norm(path)
+        f = self._files.get(path)
+        if f is None:
+            raise FileNotFoundError(errno.ENOENT, f"no such file: {path!r}")
+        info = ContentInfo.of_bytes(f.data, f.version, block_size)
+        self._content[path] = info
+        return info
 
     # -- the Backend protocol ----------------------------------------------
 
@@ -158,6 +180,25 @@ class MemoryBackend:
         req.buffer[:n] = chunk
         req.bytes_read = n
         req.result_code = RWResult.SUCCESS if n == req.bytes_to_read else RWResult.RANGE_BEYOND_EOF
+
+    async def content_info(self, file_id: str) -> ContentInfo | None:
+        await trio.lowlevel.checkpoint()
+        try:
+            return self._content.get(_norm(file_id))
+        except ValueError:
+            return None
+
+    async def put_content_info(self, file_id: str, info: ContentInfo) -> None:
+        await trio.lowlevel.checkpoint()
+        self._content[_norm(file_id)] = info
+
+    async def delete_content_info(self, file_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._content.pop(_norm(file_id), None)
+
+    async def content_info_ids(self) -> list[str]:
+        await trio.lowlevel.checkpoint()
+        return sorted(self._content)
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -27,6 +27,12 @@ Policy:
   installed.  ``open_backend`` lists the bucket once, within a deadline, so a
   missing bucket, rejected credentials or a dead endpoint fail the mount at
   start with one line.
+- Content information (``cachefs publish``; backends.s3ci) is the object
+  ``<prefix>/.cachefs-ci/<key relative to prefix>``, the record's JSON.
+  ``.cachefs-ci`` is never shown: it is left out of the root's listing and
+  everything below it is absent.  A missing record answers None; one that
+  does not parse answers None with a warning naming the file; a failed
+  request raises OSError with a one-line reason.
 - Every request runs in a trio worker thread (obstore's synchronous API
   releases the GIL), at most ``max_threads`` at a time, each call on its own
   connection.
@@ -44,10 +50,19 @@ import obstore
 import trio
 from obstore.store import S3Store
 
-from backends.s3config import Target, check, key_ok, resolve
-from backends.s3errors import describe, result_for
+from backends import s3ci
+from backends.s3config import Target, check, resolve
+from backends.s3errors import describe, os_error, result_for
 from backends.s3streams import S3File, Stream
-from cachefs.contract import DirEntry, FileAttrs, FileKind, ReadData, RWEvent, RWResult
+from cachefs.contract import (
+    ContentInfo,
+    DirEntry,
+    FileAttrs,
+    FileKind,
+    ReadData,
+    RWEvent,
+    RWResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +127,7 @@ class S3Backend:
         except FileNotFoundError:
             return None
         except Exception as e:
-            raise _os_error(e, f"HEAD {file_id}") from None
+            raise os_error(e, f"HEAD {file_id}") from None
 
     def _has_children(self, dir_id: str) -> bool:
         self._counts["lists"] += 1
@@ -121,12 +136,12 @@ class S3Backend:
                 return bool(chunk)
             return False
         except Exception as e:
-            raise _os_error(e, f"listing {dir_id}/") from None
+            raise os_error(e, f"listing {dir_id}/") from None
 
     def _stat_sync(self, file_id: str) -> FileAttrs | None:
         if file_id == "":
             return self._dir
-        if not key_ok(file_id):
+        if not s3ci.servable(file_id):
             return None
         attrs = self._head(file_id)
         if attrs is None and self._has_children(file_id):
@@ -138,13 +153,13 @@ class S3Backend:
         return await self._run(self._stat_sync, file_id)
 
     def _list_sync(self, dir_id: str) -> list[DirEntry]:
-        if dir_id and not key_ok(dir_id):
+        if dir_id and not s3ci.servable(dir_id):
             raise FileNotFoundError(f"invalid directory id {dir_id!r}")
         self._counts["lists"] += 1
         try:
             listing = obstore.list_with_delimiter(self._store, dir_id or None)
         except Exception as e:
-            raise _os_error(e, f"listing {dir_id}/") from None
+            raise os_error(e, f"listing {dir_id}/") from None
         start = len(dir_id) + 1 if dir_id else 0
         entries: dict[str, FileAttrs] = {}
         marker = False
@@ -155,6 +170,8 @@ class S3Backend:
                 marker = True  # the zero-byte "dir/" object
             else:
                 entries[meta["path"][start:]] = _file_attrs(meta)
+        if not dir_id:
+            entries.pop(s3ci.CI_DIR, None)
         if dir_id and not entries and not marker:
             if self._head(dir_id) is not None:
                 raise NotADirectoryError(f"not a directory: {dir_id!r}")
@@ -261,25 +278,35 @@ class S3Backend:
         if req.bytes_to_read == 0:
             await trio.lowlevel.checkpoint()
             return
-        if not key_ok(req.file_id):
+        if not s3ci.servable(req.file_id):
             req.result_code = RWResult.FILE_MODIFIED_EXTERNALLY
             await trio.lowlevel.checkpoint()
             return
         await self._run(self._read_sync, req)
+
+    # -- content information ---------------------------------------------
+
+    async def content_info(self, file_id: str) -> ContentInfo | None:
+        """The stored record of *file_id*, as stored; None if none or malformed."""
+        return await self._run(s3ci.read, self._store, file_id)
+
+    async def put_content_info(self, file_id: str, info: ContentInfo) -> None:
+        """Store *info* for *file_id* (one PUT: S3 replaces objects atomically)."""
+        await self._run(s3ci.write, self._store, file_id, info.to_bytes())
+
+    async def delete_content_info(self, file_id: str) -> None:
+        """Remove the record of *file_id*, if any."""
+        await self._run(s3ci.delete, self._store, file_id)
+
+    async def content_info_ids(self) -> list[str]:
+        """The file ids that have a stored record (for pruning)."""
+        return await self._run(s3ci.file_ids, self._store)
 
     async def aclose(self) -> None:
         """Close every stream still open."""
         for ctx in list(self._files):
             ctx.close()
         await trio.lowlevel.checkpoint()
-
-
-def _os_error(e: Exception, what: str) -> OSError:
-    """A one-line OSError for stat/list_dir: the engine logs it and serves the cache."""
-    rc, reason = result_for(e)
-    if rc is RWResult.FILE_FAILURE:
-        return PermissionError(f"{what}: {reason}")
-    return OSError(f"{what}: {reason}")
 
 
 def open_backend(

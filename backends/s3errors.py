@@ -122,3 +122,11 @@ def describe(e: BaseException) -> str:
         return f"{where}{detail}{after}"
     first = " ".join(head.split())
     return first if len(first) <= 300 else first[:297] + "..."
+
+
+def os_error(e: BaseException, what: str) -> OSError:
+    """A one-line OSError for metadata calls: the engine logs it and serves the cache."""
+    rc, reason = result_for(e)
+    if rc is RWResult.FILE_FAILURE:
+        return PermissionError(f"{what}: {reason}")
+    return OSError(f"{what}: {reason}")

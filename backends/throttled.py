@@ -2,9 +2,10 @@
 
 Policy:
 
-- Every request to the storage (``stat``, ``list_dir``, ``read_data``)
-  waits ``latency`` seconds before its first byte.  ``open_file`` and
-  ``close_file`` pass through at no cost: an object store has no open.
+- Every request to the storage (``stat``, ``list_dir``, ``read_data``, the
+  content information calls) waits ``latency`` seconds before its first
+  byte.  ``open_file`` and ``close_file`` pass through at no cost: an
+  object store has no open.
 - A ReadData call is one connection: after its first byte, its bytes arrive
   at ``bandwidth`` bytes per second.  The call returns when its last byte
   would have arrived, ``start + latency + bytes_read / bandwidth``; time the
@@ -28,7 +29,7 @@ from typing import Any
 import trio
 
 from backends.wrapper import Wrapper
-from cachefs.contract import Backend, DirEntry, FileAttrs, ReadData, RWEvent
+from cachefs.contract import Backend, ContentInfo, DirEntry, FileAttrs, ReadData, RWEvent
 from cachefs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,22 @@ class ThrottledBackend(Wrapper):
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         await self._first_byte()
         return await self.inner.list_dir(dir_id)
+
+    async def content_info(self, file_id: str) -> ContentInfo | None:
+        await self._first_byte()
+        return await super().content_info(file_id)
+
+    async def put_content_info(self, file_id: str, info: ContentInfo) -> None:
+        await self._first_byte()
+        await super().put_content_info(file_id, info)
+
+    async def delete_content_info(self, file_id: str) -> None:
+        await self._first_byte()
+        await super().delete_content_info(file_id)
+
+    async def content_info_ids(self) -> list[str]:
+        await self._first_byte()
+        return await super().content_info_ids()
 
 
 def parse_throttle(spec: str) -> tuple[float, float]:

@@ -2,13 +2,16 @@
 
 A wrapper (faulty, trace, throttled, ...) overrides what it changes and
 inherits the rest, so it keeps the Backend signatures exactly and stacks.
+The optional content information calls pass through when the wrapped
+backend has them; without them there is no content information (None), and
+storing or deleting it raises NotImplementedError.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from cachefs.contract import Backend, DirEntry, FileAttrs, ReadData
+from cachefs.contract import Backend, ContentInfo, DirEntry, FileAttrs, ReadData
 
 
 class Wrapper:
@@ -32,3 +35,22 @@ class Wrapper:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    async def content_info(self, file_id: str) -> ContentInfo | None:
+        get = getattr(self.inner, "content_info", None)
+        return None if get is None else await get(file_id)
+
+    async def put_content_info(self, file_id: str, info: ContentInfo) -> None:
+        await self._optional("put_content_info")(file_id, info)
+
+    async def delete_content_info(self, file_id: str) -> None:
+        await self._optional("delete_content_info")(file_id)
+
+    async def content_info_ids(self) -> list[str]:
+        return await self._optional("content_info_ids")()
+
+    def _optional(self, name: str) -> Any:
+        call = getattr(self.inner, name, None)
+        if call is None:
+            raise NotImplementedError(f"{self.inner!r} cannot store content information")
+        return call

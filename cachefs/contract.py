@@ -189,9 +189,11 @@ class Backend(Protocol):
     treated as FAILURE.
 
     Optional: ``content_info(file_id) -> ContentInfo | None`` (what the
-    source publishes for the file; None if nothing), and
-    ``put_content_info(file_id, info)`` (where ``cachefs publish`` stores
-    it).  The cache checks every block against it before serving.
+    source publishes for the file; None if nothing), and for ``cachefs
+    publish``: ``put_content_info(file_id, info)``,
+    ``delete_content_info(file_id)`` and ``content_info_ids()`` (the file
+    ids that have a record).  The cache checks every block against the
+    content information before serving it.
     """
 
     async def stat(self, file_id: str) -> FileAttrs | None: ...

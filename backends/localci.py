@@ -1,0 +1,112 @@
+"""Content information in a local source, beside the files it describes.
+
+The record of ``<root>/<file_id>`` is ``<root>/.cachefs-ci/<file_id>``,
+holding ``ContentInfo.to_bytes()``.  The functions take the record's
+absolute path, already checked by the backend (backends.local), and block:
+the backend runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as st
+import tempfile
+
+from cachefs.contract import ContentInfo
+
+log = logging.getLogger(__name__)
+
+# Below the root; never part of the source.
+CI_DIR = ".cachefs-ci"
+_TMP_PREFIX = ".cachefs-tmp-"
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# errnos meaning "there is no record at that path"
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+
+def read(path: str, file_id: str) -> ContentInfo | None:
+    """The record at *path* as stored; None if there is none or it is malformed."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        if e.errno in _ABSENT:
+            return None
+        raise
+    try:
+        if not st.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    try:
+        return ContentInfo.from_bytes(b"".join(chunks))
+    except ValueError as e:
+        log.warning("ignoring the content information of %s: %s", file_id, e)
+        return None
+
+
+def write(path: str, data: bytes) -> None:
+    """Replace the record at *path* atomically: a temporary file, fsync, rename.
+
+    Makes the directories above it; refuses (FileNotFoundError) when they
+    pass through a symlink.
+    """
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.realpath(parent) != parent:
+        raise FileNotFoundError(errno.ENOENT, f"{parent} passes through a symlink")
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def delete(path: str, top: str) -> None:
+    """Remove the record at *path*, and the directories below *top* it leaves empty."""
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    parent = os.path.dirname(path)
+    while parent != top:
+        try:
+            os.rmdir(parent)
+        except OSError:
+            break
+        parent = os.path.dirname(parent)
+
+
+def file_ids(top: str) -> list[str]:
+    """The file ids that have a record below *top*, sorted (symlinks are not followed)."""
+    if os.path.realpath(top) != top:
+        return []
+    out = []
+    for dirpath, _dirs, files in os.walk(top):
+        rel = os.path.relpath(dirpath, top)
+        for name in files:
+            try:
+                mode = os.lstat(os.path.join(dirpath, name)).st_mode
+            except FileNotFoundError:
+                continue
+            if st.S_ISREG(mode):
+                out.append(name if rel == "." else f"{rel}/{name}")
+    return sorted(out)
