@@ -20,6 +20,7 @@ import trio
 from backends.throttled import parse_throttle
 from cachefs import s3options
 from cachefs.client import (
+    cmd_add_data,
     cmd_pin,
     cmd_prefetch,
     cmd_purge,
@@ -30,6 +31,7 @@ from cachefs.client import (
     cmd_unpin,
 )
 from cachefs.engine import CacheConfig
+from cachefs.engine.crypto import read_key_material
 from cachefs.errors import CacheFSError, ConfigError
 from cachefs.mount import (
     LOG_NAME,
@@ -43,6 +45,7 @@ from cachefs.mount import (
     run_mount,
     spawn_daemon,
 )
+from cachefs.publish import run_publish
 from cachefs.registry import open_backend
 from cachefs.sizes import format_size, parse_size
 
@@ -206,6 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ReadData calls in flight at once (default: {DEFAULTS.max_fetches})",
     )
     mount.add_argument(
+        "--verify",
+        choices=("once", "always", "off"),
+        default=DEFAULTS.verify,
+        help="check blocks read from the cache disk against their SHA-256: once per block "
+        "per mount, always, or off (no hashing, no content information; fastest). Blocks "
+        "from the source are checked against its published content information either way "
+        "unless off (default: once)",
+    )
+    mount.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="keep the cache encrypted at rest (AES-256-GCM per block; file names sealed). "
+        "The key comes from --key-file or the CACHEFS_KEY environment variable: 32 random "
+        "bytes, 64 hex digits, or a passphrase (stretched with scrypt). A cache dir made with "
+        "a key refuses any other key, and refuses to mount without one",
+    )
+    mount.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the --encrypt key (raw 32 bytes, hex, or a passphrase); chmod 600 it",
+    )
+    mount.add_argument(
         "--faults",
         metavar="FILE",
         help="inject read failures from a JSON rules file, re-read while mounted (testing)",
@@ -290,6 +315,39 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("paths", metavar="PATH", nargs="+")
     purge.set_defaults(run=cmd_purge)
 
+    add_data = command(
+        "add-data",
+        "supply file content from elsewhere",
+        "Supply bytes of PATH (a file in a mount) at --offset, read from --from (a file, or - "
+        "for stdin): copied from a peer, a USB disk, another cache. Each block is stored only "
+        "once it is complete and matches its SHA-256 from the source's content information "
+        "(cachefs publish) or from an earlier fetch; a partial block is held in the mount's "
+        "memory until the rest is added. Prints blocks accepted, rejected and pending. "
+        "Exit codes: 1 some blocks rejected, 3 no content information to check against "
+        "(--trust accepts the data unchecked), 4 beyond the end of the file.",
+    )
+    add_data.add_argument("path", metavar="PATH")
+    add_data.add_argument(
+        "--offset",
+        metavar="N",
+        type=_non_negative(int),
+        required=True,
+        help="byte offset in PATH where the data starts",
+    )
+    add_data.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        default="-",
+        help="where the bytes come from (default: - , standard input)",
+    )
+    add_data.add_argument(
+        "--trust",
+        action="store_true",
+        help="accept blocks that cannot be checked (no content information) as they are",
+    )
+    add_data.set_defaults(run=cmd_add_data)
+
     stats = command(
         "stats",
         "show a mount's counters",
@@ -318,6 +376,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reset_external.add_argument("path", metavar="PATH", help="any path inside the mount")
     reset_external.set_defaults(run=cmd_reset_external_error)
+
+    publish = command(
+        "publish",
+        "store content information for every file of a source",
+        "Read every file of SOURCE and store the SHA-256 of each of its blocks beside it "
+        "(in SOURCE/.cachefs-ci/, which mounts never show), so that mounts of SOURCE check "
+        "every block they fetch against it. Needs write access to SOURCE. Files whose "
+        "information is already up to date are not read again; files that change while "
+        "being read are skipped; the information of files gone from SOURCE is removed. "
+        "Prints one summary line; exits with 1 if any file failed.",
+    )
+    publish.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="directory path, file:///abs/path or s3://BUCKET[/PREFIX]",
+    )
+    publish.add_argument(
+        "--block-size",
+        metavar="SIZE",
+        type=_size,
+        default="1M",
+        help="block size of the hashes; must equal the --block-size of the mounts that use "
+        "them, which ignore information of any other block size (default: 1M, the mount's "
+        "default)",
+    )
+    s3options.add_arguments(publish)
+    publish.set_defaults(run=cmd_publish)
     return parser
 
 
@@ -342,8 +427,14 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if isinstance(min_free, float):
         st = os.statvfs(cache_dir)
         min_free = int(st.f_blocks * st.f_frsize * min_free)
+    if args.key_file is not None and not args.encrypt:
+        raise ConfigError("--key-file is only used with --encrypt")
+    key_file = Path(os.path.abspath(args.key_file)) if args.key_file else None
+    if args.encrypt:
+        read_key_material(None if key_file is None else str(key_file), os.environ)
     config = CacheConfig(
         block_size=block_size,
+        verify=args.verify,
         ttl=args.ttl,
         retries=args.retries,
         cache_size=args.cache_size,
@@ -362,6 +453,8 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         throttle=args.throttle,
         readahead_kb=args.readahead_kb,
         backend_options=backend_options,
+        encrypt=args.encrypt,
+        key_file=key_file,
     )
 
 
@@ -378,12 +471,17 @@ def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
         f"--max-readahead={opts.config.max_readahead}",
         f"--max-fetches={opts.config.max_fetches}",
         f"--readahead-kb={opts.readahead_kb}",
+        f"--verify={opts.config.verify}",
         f"--log-level={log_level}",
     ]
     if opts.config.cache_size is not None:
         argv.append(f"--cache-size={opts.config.cache_size}")
     if opts.config.min_free is not None:
         argv.append(f"--min-free={opts.config.min_free}")
+    if opts.encrypt:
+        argv.append("--encrypt")  # CACHEFS_KEY, if that is the key, is inherited
+    if opts.key_file:
+        argv.append(f"--key-file={opts.key_file}")
     if opts.faults:
         argv.append(f"--faults={opts.faults}")
     if opts.trace:
@@ -421,6 +519,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         readiness.failed(1, f"internal error: {e!r}")
         raise
     return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    source = normalize_source(args.source)
+    return run_publish(source, args.block_size, s3options.from_args(args, source))
 
 
 # -- entry point ------------------------------------------------------------------------
