@@ -27,6 +27,7 @@ import pytest
 from conftest import MountFactory, disk_usage, pread_direct
 
 from backends.trace import read_trace
+from cachefs import control
 from cachefs.control import mount_at, request
 from cachefs.errors import CacheFSError
 
@@ -55,6 +56,7 @@ class Size:
     recorded: int
     on_disk: int
     data_files: int
+    encrypted: bool = False
 
     def drift(self) -> int:
         return abs(self.on_disk - self.recorded)
@@ -62,7 +64,8 @@ class Size:
     def granularity(self) -> int:
         # Per data file at most one page: a partial last block rounds up to a
         # page, and punching a partial last block leaves its last page allocated.
-        return PAGE * self.data_files
+        # Encrypted, the nonces and tags take one more page per file.
+        return PAGE * self.data_files * (2 if self.encrypted else 1)
 
 
 @dataclass
@@ -91,6 +94,7 @@ def measure(m: Mount) -> Size:
             m.stats()["cached_bytes"],
             disk_usage(m.cache_dir),
             len(os.listdir(m.cache_dir / "data")),
+            "--encrypt" in m.options,
         )
         if size.drift() <= size.granularity():
             break
@@ -218,8 +222,10 @@ def check_remount(m: Mount, files: dict[str, bytes], trace: Path, observed: Roun
     observed.after_reads = measure(m)
 
 
-@pytest.fixture(scope="module")
-def rounds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Round]]:
+@pytest.fixture(scope="module", params=["plain", "encrypted"])
+def rounds(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Round]]:
     if not os.path.exists("/dev/fuse"):
         pytest.skip("needs /dev/fuse (FUSE) on this machine")
     tmp = tmp_path_factory.mktemp("crash")
@@ -227,16 +233,22 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Round]]:
     src = tmp / "src"
     files = make_source(src, rnd)
     cache = tmp / "cache"
+    options = OPTIONS
+    if request.param == "encrypted":
+        key = tmp / "key"
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
+        options += ("--encrypt", "--key-file", str(key))
     factory = MountFactory(tmp)
     try:
-        m = factory(src, *OPTIONS, cache_dir=cache)
-        request(mount_at(m.mountpoint), "pin", file_ids=[PINNED])  # type: ignore[arg-type]
+        m = factory(src, *options, cache_dir=cache)
+        control.request(mount_at(m.mountpoint), "pin", file_ids=[PINNED])  # type: ignore[arg-type]
         observed = []
         for i in range(ROUNDS):
             observed.append(Round(kill_after=rnd.randrange(5, 120)))
             crash(m, files, rnd, observed[-1])
             trace = tmp / f"trace{i}"
-            m = factory(src, *OPTIONS, "--trace", trace, cache_dir=cache)
+            m = factory(src, *options, "--trace", trace, cache_dir=cache)
             check_remount(m, files, trace, observed[-1])
         m.unmount()
         yield observed

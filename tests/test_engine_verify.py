@@ -21,8 +21,20 @@ def data_file(rig: Rig) -> str:
     return str(rig.cache_dir / "data" / name)
 
 
-def stride(key: bytes | None) -> int:
-    return BS + (28 if key else 0)
+def get_block(path: str, b: int, key: bytes | None) -> tuple[bytes, bytes]:
+    """Block *b* as stored: its bytes, and (encrypted) its nonce and tag."""
+    n = min(BS, len(DATA) - b * BS)
+    return read_raw(path, b * BS, n), read_raw(path, TAGS_AT + 28 * b, 28) if key else b""
+
+
+def put_block(path: str, b: int, key: bytes | None, stored: tuple[bytes, bytes]) -> None:
+    patch(path, b * BS, stored[0])
+    if key:
+        patch(path, TAGS_AT + 28 * b, stored[1])
+
+
+# An encrypted data file keeps each block's nonce and tag after the data.
+TAGS_AT = -(-len(DATA) // 4096) * 4096
 
 
 def patch(path: str, offset: int, data: bytes) -> None:
@@ -92,7 +104,7 @@ async def test_a_flipped_byte_in_a_data_file_is_dropped_and_refetched(tmp_path, 
     rig = Rig(tmp_path, {"f": DATA})
     await fill(rig, key)
     path = data_file(rig)
-    at = 2 * stride(key) + 100
+    at = 2 * BS + 100
     patch(path, at, bytes([read_raw(path, at, 1)[0] ^ 1]))
     async with rig.engine(key) as cache:
         assert await read_sequential(cache, "f") == DATA
@@ -104,10 +116,10 @@ async def test_a_flipped_byte_in_a_data_file_is_dropped_and_refetched(tmp_path, 
 async def test_two_swapped_blocks_are_both_refetched(tmp_path, key):
     rig = Rig(tmp_path, {"f": DATA})
     await fill(rig, key)
-    path, s = data_file(rig), stride(key)
-    one, two = read_raw(path, 0, s), read_raw(path, s, s)
-    patch(path, 0, two)
-    patch(path, s, one)
+    path = data_file(rig)
+    one, two = get_block(path, 0, key), get_block(path, 1, key)
+    put_block(path, 0, key, two)
+    put_block(path, 1, key, one)
     async with rig.engine(key) as cache:
         assert await read_sequential(cache, "f") == DATA
     assert asked_blocks(rig) == {0, 1}
@@ -117,12 +129,12 @@ async def test_two_swapped_blocks_are_both_refetched(tmp_path, key):
 async def test_an_old_versions_block_replayed_into_the_new_version_is_refetched(tmp_path, key):
     rig = Rig(tmp_path, {"f": DATA})
     await fill(rig, key)
-    old = read_raw(data_file(rig), 0, stride(key))
+    old = get_block(data_file(rig), 0, key)
     new = os.urandom(len(DATA))
     rig.memory.put("f", new)
     async with rig.engine(key) as cache:
         assert await read_sequential(cache, "f") == new
-    patch(data_file(rig), 0, old)
+    put_block(data_file(rig), 0, key, old)
     rig.calls()
     async with rig.engine(key) as cache:
         assert await read_sequential(cache, "f") == new
@@ -134,7 +146,7 @@ async def test_an_old_versions_block_replayed_into_the_new_version_is_refetched(
 async def test_a_truncated_data_file_is_never_served(tmp_path, key):
     rig = Rig(tmp_path, {"f": DATA})
     await fill(rig, key)
-    os.truncate(data_file(rig), 2 * stride(key) + 10)
+    os.truncate(data_file(rig), 2 * BS + 10)
     async with rig.engine(key) as cache:
         assert await read_sequential(cache, "f") == DATA
 

@@ -209,7 +209,11 @@ def _repair(
             cf.zero_from = None
             _unlink(path)
             repaired.append(cf)
-        elif st is not None and st.st_blocks * 512 > cf.present.count(1) * cf.data.stride + 4096:
+        elif (
+            st is not None
+            and st.st_blocks * 512
+            > cf.present.count(1) * block_size + (cf.data.disk_size - cf.size) + 8192
+        ):
             _punch_unmarked(cf.data, cf)
     return repaired
 

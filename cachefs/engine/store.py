@@ -1,10 +1,11 @@
 """Block bytes on disk: one sparse data file per cached file version.
 
-Block ``i`` lives at offset ``i * stride`` of ``data/<row id>``; a block
-that was never written is a hole and reads as zeros.  Plain, the stride is
-the block size and the file mirrors the source file.  Encrypted, each block
-is sealed on its own (nonce, ciphertext, tag: OVERHEAD more bytes), bound
-to its row, version and index, so the stride is block size + OVERHEAD.  The hit path preads a
+Block ``i`` lives at offset ``i * block_size`` of ``data/<row id>``; a block
+that was never written is a hole and reads as zeros.  Encrypted, the block's
+ciphertext lies at the same offset (so blocks stay page-aligned and an
+evicted block's space is given back whole) and its nonce and GCM tag, 28
+bytes, in a table after the data, from the first page boundary past
+``size``; a block is bound to its row, version and index.  The hit path preads a
 kept-open fd on the trio loop (the measured exception to "no blocking I/O on
 the loop"); writes and syncs run in worker threads, and an fd is closed only
 when no thread uses it, so a number is never reused under a writer.
@@ -24,7 +25,8 @@ import trio
 if TYPE_CHECKING:
     from cachefs.engine.crypto import CacheKey
 
-OVERHEAD = 28  # nonce 12 + GCM tag 16: what sealing adds to a block
+NONCE, TAG = 12, 16
+OVERHEAD = NONCE + TAG  # what sealing adds to a block: kept in the tag table
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class DataFile:
         "users",
         "retired",
         "block_size",
-        "stride",
+        "tags_at",
         "disk_size",
         "key",
         "row_id",
@@ -68,15 +70,14 @@ class DataFile:
         self.key = key
         self.row_id = row_id
         self.version = version
-        if key is None:
-            self.stride, self.disk_size = block_size, size
-        else:
-            self.stride = block_size + OVERHEAD
-            self.disk_size = size + -(-size // block_size) * OVERHEAD
+        self.tags_at = page_end(size)
+        self.disk_size = size
+        if key is not None:
+            self.disk_size = self.tags_at + -(-size // block_size) * OVERHEAD
 
     def span(self, first: int, last: int) -> tuple[int, int]:
-        """Where blocks first..last lie in the data file: (start, end)."""
-        return first * self.stride, min((last + 1) * self.stride, self.disk_size)
+        """Where the bytes of blocks first..last lie in the data file: (start, end)."""
+        return first * self.block_size, min((last + 1) * self.block_size, self.size)
 
     def acquire(self) -> int:
         """Open (creating a sparse file of the full size) and hold the fd."""
@@ -152,8 +153,13 @@ class DataFile:
             _pwrite_all(fd, data[:good], first * bs)
         else:
             for i, at in enumerate(range(0, good, bs)):
-                sealed = key.seal_block(self.row_id, self.version, first + i, data[at : at + bs])
-                _pwrite_all(fd, memoryview(sealed), (first + i) * self.stride)
+                b = first + i
+                sealed = memoryview(
+                    key.seal_block(self.row_id, self.version, b, data[at : at + bs])
+                )
+                _pwrite_all(fd, sealed[NONCE:-TAG], b * bs)
+                tag = bytes(sealed[:NONCE]) + bytes(sealed[-TAG:])
+                _pwrite_all(fd, memoryview(tag), self.tags_at + b * OVERHEAD)
         return hashes, good
 
     def read_blocks(
@@ -178,15 +184,20 @@ class DataFile:
                 if b * bs + min(bs, self.size - b * bs) > start + got:
                     bad.append(b)
         else:
-            sealed = bytearray(min(bs, stop - start) + OVERHEAD)
+            rec = bytearray(min(bs, stop - start) + OVERHEAD)
+            tags = bytearray((last - first + 1) * OVERHEAD)
+            got = pread_into(fd, memoryview(tags), self.tags_at + first * OVERHEAD)
             for b in range(first, last + 1):
                 at = b * bs - start
                 n = min(bs, stop - b * bs)
-                rec = memoryview(sealed)[: n + OVERHEAD]
-                if pread_into(fd, rec, b * self.stride) < len(rec):
+                record = memoryview(rec)[: n + OVERHEAD]
+                t = (b - first) * OVERHEAD
+                record[:NONCE] = tags[t : t + NONCE]
+                record[NONCE + n :] = tags[t + NONCE : t + OVERHEAD]
+                if got < t + OVERHEAD or pread_into(fd, record[NONCE : NONCE + n], b * bs) < n:
                     bad.append(b)
                     continue
-                plain = key.open_block(self.row_id, self.version, b, rec)
+                plain = key.open_block(self.row_id, self.version, b, record)
                 if plain is None:
                     bad.append(b)
                     continue
