@@ -1,8 +1,9 @@
-"""Ratios, the targets of issue 6 §3, and the JSON / Markdown / PNG outputs.
+"""Ratios, the goals (issue 6 §3, encryption), and the JSON / Markdown / PNG outputs.
 
 A ratio is always "how many times as fast as": for a time (time to first
 byte) the other target's time is divided by cachefs's, so > 1 means cachefs
-is faster everywhere.
+is faster everywhere.  ``cachefs-enc/cachefs`` is the encrypted cache against
+the plain one (> 1: encrypted faster), where the encrypted one was measured.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from bench.jobs import JOBS, Job
 from bench.suite import CONDITIONS
 
 PEERS = ("raw", "rclone")
+ENCRYPTED = "cachefs-enc"
+ENC_RATIO = f"{ENCRYPTED}/cachefs"
 
 
 @dataclass(frozen=True)
@@ -24,20 +27,33 @@ class Goal:
     title: str
     job: str  # a job key, or "s3like"
     condition: str
-    peer: str
+    ratio: str  # a key of the rows of ratios(); unused for "s3like"
     at_least: float
 
 
 GOALS = [
-    Goal("warm seq 1M >= 0.9 x raw", "seq1m_j1", "warm", "raw", 0.9),
-    Goal("warm rand 4k (1 job) >= 0.9 x raw", "rand4k_j1", "warm", "raw", 0.9),
-    Goal("warm rand 4k (4 jobs) >= 0.9 x raw", "rand4k_j4", "warm", "raw", 0.9),
-    Goal("cache-hit seq 1M >= 0.9 x raw", "seq1m_j1", "cache-hit", "raw", 0.9),
-    Goal("cache-hit seq 1M >= 1.0 x rclone", "seq1m_j1", "cache-hit", "rclone", 1.0),
-    Goal("cold seq 1M >= 0.5 x raw", "seq1m_j1", "cold", "raw", 0.5),
-    Goal("cold seq 1M >= 3 x rclone", "seq1m_j1", "cold", "rclone", 3.0),
-    Goal("cache-hit rand 4k (4 jobs) >= 1.0 x rclone", "rand4k_j4", "cache-hit", "rclone", 1.0),
-    Goal("throttled-S3 cold seq >= 6 x naive single stream", "s3like", "cold", "naive", 6.0),
+    Goal("warm seq 1M >= 0.9 x raw", "seq1m_j1", "warm", "cachefs/raw", 0.9),
+    Goal("warm rand 4k (1 job) >= 0.9 x raw", "rand4k_j1", "warm", "cachefs/raw", 0.9),
+    Goal("warm rand 4k (4 jobs) >= 0.9 x raw", "rand4k_j4", "warm", "cachefs/raw", 0.9),
+    Goal("cache-hit seq 1M >= 0.9 x raw", "seq1m_j1", "cache-hit", "cachefs/raw", 0.9),
+    Goal("cache-hit seq 1M >= 1.0 x rclone", "seq1m_j1", "cache-hit", "cachefs/rclone", 1.0),
+    Goal("cold seq 1M >= 0.5 x raw", "seq1m_j1", "cold", "cachefs/raw", 0.5),
+    Goal("cold seq 1M >= 3 x rclone", "seq1m_j1", "cold", "cachefs/rclone", 3.0),
+    Goal(
+        "cache-hit rand 4k (4 jobs) >= 1.0 x rclone",
+        "rand4k_j4",
+        "cache-hit",
+        "cachefs/rclone",
+        1.0,
+    ),
+    Goal("throttled-S3 cold seq >= 6 x naive single stream", "s3like", "cold", "", 6.0),
+    Goal(
+        "encrypted cache-hit seq 1M >= 0.5 x plain cache-hit",
+        "seq1m_j1",
+        "cache-hit",
+        ENC_RATIO,
+        0.5,
+    ),
 ]
 
 
@@ -50,7 +66,8 @@ def _speed_ratio(job: Job, ours: Any, theirs: Any) -> float | None:
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """cachefs/raw and cachefs/rclone for every job and condition measured."""
+    """cachefs/raw, cachefs/rclone, rclone/raw and cachefs-enc/cachefs for every job
+    and condition measured (None where either side is missing)."""
     out = []
     for job in JOBS:
         if job.key not in results:
@@ -64,6 +81,7 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             entry["rclone/raw"] = _speed_ratio(
                 job, row.get("rclone", {}).get("value"), row.get("raw", {}).get("value")
             )
+            entry[ENC_RATIO] = _speed_ratio(job, row.get(ENCRYPTED, {}).get("value"), ours)
             out.append(entry)
     return out
 
@@ -77,7 +95,7 @@ def check_goals(table: list[dict[str, Any]], s3like: dict[str, Any] | None) -> l
         else:
             for row in table:
                 if row["job"] == goal.job and row["condition"] == goal.condition:
-                    ratio = row[f"cachefs/{goal.peer}"]
+                    ratio = row[goal.ratio]
         verdict = "n/a" if ratio is None else ("PASS" if ratio >= goal.at_least else "MISS")
         out.append(
             {"goal": goal.title, "ratio": ratio, "at_least": goal.at_least, "verdict": verdict}
@@ -170,17 +188,58 @@ def markdown(report: dict[str, Any]) -> str:
             f"single-stream 1 MiB ranged GETs {_fmt(moto['naive']['value'])} MiB/s: "
             f"**{_fmt(moto['ratio'])} x**.",
         ]
-    lines += ["", "| target (issue 6 §3) | ratio | verdict |", "|---|---:|---|"]
+    lines += _encrypted_lines(report)
+    lines += ["", "| goal | ratio | verdict |", "|---|---:|---|"]
     for g in report["goals"]:
         lines.append(f"| {g['goal']} | {_fmt(g['ratio'])} | {g['verdict']} |")
     return "\n".join(lines) + "\n"
+
+
+def _encrypted_lines(report: dict[str, Any]) -> list[str]:
+    """The encrypted cache against the plain one, for what the encrypted one measured."""
+    by_key = {(r["job"], r["condition"]): r for r in report["ratios"]}
+    rows = []
+    verify: set[str] = set()
+    for job in JOBS:
+        for condition in CONDITIONS:
+            row = report["results"].get(job.key, {}).get(condition, {})
+            if ENCRYPTED not in row:
+                continue
+            plain, enc = row.get("cachefs", {}), row[ENCRYPTED]
+            verify |= {f["cachefs_mount"]["verify"] for f in (plain, enc) if "cachefs_mount" in f}
+            cells = [
+                f"{job.title} ({job.unit})",
+                condition,
+                _cell(plain),
+                _cell(enc),
+                _fmt(by_key[(job.key, condition)][ENC_RATIO]),
+                _fmt(plain.get("daemon_cpu_s")),
+                _fmt(enc.get("daemon_cpu_s")),
+                _fmt(plain.get("daemon_peak_rss_mib")),
+                _fmt(enc.get("daemon_peak_rss_mib")),
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    verified = f", both with `--verify {verify.pop()}`" if len(verify) == 1 else ""
+    return [
+        "",
+        "Encrypted cache (`cachefs mount --encrypt`, a random 32-byte key) against the plain "
+        f"one{verified}; ratio > 1: encrypted faster.",
+        "",
+        "| job | condition | cachefs | cachefs-enc | enc/plain | cachefs CPU s "
+        "| cachefs-enc CPU s | cachefs RSS MiB | cachefs-enc RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 # -- chart -------------------------------------------------------------------------------
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
-    """Bars of cachefs/raw, rclone/raw and cachefs/rclone per job and condition (log scale)."""
+    """Bars of cachefs/raw, rclone/raw, cachefs/rclone and cachefs-enc/cachefs per job
+    and condition (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,11 +249,13 @@ def chart(report: dict[str, Any], path: Path) -> None:
     labels = [f"{r['job']}\n{r['condition']}" for r in rows]
     series = [("cachefs/raw", "tab:blue"), ("rclone/raw", "tab:orange")]
     series.append(("cachefs/rclone", "tab:green"))
-    width = 0.27
+    if any(r.get(ENC_RATIO) is not None for r in rows):
+        series.append((ENC_RATIO, "tab:purple"))
+    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.75), 5.5))
     for i, (key, color) in enumerate(series):
-        xs = [n + (i - 1) * width for n in range(len(rows))]
-        ys = [r[key] or 0 for r in rows]
+        xs = [n + (i - (len(series) - 1) / 2) * width for n in range(len(rows))]
+        ys = [r.get(key) or 0 for r in rows]
         ax.bar(xs, ys, width, label=key, color=color)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")

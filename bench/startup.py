@@ -54,7 +54,7 @@ def build(cache_dir: Path, files: int, blocks: int) -> None:
     size = per_file * BLOCK
     lock = lock_cache_dir(cache_dir)
     try:
-        index, _, _, _ = open_index(cache_dir, BLOCK)
+        index = open_index(cache_dir, BLOCK).index
         rows = []
         for i in range(files):
             row_id = i + 1
@@ -66,6 +66,7 @@ def build(cache_dir: Path, files: int, blocks: int) -> None:
                 0.0,
                 0o644,
                 bytearray(b"\x01" * per_file),
+                hashes=bytearray(b"\x5a" * 32 * per_file),  # as recorded on fills
             )
             rows.append(row_of(cf))
             with open(cache_dir / "data" / str(row_id), "wb") as f:

@@ -1,9 +1,12 @@
-"""What the jobs run against: the raw source, a cachefs mount, an rclone mount.
+"""What the jobs run against: the raw source, a cachefs mount (plain or
+encrypted), an rclone mount.
 
 ``fresh()`` of a mounted target mounts it with an empty cache and always
 unmounts it on the way out (``fusermount3 -u -z`` as the last resort); the
 daemon it started is always stopped and its cache dir removed.  While mounted, ``root`` is where the
-data appears and ``pid`` is the daemon to account for.
+data appears and ``pid`` is the daemon to account for.  ``measures()`` says
+which jobs and conditions a target takes part in: every one, except for the
+encrypted cachefs, which is there to be compared with the plain one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from bench.system import (
 
 MOUNT_DEADLINE = 60.0
 EXIT_DEADLINE = 30.0
+KEY_BYTES = 32  # a raw key: cachefs takes it as it is, no passphrase stretching
+# where the encrypted cache is measured (job keys, conditions): its cost per byte
+# shows in seq 1 MiB, its cost per call in rand 4 KiB, and both on cache hits; warm
+# checks that nothing else got slower; cold is left out to keep the run short
+ENCRYPTED_JOBS = frozenset({"seq1m_j1", "rand4k_j1", "rand4k_j4"})
+ENCRYPTED_CONDITIONS = frozenset({"cache-hit", "warm"})
 
 
 class Target:
@@ -46,6 +55,10 @@ class Target:
     @contextmanager
     def fresh(self) -> Iterator[None]:
         yield
+
+    def measures(self, job: str, condition: str) -> bool:
+        """Whether this target is measured on *job* (a job key) under *condition*."""
+        return True
 
     def counters(self) -> dict[str, Any]:
         return {}
@@ -162,6 +175,39 @@ class RcloneTarget(Target):
                 self.root, self.pid = self.source, None
 
 
+class EncryptedTarget(CachefsTarget):
+    """``cachefs mount ... --encrypt --key-file KEY``: the cache encrypted at rest.
+
+    The key is 32 random bytes, written (mode 600) to the work dir for each
+    mount and removed after it.  Measured only where encryption shows: the
+    jobs of ``ENCRYPTED_JOBS``, on cache hits (every block opened from the
+    cache disk) and warm (the page cache; nothing to open).
+    """
+
+    name = "cachefs-enc"
+
+    def __init__(self, source: Path, workdir: Path) -> None:
+        super().__init__(source, workdir)
+        self.key_file = workdir / f"{self.name}.key"
+
+    @contextmanager
+    def fresh(self) -> Iterator[None]:
+        _write_key(self.key_file)
+        try:
+            with super().fresh():
+                if self.counters().get("encrypted") is not True:
+                    raise BenchError("cachefs mount --encrypt: the mount says it is not encrypted")
+                yield
+        finally:
+            self.key_file.unlink(missing_ok=True)
+
+    def measures(self, job: str, condition: str) -> bool:
+        return job in ENCRYPTED_JOBS and condition in ENCRYPTED_CONDITIONS
+
+    def mount_options(self) -> list[str]:
+        return ["--encrypt", f"--key-file={self.key_file}"]
+
+
 class ThrottledTarget(CachefsTarget):
     """``cachefs mount ... --throttle SPEC``: cachefs over ``throttle(local)``."""
 
@@ -197,6 +243,16 @@ def _end_daemon(pid: int) -> None:
             return
 
 
+def _write_key(path: Path) -> None:
+    """A fresh random key of 32 raw bytes at *path*, readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a file left by an earlier run keeps its mode otherwise
+        os.write(fd, os.urandom(KEY_BYTES))
+    finally:
+        os.close(fd)
+
+
 def _keep_log(src: Path, dst: Path) -> None:
     try:
         with open(src, "rb") as f, open(dst, "ab") as out:
@@ -205,4 +261,9 @@ def _keep_log(src: Path, dst: Path) -> None:
         pass
 
 
-TARGETS = {"raw": Target, "cachefs": CachefsTarget, "rclone": RcloneTarget}
+TARGETS = {
+    "raw": Target,
+    "cachefs": CachefsTarget,
+    "cachefs-enc": EncryptedTarget,
+    "rclone": RcloneTarget,
+}
