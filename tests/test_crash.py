@@ -64,8 +64,9 @@ class Size:
     def granularity(self) -> int:
         # Per data file at most one page: a partial last block rounds up to a
         # page, and punching a partial last block leaves its last page allocated.
-        # Encrypted, the nonces and tags take one more page per file.
-        return PAGE * self.data_files * (2 if self.encrypted else 1)
+        # Encrypted, the table of nonces and tags after the data takes up to
+        # two more (it starts at a page boundary and may cross one).
+        return PAGE * self.data_files * (3 if self.encrypted else 1)
 
 
 @dataclass

@@ -415,3 +415,23 @@ async def test_added_blocks_are_encrypted_too(tmp_path):
     async with rig.engine(KEY) as cache:
         assert await read_sequential(cache, "f") == DATA
     assert rig.reads() == []
+
+
+@pytest.mark.parametrize("verify", ["once", "off"])
+async def test_encrypted_blocks_are_sealed_in_chunks_and_small_reads_open_one(tmp_path, verify):
+    data = os.urandom(3 * 4 * BS + 777)  # blocks of four 64 KiB chunks
+    rig = Rig(tmp_path, {"f": data})
+    async with rig.engine(KEY, block_size=4 * BS) as cache:
+        assert await read_sequential(cache, "f") == data
+    rig.calls()
+    path = data_file(rig)
+    at = 4 * BS + 2 * BS + 9  # block 1, chunk 2
+    patch(path, at, bytes([data[at] ^ 1]))
+    async with rig.engine(KEY, block_size=4 * BS, verify=verify) as cache:
+        for offset in range(0, len(data), 50_000):
+            if not 4 * BS <= offset < 8 * BS:
+                assert await read_at(cache, "f", offset, 5000) == data[offset : offset + 5000]
+        assert cache.statistics()["corrupt_in_cache"] == 0 if verify == "off" else 1
+        assert await read_at(cache, "f", at - 10, 20) == data[at - 10 : at + 10]
+        assert cache.statistics()["corrupt_in_cache"] == 1
+    assert asked_blocks(rig) == {4}  # block 1 at 4 * BS, fetched again

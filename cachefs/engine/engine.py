@@ -231,7 +231,12 @@ class FileCache:
         assert data is not None
         data.acquire()
         try:
-            buf, bad = await self._readers.run(data.read_blocks, fd, first, last, expected)
+            if expected is None and data.key is not None:  # open only what is read
+                buf, bad = await self._readers.run(data.read_range, fd, offset, end)
+                lo = 0
+            else:
+                buf, bad = await self._readers.run(data.read_blocks, fd, first, last, expected)
+                lo = offset - first * bs
         finally:
             data.release()
         if cf.epoch != epoch or cf.retired:
@@ -241,7 +246,6 @@ class FileCache:
             return None
         self.content.passed(cf, first, last)
         self.catalog.touch(cf, first, last)
-        lo = offset - first * bs
         if lo == 0 and end - offset == len(buf):
             return buf
         return buf[lo : lo + end - offset]

@@ -1,14 +1,16 @@
 """Block bytes on disk: one sparse data file per cached file version.
 
 Block ``i`` lives at offset ``i * block_size`` of ``data/<row id>``; a block
-that was never written is a hole and reads as zeros.  Encrypted, the block's
-ciphertext lies at the same offset (so blocks stay page-aligned and an
-evicted block's space is given back whole) and its nonce and GCM tag, 28
-bytes, in a table after the data, from the first page boundary past
-``size``; a block is bound to its row, version and index.  The hit path preads a
-kept-open fd on the trio loop (the measured exception to "no blocking I/O on
-the loop"); writes and syncs run in worker threads, and an fd is closed only
-when no thread uses it, so a number is never reused under a writer.
+that was never written is a hole and reads as zeros.  Encrypted, each block
+is sealed in chunks of 64 KiB (AES-GCM; the associated data binds the row,
+the version and the chunk's index in the file, hence its block and place).
+The ciphertext lies where the plain bytes would (blocks stay page-aligned and
+an evicted block's space is given back whole); each chunk's nonce and tag,
+28 bytes, go in a table after the data, from the first page boundary past
+``size``.  The hit path preads a kept-open fd on the trio loop (the measured
+exception to "no blocking I/O on the loop"); writes and syncs run in worker
+threads, and an fd is closed only when no thread uses it, so a number is
+never reused under a writer.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ if TYPE_CHECKING:
     from cachefs.engine.crypto import CacheKey
 
 NONCE, TAG = 12, 16
-OVERHEAD = NONCE + TAG  # what sealing adds to a block: kept in the tag table
+OVERHEAD = NONCE + TAG  # what sealing adds to a chunk: kept in the tag table
+# Encrypted blocks are sealed in chunks of this size (or the block size if
+# smaller): a small read opens one chunk, not a whole block.
+CHUNK = 64 << 10
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ class DataFile:
         "users",
         "retired",
         "block_size",
+        "chunk",
         "tags_at",
         "disk_size",
         "key",
@@ -70,10 +76,11 @@ class DataFile:
         self.key = key
         self.row_id = row_id
         self.version = version
+        self.chunk = min(block_size, CHUNK)
         self.tags_at = page_end(size)
         self.disk_size = size
         if key is not None:
-            self.disk_size = self.tags_at + -(-size // block_size) * OVERHEAD
+            self.disk_size = self.tags_at + -(-size // self.chunk) * OVERHEAD
 
     def span(self, first: int, last: int) -> tuple[int, int]:
         """Where the bytes of blocks first..last lie in the data file: (start, end)."""
@@ -152,14 +159,15 @@ class DataFile:
         if key is None:
             _pwrite_all(fd, data[:good], first * bs)
         else:
-            for i, at in enumerate(range(0, good, bs)):
-                b = first + i
+            chunk = self.chunk
+            for at in range(0, good, chunk):
+                c = (first * bs + at) // chunk
                 sealed = memoryview(
-                    key.seal_block(self.row_id, self.version, b, data[at : at + bs])
+                    key.seal_block(self.row_id, self.version, c, data[at : at + chunk])
                 )
-                _pwrite_all(fd, sealed[NONCE:-TAG], b * bs)
+                _pwrite_all(fd, sealed[NONCE:-TAG], c * chunk)
                 tag = bytes(sealed[:NONCE]) + bytes(sealed[-TAG:])
-                _pwrite_all(fd, memoryview(tag), self.tags_at + b * OVERHEAD)
+                _pwrite_all(fd, memoryview(tag), self.tags_at + c * OVERHEAD)
         return hashes, good
 
     def read_blocks(
@@ -184,24 +192,8 @@ class DataFile:
                 if b * bs + min(bs, self.size - b * bs) > start + got:
                     bad.append(b)
         else:
-            rec = bytearray(min(bs, stop - start) + OVERHEAD)
-            tags = bytearray((last - first + 1) * OVERHEAD)
-            got = pread_into(fd, memoryview(tags), self.tags_at + first * OVERHEAD)
-            for b in range(first, last + 1):
-                at = b * bs - start
-                n = min(bs, stop - b * bs)
-                record = memoryview(rec)[: n + OVERHEAD]
-                t = (b - first) * OVERHEAD
-                record[:NONCE] = tags[t : t + NONCE]
-                record[NONCE + n :] = tags[t + NONCE : t + OVERHEAD]
-                if got < t + OVERHEAD or pread_into(fd, record[NONCE : NONCE + n], b * bs) < n:
-                    bad.append(b)
-                    continue
-                plain = key.open_block(self.row_id, self.version, b, record)
-                if plain is None:
-                    bad.append(b)
-                    continue
-                view[at : at + n] = plain
+            for c in self._open_chunks(fd, start, stop, view):
+                bad.append(c * self.chunk // bs)
         if expected is not None:
             for b in range(first, last + 1):
                 i = b - first
@@ -211,7 +203,49 @@ class DataFile:
                 block = view[b * bs - start : min((b + 1) * bs, stop) - start]
                 if hashlib.sha256(block).digest() != want:
                     bad.append(b)
-        return out, sorted(bad)
+        return out, sorted(set(bad))
+
+    def read_range(self, fd: int, offset: int, end: int) -> tuple[bytearray, list[int]]:
+        """Encrypted: bytes [offset, end) opening only the chunks they lie in.
+
+        Blocking.  Returns the bytes and the blocks with a chunk that failed.
+        """
+        chunk, bs = self.chunk, self.block_size
+        start = offset // chunk * chunk
+        stop = min(-(-end // chunk) * chunk, self.size)
+        out = bytearray(stop - start)
+        failed = self._open_chunks(fd, start, stop, memoryview(out))
+        bad = sorted({c * chunk // bs for c in failed})
+        if offset == start and end == stop:
+            return out, bad
+        return out[offset - start : end - start], bad
+
+    def _open_chunks(self, fd: int, start: int, stop: int, view: memoryview) -> list[int]:
+        """Decrypt the chunks of [start, stop) (chunk-aligned) into *view*; the failed ones."""
+        key = self.key
+        assert key is not None
+        chunk = self.chunk
+        first, last = start // chunk, (stop - 1) // chunk
+        tags = bytearray((last - first + 1) * OVERHEAD)
+        got = pread_into(fd, memoryview(tags), self.tags_at + first * OVERHEAD)
+        rec = bytearray(min(chunk, stop - start) + OVERHEAD)
+        failed = []
+        for c in range(first, last + 1):
+            at = c * chunk - start
+            n = min(chunk, stop - c * chunk)
+            record = memoryview(rec)[: n + OVERHEAD]
+            t = (c - first) * OVERHEAD
+            record[:NONCE] = tags[t : t + NONCE]
+            record[NONCE + n :] = tags[t + NONCE : t + OVERHEAD]
+            if got < t + OVERHEAD or pread_into(fd, record[NONCE : NONCE + n], c * chunk) < n:
+                failed.append(c)
+                continue
+            plain = key.open_block(self.row_id, self.version, c, record)
+            if plain is None:
+                failed.append(c)
+                continue
+            view[at : at + n] = plain
+        return failed
 
     async def punch(self, ranges: list[tuple[int, int]], limiter: trio.CapacityLimiter) -> None:
         """Give the space of (offset, length) *ranges* back to the filesystem."""
