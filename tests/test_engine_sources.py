@@ -12,7 +12,7 @@ from enginerig import BS, Rig, SourceFactory, read_at, read_sequential
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachefs import NotFound
+from cachefs import ContentInfo, CorruptData, NotFound
 
 pytest_plugins = ["s3server"]
 
@@ -151,3 +151,19 @@ def test_random_reads_over_random_files_return_the_source_bytes(make_source, sou
                             assert got == source[name][offset : offset + length]
 
     trio.run(main)
+
+
+async def test_content_info_stored_with_the_source_catches_damaged_bytes(tmp_path, make_source):
+    rig = rig_of(tmp_path, make_source, {"d/f": DATA})
+    backend = rig.source.backend
+    attrs = await backend.stat("d/f")
+    await backend.put_content_info("d/f", ContentInfo.of_bytes(DATA, attrs.version, BS))
+    rig.faults([{"file": "d/f", "corrupt": True, "count": 1}])
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "d/f", 3 * BS) == DATA
+        assert cache.statistics()["corrupt_from_backend"] == 1
+        assert [e.name for e in await cache.list_dir("")] == ["d"]
+        rig.faults([{"file": "d/f", "corrupt": True}])
+        await cache.purge("d/f")
+        with pytest.raises(CorruptData):
+            await read_at(cache, "d/f", 0, 10)
