@@ -19,7 +19,7 @@ from backends.local import LocalBackend, version_of
 from backends.memory import MemoryBackend
 from backends.trace import TraceBackend, read_trace
 from backends.wrapper import Wrapper
-from cachefs import cli
+from cachefs import CacheConfig, cli
 from cachefs.contract import ContentInfo, ReadData
 from cachefs.errors import ConfigError
 from cachefs.publish import CALL_SIZE, PARALLEL, publish
@@ -120,7 +120,7 @@ def test_publish_a_directory(cachefs: Cachefs, src: Path) -> None:
 def test_the_default_block_size_is_the_mounts(cachefs: Cachefs, src: Path) -> None:
     done = cachefs("publish", f"file://{src}")
     assert done.returncode == 0, done.stderr
-    assert local_record(src, "a.bin").block_size == cli.DEFAULTS.block_size == 1 << 20
+    assert local_record(src, "a.bin").block_size == CacheConfig().block_size == 1 << 20
     assert local_record(src, "a.bin") == expected_local(src, "a.bin", 1 << 20)
     # Another block size makes every record stale.
     done = cachefs("publish", src, "--block-size", "4K")

@@ -1,0 +1,377 @@
+"""The argument parser of the ``cachefs`` command: every option and its --help."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, NoReturn
+
+from backends.throttled import parse_throttle
+from cachefs import s3options
+from cachefs.client import (
+    cmd_add_data,
+    cmd_pin,
+    cmd_prefetch,
+    cmd_purge,
+    cmd_reset_external_error,
+    cmd_reset_file_errors,
+    cmd_stats,
+    cmd_unmount,
+    cmd_unpin,
+)
+from cachefs.engine import CacheConfig
+from cachefs.errors import ConfigError
+from cachefs.mountcmd import cmd_mount, cmd_publish
+from cachefs.sizes import parse_size
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULTS = CacheConfig()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _non_negative(kind: type[int] | type[float]) -> Any:
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _size_or_percent(text: str) -> int | float:
+    """A size in bytes (int), or a share of the cache filesystem like ``5%`` (float)."""
+    if not text.strip().endswith("%"):
+        return _size(text)
+    try:
+        percent = float(text.strip()[:-1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid percentage {text!r}") from None
+    if not 0 <= percent < 100:
+        raise argparse.ArgumentTypeError(f"a percentage must be from 0% to below 100%: {text!r}")
+    return percent / 100
+
+
+def _throttle(text: str) -> str:
+    """A ``LATENCY_MS,MIBPS`` spec, checked; passed on as written."""
+    try:
+        parse_throttle(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="how much to log (default: info for a foreground mount, warning otherwise); "
+        "debug also shows tracebacks",
+    )
+    parser = _Parser(
+        prog="cachefs",
+        description="A read-only FUSE file system that serves a source (a directory, "
+        "file:///path, s3://bucket/prefix) through a persistent block cache.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help, description=description, parents=[common], prog=f"cachefs {name}"
+        )
+
+    mount = command(
+        "mount",
+        "mount SOURCE on MOUNTPOINT",
+        "Mount SOURCE (a directory, file:///abs/path or s3://BUCKET[/PREFIX]) read-only "
+        "on MOUNTPOINT. "
+        "Returns once the mount is ready, or with the reason it failed; "
+        "the daemon logs to cachefs.log in the cache dir.",
+    )
+    mount.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="directory path, file:///abs/path or s3://BUCKET[/PREFIX]",
+    )
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    mount.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where cached blocks and metadata live (default: "
+        "$XDG_CACHE_HOME/cachefs/<hash of SOURCE and S3 endpoint>, "
+        "as root /var/cache/cachefs/<hash>)",
+    )
+    mount.add_argument(
+        "--block-size",
+        metavar="SIZE",
+        default="1M",
+        help="cache block size, a power of two from 4K to 64M (default: 1M); "
+        "fixed for the life of a cache dir",
+    )
+    mount.add_argument(
+        "--ttl",
+        metavar="SECONDS",
+        type=_non_negative(float),
+        default=60.0,
+        help="how long attributes and listings are trusted before asking SOURCE again "
+        "(default: 60)",
+    )
+    mount.add_argument(
+        "--retries",
+        metavar="N",
+        type=_non_negative(int),
+        default=3,
+        help="retries of a failing read, with backoff, before the reader gets EIO (default: 3)",
+    )
+    mount.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        type=_size,
+        help="most bytes of cached blocks to keep; the least recently read go first "
+        "(default: 10G or 80%% of the cache filesystem's free space, whichever is smaller)",
+    )
+    mount.add_argument(
+        "--min-free",
+        metavar="SIZE|N%",
+        type=_size_or_percent,
+        help="free space to leave on the cache filesystem, evicting to keep it: a size, or a "
+        "percentage of the filesystem like 5%% (default: 5%%)",
+    )
+    mount.add_argument(
+        "--max-readahead",
+        metavar="SIZE",
+        type=_size,
+        default=DEFAULTS.max_readahead,
+        help="how far ahead of a sequential reader to fetch, in windows growing from 1M "
+        f"(default: {DEFAULTS.max_readahead >> 20}M; 0 disables)",
+    )
+    mount.add_argument(
+        "--max-fetches",
+        metavar="N",
+        type=_at_least_one,
+        default=DEFAULTS.max_fetches,
+        help=f"ReadData calls in flight at once (default: {DEFAULTS.max_fetches})",
+    )
+    mount.add_argument(
+        "--verify",
+        choices=("once", "always", "off"),
+        default=DEFAULTS.verify,
+        help="check blocks read from the cache disk against their SHA-256: once per block "
+        "per mount, always, or off (no hashing, no content information; fastest). Blocks "
+        "from the source are checked against its published content information either way "
+        "unless off (default: once)",
+    )
+    mount.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="keep the cache encrypted at rest (AES-256-GCM per block; file names sealed). "
+        "The key comes from --key-file or the CACHEFS_KEY environment variable: 32 random "
+        "bytes, 64 hex digits, or a passphrase (stretched with scrypt). A cache dir made with "
+        "a key refuses any other key, and refuses to mount without one",
+    )
+    mount.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the --encrypt key (raw 32 bytes, hex, or a passphrase); chmod 600 it",
+    )
+    mount.add_argument(
+        "--faults",
+        metavar="FILE",
+        help="inject read failures from a JSON rules file, re-read while mounted (testing)",
+    )
+    mount.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="append one JSON line per backend ReadData call to FILE (testing, diagnosis)",
+    )
+    mount.add_argument(
+        "--throttle",
+        metavar="LATENCY_MS,MIBPS",
+        type=_throttle,
+        help="simulate a remote store: per-request first-byte latency in ms and "
+        "per-connection bandwidth in MiB/s (benchmarks, testing)",
+    )
+    mount.add_argument(
+        "--readahead-kb",
+        metavar="N",
+        type=_non_negative(int),
+        default=1024,
+        help="kernel readahead of the mount in KiB (default: 1024)",
+    )
+    mount.add_argument(
+        "--foreground", action="store_true", help="serve in this process, logging to stderr"
+    )
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    s3options.add_arguments(mount)
+    mount.set_defaults(run=cmd_mount)
+
+    unmount = command(
+        "unmount",
+        "unmount a cachefs mount cleanly",
+        "Ask the mount's daemon to unmount, commit the cache metadata and exit; "
+        "returns when it has. A mount whose daemon is gone is detached (fusermount3 -u -z).",
+    )
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unmount.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_non_negative(float),
+        default=30.0,
+        help="how long to wait for the daemon before detaching the mount (default: 30)",
+    )
+    unmount.set_defaults(run=cmd_unmount)
+
+    prefetch = command(
+        "prefetch",
+        "fetch files whole into the cache",
+        "Fetch each PATH (a file, or every file below a directory) whole into the cache of "
+        "its mount. Shows a progress bar on a terminal and a summary line at the end; "
+        "exits with 1 and names the files that failed.",
+    )
+    prefetch.add_argument("paths", metavar="PATH", nargs="+")
+    prefetch.set_defaults(run=cmd_prefetch)
+
+    pin = command(
+        "pin",
+        "fetch files whole and keep them cached",
+        "Pin each PATH (a file, or every file below a directory): fetched whole and never "
+        "evicted, also after a remount. Refused (exit 1) if pinned files would exceed the "
+        "cache size.",
+    )
+    pin.add_argument("paths", metavar="PATH", nargs="+")
+    pin.set_defaults(run=cmd_pin)
+
+    unpin = command(
+        "unpin",
+        "let pinned files be evicted again",
+        "Unpin each PATH (a directory: every pinned file below it). Their data stays cached "
+        "until it is evicted or purged.",
+    )
+    unpin.add_argument("paths", metavar="PATH", nargs="+")
+    unpin.set_defaults(run=cmd_unpin)
+
+    purge = command(
+        "purge",
+        "drop files from the cache",
+        "Drop the cached data of each PATH (a directory: of every file below it) and return "
+        "its disk space; pinned files are kept. The next read asks the source again.",
+    )
+    purge.add_argument("paths", metavar="PATH", nargs="+")
+    purge.set_defaults(run=cmd_purge)
+
+    add_data = command(
+        "add-data",
+        "supply file content from elsewhere",
+        "Supply bytes of PATH (a file in a mount) at --offset, read from --from (a file, or - "
+        "for stdin): copied from a peer, a USB disk, another cache. Each block is stored only "
+        "once it is complete and matches its SHA-256 from the source's content information "
+        "(cachefs publish) or from an earlier fetch; a partial block is held in the mount's "
+        "memory until the rest is added. Prints blocks accepted, rejected and pending. "
+        "Exit codes: 1 some blocks rejected, 3 no content information to check against "
+        "(--trust accepts the data unchecked), 4 beyond the end of the file.",
+    )
+    add_data.add_argument("path", metavar="PATH")
+    add_data.add_argument(
+        "--offset",
+        metavar="N",
+        type=_non_negative(int),
+        required=True,
+        help="byte offset in PATH where the data starts",
+    )
+    add_data.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        default="-",
+        help="where the bytes come from (default: - , standard input)",
+    )
+    add_data.add_argument(
+        "--trust",
+        action="store_true",
+        help="accept blocks that cannot be checked (no content information) as they are",
+    )
+    add_data.set_defaults(run=cmd_add_data)
+
+    stats = command(
+        "stats",
+        "show a mount's counters",
+        "Show the counters of the mount containing PATH: backend calls and bytes, cache hits "
+        "and misses, hit ratio, cached, pinned and evicted bytes, the cache limit and free "
+        "space floor, latched file errors and the external error.",
+    )
+    stats.add_argument("path", metavar="PATH", help="any path inside the mount")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(run=cmd_stats)
+
+    reset_files = command(
+        "reset-file-errors",
+        "serve files again after FILE_FAILURE",
+        "Lift the FILE_FAILURE latch of each PATH (a directory: of every file below it; "
+        "the mount point: of all files), so reads ask the source again.",
+    )
+    reset_files.add_argument("paths", metavar="PATH", nargs="+")
+    reset_files.set_defaults(run=cmd_reset_file_errors)
+
+    reset_external = command(
+        "reset-external-error",
+        "use the source again after PERMANENT_FAILURE",
+        "Lift the PERMANENT_FAILURE latch of the mount containing PATH: reads that miss the "
+        "cache ask the source again.",
+    )
+    reset_external.add_argument("path", metavar="PATH", help="any path inside the mount")
+    reset_external.set_defaults(run=cmd_reset_external_error)
+
+    publish = command(
+        "publish",
+        "store content information for every file of a source",
+        "Read every file of SOURCE and store the SHA-256 of each of its blocks beside it "
+        "(in SOURCE/.cachefs-ci/, which mounts never show), so that mounts of SOURCE check "
+        "every block they fetch against it. Needs write access to SOURCE. Files whose "
+        "information is already up to date are not read again; files that change while "
+        "being read are skipped; the information of files gone from SOURCE is removed. "
+        "Prints one summary line; exits with 1 if any file failed.",
+    )
+    publish.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="directory path, file:///abs/path or s3://BUCKET[/PREFIX]",
+    )
+    publish.add_argument(
+        "--block-size",
+        metavar="SIZE",
+        type=_size,
+        default="1M",
+        help="block size of the hashes; must equal the --block-size of the mounts that use "
+        "them, which ignore information of any other block size (default: 1M, the mount's "
+        "default)",
+    )
+    s3options.add_arguments(publish)
+    publish.set_defaults(run=cmd_publish)
+    return parser

@@ -1,0 +1,154 @@
+"""``cachefs mount`` and ``cachefs publish``: options checked, then the daemon started.
+
+Bad options fail here, in the user's process, as one line and exit 2; what
+only the daemon can find (a wrong key, a busy cache dir) comes back through
+its readiness pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cachefs import s3options
+from cachefs.engine import CacheConfig
+from cachefs.engine.crypto import read_key_material
+from cachefs.errors import CacheFSError, ConfigError
+from cachefs.mount import (
+    LOG_NAME,
+    MountOptions,
+    Readiness,
+    check_fuse,
+    check_mountpoint,
+    default_cache_dir,
+    normalize_source,
+    prepare_cache_dir,
+    run_mount,
+    spawn_daemon,
+)
+from cachefs.publish import run_publish
+from cachefs.registry import open_backend
+from cachefs.sizes import format_size, parse_size
+
+READY_TIMEOUT = 60.0
+
+
+def mount_options(args: argparse.Namespace) -> MountOptions:
+    """Check and complete the mount options; creates the cache dir."""
+    block_size = parse_size(args.block_size)
+    if args.cache_size is not None and args.cache_size < block_size:
+        raise ConfigError(
+            f"--cache-size {format_size(args.cache_size)} is smaller than one cache block "
+            f"({format_size(block_size)})"
+        )
+    source = normalize_source(args.source)
+    backend_options = s3options.from_args(args, source)
+    cache_dir = args.cache_dir or default_cache_dir(
+        s3options.cache_identity(source, backend_options)
+    )
+    cache_dir = prepare_cache_dir(Path(cache_dir))
+    min_free = args.min_free
+    if isinstance(min_free, float):
+        st = os.statvfs(cache_dir)
+        min_free = int(st.f_blocks * st.f_frsize * min_free)
+    if args.key_file is not None and not args.encrypt:
+        raise ConfigError("--key-file is only used with --encrypt")
+    key_file = Path(os.path.abspath(args.key_file)) if args.key_file else None
+    if args.encrypt:
+        read_key_material(None if key_file is None else str(key_file), os.environ)
+    config = CacheConfig(
+        block_size=block_size,
+        verify=args.verify,
+        ttl=args.ttl,
+        retries=args.retries,
+        cache_size=args.cache_size,
+        min_free=min_free,
+        max_readahead=args.max_readahead,
+        max_fetches=args.max_fetches,
+    )
+    config.validate()
+    return MountOptions(
+        source=source,
+        mountpoint=Path(os.path.realpath(args.mountpoint)),
+        cache_dir=cache_dir,
+        config=config,
+        faults=Path(os.path.abspath(args.faults)) if args.faults else None,
+        trace=Path(os.path.abspath(args.trace)) if args.trace else None,
+        throttle=args.throttle,
+        readahead_kb=args.readahead_kb,
+        backend_options=backend_options,
+        encrypt=args.encrypt,
+        key_file=key_file,
+    )
+
+
+def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
+    argv = [
+        "mount",
+        opts.source,
+        str(opts.mountpoint),
+        "--foreground",
+        f"--cache-dir={opts.cache_dir}",
+        f"--block-size={opts.config.block_size}",
+        f"--ttl={opts.config.ttl!r}",
+        f"--retries={opts.config.retries}",
+        f"--max-readahead={opts.config.max_readahead}",
+        f"--max-fetches={opts.config.max_fetches}",
+        f"--readahead-kb={opts.readahead_kb}",
+        f"--verify={opts.config.verify}",
+        f"--log-level={log_level}",
+    ]
+    if opts.config.cache_size is not None:
+        argv.append(f"--cache-size={opts.config.cache_size}")
+    if opts.config.min_free is not None:
+        argv.append(f"--min-free={opts.config.min_free}")
+    if opts.encrypt:
+        argv.append("--encrypt")  # CACHEFS_KEY, if that is the key, is inherited
+    if opts.key_file:
+        argv.append(f"--key-file={opts.key_file}")
+    if opts.faults:
+        argv.append(f"--faults={opts.faults}")
+    if opts.trace:
+        argv.append(f"--trace={opts.trace}")
+    if opts.throttle:
+        argv.append(f"--throttle={opts.throttle}")
+    return argv + s3options.to_argv(opts.backend_options)
+
+
+def _check_source(source: str, options: dict[str, Any]) -> None:
+    """Open and close the source (an S3 bucket: one listing, at most ~15 s)."""
+    backend = open_backend(source, **options)
+    trio.run(backend.aclose)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    readiness = Readiness(args.ready_fd)
+    try:
+        if not args.foreground:
+            source = normalize_source(args.source)
+            options = s3options.from_args(args, source)
+            check_fuse()
+            check_mountpoint(Path(os.path.realpath(args.mountpoint)))
+            _check_source(source, options)
+        opts = mount_options(args)
+        if args.foreground:
+            run_mount(opts, on_ready=readiness.ready)
+        else:
+            log_path = opts.cache_dir / LOG_NAME
+            spawn_daemon(_daemon_argv(opts, args.log_level or "info"), log_path, READY_TIMEOUT)
+    except CacheFSError as e:
+        readiness.failed(e.exit_code, str(e))
+        raise
+    except BaseException as e:
+        readiness.failed(1, f"internal error: {e!r}")
+        raise
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    source = normalize_source(args.source)
+    return run_publish(source, args.block_size, s3options.from_args(args, source))
