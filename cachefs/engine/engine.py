@@ -27,10 +27,10 @@ from cachefs.engine.config import CacheConfig
 from cachefs.engine.content import Content
 from cachefs.engine.evict import Evictor, evictable
 from cachefs.engine.fetch import FetchRunner, Modified, Replan
+from cachefs.engine.hits import HitReader
 from cachefs.engine.index import CachedFile, Index
 from cachefs.engine.readahead import Readahead
-from cachefs.engine.readers import ReaderPool
-from cachefs.engine.store import DataFile, pread_into, read_nowait
+from cachefs.engine.store import DataFile
 from cachefs.engine.supply import AddResult, Supplier
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.errors import (
@@ -87,7 +87,6 @@ class FileCache:
         self.max_fetch = max(bs, min(config.max_fetch, share) // bs * bs)
         self.max_readahead = min(config.max_readahead, max(bs, limit // 4))
         self._runner = FetchRunner(self)
-        self._readers = ReaderPool()
         self._handles: dict[str, int] = {}
         self._open: set[OpenFile] = set()
         self._had_continuous: set[str] = set()
@@ -103,6 +102,7 @@ class FileCache:
             backend, catalog, config.verify, catalog.key is not None, self.counters
         )
         self._supplier = Supplier(self)
+        self._hits = HitReader(catalog, self.content, config.block_size)
 
     @property
     def external_error(self) -> str | None:
@@ -147,7 +147,7 @@ class FileCache:
         if sequential and reader.run_reads >= 2 and self.max_readahead:
             self._read_ahead(fh, cf, end)
         if cf.present.find(0, first, last + 1) < 0:
-            data = await self._serve(fh, cf, offset, end)
+            data = await self._hits.serve(fh, cf, offset, end)
             if data is not None:
                 self.counters["hit_bytes"] += len(data)
                 return data
@@ -176,87 +176,6 @@ class FileCache:
         if transfer is not None and transfer.open:
             await self.cancel_transfer(cf, transfer)
 
-    def _fd(self, fh: OpenFile, cf: CachedFile) -> int:
-        data = cf.data
-        assert data is not None
-        if fh.data is not data:
-            if fh.data is not None:
-                fh.data.release()
-            data.acquire()
-            fh.data = data
-        assert data.fd is not None
-        return data.fd
-
-    async def _serve(self, fh: OpenFile, cf: CachedFile, offset: int, end: int) -> bytearray | None:
-        """Bytes [offset, end) of present blocks from the data file, or None.
-
-        Data in the page cache is read on the loop without blocking; what is
-        only on disk is read in a worker thread, so readers of the cache disk
-        run in parallel.  None means the blocks are gone (evicted or retired
-        meanwhile, or lost from the data file): the caller fetches them.
-        """
-        bs = self.config.block_size
-        first, last = offset // bs, (end - 1) // bs
-        if self.content.must_check(cf, first, last):
-            return await self._serve_checked(fh, cf, offset, end)
-        n = end - offset
-        fd = self._fd(fh, cf)
-        buf = bytearray(n)
-        got = read_nowait(fd, buf, offset)
-        if got < n:
-            epoch, data = cf.epoch, cf.data
-            assert data is not None
-            data.acquire()  # the fd outlives a version change during the read
-            try:
-                got += await self._readers.run(pread_into, fd, memoryview(buf)[got:], offset + got)
-            finally:
-                data.release()
-            if cf.epoch != epoch or cf.retired:
-                return None
-        if got < n:
-            self._lost(cf, offset, end)
-            return None
-        self.catalog.touch(cf, first, last)
-        return buf
-
-    async def _serve_checked(
-        self, fh: OpenFile, cf: CachedFile, offset: int, end: int
-    ) -> bytearray | None:
-        """Like _serve, reading whole blocks: opened (encrypted) and checked, or None."""
-        bs = self.config.block_size
-        first, last = offset // bs, (end - 1) // bs
-        expected = self.content.to_check(cf, first, last)
-        fd = self._fd(fh, cf)
-        epoch, data = cf.epoch, cf.data
-        assert data is not None
-        data.acquire()
-        try:
-            if expected is None and data.key is not None:  # open only what is read
-                buf, bad = await self._readers.run(data.read_range, fd, offset, end)
-                lo = 0
-            else:
-                buf, bad = await self._readers.run(data.read_blocks, fd, first, last, expected)
-                lo = offset - first * bs
-        finally:
-            data.release()
-        if cf.epoch != epoch or cf.retired:
-            return None
-        if bad:
-            self.content.failed(cf, bad)
-            return None
-        self.content.passed(cf, first, last)
-        self.catalog.touch(cf, first, last)
-        if lo == 0 and end - offset == len(buf):
-            return buf
-        return buf[lo : lo + end - offset]
-
-    def _lost(self, cf: CachedFile, offset: int, end: int) -> None:
-        """The data file lost bytes it should hold: forget those blocks."""
-        bs = self.config.block_size
-        log.warning("cache data of %s is short: refetching", cf.file_id)
-        for b in range(offset // bs, (end - 1) // bs + 1):
-            self.catalog.unmark(cf, b)
-
     async def _read_miss(
         self, fh: OpenFile, offset: int, end: int, sequential: bool
     ) -> bytes | bytearray:
@@ -282,7 +201,7 @@ class FileCache:
                 raise
             if cf.retired:
                 continue
-            data = await self._serve(fh, cf, offset, stop)
+            data = await self._hits.serve(fh, cf, offset, stop)
             if data is not None:
                 return data
         raise TransientFailure(f"{fh.file_id}: the file kept changing while being read")
@@ -544,7 +463,7 @@ async def open_file_cache(
                     with trio.CancelScope(shield=True):
                         await cache._shutdown()
                 finally:
-                    cache._readers.close()
+                    cache._hits.close()
                 nursery.cancel_scope.cancel()
     finally:
         if index is not None:

@@ -1,0 +1,116 @@
+"""Serving present blocks from the data files: the hit path.
+
+Plain and already checked, a hit is one read: on the trio loop when the
+page cache holds the bytes (RWF_NOWAIT), else in a reader thread, so
+readers of the cache disk run in parallel.  Encrypted, or not yet checked
+in this process, whole blocks (or, encrypted, the 64 KiB chunks read) are
+opened and checked in a reader thread first; a block that fails is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from cachefs.engine.catalog import Catalog
+from cachefs.engine.content import Content
+from cachefs.engine.index import CachedFile
+from cachefs.engine.readers import ReaderPool
+from cachefs.engine.store import pread_into, read_nowait
+
+if TYPE_CHECKING:
+    from cachefs.engine.engine import OpenFile
+
+log = logging.getLogger(__name__)
+
+
+class HitReader:
+    def __init__(self, catalog: Catalog, content: Content, block_size: int) -> None:
+        self._catalog = catalog
+        self._content = content
+        self._block_size = block_size
+        self._readers = ReaderPool()
+
+    def close(self) -> None:
+        self._readers.close()
+
+    def _fd(self, fh: OpenFile, cf: CachedFile) -> int:
+        data = cf.data
+        assert data is not None
+        if fh.data is not data:
+            if fh.data is not None:
+                fh.data.release()
+            data.acquire()
+            fh.data = data
+        assert data.fd is not None
+        return data.fd
+
+    async def serve(self, fh: OpenFile, cf: CachedFile, offset: int, end: int) -> bytearray | None:
+        """Bytes [offset, end) of present blocks from the data file, or None.
+
+        Data in the page cache is read on the loop without blocking; what is
+        only on disk is read in a worker thread, so readers of the cache disk
+        run in parallel.  None means the blocks are gone (evicted or retired
+        meanwhile, or lost from the data file): the caller fetches them.
+        """
+        bs = self._block_size
+        first, last = offset // bs, (end - 1) // bs
+        if self._content.must_check(cf, first, last):
+            return await self._serve_checked(fh, cf, offset, end)
+        n = end - offset
+        fd = self._fd(fh, cf)
+        buf = bytearray(n)
+        got = read_nowait(fd, buf, offset)
+        if got < n:
+            epoch, data = cf.epoch, cf.data
+            assert data is not None
+            data.acquire()  # the fd outlives a version change during the read
+            try:
+                got += await self._readers.run(pread_into, fd, memoryview(buf)[got:], offset + got)
+            finally:
+                data.release()
+            if cf.epoch != epoch or cf.retired:
+                return None
+        if got < n:
+            self._lost(cf, offset, end)
+            return None
+        self._catalog.touch(cf, first, last)
+        return buf
+
+    async def _serve_checked(
+        self, fh: OpenFile, cf: CachedFile, offset: int, end: int
+    ) -> bytearray | None:
+        """Like _serve, reading whole blocks: opened (encrypted) and checked, or None."""
+        bs = self._block_size
+        first, last = offset // bs, (end - 1) // bs
+        expected = self._content.to_check(cf, first, last)
+        fd = self._fd(fh, cf)
+        epoch, data = cf.epoch, cf.data
+        assert data is not None
+        data.acquire()
+        try:
+            if expected is None and data.key is not None:  # open only what is read
+                buf, bad = await self._readers.run(data.read_range, fd, offset, end)
+                lo = 0
+            else:
+                buf, bad = await self._readers.run(data.read_blocks, fd, first, last, expected)
+                lo = offset - first * bs
+        finally:
+            data.release()
+        if cf.epoch != epoch or cf.retired:
+            return None
+        if bad:
+            self._content.failed(cf, bad)
+            return None
+        self._content.passed(cf, first, last)
+        self._catalog.touch(cf, first, last)
+        if lo == 0 and end - offset == len(buf):
+            return buf
+        return buf[lo : lo + end - offset]
+
+    def _lost(self, cf: CachedFile, offset: int, end: int) -> None:
+        """The data file lost bytes it should hold: forget those blocks."""
+        bs = self._block_size
+        log.warning("cache data of %s is short: refetching", cf.file_id)
+        for b in range(offset // bs, (end - 1) // bs + 1):
+            self._catalog.unmark(cf, b)
