@@ -19,8 +19,9 @@ Policy:
   at a time; a ReadData call is exactly one thread hop.
 - Content information (``cachefs publish``; backends.localci) is stored as
   ``<root>/.cachefs-ci/<file_id>``, the record's JSON, replaced atomically
-  (temporary file, fsync, rename).  ``.cachefs-ci`` is never shown: it is
-  left out of the root's listing and everything below it is absent.  A
+  (temporary file, fsync, rename).  ``.cachefs-ci`` is never shown, at any
+  depth (a subtree may have been published on its own): it is left out of
+  listings and everything below it is absent.  A
   record that is missing answers None; one that does not parse answers None
   with a warning naming the file; any other OSError is raised.
 """
@@ -139,7 +140,7 @@ class LocalBackend:
         if file_id == "":
             return self.root
         parts = _parts(file_id)
-        if parts[0] == CI_DIR:
+        if CI_DIR in parts:  # at any depth: a source may hold a published subtree
             raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is cachefs's own")
         return self._below(self.root, parts)
 
@@ -184,7 +185,7 @@ class LocalBackend:
             out: list[DirEntry] = []
             with os.scandir(dir_fd) as it:
                 for entry in it:
-                    if dir_id == "" and entry.name == CI_DIR:
+                    if entry.name == CI_DIR:
                         continue
                     try:
                         s = entry.stat(follow_symlinks=False)

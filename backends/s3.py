@@ -29,8 +29,8 @@ Policy:
   start with one line.
 - Content information (``cachefs publish``; backends.s3ci) is the object
   ``<prefix>/.cachefs-ci/<key relative to prefix>``, the record's JSON.
-  ``.cachefs-ci`` is never shown: it is left out of the root's listing and
-  everything below it is absent.  A missing record answers None; one that
+  ``.cachefs-ci`` is never shown, at any depth: it is left out of listings
+  and everything below it is absent.  A missing record answers None; one that
   does not parse answers None with a warning naming the file; a failed
   request raises OSError with a one-line reason.
 - Every request runs in a trio worker thread (obstore's synchronous API
@@ -170,8 +170,7 @@ class S3Backend:
                 marker = True  # the zero-byte "dir/" object
             else:
                 entries[meta["path"][start:]] = _file_attrs(meta)
-        if not dir_id:
-            entries.pop(s3ci.CI_DIR, None)
+        entries.pop(s3ci.CI_DIR, None)  # at any depth, as in a local source
         if dir_id and not entries and not marker:
             if self._head(dir_id) is not None:
                 raise NotADirectoryError(f"not a directory: {dir_id!r}")

@@ -25,7 +25,7 @@ CI_DIR = ".cachefs-ci"
 
 def servable(key: str) -> bool:
     """Whether *key* can be a file or directory of the source (not under CI_DIR)."""
-    return key_ok(key) and key.split("/", 1)[0] != CI_DIR
+    return key_ok(key) and CI_DIR not in key.split("/")
 
 
 def read(store: S3Store, file_id: str) -> ContentInfo | None:

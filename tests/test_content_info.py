@@ -129,9 +129,11 @@ async def test_local_hides_its_records(root: Path) -> None:
         assert (req.result_code, req.bytes_read) == (RWResult.FILE_MODIFIED_EXTERNALLY, 0)
     with pytest.raises(FileNotFoundError):
         await local.list_dir(".cachefs-ci")
-    # Only at the root: a directory of that name further down is an ordinary one.
+    # At any depth: a subtree may have been published on its own.
     (root / "sub" / ".cachefs-ci").mkdir()
-    assert ".cachefs-ci" in {e.name for e in await local.list_dir("sub")}
+    (root / "sub" / ".cachefs-ci" / "x").write_bytes(b"record")
+    assert ".cachefs-ci" not in {e.name for e in await local.list_dir("sub")}
+    assert await local.stat("sub/.cachefs-ci/x") is None
 
 
 async def test_local_malformed_record_is_none_with_one_warning(

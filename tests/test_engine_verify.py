@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from enginerig import BS, Rig, read_at, read_sequential
 
+from cachefs import ContentInfo
 from cachefs.errors import BadKey, CorruptData, NoContentInfo, OutOfBounds
 
 DATA = os.urandom(4 * BS + 1000)  # five blocks, the last one short
@@ -93,6 +94,60 @@ async def test_content_info_of_another_version_or_block_size_is_not_used(tmp_pat
     rig.faults([{"file": "f", "corrupt": True, "count": 1}])
     async with rig.engine() as cache:
         await read_at(cache, "f", 0, 10)
+        assert cache.statistics()["corrupt_from_backend"] == 0
+
+
+async def test_content_info_published_later_is_checked_on_the_next_read(tmp_path):
+    rig = Rig(tmp_path, {"f": DATA})
+    rig.faults([{"file": "f", "corrupt": True, "count": 1}])
+    async with rig.engine() as cache:  # nothing to check against: damage is cached
+        assert await read_at(cache, "f", 0, 10) != DATA[:10]
+    rig.faults([])
+    rig.memory.publish("f", BS)
+    rig.calls()
+    async with rig.engine() as cache:
+        assert await read_at(cache, "f", 0, 10) == DATA[:10]
+        assert cache.statistics()["corrupt_in_cache"] == 1
+    assert asked_blocks(rig) == {0}
+
+
+async def test_an_early_eof_that_contradicts_content_info_is_retried_not_believed(tmp_path):
+    rig = Rig(tmp_path, {"f": DATA})
+    rig.memory.publish("f", BS)
+    rig.faults([{"file": "f", "eof": BS + 10, "count": 2}])
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "f") == DATA
+        assert cache.statistics()["corrupt_from_backend"] == 0
+
+
+async def test_a_failed_content_info_request_is_asked_again_before_fetching(tmp_path, monkeypatch):
+    rig = Rig(tmp_path, {"f": DATA})
+    rig.memory.publish("f", BS)
+    answer = rig.memory.content_info
+    failures = [OSError("503 Slow Down")]
+
+    async def flaky(file_id):
+        if failures:
+            raise failures.pop()
+        return await answer(file_id)
+
+    monkeypatch.setattr(rig.memory, "content_info", flaky)
+    rig.faults([{"file": "f", "corrupt": True}])
+    async with rig.engine(retries=1) as cache:
+        with pytest.raises(CorruptData):  # the read asked and failed, the fetch asked again
+            await read_at(cache, "f", 0, 10)
+    assert not failures
+
+
+async def test_content_info_with_a_wrong_block_count_is_not_used(tmp_path):
+    rig = Rig(tmp_path, {"f": DATA})
+    info = rig.memory.publish("f", BS)
+    short = ContentInfo(info.version, info.size, BS, info.block_hashes[:2])
+    await rig.memory.put_content_info("f", short)
+    async with rig.engine() as cache:
+        with pytest.raises(NoContentInfo):
+            await cache.add_data("f", 4 * BS, DATA[4 * BS :])
+        assert await read_sequential(cache, "f") == DATA
         assert cache.statistics()["corrupt_from_backend"] == 0
 
 

@@ -13,8 +13,11 @@ Policy:
   all, no content information asked).  A block that fails is dropped and
   refetched, never served.
 * The backend is asked for content information once per file version per
-  process, before the first fetch or add_data; what it answered is kept in
-  the index with the blocks.
+  process, before its first read, fetch or add_data (again later if the
+  request failed); what it answered is kept in the index with the blocks.
+  Adopted, it clears what was cached unchecked: every cached block is
+  checked against it on its next read, and a RANGE_BEYOND_EOF seen before
+  is forgotten (the content information says how long the file is).
 """
 
 from __future__ import annotations
@@ -63,29 +66,34 @@ class Content:
         """Ask the backend once for *cf*'s content information and adopt it if it fits."""
         if not self.hashing or cf.content_hash is not None or cf.info_asked:
             return
-        asking = self._asking.get(cf.file_id)
+        if self._catalog.external_error is not None:
+            return  # the storage is offline: ask when it is back
+        asking = self._asking.get(cf.row_id)
         if asking is not None:
             await asking.wait()
             return
-        asking = self._asking[cf.file_id] = trio.Event()
+        asking = self._asking[cf.row_id] = trio.Event()
         try:
             info = await self._ask(cf)
             if info is not None and not cf.retired:
                 self._adopt(cf, info)
         finally:
-            cf.info_asked = True
-            del self._asking[cf.file_id]
+            del self._asking[cf.row_id]
             asking.set()
 
     async def _ask(self, cf: CachedFile) -> ContentInfo | None:
+        """The usable content information of *cf*; info_asked once there is an answer."""
         ask = getattr(self._backend, "content_info", None)
         if ask is None:
+            cf.info_asked = True
             return None
         try:
             info = await ask(cf.file_id)
         except Exception as e:
+            # Not an answer: the next read or fetch asks again.
             log.warning("content information of %s is not available: %s", cf.file_id, e)
             return None
+        cf.info_asked = True
         if info is None:
             return None
         bs = self._catalog.block_size
@@ -102,12 +110,17 @@ class Content:
         if info.version != cf.version or info.size != cf.size:
             log.info("content information of %s is for another version: not used", cf.file_id)
             return None
+        hashes = info.block_hashes
+        if len(hashes) != -(-info.size // bs) or any(len(h) != 32 for h in hashes):
+            log.warning("content information of %s is malformed: not used", cf.file_id)
+            return None
         return info
 
     def _adopt(self, cf: CachedFile, info: ContentInfo) -> None:
         cf.hashes = bytearray(b"".join(info.block_hashes))
         cf.content_hash = info.content_hash
         cf.verified = None  # what is cached is checked against it on its next read
+        cf.zero_from = None  # the backend's early EOF, if any, is not believed
         self._catalog.dirty.add(cf)
 
     # -- blocks arriving -----------------------------------------------------------------

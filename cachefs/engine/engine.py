@@ -138,6 +138,8 @@ class FileCache:
         end = min(offset + length, cf.size)
         if offset >= end:
             return b""
+        if self.content.hashing and not cf.info_asked and cf.content_hash is None:
+            await self.content.ensure_info(cf)  # once per version per process
         reader = fh.reader
         sequential, ended = reader.observe(offset, end)
         if ended is not None:

@@ -266,6 +266,15 @@ class FetchRunner:
                 if empty >= EMPTY_PARTIALS:
                     rc, empty = RWResult.FAILURE, 0
             pos += n
+            if rc is RWResult.RANGE_BEYOND_EOF and cf.content_hash is not None:
+                # The content information says the data is there: a backend
+                # error, not the end of the file.
+                log.warning(
+                    "%s: RANGE_BEYOND_EOF at %d contradicts its content information",
+                    cf.file_id,
+                    pos,
+                )
+                rc = RWResult.FAILURE
             if rc is RWResult.RANGE_BEYOND_EOF:
                 view[pos - start :] = bytes(stop - pos)
                 cf.zero_from = pos if cf.zero_from is None else min(cf.zero_from, pos)
