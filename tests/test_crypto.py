@@ -279,3 +279,21 @@ def test_private_key_file_does_not_warn(tmp_path: Path, caplog: pytest.LogCaptur
     with caplog.at_level(logging.WARNING, logger="cachefs.engine.crypto"):
         read_key_material(path, {})
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_32_character_passphrase_is_stretched_not_taken_raw() -> None:
+    salt = new_salt()
+    text = b"correct horse battery staple 123"
+    assert len(text) == 32
+    assert CacheKey.derive(text, salt).check_value() != CacheKey(text, salt).check_value()
+
+
+def test_a_passphrase_is_the_same_key_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    salt = new_salt()
+    passphrase = "x" * 31  # with its newline the file holds 32 bytes
+    path = tmp_path / "key"
+    path.write_text(passphrase + "\n")
+    path.chmod(0o600)
+    from_file = CacheKey.derive(read_key_material(str(path), {}), salt)
+    from_env = CacheKey.derive(read_key_material(None, {"CACHEFS_KEY": passphrase}), salt)
+    assert from_file.check_value() == from_env.check_value()

@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from enginerig import BS, Rig, read_at, read_sequential
+from enginerig import BS, LocalSource, Rig, read_at, read_sequential
 
 from cachefs import ContentInfo
 from cachefs.errors import BadKey, CorruptData, NoContentInfo, OutOfBounds
@@ -324,6 +324,9 @@ async def test_a_tampered_encrypted_row_is_dropped(tmp_path):
 async def test_an_encrypted_cache_stores_neither_names_nor_data_in_clear(tmp_path):
     name = "secret-name.txt"
     rig = Rig(tmp_path, {name: DATA})
+    info = rig.memory.publish(name, BS)
+    secrets = [name.encode(), DATA[:64], DATA[BS : BS + 64], info.content_hash]
+    secrets += [info.block_hashes[0], info.content_hash.hex().encode()]
     async with rig.engine(KEY) as cache:
         fh = await cache.open(name)
         assert await cache.read(fh, 0, len(DATA)) == DATA
@@ -331,8 +334,8 @@ async def test_an_encrypted_cache_stores_neither_names_nor_data_in_clear(tmp_pat
     for root, _, files in os.walk(rig.cache_dir):
         for f in files:
             raw = Path(root, f).read_bytes()
-            assert name.encode() not in raw, f
-            assert DATA[:64] not in raw and DATA[BS : BS + 64] not in raw, f
+            for secret in secrets:
+                assert secret not in raw, (f, secret[:16])
     rig.calls()
     async with rig.engine(KEY) as cache:
         assert cache.statistics()["cached_bytes"] == len(DATA)
@@ -366,11 +369,44 @@ async def test_a_passphrase_works_as_a_key(tmp_path):
 
 
 async def test_a_plain_cache_opened_with_a_key_starts_afresh_encrypted(tmp_path):
-    rig = Rig(tmp_path, {"f": DATA})
-    await fill(rig)
+    name = "plain-name.bin"
+    rig = Rig(tmp_path, {name: DATA})
+    async with rig.engine() as cache:
+        assert await read_at(cache, name, 0, 10) == DATA[:10]
     async with rig.engine(KEY) as cache:
         assert cache.statistics()["cached_bytes"] == 0
+        assert await read_at(cache, name, 0, 10) == DATA[:10]
+    for f in rig.cache_dir.glob("index.sqlite3*"):
+        assert name.encode() not in f.read_bytes(), f
+
+
+async def test_a_block_size_change_still_needs_the_key(tmp_path):
+    rig = Rig(tmp_path, {"f": DATA})
+    await fill(rig, KEY)
+    with pytest.raises(BadKey):
+        async with rig.engine(os.urandom(32), block_size=2 * BS):
+            pass
+    with pytest.raises(BadKey):
+        async with rig.engine(block_size=2 * BS):
+            pass
+    async with rig.engine(KEY, block_size=2 * BS) as cache:  # the right key: afresh
+        assert cache.statistics()["encrypted"] is True
         assert await read_sequential(cache, "f") == DATA
+    with pytest.raises(BadKey):
+        async with rig.engine(os.urandom(32), block_size=2 * BS):
+            pass
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
+async def test_a_name_that_is_not_utf8_is_cached_and_kept(tmp_path, key):
+    name = os.fsdecode(b"caf\xe9.bin")  # Latin-1, not UTF-8
+    rig = Rig(tmp_path, source=LocalSource(tmp_path / "src", {name: DATA}))
+    async with rig.engine(key) as cache:
+        assert await read_sequential(cache, name) == DATA
+    rig.calls()
+    async with rig.engine(key) as cache:
+        assert await read_sequential(cache, name) == DATA
+    assert rig.reads() == []
 
 
 # -- add_data --------------------------------------------------------------------------------

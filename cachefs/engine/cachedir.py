@@ -98,21 +98,35 @@ def open_index(cache_dir: Path, block_size: int, key_material: bytes | None = No
 
 
 def _load(db_path: Path, block_size: int, key_material: bytes | None) -> Opened:
+    cache_dir = db_path.parent
     index = Index(db_path)
     try:
         index.check()
+        plain = key_material is not None and index.get_meta("encryption") is None
+        if plain and index.has_rows():
+            # Encrypting a plain cache: its names must not survive anywhere
+            # in the old file (free pages, the WAL), so the file goes.
+            log.warning("cache %s holds unencrypted data: starting it afresh, encrypted", cache_dir)
+            index.close()
+            _remove_index(db_path)
+            shutil.rmtree(cache_dir / "data", ignore_errors=True)
+            (cache_dir / "data").mkdir(mode=0o700, exist_ok=True)
+            index = Index(db_path)
+        # The key is checked before anything else may wipe the cache.
+        key = _key_of(index, cache_dir, key_material)
         schema, old_bs = index.get_meta("schema"), index.get_meta("block_size")
         if schema not in (None, SCHEMA_VERSION) or old_bs not in (None, str(block_size)):
             log.warning(
                 "cache %s was made with block size %s (schema %s): starting it afresh",
-                db_path.parent,
+                cache_dir,
                 old_bs,
                 schema,
             )
-            _wipe(index, db_path.parent)
+            index.wipe(keep=("encryption",))
+            shutil.rmtree(cache_dir / "data", ignore_errors=True)
+            (cache_dir / "data").mkdir(mode=0o700, exist_ok=True)
         index.set_meta("schema", SCHEMA_VERSION)
         index.set_meta("block_size", str(block_size))
-        key = _key_of(index, db_path.parent, key_material)
         files, refused = index.load(key)
         if refused:
             index.write_batch([], refused)  # their data files go as orphans
@@ -136,9 +150,6 @@ def _key_of(index: Index, cache_dir: Path, material: bytes | None) -> CacheKey |
     if stored is None:
         if material is None:
             return None
-        if index.load()[0]:
-            log.warning("cache %s holds unencrypted data: starting it afresh, encrypted", cache_dir)
-            _wipe(index, cache_dir)
         salt = new_salt()
         key = CacheKey.derive(material, salt)
         index.set_meta("encryption", json.dumps({"salt": salt.hex(), "check": key.check_value()}))
@@ -159,10 +170,9 @@ def _key_of(index: Index, cache_dir: Path, material: bytes | None) -> CacheKey |
     return key
 
 
-def _wipe(index: Index, cache_dir: Path) -> None:
-    index.wipe()
-    shutil.rmtree(cache_dir / "data", ignore_errors=True)
-    (cache_dir / "data").mkdir(mode=0o700, exist_ok=True)
+def _remove_index(db_path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        _unlink(db_path.with_name(db_path.name + suffix))
 
 
 def _move_aside(db_path: Path) -> None:

@@ -59,8 +59,8 @@ _ZERO_TAG = bytes(TAG_SIZE)
 def read_key_material(key_file: str | None, environ: Mapping[str, str]) -> bytes:
     """The key material for ``--encrypt``: the key file's bytes, else ``CACHEFS_KEY``.
 
-    ``--key-file`` wins when both are given.  A key file of exactly 32 bytes is
-    a raw key, taken as it is; otherwise one trailing newline (``\\n`` or
+    ``--key-file`` wins when both are given.  A key file of exactly 32 bytes
+    that are not text is a raw key, taken as it is; otherwise one trailing newline (``\\n`` or
     ``\\r\\n``) is dropped, so ``echo passphrase > key`` works.  A key file that
     group or others may read gets a warning, not a refusal.
 
@@ -95,7 +95,7 @@ def _read_key_file(key_file: str) -> bytes:
             key_file,
             stat.S_IMODE(mode),
         )
-    if len(material) == KEY_SIZE:
+    if is_raw_key(material):
         return material
     if material.endswith(b"\r\n"):
         material = material[:-2]
@@ -104,6 +104,14 @@ def _read_key_file(key_file: str) -> bytes:
     if not material:
         raise BadKey(f"key file {key_file} is empty")
     return material
+
+
+_TEXT = frozenset(range(0x20, 0x7F)) | {0x09, 0x0A, 0x0D}
+
+
+def is_raw_key(material: bytes) -> bool:
+    """Whether *material* is a raw 32-byte key rather than a passphrase of 32 characters."""
+    return len(material) == KEY_SIZE and not _TEXT.issuperset(material)
 
 
 def new_salt() -> bytes:
@@ -133,14 +141,16 @@ class CacheKey:
     def derive(cls, material: bytes, salt: bytes) -> CacheKey:
         """The cache's keys from the user's key *material* and the cache's *salt*.
 
-        Exactly 32 bytes are the key itself; 64 hex characters are those 32
-        bytes written out; anything else is a passphrase, stretched with scrypt
+        32 bytes that are not text are the key itself (text of that length is
+        a passphrase: a random key is text with odds of 1 in 10^14); 64 hex
+        characters are the 32 bytes written out; anything else is a
+        passphrase, stretched with scrypt
         (n=2**15, r=8, p=1) over *salt*.  The salt also enters every subkey, so
         two caches under one key share no keys.  Raises BadKey on empty material.
         """
         if not material:
             raise BadKey("the encryption key is empty")
-        if len(material) == KEY_SIZE:
+        if is_raw_key(material):
             master = bytes(material)
         elif len(material) == 2 * KEY_SIZE and _HEX_DIGITS.issuperset(material):
             master = bytes.fromhex(material.decode("ascii"))

@@ -146,6 +146,9 @@ class Index:
             # FULL: a commit is durable, so eviction's "commit, then punch"
             # holds across a power cut, not only a crash of the process.
             self._db.execute("PRAGMA synchronous=FULL")
+            # Deleted rows are overwritten: a name or hash that left the
+            # index is not left on a free page.
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(_SCHEMA)
         except BaseException:
             self._db.close()
@@ -205,10 +208,18 @@ class Index:
                     rows,
                 )
 
-    def wipe(self) -> None:
+    def has_rows(self) -> bool:
+        return self._db.execute("SELECT 1 FROM files LIMIT 1").fetchone() is not None
+
+    def wipe(self, keep: tuple[str, ...] = ()) -> None:
+        """Drop every file (the table is made anew: older schemas too) and the
+        metadata but the *keep* keys."""
+        kept = {k: v for k in keep if (v := self.get_meta(k)) is not None}
+        self._db.execute("DROP TABLE IF EXISTS files")
+        self._db.executescript(_SCHEMA)
         with self._db:
-            self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM meta")
+            self._db.executemany("INSERT INTO meta VALUES (?, ?)", list(kept.items()))
 
 
 def _file_of(row: tuple, key: CacheKey | None) -> CachedFile | None:
@@ -216,15 +227,23 @@ def _file_of(row: tuple, key: CacheKey | None) -> CachedFile | None:
     present, hashes, content_hash = row[10:]
     if key is not None:
         opened = None if name is None else key.open(name, b"name:%d" % row_id)
-        if opened is None or key.name_tag(opened.decode(errors="replace")) != file_id:
+        decoded = None if opened is None else opened.decode("utf-8", "surrogateescape")
+        if decoded is None or key.name_tag(decoded) != file_id:
             log.warning("cache index row %d fails authentication: dropping it", row_id)
             return None
-        file_id = opened.decode()
+        file_id = decoded
         if hashes is not None:
             hashes = key.open(hashes, b"hashes:%d" % row_id)
             if hashes is None:
                 log.warning("hashes of cache index row %d fail authentication", row_id)
                 return None
+        if content_hash is not None:
+            content_hash = key.open(content_hash, b"content:%d" % row_id)
+            if content_hash is None:
+                log.warning("content hash of cache index row %d fails authentication", row_id)
+                return None
+    elif isinstance(file_id, bytes):
+        file_id = file_id.decode("utf-8", "surrogateescape")
     if content_hash is not None and (
         hashes is None or hashlib.sha256(hashes).digest() != content_hash
     ):
@@ -256,13 +275,18 @@ def row_of(cf: CachedFile, synced_only: bool = False, key: CacheKey | None = Non
     if synced_only and cf.unsynced:
         for b in cf.unsynced:
             present[b] = 0
-    file_id, name = cf.file_id, None
+    file_id: str | bytes = cf.file_id
+    name, content_hash = None, cf.content_hash
     hashes = None if cf.hashes is None else bytes(cf.hashes)
     if key is not None:
         file_id = key.name_tag(cf.file_id)
-        name = key.seal(cf.file_id.encode(), b"name:%d" % cf.row_id)
+        name = key.seal(_encode(cf.file_id), b"name:%d" % cf.row_id)
         if hashes is not None:
             hashes = key.seal(hashes, b"hashes:%d" % cf.row_id)
+        if content_hash is not None:
+            content_hash = key.seal(content_hash, b"content:%d" % cf.row_id)
+    elif not cf.file_id.isascii():
+        file_id = _encode(cf.file_id)  # kept as bytes: a name may not be valid UTF-8
     return (
         cf.row_id,
         file_id,
@@ -276,5 +300,10 @@ def row_of(cf: CachedFile, synced_only: bool = False, key: CacheKey | None = Non
         int(cf.pinned),
         bytes(present),
         hashes,
-        cf.content_hash,
+        content_hash,
     )
+
+
+def _encode(file_id: str) -> bytes:
+    """A file id as bytes (a local name that was not UTF-8 round-trips)."""
+    return file_id.encode("utf-8", "surrogateescape")
