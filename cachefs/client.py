@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import json
 import logging
 import os
@@ -170,7 +171,14 @@ def cmd_purge(args: argparse.Namespace) -> int:
 ADD_DATA_CHUNK = 512 << 10
 
 
-def _chunks_from(source: str) -> Iterator[bytes]:
+def _chunks_from(source: str) -> list[bytes] | Iterator[bytes]:
+    """The bytes of *source* in request-sized chunks; [] if it is empty."""
+    chunks = _read_chunks(source)
+    first = next(chunks, None)
+    return [] if first is None else itertools.chain([first], chunks)
+
+
+def _read_chunks(source: str) -> Iterator[bytes]:
     try:
         f = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
     except OSError as e:
@@ -192,21 +200,27 @@ def cmd_add_data(args: argparse.Namespace) -> int:
     file_id = entry.file_id(real)
     accepted = rejected = pending = 0
     offset = args.offset
-    for chunk in _chunks_from(args.source):
-        got = request(
-            entry,
-            "add-data",
-            file_id=file_id,
-            offset=offset,
-            data=base64.b64encode(chunk).decode(),
-            trust=args.trust,
-        )
-        accepted, rejected, pending = (
-            accepted + got["accepted"],
-            rejected + got["rejected"],
-            got["pending"],
-        )
-        offset += len(chunk)
+    try:
+        # Empty input still asks once: an offset past the end is an error.
+        for chunk in _chunks_from(args.source) or [b""]:
+            got = request(
+                entry,
+                "add-data",
+                file_id=file_id,
+                offset=offset,
+                data=base64.b64encode(chunk).decode(),
+                trust=args.trust,
+            )
+            accepted, rejected, pending = (
+                accepted + got["accepted"],
+                rejected + got["rejected"],
+                got["pending"],
+            )
+            offset += len(chunk)
+    except CacheFSError:
+        if accepted or rejected:  # what was done before the error still counts
+            print(f"blocks accepted {accepted}, rejected {rejected}, pending {pending}")
+        raise
     print(f"blocks accepted {accepted}, rejected {rejected}, pending {pending}")
     if pending:
         print(
@@ -216,8 +230,8 @@ def cmd_add_data(args: argparse.Namespace) -> int:
         )
     if rejected:
         print(
-            f"cachefs: error: {rejected} block{'s' * (rejected != 1)} did not match the "
-            "content information and were not stored",
+            f"cachefs: error: {rejected} block{'s' * (rejected != 1)} did not match "
+            f"{'their hashes' if rejected != 1 else 'its hash'}: not stored",
             file=sys.stderr,
         )
         return 1

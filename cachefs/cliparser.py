@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 1 some blocks rejected, 3 no content information to check against "
         "(--trust accepts the data unchecked), 4 beyond the end of the file.",
     )
-    add_data.add_argument("path", metavar="PATH")
+    add_data.add_argument("path", metavar="PATH", help="a regular file in a cachefs mount")
     add_data.add_argument(
         "--offset",
         metavar="N",

@@ -163,6 +163,12 @@ def test_add_data_refusals_have_their_own_exit_codes(
     done = cli("add-data", m / "f", "--offset", len(DATA), stdin=b"x")
     assert done.returncode == 4
     assert "beyond the end" in one_line(done.stderr)
+    done = cli("add-data", m / "f", "--offset", len(DATA) + 1, "--from", "/dev/null")
+    assert done.returncode == 4
+    assert "beyond the end" in one_line(done.stderr)
+    done = cli("add-data", m.mountpoint, "--offset", 0, stdin=b"x")
+    assert done.returncode == 1
+    assert "not a regular file" in one_line(done.stderr)
     done = cli("add-data", m / "f", "--offset", 0, "--from", tmp_path / "missing")
     assert done.returncode == 2
     assert "missing" in one_line(done.stderr)

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from cachefs.contract import FileKind
 from cachefs.engine.fetch import Fetch, Replan
 from cachefs.engine.index import CachedFile
-from cachefs.errors import NoContentInfo, OutOfBounds
+from cachefs.errors import NoContentInfo, NotAFile, OutOfBounds
 
 if TYPE_CHECKING:
     from cachefs.engine.engine import FileCache
@@ -76,6 +77,9 @@ class Supplier:
         self, file_id: str, offset: int, data: bytes | memoryview, trust: bool
     ) -> AddResult:
         c = self._cache
+        attrs = await c.getattr(file_id)
+        if attrs.kind is not FileKind.FILE:
+            raise NotAFile(f"{file_id or '/'}: not a regular file")
         cf = await c._attrs.current(file_id)
         data = memoryview(data).cast("B")
         if offset < 0 or offset > cf.size or offset + len(data) > cf.size:
