@@ -82,6 +82,21 @@ class LocalSource:
         pass
 
 
+class Bare:
+    """A memory backend without the optional content information calls."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.memory = MemoryBackend(files)
+
+    def __getattr__(self, name: str) -> Any:
+        if "content_info" in name:
+            raise AttributeError(name)
+        return getattr(self.memory, name)
+
+    def __repr__(self) -> str:
+        return "Bare()"
+
+
 class Rig:
     def __init__(
         self, tmp_path: Path, files: dict[str, bytes] | None = None, *, source: Source | None = None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from enginerig import Bare
 
 from backends.faulty import FaultyBackend
 from backends.local import LocalBackend
@@ -251,21 +252,6 @@ async def test_memory_publish_and_put() -> None:
         mem.publish("nope", BS)
 
 
-class Bare:
-    """A backend without the optional content information calls."""
-
-    def __init__(self) -> None:
-        self.memory = MemoryBackend({"f": DATA})
-
-    def __getattr__(self, name: str) -> Any:
-        if "content_info" in name:
-            raise AttributeError(name)
-        return getattr(self.memory, name)
-
-    def __repr__(self) -> str:
-        return "Bare()"
-
-
 async def test_wrappers_pass_content_information_through(tmp_path: Path) -> None:
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps([{"file": "*", "result": "FAILURE"}]))
@@ -283,7 +269,7 @@ async def test_wrappers_pass_content_information_through(tmp_path: Path) -> None
 
 
 async def test_a_wrapper_over_a_backend_without_them() -> None:
-    wrapped = Wrapper(Bare())  # type: ignore[arg-type]
+    wrapped = Wrapper(Bare({"f": DATA}))  # type: ignore[arg-type]
     assert await wrapped.content_info("f") is None
     with pytest.raises(NotImplementedError, match="Bare.. cannot store content information"):
         await wrapped.put_content_info("f", INFO)

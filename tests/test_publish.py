@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from enginerig import Bare
 
 from backends.faulty import FaultyBackend
 from backends.local import LocalBackend, version_of
@@ -162,25 +163,10 @@ def test_bad_input_is_one_line(
     assert not (src / ".cachefs-ci").exists()
 
 
-class Bare:
-    """A backend that cannot store content information."""
-
-    def __init__(self) -> None:
-        self.memory = MemoryBackend({"f": B})
-
-    def __getattr__(self, name: str) -> Any:
-        if "content_info" in name:
-            raise AttributeError(name)
-        return getattr(self.memory, name)
-
-    def __repr__(self) -> str:
-        return "Bare()"
-
-
 def test_a_source_that_cannot_store_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("cachefs.publish.open_backend", lambda source, **options: Bare())
+    monkeypatch.setattr("cachefs.publish.open_backend", lambda source, **options: Bare({"f": B}))
     assert cli.main(["publish", "bare://x"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -438,4 +424,4 @@ async def test_at_most_parallel_files_at_once() -> None:
 
 async def test_publish_refuses_a_backend_that_cannot_store() -> None:
     with pytest.raises(ConfigError, match="cannot store content information"):
-        await publish(Bare(), BS)
+        await publish(Bare({"f": B}), BS)

@@ -30,6 +30,7 @@ import trio
 
 from cachefs.contract import ContentInfo
 from cachefs.engine.index import CachedFile
+from cachefs.engine.store import NO_HASH
 
 if TYPE_CHECKING:
     from cachefs.engine.catalog import Catalog
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERIFY_MODES = ("once", "always", "off")
-NO_HASH = bytes(32)
 UNKNOWN = b"\xff" * 32  # no block hashes to this (as good as never)
 
 

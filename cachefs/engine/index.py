@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from cachefs.contract import FileAttrs, FileKind
-from cachefs.engine.store import DataFile
+from cachefs.engine.store import NO_HASH, DataFile
 
 if TYPE_CHECKING:
     from cachefs.engine.crypto import CacheKey
@@ -120,14 +120,11 @@ class CachedFile:
         if h is None:
             return None
         out = bytes(h[32 * b : 32 * b + 32])
-        return None if out == _NO_HASH else out
+        return None if out == NO_HASH else out
 
     @property
     def attrs(self) -> FileAttrs:
         return FileAttrs(FileKind.FILE, self.size, self.mtime, self.version, self.mode)
-
-
-_NO_HASH = bytes(32)
 
 
 def block_count(size: int, block_size: int) -> int:

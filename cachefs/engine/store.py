@@ -20,15 +20,15 @@ import errno
 import hashlib
 import logging
 import os
-from typing import TYPE_CHECKING
 
 import trio
 
-if TYPE_CHECKING:
-    from cachefs.engine.crypto import CacheKey
+from cachefs.engine.crypto import NONCE_SIZE, OVERHEAD, TAG_SIZE, CacheKey
 
-NONCE, TAG = 12, 16
-OVERHEAD = NONCE + TAG  # what sealing adds to a chunk: kept in the tag table
+# What sealing adds to a chunk (nonce, then GCM tag): kept in the tag table.
+NONCE, TAG = NONCE_SIZE, TAG_SIZE
+# A block hash not known (or, to read_blocks, not to be checked).
+NO_HASH = bytes(32)
 # Encrypted blocks are sealed in chunks of this size (or the block size if
 # smaller): a small read opens one chunk, not a whole block.
 CHUNK = 64 << 10
@@ -151,7 +151,7 @@ class DataFile:
             for i, at in enumerate(range(0, len(data), bs)):
                 h = hashlib.sha256(data[at : at + bs]).digest()
                 want = None if expected is None else expected[32 * i : 32 * i + 32]
-                if want and want != _NO_HASH and want != h:
+                if want and want != NO_HASH and want != h:
                     good = at
                     break
                 hashes.append(h)
@@ -205,7 +205,7 @@ class DataFile:
             for b in range(first, last + 1):
                 i = b - first
                 want = expected[32 * i : 32 * i + 32]
-                if want == _NO_HASH or b in bad:
+                if want == NO_HASH or b in bad:
                     continue
                 block = view[b * bs - start : min((b + 1) * bs, stop) - start]
                 if hashlib.sha256(block).digest() != want:
@@ -277,7 +277,6 @@ class DataFile:
             self.release()
 
 
-_NO_HASH = bytes(32)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
