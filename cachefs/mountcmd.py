@@ -63,6 +63,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     config = CacheConfig(
         block_size=block_size,
         verify=args.verify,
+        io_uring=args.io_uring,
         ttl=args.ttl,
         retries=args.retries,
         cache_size=args.cache_size,
@@ -106,6 +107,8 @@ def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
         argv.append(f"--cache-size={opts.config.cache_size}")
     if opts.config.min_free is not None:
         argv.append(f"--min-free={opts.config.min_free}")
+    if not opts.config.io_uring:
+        argv.append("--no-io-uring")
     if opts.encrypt:
         argv.append("--encrypt")  # CACHEFS_KEY, if that is the key, is inherited
     if opts.key_file:

@@ -142,6 +142,17 @@ def test_mount_options_reach_the_daemon(tmp_path: Path, src: Path) -> None:
     assert again == opts
 
 
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-io-uring"], False)])
+def test_io_uring_choice_reaches_the_daemon(
+    tmp_path: Path, src: Path, flag: list[str], expected: bool
+) -> None:
+    given = ["mount", str(src), str(tmp_path), "--cache-dir", str(tmp_path / "c"), *flag]
+    opts = mount_options(build_parser().parse_args(given))
+    assert opts.config.io_uring is expected
+    again = mount_options(build_parser().parse_args(_daemon_argv(opts, "info")))
+    assert again.config.io_uring is expected
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -434,6 +434,36 @@ def test_stats_table_and_json(mount: MountFactory, source: Path, cachefs: Cachef
     assert numbers["external_error"] is None
 
 
+def evict_page_cache(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("options, disk_reads", [((), "io_uring"), (("--no-io-uring",), "threads")])
+def test_hits_from_the_cache_disk_read_back_exactly(
+    mount: MountFactory, source: Path, options: tuple[str, ...], disk_reads: str
+) -> None:
+    name = "10blocks+7.bin"
+    size = SMALL_SIZES["10blocks+7"]
+    m = mount(source, *options)
+    assert sha256(m / name) == sha256(source / name)
+    before = m.stats()
+    evict_page_cache(m.cache_dir / "data")
+    for offset in range(0, size, 4096):  # O_DIRECT: every read reaches cachefs
+        assert pread_direct(m / name, offset, 4096) == source_bytes(source / name, offset, 4096)
+    after = m.stats()
+    assert after["disk_reads"] == disk_reads
+    assert after["read_data_calls"] == before["read_data_calls"]  # hits, every one
+    assert after["hit_bytes"] - before["hit_bytes"] == size
+    m.unmount()
+
+
 READER = """
 import os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY)

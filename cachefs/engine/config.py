@@ -17,7 +17,9 @@ class CacheConfig:
     whichever is smaller.  ``min_free`` None: 5% of the cache filesystem.
     ``verify``: when blocks read back from the cache disk are checked
     against their hashes: ``once`` per block per mount, ``always``, or
-    ``off`` (no hashing, no content information).
+    ``off`` (no hashing, no content information).  ``io_uring``: hits that
+    miss the page cache are read through io_uring where the system allows
+    it; False: through reader threads.
     """
 
     block_size: int = 1 << 20
@@ -32,6 +34,7 @@ class CacheConfig:
     min_free: int | None = None
     flush_interval: float = 5.0
     verify: str = "once"
+    io_uring: bool = True
 
     def validate(self) -> None:
         bs = self.block_size

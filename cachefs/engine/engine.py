@@ -33,6 +33,7 @@ from cachefs.engine.readahead import Readahead
 from cachefs.engine.store import DataFile
 from cachefs.engine.supply import AddResult, Supplier
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
+from cachefs.engine.uring import open_ring
 from cachefs.errors import (
     NotAFile,
     PinLimitExceeded,
@@ -102,7 +103,8 @@ class FileCache:
             backend, catalog, config.verify, catalog.key is not None, self.counters
         )
         self._supplier = Supplier(self)
-        self._hits = HitReader(catalog, self.content, config.block_size)
+        self._ring = open_ring() if config.io_uring else None
+        self._hits = HitReader(catalog, self.content, config.block_size, self._ring)
 
     @property
     def external_error(self) -> str | None:
@@ -391,6 +393,7 @@ class FileCache:
             "block_size": self.config.block_size,
             "verify": self.config.verify,
             "encrypted": self.catalog.key is not None,
+            "disk_reads": self._hits.disk_reads,
             "ttl": self.config.ttl,
             "cache_dir": str(self.cache_dir),
         }
@@ -458,6 +461,8 @@ async def open_file_cache(
             cache = FileCache(backend, path, config, catalog, nursery)
             nursery.start_soon(cache._serve_flusher)
             nursery.start_soon(cache.evictor.serve_trimmer)
+            if cache._ring is not None:
+                nursery.start_soon(cache._ring.serve)
             try:
                 yield cache
             finally:

