@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs.engine import uring
+from cachefs.engine import mapped, uring
 from cachefs.engine.uring import Ring, open_ring
 from tests.enginerig import BS, Rig, read_at, read_sequential
 
@@ -213,3 +213,75 @@ def test_the_ring_module_says_why_it_is_missing(
     caplog.set_level("INFO", logger=uring.__name__)
     assert open_ring() is None
     assert "cache-disk reads go through threads" in caplog.text
+
+
+# -- large hits as views of the mapped data file ----------------------------------------
+
+BIG = {"big.bin": random.Random(11).randbytes(8 * BS + 999)}
+
+
+async def test_large_resident_hits_are_views_and_read_back_exactly(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, BIG)
+    data = BIG["big.bin"]
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "big.bin") == data
+        rig.reads()
+        fh = await cache.open("big.bin")
+        try:
+            for offset, length in [(0, BS), (BS - 5, 3 * BS), (7 * BS, 2 * BS)]:
+                got = await cache.read(fh, offset, length)
+                assert isinstance(got, memoryview)  # no copy into Python
+                assert bytes(got) == data[offset : offset + length]
+            small = await cache.read(fh, 100, 4096)
+            assert not isinstance(small, memoryview) and small == data[100:4196]
+            await cache.flush()
+            evict_page_cache(rig.cache_dir)
+            # Pages mapped by the views above stay resident; these were never mapped.
+            cold = await cache.read(fh, 4 * BS + 10, BS)  # not resident: copied, from the disk
+            assert not isinstance(cold, memoryview) and cold == data[4 * BS + 10 : 5 * BS + 10]
+        finally:
+            await cache.close(fh)
+        assert rig.reads() == []
+
+
+async def test_without_cachestat_large_hits_are_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mapped, "_syscall", lambda *args: -1)  # as if ENOSYS
+    monkeypatch.setattr(mapped._State, "available", True)
+    rig = Rig(tmp_path, BIG)
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "big.bin") == BIG["big.bin"]
+        got = await read_at(cache, "big.bin", 0, 2 * BS)
+        assert not isinstance(got, memoryview) and got == BIG["big.bin"][: 2 * BS]
+    assert not mapped.cachestat_available()
+
+
+async def test_a_view_outlives_a_new_version_and_the_new_bytes_are_served(
+    tmp_path: Path,
+) -> None:
+    old = BIG["big.bin"]
+    new = bytes(b ^ 0xFF for b in old)
+    rig = Rig(tmp_path, BIG)
+    async with rig.engine(ttl=0) as cache:
+        assert await read_sequential(cache, "big.bin") == old
+        view = await read_at(cache, "big.bin", 0, 2 * BS)
+        assert isinstance(view, memoryview)
+        rig.source.put("big.bin", new)
+        assert await read_sequential(cache, "big.bin") == new  # the old data file retired
+        assert bytes(view) == old[: 2 * BS]  # still mapped, still the old bytes: no SIGBUS
+
+
+def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(256 << 10))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.pread(fd, 256 << 10, 0)
+        assert mapped.resident(fd, 0, 256 << 10)
+        assert not mapped.resident(fd, 0, 0)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not mapped.resident(fd, 4096, 8192)
+    finally:
+        os.close(fd)

@@ -132,8 +132,12 @@ class FileCache:
         self._open.add(fh)
         return fh
 
-    async def read(self, fh: OpenFile, offset: int, length: int) -> bytes | bytearray:
-        """Up to *length* bytes at *offset*; empty at or past the end of the file."""
+    async def read(self, fh: OpenFile, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Up to *length* bytes at *offset*; empty at or past the end of the file.
+
+        A memoryview is a view of the cache's pages (see engine/mapped.py):
+        use it before the next await, or copy it.
+        """
         cf = self.catalog.files.get(fh.file_id)
         if cf is None:
             cf = await self._attrs.current(fh.file_id)

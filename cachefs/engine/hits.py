@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.content import Content
 from cachefs.engine.index import CachedFile
+from cachefs.engine.mapped import MAP_MIN
 from cachefs.engine.readers import ReaderPool
 from cachefs.engine.store import pread_into, read_nowait
 from cachefs.engine.uring import Ring
@@ -56,7 +57,9 @@ class HitReader:
         assert data.fd is not None
         return data.fd
 
-    async def serve(self, fh: OpenFile, cf: CachedFile, offset: int, end: int) -> bytearray | None:
+    async def serve(
+        self, fh: OpenFile, cf: CachedFile, offset: int, end: int
+    ) -> bytearray | memoryview | None:
         """Bytes [offset, end) of present blocks from the data file, or None.
 
         Data in the page cache is read on the loop without blocking; what is
@@ -70,6 +73,12 @@ class HitReader:
             return await self._serve_checked(fh, cf, offset, end)
         n = end - offset
         fd = self._fd(fh, cf)
+        if n >= MAP_MIN:
+            assert fh.data is not None
+            view = fh.data.view(offset, end)
+            if view is not None:
+                self._catalog.touch(cf, first, last)
+                return view
         buf = bytearray(n)
         # With disk reads already in flight, the page cache is likely cold:
         # straight to the ring's kernel workers, keeping the disk's submission

@@ -19,11 +19,13 @@ import ctypes
 import errno
 import hashlib
 import logging
+import mmap
 import os
 
 import trio
 
 from cachefs.engine.crypto import NONCE_SIZE, OVERHEAD, TAG_SIZE, CacheKey
+from cachefs.engine.mapped import map_file, resident
 
 # What sealing adds to a chunk (nonce, then GCM tag): kept in the tag table.
 NONCE, TAG = NONCE_SIZE, TAG_SIZE
@@ -56,6 +58,7 @@ class DataFile:
         "key",
         "row_id",
         "version",
+        "_map",
     )
 
     def __init__(
@@ -78,6 +81,7 @@ class DataFile:
         self.version = version
         self.chunk = min(block_size, CHUNK)
         self.tags_at = page_end(size)
+        self._map: mmap.mmap | None = None
         self.disk_size = size
         if key is not None:
             self.disk_size = self.tags_at + -(-size // self.chunk) * OVERHEAD
@@ -103,8 +107,22 @@ class DataFile:
     def release(self) -> None:
         self.users -= 1
         if self.users == 0 and self.fd is not None:
+            self._map = None  # unmapped when the last view handed out is gone
             os.close(self.fd)
             self.fd = None
+
+    def view(self, offset: int, end: int) -> memoryview | None:
+        """Plain bytes [offset, end) as a view of the mapped file, if all are in the page cache.
+
+        For the hit path only (see :mod:`cachefs.engine.mapped`): the caller
+        holds the fd and hands the view to the reply before any await.
+        """
+        fd = self.fd
+        if fd is None or self.key is not None or not resident(fd, offset, end - offset):
+            return None
+        if self._map is None:
+            self._map = map_file(fd, self.size)
+        return memoryview(self._map)[offset:end]
 
     def retire(self) -> None:
         """Forget this version's bytes: unlink now, close when the last user leaves."""
