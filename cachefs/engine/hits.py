@@ -1,11 +1,14 @@
 """Serving present blocks from the data files: the hit path.
 
-Plain and already checked, a hit is one read: on the trio loop when the
-page cache holds the bytes (RWF_NOWAIT), else through io_uring (see
+Plain and already checked, a hit is one read: a large one whose pages are
+all in the page cache is handed over as a view of the mapped data file (see
+:mod:`cachefs.engine.mapped`); otherwise it is read on the trio loop when
+the page cache holds the bytes (RWF_NOWAIT), else through io_uring (see
 :mod:`cachefs.engine.uring`) or, where there is none, in a reader thread;
-either way readers of the cache disk run in parallel.  Encrypted, or not yet checked
-in this process, whole blocks (or, encrypted, the 64 KiB chunks read) are
-opened and checked in a reader thread first; a block that fails is dropped.
+either way readers of the cache disk run in parallel.  Encrypted, or not
+yet checked in this process, whole blocks (or, encrypted, the 64 KiB chunks
+read) are opened and checked in a reader thread first; a block that fails
+is dropped.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ class HitReader:
     ) -> bytearray | memoryview | None:
         """Bytes [offset, end) of present blocks from the data file, or None.
 
-        Data in the page cache is read on the loop without blocking; what is
-        only on disk is read in a worker thread, so readers of the cache disk
-        run in parallel.  None means the blocks are gone (evicted or retired
+        Data in the page cache is served without blocking the loop (large
+        reads as a view of the mapped file, to be used before the next
+        await); what is only on disk goes through the ring or a reader
+        thread.  None means the blocks are gone (evicted or retired
         meanwhile, or lost from the data file): the caller fetches them.
         """
         bs = self._block_size

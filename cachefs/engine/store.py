@@ -19,13 +19,12 @@ import ctypes
 import errno
 import hashlib
 import logging
-import mmap
 import os
 
 import trio
 
 from cachefs.engine.crypto import NONCE_SIZE, OVERHEAD, TAG_SIZE, CacheKey
-from cachefs.engine.mapped import map_file, resident
+from cachefs.engine.mapped import map_range, resident
 
 # What sealing adds to a chunk (nonce, then GCM tag): kept in the tag table.
 NONCE, TAG = NONCE_SIZE, TAG_SIZE
@@ -58,7 +57,6 @@ class DataFile:
         "key",
         "row_id",
         "version",
-        "_map",
     )
 
     def __init__(
@@ -81,7 +79,6 @@ class DataFile:
         self.version = version
         self.chunk = min(block_size, CHUNK)
         self.tags_at = page_end(size)
-        self._map: mmap.mmap | None = None
         self.disk_size = size
         if key is not None:
             self.disk_size = self.tags_at + -(-size // self.chunk) * OVERHEAD
@@ -107,7 +104,6 @@ class DataFile:
     def release(self) -> None:
         self.users -= 1
         if self.users == 0 and self.fd is not None:
-            self._map = None  # unmapped when the last view handed out is gone
             os.close(self.fd)
             self.fd = None
 
@@ -120,9 +116,7 @@ class DataFile:
         fd = self.fd
         if fd is None or self.key is not None or not resident(fd, offset, end - offset):
             return None
-        if self._map is None:
-            self._map = map_file(fd, self.size)
-        return memoryview(self._map)[offset:end]
+        return map_range(fd, offset, end)
 
     def retire(self) -> None:
         """Forget this version's bytes: unlink now, close when the last user leaves."""

@@ -50,7 +50,8 @@ class Ring:
         except BaseException:
             lib.io_uring_queue_exit(self._ring)
             raise
-        self._slots = trio.Semaphore(entries)
+        self._entries = entries
+        self._room = trio.lowlevel.ParkingLot()  # readers waiting for a free entry
         # user_data -> [waiting task or None, the buffer the kernel writes into]
         self._inflight: dict[int, list[Any]] = {}
         self._next = 0
@@ -85,30 +86,35 @@ class Ring:
     async def _read_once(self, fd: int, buf: bytearray, offset: int, offload: bool) -> int:
         if self.broken is not None:
             raise self.broken
-        async with self._slots:
-            lib = self._lib
-            sqe = lib.io_uring_get_sqe(self._ring)
-            if sqe is None:  # cannot happen with the slots bounding what is in flight
-                raise OSError(errno.EBUSY, "io_uring submission queue full")
-            lib.io_uring_prep_read(sqe, fd, buf, offset)
-            self._next += 1
-            key = self._next
-            lib.io_uring_sqe_set_data64(sqe, key)
-            if offload:
-                sqe.flags = IOSQE_ASYNC
-            task = trio.lowlevel.current_task()
-            entry = [task, buf]
-            self._inflight[key] = entry
-            try:
-                self._submit()
-            except OSError as e:
-                # The entry may still reach the kernel: it keeps its buffer,
-                # and this read (and every later one) goes another way.
-                entry[0] = None
-                self.broken = e
-                log.warning("io_uring submit failed (%s): disk reads go through threads", e)
-                raise
-            return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        # A ParkingLot rather than a Semaphore: nothing to pay while there is room.
+        while len(self._inflight) >= self._entries:
+            await self._room.park()
+            if self.broken is not None:
+                raise self.broken
+        lib = self._lib
+        sqe = lib.io_uring_get_sqe(self._ring)
+        if sqe is None:  # cannot happen while at most `entries` are in flight
+            raise OSError(errno.EBUSY, "io_uring submission queue full")
+        lib.io_uring_prep_read(sqe, fd, buf, offset)
+        self._next += 1
+        key = self._next
+        lib.io_uring_sqe_set_data64(sqe, key)
+        if offload:
+            sqe.flags = IOSQE_ASYNC
+        task = trio.lowlevel.current_task()
+        entry = [task, buf]
+        self._inflight[key] = entry
+        try:
+            self._submit()
+        except OSError as e:
+            # The entry may still reach the kernel: it keeps its buffer,
+            # and this read (and every later one) goes another way.
+            entry[0] = None
+            self.broken = e
+            self._room.unpark_all()
+            log.warning("io_uring submit failed (%s): disk reads go through threads", e)
+            raise
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
     def _submit(self) -> None:
         for _ in range(3):
@@ -149,6 +155,8 @@ class Ring:
             entry = self._inflight.pop(key, None)
             if entry is not None and entry[0] is not None:
                 trio.lowlevel.reschedule(entry[0], result)
+            if self._room:
+                self._room.unpark()
 
     def _close(self) -> None:
         """Tear the ring down, unless reads are still in flight (then it is left to exit)."""
