@@ -6,7 +6,9 @@ The engine tests push the data files out of the page cache first
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import random
 import sys
@@ -247,7 +249,11 @@ async def test_large_resident_hits_are_views_and_read_back_exactly(tmp_path: Pat
 async def test_without_cachestat_large_hits_are_copied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mapped, "_syscall", lambda *args: -1)  # as if ENOSYS
+    def enosys(*args: object) -> int:
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+
+    monkeypatch.setattr(mapped, "_syscall", enosys)
     monkeypatch.setattr(mapped._State, "available", True)
     rig = Rig(tmp_path, BIG)
     async with rig.engine() as cache:
@@ -285,3 +291,32 @@ def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
         assert not mapped.resident(fd, 4096, 8192)
     finally:
         os.close(fd)
+
+
+async def test_a_range_that_cannot_be_mapped_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> mmap.mmap:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    rig = Rig(tmp_path, BIG)
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "big.bin") == BIG["big.bin"]
+        monkeypatch.setattr(mapped.mmap, "mmap", refuse)
+        got = await read_at(cache, "big.bin", BS, 2 * BS)
+        assert not isinstance(got, memoryview) and got == BIG["big.bin"][BS : 3 * BS]
+
+
+async def test_a_closed_ring_refuses_reads_instead_of_touching_the_kernel(
+    data_file: tuple[int, bytes],
+) -> None:
+    r = open_ring(entries=4)
+    assert r is not None
+    async with trio.open_nursery() as n:
+        n.start_soon(r.serve)
+        await trio.testing.wait_all_tasks_blocked()
+        n.cancel_scope.cancel()
+    assert not r.usable
+    with pytest.raises(OSError) as e:
+        await r.pread(data_file[0], bytearray(10), 0)
+    assert e.value.errno == errno.ESHUTDOWN

@@ -30,11 +30,16 @@ Why a view is safe to hand out:
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import mmap
+import os
 
 # Hits smaller than this are copied: for them the saving is lost in the
 # extra syscall (cachestat) and the page faults of the reply.
 MAP_MIN = 64 << 10
+
+log = logging.getLogger(__name__)
 
 _NR_CACHESTAT = 451  # the same number on every architecture (Linux 6.5+)
 _PAGE = mmap.PAGESIZE
@@ -69,13 +74,16 @@ def resident(fd: int, offset: int, length: int) -> bool:
         return False
     _range.off, _range.len = offset, length
     if _syscall(_NR_CACHESTAT, fd, _range_p, _stat_p, 0) != 0:
-        _State.available = False  # ENOSYS (before 6.5) or EPERM (seccomp): copy from now on
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EPERM):  # before 6.5, or a sandbox: copy from now on
+            _State.available = False
+            log.info("no cachestat (%s): cache hits are copied", os.strerror(err))
         return False
     pages = (offset + length - 1) // _PAGE - offset // _PAGE + 1
     return _stat.nr_cache >= pages
 
 
-def map_range(fd: int, offset: int, end: int) -> memoryview:
+def map_range(fd: int, offset: int, end: int) -> memoryview | None:
     """Bytes [offset, end) of *fd* as a view of a read-only shared mapping of just them.
 
     One mapping per view: it is unmapped as soon as the view is dropped (by
@@ -83,7 +91,11 @@ def map_range(fd: int, offset: int, end: int) -> memoryview:
     grow with every file page it has ever served.
     """
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    m = mmap.mmap(fd, end - start, mmap.MAP_SHARED, mmap.PROT_READ, offset=start)
+    try:
+        m = mmap.mmap(fd, end - start, mmap.MAP_SHARED, mmap.PROT_READ, offset=start)
+    except OSError as e:  # ENOMEM (vm.max_map_count), a filesystem that cannot map: copy
+        log.debug("cannot map cache bytes (%s): copied", e)
+        return None
     return memoryview(m)[offset - start :]
 
 

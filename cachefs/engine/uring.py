@@ -163,6 +163,8 @@ class Ring:
         if self._closed:
             return
         self._closed = True
+        self.broken = OSError(errno.ESHUTDOWN, "io_uring closed")  # no read touches it again
+        self._room.unpark_all()
         self._reap()
         if self._inflight:
             log.warning("%d cache-disk reads still in flight at shutdown", len(self._inflight))
