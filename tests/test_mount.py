@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import select
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -461,6 +463,43 @@ def test_hits_from_the_cache_disk_read_back_exactly(
     assert after["disk_reads"] == disk_reads
     assert after["read_data_calls"] == before["read_data_calls"]  # hits, every one
     assert after["hit_bytes"] - before["hit_bytes"] == size
+    m.unmount()
+
+
+def test_concurrent_small_hits_from_the_cache_disk_read_back_exactly(
+    mount: MountFactory, big_source: Path
+) -> None:
+    """Four readers at once: reads overlap in the ring (and go to its kernel workers)."""
+    m = mount(big_source, block_size=None)
+    name = "big.bin"
+    size = (big_source / name).stat().st_size
+    assert sha256(m / name) == sha256(big_source / name)
+    before = m.stats()
+    evict_page_cache(m.cache_dir / "data")
+    expected = (big_source / name).read_bytes()
+    rnd = random.Random(17)
+    offsets = [rnd.randrange(size // 4096) * 4096 for _ in range(400)]
+    bad: list[int] = []
+
+    def reader(part: list[int]) -> None:
+        fd = os.open(m / name, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for offset in part:
+                if os.pread(fd, 4096, offset) != expected[offset : offset + 4096]:
+                    bad.append(offset)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=reader, args=(offsets[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert bad == []
+    after = m.stats()
+    assert after["disk_reads"] == "io_uring"
+    assert after["read_data_calls"] == before["read_data_calls"]
     m.unmount()
 
 
