@@ -162,6 +162,8 @@ class Catalog:
             cf.epoch += 1
             if cf.unsynced:
                 cf.unsynced.discard(b)
+            if cf.unhashed:
+                cf.unhashed.discard(b)
             self.cached_bytes -= self.block_len(cf, b)
             self.dirty.add(cf)
 

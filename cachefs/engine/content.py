@@ -120,6 +120,7 @@ class Content:
         cf.hashes = bytearray(b"".join(info.block_hashes))
         cf.content_hash = info.content_hash
         cf.verified = None  # what is cached is checked against it on its next read
+        cf.unhashed = None  # nothing left to hash: the source's hashes are the authority
         cf.zero_from = None  # the backend's early EOF, if any, is not believed
         self._catalog.dirty.add(cf)
 
@@ -130,6 +131,20 @@ class Content:
         if cf.content_hash is None or cf.hashes is None:
             return None
         return bytes(cf.hashes[32 * first : 32 * (last + 1)])
+
+    def may_defer(self, expected: bytes | None) -> bool:
+        """Whether blocks arriving may be hashed later (engine/hasher.py).
+
+        Only with ``verify once``, plain, and no content information to
+        compare them with: then nothing in this process needs their hash.
+        """
+        return self.verify == "once" and not self._encrypted and expected is None
+
+    def record_unhashed(self, cf: CachedFile, first: int, count: int) -> None:
+        """Blocks from *first* were stored from the source, hash to come: verified."""
+        if cf.verified is None:
+            cf.verified = bytearray(len(cf.present))
+        cf.verified[first : first + count] = b"\x01" * count
 
     def record(self, cf: CachedFile, first: int, hashes: list[bytes]) -> None:
         """Blocks from *first* were stored with these hashes: they count as verified."""

@@ -27,6 +27,7 @@ from cachefs.engine.config import CacheConfig
 from cachefs.engine.content import Content
 from cachefs.engine.evict import Evictor, evictable
 from cachefs.engine.fetch import FetchRunner, Modified, Replan
+from cachefs.engine.hasher import Hasher
 from cachefs.engine.hits import HitReader
 from cachefs.engine.index import CachedFile, Index
 from cachefs.engine.readahead import Readahead
@@ -103,6 +104,7 @@ class FileCache:
             backend, catalog, config.verify, catalog.key is not None, self.counters
         )
         self._supplier = Supplier(self)
+        self.hasher = Hasher(catalog, config.block_size)
         self._ring = open_ring() if config.io_uring else None
         self._hits = HitReader(catalog, self.content, config.block_size, self._ring)
 
@@ -351,6 +353,8 @@ class FileCache:
         cf = self.catalog.files.get(file_id)
         if cf is None or cf.pinned:
             return 0
+        if cf.unhashed:  # their hashes outlive them (add-data checks against them)
+            await self.hasher.drain()
         victims = [(cf, b) for b in evictable(cf)]
         before = self.catalog.cached_bytes
         await self.evictor.drop(victims, count=False)
@@ -398,6 +402,7 @@ class FileCache:
             "verify": self.config.verify,
             "encrypted": self.catalog.key is not None,
             "disk_reads": self._hits.disk_reads,
+            "unhashed_blocks": self.hasher.backlog,
             "ttl": self.config.ttl,
             "cache_dir": str(self.cache_dir),
         }
@@ -405,7 +410,12 @@ class FileCache:
     # -- persistence ----------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Commit metadata now (it is also committed every flush_interval seconds)."""
+        """Commit metadata now, blocks waiting for their hash included (hashed first).
+
+        Metadata is also committed every flush_interval seconds, without
+        waiting for the hasher: blocks still unhashed show as absent.
+        """
+        await self.hasher.drain()
         await self.catalog.flush(self.disk_limiter)
 
     async def _serve_flusher(self) -> None:
@@ -413,7 +423,7 @@ class FileCache:
             await trio.sleep(self.config.flush_interval)
             if self.catalog.needs_flush:
                 try:
-                    await self.flush()
+                    await self.catalog.flush(self.disk_limiter)
                 except OSError as e:
                     log.error("cannot commit cache metadata: %s", e)
 
@@ -465,6 +475,7 @@ async def open_file_cache(
             cache = FileCache(backend, path, config, catalog, nursery)
             nursery.start_soon(cache._serve_flusher)
             nursery.start_soon(cache.evictor.serve_trimmer)
+            nursery.start_soon(cache.hasher.serve)
             if cache._ring is not None:
                 nursery.start_soon(cache._ring.serve)
             try:
@@ -475,6 +486,7 @@ async def open_file_cache(
                         await cache._shutdown()
                 finally:
                     cache._hits.close()
+                    cache.hasher.close()
                 nursery.cancel_scope.cancel()
     finally:
         if index is not None:

@@ -287,11 +287,11 @@ class FetchRunner:
             elif rc is RWResult.FILE_FAILURE:
                 cf.error = f"FILE_FAILURE at offset {pos}"
                 cat.dirty.add(cf)
-                await c.flush()
+                await cat.flush(c.disk_limiter)
                 self.check_latches(cf)
             elif rc is RWResult.PERMANENT_FAILURE:
                 cat.external_error = f"PERMANENT_FAILURE reading {cf.file_id} at offset {pos}"
-                await c.flush()
+                await cat.flush(c.disk_limiter)
                 self.check_latches(cf)
             elif rc is RWResult.FAILURE:
                 failures += 1
@@ -363,17 +363,28 @@ class FetchRunner:
         first, last = offset // bs, (offset + len(data) - 1) // bs
         assert cf.data is not None
         await c.evictor.make_room(len(data))
+        expected = c.content.expected(cf, first, last)
+        # Hashed later, off this path, when nothing here needs the hash and
+        # the hasher has room (engine/hasher.py).
+        defer = c.content.hashing and c.content.may_defer(expected) and c.hasher.reserve()
         try:
             hashes, n = await cf.data.write_blocks(
-                first, data, c.content.expected(cf, first, last), c.content.hashing, c.disk_limiter
+                first, data, expected, c.content.hashing and not defer, c.disk_limiter
             )
             if cf.retired:
                 raise Replan
             done = -(-n // bs)
-            c.content.record(cf, first, hashes)
+            if defer:
+                c.content.record_unhashed(cf, first, done)
+                c.hasher.submit(cf, first, done)
+                defer = False  # the reservation is used
+            else:
+                c.content.record(cf, first, hashes)
             for b in range(first, first + done):
                 cat.mark(cf, b)
         finally:
+            if defer:
+                c.hasher.release()
             c.evictor.settle(len(data))
         cat.note_written(cf)
         return offset + n

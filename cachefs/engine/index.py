@@ -91,6 +91,9 @@ class CachedFile:
     unsynced: set[int] | None = None
     # Blocks whose bytes were checked against their hash in this process.
     verified: bytearray | None = None
+    # Blocks stored whose hash is still to be taken (engine/hasher.py): the
+    # index shows them as absent until it is.
+    unhashed: set[int] | None = None
     # The backend was asked for content information in this process.
     info_asked: bool = False
 
@@ -271,6 +274,9 @@ def row_of(cf: CachedFile, synced_only: bool = False, key: CacheKey | None = Non
     present = bytearray(cf.present)
     if synced_only and cf.unsynced:
         for b in cf.unsynced:
+            present[b] = 0
+    if cf.unhashed:  # a later mount would not trust them without a hash
+        for b in cf.unhashed:
             present[b] = 0
     file_id: str | bytes = cf.file_id
     name, content_hash = None, cf.content_hash

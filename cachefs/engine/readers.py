@@ -22,7 +22,8 @@ import trio
 class ReaderPool:
     """``threads`` daemon threads; create inside trio, :meth:`close` when done."""
 
-    def __init__(self, threads: int = 8) -> None:
+    def __init__(self, threads: int = 8, on_start: Callable[[], None] | None = None) -> None:
+        self._on_start = on_start
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
         self._threads = [
@@ -44,6 +45,8 @@ class ReaderPool:
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
     def _work(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while (job := self._queue.get()) is not None:
             fn, args, deliver = job
             deliver(outcome.capture(fn, *args))

@@ -88,6 +88,8 @@ class Supplier:
                 f" of the file ({cf.size} bytes)"
             )
         await c.content.ensure_info(cf)
+        if cf.unhashed:  # hashes of blocks fetched lately count too: take them first
+            await c.hasher.drain()
         bs = c.config.block_size
         result = AddResult()
         if data:
