@@ -5,7 +5,8 @@ measured three times:
 
 - cold: kernel caches dropped, nothing read yet through this mount;
 - cache-hit: the job's files read once through the mount (the cachefs or
-  rclone cache now holds them), then kernel caches dropped;
+  rclone cache now holds them; for cachefs, once their blocks are hashed,
+  which it does after the read), then kernel caches dropped;
 - warm: the files read once more, so the page cache holds them; fio runs
   with ``--invalidate=0``.
 
@@ -75,6 +76,7 @@ def _job_on_target(
         for condition in conditions:
             if condition != "cold":
                 job.fill(target.root, run.sizes)
+                target.settle()
             if condition != "warm":
                 drop_caches(run.drop)
             figures = _measure(target, job, run, warm=condition == "warm")

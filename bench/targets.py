@@ -33,6 +33,7 @@ from bench.system import (
 
 MOUNT_DEADLINE = 60.0
 EXIT_DEADLINE = 30.0
+SETTLE_DEADLINE = 120.0  # hashing a fill of a few GiB at nice 19
 KEY_BYTES = 32  # a raw key: cachefs takes it as it is, no passphrase stretching
 # where the encrypted cache is measured (job keys, conditions): its cost per byte
 # shows in seq 1 MiB, its cost per call in rand 4 KiB, and both on cache hits; warm
@@ -62,6 +63,9 @@ class Target:
 
     def counters(self) -> dict[str, Any]:
         return {}
+
+    def settle(self) -> None:
+        """Wait for work the target does after a read (nothing, by default)."""
 
     def _prepare(self, kind: str) -> tuple[Path, Path, Path]:
         """An unmounted empty mount point, an empty cache dir and a log file."""
@@ -125,6 +129,15 @@ class CachefsTarget(Target):
 
         entry = mount_at(self.root)
         return request(entry, "stats", timeout=10.0) if entry is not None else {}
+
+    def settle(self) -> None:
+        """Wait until blocks just fetched are hashed (engine/hasher.py): until then the
+        cache commits them as absent, so they are not yet cached for good."""
+        deadline = time.monotonic() + SETTLE_DEADLINE
+        while self.counters().get("unhashed_blocks", 0):
+            if time.monotonic() > deadline:
+                raise BenchError(f"blocks still unhashed after {SETTLE_DEADLINE} s")
+            time.sleep(0.05)
 
     def _unmount(self, mnt: Path) -> None:
         pid = self.pid
