@@ -20,7 +20,10 @@ import trio
 
 
 class ReaderPool:
-    """``threads`` daemon threads; create inside trio, :meth:`close` when done."""
+    """``threads`` daemon threads; create inside trio, :meth:`close` when done.
+
+    *on_start* runs first in each thread (the hasher lowers its priority there).
+    """
 
     def __init__(self, threads: int = 8, on_start: Callable[[], None] | None = None) -> None:
         self._on_start = on_start
