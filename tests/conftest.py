@@ -4,7 +4,8 @@ deadline) until the mount point is mounted, and always unmounts at the end.
 *source* is a directory or a URL (``s3://bucket``, with ``--s3-endpoint``
 among the options); the daemon inherits this process's environment.
 Also the helpers those tests share: reads that bypass the kernel's page
-cache, and what a cache dir really occupies on disk.
+cache, pushing data files out of it, what a cache dir really occupies on
+disk, a bare mount point, and the check of a one-line CLI error.
 """
 
 from __future__ import annotations
@@ -73,6 +74,44 @@ def disk_usage(cache_dir: Path) -> int:
 def lazy_unmount(mountpoint: Path) -> None:
     if mount_at(mountpoint) is not None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+def evict_page_cache(root: Path) -> int:
+    """Push every file below *root* out of the page cache (fsync, then DONTNEED); how many."""
+    count = 0
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            count += 1
+    return count
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Exit code 2 and one line of stderr, ``cachefs ... error: ...``, naming *words*."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("cachefs") and "error:" in lines[0], lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    """A mount point for ``cachefs mount`` run as users do; unmounted whatever happens."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        if mount_at(path) is not None:
+            run_cachefs("unmount", path)
+            lazy_unmount(path)
 
 
 @dataclass

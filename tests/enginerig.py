@@ -21,6 +21,7 @@ from backends.local import LocalBackend
 from backends.memory import MemoryBackend
 from backends.trace import TraceBackend, read_trace
 from cachefs import Backend, CacheConfig, FileCache, open_file_cache
+from cachefs.contract import ReadData, RWEvent
 
 BS = 64 * 1024
 # Readahead off unless a test turns it on: most tests count the calls a read makes.
@@ -139,6 +140,29 @@ class Rig:
             self.backend, self.cache_dir, replace(CONFIG, **overrides), key_material=key
         ) as cache:
             yield cache
+
+
+def read_request(
+    file_id: str,
+    position: int,
+    count: int,
+    *,
+    size: int,
+    flags: RWEvent,
+    context: Any = None,
+    version: str = "",
+) -> ReadData:
+    """A ReadData of *count* bytes at *position*, with a fresh buffer, as the engine raises it."""
+    return ReadData(
+        file_id=file_id,
+        size=size,
+        position=position,
+        flags=flags,
+        buffer=memoryview(bytearray(count)),
+        bytes_to_read=count,
+        file_context=context,
+        version=version,
+    )
 
 
 async def read_sequential(cache: FileCache, file_id: str, chunk: int = BS) -> bytes:

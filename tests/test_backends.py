@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from enginerig import read_request
 
 from backends.faulty import FaultyBackend
 from backends.local import LocalBackend
@@ -22,26 +24,8 @@ from cachefs.registry import open_backend
 DATA = bytes(range(256)) * 64 + b"tail"  # 16388 bytes, every offset distinct mod 256
 
 
-def request(
-    file_id: str,
-    position: int,
-    count: int,
-    *,
-    context: Any = None,
-    version: str = "",
-    flags: RWEvent = RWEvent.RANDOM_STARTED | RWEvent.BEFORE_END,
-    size: int = len(DATA),
-) -> ReadData:
-    return ReadData(
-        file_id=file_id,
-        size=size,
-        position=position,
-        flags=flags,
-        buffer=memoryview(bytearray(count)),
-        bytes_to_read=count,
-        file_context=context,
-        version=version,
-    )
+# A read of this module's DATA, unless told otherwise.
+request = partial(read_request, size=len(DATA), flags=RWEvent.RANDOM_STARTED | RWEvent.BEFORE_END)
 
 
 def canceled(file_id: str) -> ReadData:

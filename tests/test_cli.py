@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from conftest import assert_one_line_error
 
 from cachefs.cli import _daemon_argv, build_parser, mount_options
 from cachefs.client import format_stats
@@ -45,15 +46,6 @@ COMMANDS = [
     "reset-file-errors",
     "reset-external-error",
 ]
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("cachefs") and "error:" in lines[0], lines[0]
-    for word in words:
-        assert word in lines[0]
 
 
 @pytest.fixture

@@ -17,27 +17,13 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from conftest import evict_page_cache
 
 from cachefs.engine import mapped, uring
 from cachefs.engine.uring import Ring, open_ring
 from tests.enginerig import BS, Rig, read_at, read_sequential
 
 FILES = {"a.bin": random.Random(7).randbytes(5 * BS + 123), "b.bin": b"x" * (2 * BS)}
-
-
-def evict_page_cache(cache_dir: Path) -> int:
-    """Drop the data files' pages from the page cache; how many files."""
-    count = 0
-    for path in (cache_dir / "data").rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            count += 1
-    return count
 
 
 class Counted:
@@ -117,13 +103,19 @@ async def test_a_failed_read_raises_its_errno_in_the_reader(ring: Ring, tmp_path
     assert ring.usable  # the ring itself is fine
 
 
-async def test_the_ring_closes_its_eventfd_when_its_task_ends() -> None:
+async def ended_ring() -> Ring:
+    """A ring whose serve() task has run and been cancelled."""
     r = open_ring(entries=4)
     assert r is not None
     async with trio.open_nursery() as n:
         n.start_soon(r.serve)
         await trio.testing.wait_all_tasks_blocked()
         n.cancel_scope.cancel()
+    return r
+
+
+async def test_the_ring_closes_its_eventfd_when_its_task_ends() -> None:
+    r = await ended_ring()
     with pytest.raises(OSError) as e:
         os.fstat(r._efd)
     assert e.value.errno == errno.EBADF
@@ -141,7 +133,7 @@ async def test_hits_from_the_cache_disk_go_through_the_ring(
         for name, data in FILES.items():
             assert await read_sequential(cache, name) == data
         await cache.flush()
-        assert evict_page_cache(rig.cache_dir) == len(FILES)
+        assert evict_page_cache(rig.cache_dir / "data") == len(FILES)
         rig.reads()
         assert await read_sequential(cache, "a.bin", chunk=4096) == FILES["a.bin"]
         assert await read_at(cache, "b.bin", BS - 100, 200) == FILES["b.bin"][BS - 100 : BS + 100]
@@ -172,7 +164,7 @@ async def test_without_a_ring_hits_are_read_by_threads(
     async with rig.engine(**overrides) as cache:
         assert await read_sequential(cache, "a.bin") == FILES["a.bin"]
         await cache.flush()
-        evict_page_cache(rig.cache_dir)
+        evict_page_cache(rig.cache_dir / "data")
         rig.reads()
         assert await read_sequential(cache, "a.bin", chunk=4096) == FILES["a.bin"]
         assert rig.reads() == []
@@ -187,7 +179,7 @@ async def test_a_ring_that_fails_to_submit_hands_over_to_threads(
     async with rig.engine() as cache:
         assert await read_sequential(cache, "a.bin") == FILES["a.bin"]
         await cache.flush()
-        evict_page_cache(rig.cache_dir)
+        evict_page_cache(rig.cache_dir / "data")
         ring = cache._ring
         assert ring is not None
 
@@ -237,7 +229,7 @@ async def test_large_resident_hits_are_views_and_read_back_exactly(tmp_path: Pat
             small = await cache.read(fh, 100, 4096)
             assert not isinstance(small, memoryview) and small == data[100:4196]
             await cache.flush()
-            evict_page_cache(rig.cache_dir)
+            evict_page_cache(rig.cache_dir / "data")
             # Pages mapped by the views above stay resident; these were never mapped.
             cold = await cache.read(fh, 4 * BS + 10, BS)  # not resident: copied, from the disk
             assert not isinstance(cold, memoryview) and cold == data[4 * BS + 10 : 5 * BS + 10]
@@ -310,12 +302,7 @@ async def test_a_range_that_cannot_be_mapped_is_copied(
 async def test_a_closed_ring_refuses_reads_instead_of_touching_the_kernel(
     data_file: tuple[int, bytes],
 ) -> None:
-    r = open_ring(entries=4)
-    assert r is not None
-    async with trio.open_nursery() as n:
-        n.start_soon(r.serve)
-        await trio.testing.wait_all_tasks_blocked()
-        n.cancel_scope.cancel()
+    r = await ended_ring()
     assert not r.usable
     with pytest.raises(OSError) as e:
         await r.pread(data_file[0], bytearray(10), 0)

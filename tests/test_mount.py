@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import pytest
 import trio
-from conftest import pread_direct, sha256
+from conftest import evict_page_cache, pread_direct, sha256
 
 from backends.trace import read_trace
 from cachefs.contract import DirEntry, FileAttrs, FileKind
@@ -434,17 +434,6 @@ def test_stats_table_and_json(mount: MountFactory, source: Path, cachefs: Cachef
     assert numbers["read_data_calls"] >= 1
     assert numbers["cached_bytes"] >= SMALL_SIZES["10blocks+7"]
     assert numbers["external_error"] is None
-
-
-def evict_page_cache(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 @pytest.mark.parametrize("options, disk_reads", [((), "io_uring"), (("--no-io-uring",), "threads")])

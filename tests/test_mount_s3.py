@@ -12,17 +12,16 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import pread_direct, sha256
+from conftest import assert_one_line_error, pread_direct, sha256
 
 from backends.trace import read_trace
 from cachefs.cli import _daemon_argv, build_parser, mount_options
-from cachefs.control import mount_at
 from cachefs.mount import default_cache_dir
 from cachefs.s3options import cache_identity
 
@@ -215,26 +214,6 @@ def test_a_killed_server_leaves_the_cache_readable_until_it_is_back(
 
 
 # -- a mount refused, in one line ---------------------------------------------------------------
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("cachefs") and "error:" in lines[0], lines[0]
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        if mount_at(path) is not None:
-            subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
 
 
 def closed_port() -> int:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,20 +39,6 @@ def one_line(data: bytes | str) -> str:
     lines = text.splitlines()
     assert len(lines) == 1, text
     return lines[0]
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    """A mount point for ``cachefs mount`` run as users do; unmounted whatever happens."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        yield mnt
-    finally:
-        if os.path.ismount(mnt):
-            run_cachefs("unmount", mnt)
-            if os.path.ismount(mnt):
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
 
 
 @pytest.fixture

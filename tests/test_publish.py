@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from conftest import assert_one_line_error
 from enginerig import Bare
 
 from backends.faulty import FaultyBackend
@@ -31,15 +32,6 @@ Cachefs = Callable[..., subprocess.CompletedProcess[str]]
 BS = 64 * 1024
 A = os.urandom(3 * BS + 100)
 B = b"bee\n"
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert done.returncode == 2, (done.returncode, done.stderr)
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("cachefs") and "error:" in lines[0], lines[0]
-    for word in words:
-        assert word in lines[0]
 
 
 def summary_of(done: subprocess.CompletedProcess[str]) -> str:

@@ -6,11 +6,12 @@ import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
-from enginerig import BS, Rig, read_at, read_sequential
+from enginerig import BS, Rig, read_at, read_request, read_sequential
 
 from backends.s3 import S3Backend, S3File, open_backend
 from backends.s3config import resolve
@@ -26,26 +27,8 @@ BIG = os.urandom(6 * BS + 5)
 RANDOM = RWEvent.RANDOM_STARTED | RWEvent.RANDOM_FINISHED | RWEvent.BEFORE_END
 
 
-def request(
-    file_id: str,
-    position: int,
-    count: int,
-    *,
-    version: str = "",
-    flags: RWEvent = RANDOM,
-    context: Any = None,
-    size: int = len(DATA),
-) -> ReadData:
-    return ReadData(
-        file_id=file_id,
-        size=size,
-        position=position,
-        flags=flags,
-        buffer=memoryview(bytearray(count)),
-        bytes_to_read=count,
-        file_context=context,
-        version=version,
-    )
+# A read of this module's DATA, unless told otherwise.
+request = partial(read_request, size=len(DATA), flags=RANDOM)
 
 
 def got(req: ReadData) -> bytes:
