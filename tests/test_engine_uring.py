@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from conftest import evict_page_cache
 
+from cachefs import pagecache
 from cachefs.engine import mapped, uring
 from cachefs.engine.uring import Ring, open_ring
 from tests.enginerig import BS, Rig, read_at, read_sequential
@@ -245,14 +246,14 @@ async def test_without_cachestat_large_hits_are_copied(
         ctypes.set_errno(errno.ENOSYS)
         return -1
 
-    monkeypatch.setattr(mapped, "_syscall", enosys)
-    monkeypatch.setattr(mapped._State, "available", True)
+    monkeypatch.setattr(pagecache, "_syscall", enosys)
+    monkeypatch.setattr(pagecache._State, "available", True)
     rig = Rig(tmp_path, BIG)
     async with rig.engine() as cache:
         assert await read_sequential(cache, "big.bin") == BIG["big.bin"]
         got = await read_at(cache, "big.bin", 0, 2 * BS)
         assert not isinstance(got, memoryview) and got == BIG["big.bin"][: 2 * BS]
-    assert not mapped.cachestat_available()
+    assert not pagecache.available()
 
 
 async def test_a_view_outlives_a_new_version_and_the_new_bytes_are_served(

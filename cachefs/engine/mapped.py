@@ -29,11 +29,10 @@ Why a view is safe to hand out:
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import mmap
-import os
+
+from cachefs.pagecache import cached_pages, pages_in
 
 # Hits smaller than this are copied: for them the saving is lost in the
 # extra syscall (cachestat) and the page faults of the reply.
@@ -41,46 +40,13 @@ MAP_MIN = 64 << 10
 
 log = logging.getLogger(__name__)
 
-_NR_CACHESTAT = 451  # the same number on every architecture (Linux 6.5+)
-_PAGE = mmap.PAGESIZE
-
-
-class _Range(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Stat(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
-    ]
-
-
-_syscall = ctypes.CDLL(None, use_errno=True).syscall
-_syscall.restype = ctypes.c_long
-_syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
-# One pair of structs, used only from the trio loop's thread.
-_range, _stat = _Range(), _Stat()
-_range_p, _stat_p = ctypes.addressof(_range), ctypes.addressof(_stat)
-
-
-class _State:
-    available = True  # cleared for good when the kernel refuses cachestat
-
 
 def resident(fd: int, offset: int, length: int) -> bool:
     """Whether every page of bytes [offset, offset + length) of *fd* is in the page cache."""
-    if not _State.available or length <= 0:
+    if length <= 0:
         return False
-    _range.off, _range.len = offset, length
-    if _syscall(_NR_CACHESTAT, fd, _range_p, _stat_p, 0) != 0:
-        err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EPERM):  # before 6.5, or a sandbox: copy from now on
-            _State.available = False
-            log.info("no cachestat (%s): cache hits are copied", os.strerror(err))
-        return False
-    pages = (offset + length - 1) // _PAGE - offset // _PAGE + 1
-    return _stat.nr_cache >= pages
+    n = cached_pages(fd, offset, length)
+    return n is not None and n >= pages_in(offset, length)
 
 
 def map_range(fd: int, offset: int, end: int) -> memoryview | None:
@@ -97,7 +63,3 @@ def map_range(fd: int, offset: int, end: int) -> memoryview | None:
         log.debug("cannot map cache bytes (%s): copied", e)
         return None
     return memoryview(m)[offset - start :]
-
-
-def cachestat_available() -> bool:
-    return _State.available
