@@ -17,6 +17,12 @@ Policy:
   file answers FILE_MODIFIED_EXTERNALLY; any other OSError answers FAILURE.
 - Every blocking call runs in a trio worker thread, at most ``max_threads``
   at a time; a ReadData call is exactly one thread hop.
+- A read of whole pages none of which is in the page cache, into a
+  page-aligned buffer (the cache's fetch buffers are), bypasses the page
+  cache (O_DIRECT, on a second fd of the same inode): the cache keeps its
+  own copy, so the source's would be a second one, and filling it costs a
+  copy and fresh memory for every byte.  A file whose filesystem refuses
+  O_DIRECT is read through the page cache.
 - Content information (``cachefs publish``; backends.localci) is stored as
   ``<root>/.cachefs-ci/<file_id>``, the record's JSON, replaced atomically
   (temporary file, fsync, rename).  ``.cachefs-ci`` is never shown, at any
@@ -28,6 +34,7 @@ Policy:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -52,6 +59,7 @@ from cachefs.contract import (
     RWResult,
 )
 from cachefs.errors import SourceError
+from cachefs.pagecache import PAGE, cached_pages
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,8 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # errnos meaning "the file the cache knows is no longer at that path"
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENODEV})
+# OpenFile.direct before the O_DIRECT fd is opened, and once it is refused.
+_UNOPENED, _REFUSED = -2, -3
 
 
 def version_of(s: os.stat_result) -> str:
@@ -100,23 +110,53 @@ class OpenFile:
     be in use by another worker thread, so it is closed only by ``close``.
     """
 
-    __slots__ = ("file_id", "fd", "_retired", "_lock")
+    __slots__ = ("file_id", "fd", "direct", "_retired", "_lock")
 
     def __init__(self, file_id: str, fd: int) -> None:
         self.file_id = file_id
         self.fd = fd
+        self.direct = _UNOPENED  # the same file opened O_DIRECT, once asked for
         self._retired: list[int] = []
         self._lock = threading.Lock()
 
     def replace(self, fd: int) -> None:
         with self._lock:
             self._retired.append(self.fd)
+            if self.direct >= 0:
+                self._retired.append(self.direct)
             self.fd = fd
+            self.direct = _UNOPENED
+
+    def direct_fd(self, fd: int) -> int:
+        """The file of *fd* opened again with O_DIRECT; negative if refused.
+
+        Opened through /proc/self/fd, so it is the same inode as *fd* even
+        if the path has been replaced since.
+        """
+        with self._lock:
+            if self.fd != fd:  # replaced meanwhile: read through fd
+                return _REFUSED
+            if self.direct == _UNOPENED:
+                try:
+                    self.direct = os.open(
+                        f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC
+                    )
+                except OSError as e:  # a filesystem without O_DIRECT, no /proc
+                    log.debug("%s: no direct reads: %s", self.file_id, e)
+                    self.direct = _REFUSED
+            return self.direct
+
+    def refuse_direct(self, direct: int) -> None:
+        """Reads through *direct* were refused (EINVAL): read through the page cache."""
+        with self._lock:
+            if self.direct == direct:
+                self._retired.append(direct)
+                self.direct = _REFUSED
 
     def close(self) -> None:
         with self._lock:
-            fds, self._retired = [self.fd, *self._retired], []
-            self.fd = -1
+            fds, self._retired = [self.fd, self.direct, *self._retired], []
+            self.fd = self.direct = -1
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
@@ -233,7 +273,7 @@ class LocalBackend:
             if own:
                 ctx = OpenFile(req.file_id, self._open_sync(req.file_id))
             fd = ctx.fd
-            done = _pread_into(fd, req.buffer, req.position, req.bytes_to_read)
+            done = _read_into(ctx, fd, req.buffer, req.position, req.bytes_to_read)
             if req.version and version_of(os.fstat(fd)) != req.version:
                 # The open file changed; the path may have gone back to (or
                 # been renamed to) the version the cache asks for.
@@ -313,6 +353,42 @@ def _parts(file_id: str) -> list[str]:
     if file_id.startswith("/") or "\0" in file_id or any(p in ("", ".", "..") for p in parts):
         raise FileNotFoundError(errno.ENOENT, f"invalid file id {file_id!r}")
     return parts
+
+
+def _read_into(ctx: OpenFile, fd: int, buffer: memoryview, position: int, count: int) -> int:
+    """Read up to *count* bytes at *position* into *buffer*; fewer only at EOF.
+
+    When no page of the range is in the page cache and the buffer and
+    position are page-aligned, the whole pages are read with O_DIRECT: the
+    disk writes straight into *buffer*, and the source's bytes are not kept
+    in the page cache beside the cache's copy of them.
+    """
+    whole = count - count % PAGE
+    if (
+        whole
+        and position % PAGE == 0
+        and _address(buffer) % PAGE == 0
+        and cached_pages(fd, position, count) == 0
+        and (direct := ctx.direct_fd(fd)) >= 0
+    ):
+        try:
+            done = _pread_into(direct, buffer, position, whole)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this file refuses these reads
+                raise
+            ctx.refuse_direct(direct)
+            return _pread_into(fd, buffer, position, count)
+        if done < whole:  # the end of the file
+            return done
+        return done + _pread_into(fd, buffer[done:], position + done, count - done)
+    return _pread_into(fd, buffer, position, count)
+
+
+def _address(buffer: memoryview) -> int:
+    """Where *buffer* starts in memory (1, never aligned, if it is read-only)."""
+    if buffer.readonly or not buffer.c_contiguous:
+        return 1
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def _pread_into(fd: int, buffer: memoryview, position: int, count: int) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from cachefs import pagecache
 from cachefs.control import mount_at
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,6 +90,17 @@ def evict_page_cache(root: Path) -> int:
                 os.close(fd)
             count += 1
     return count
+
+
+def cached_pages(path: Path) -> int:
+    """How many pages of the file at *path* are in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = pagecache.cached_pages(fd, 0, max(1, path.stat().st_size))
+    finally:
+        os.close(fd)
+    assert n is not None, "cachestat(2) is needed: Linux 6.5 or later"
+    return n
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:

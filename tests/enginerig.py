@@ -151,14 +151,16 @@ def read_request(
     flags: RWEvent,
     context: Any = None,
     version: str = "",
+    buffer: memoryview | None = None,
 ) -> ReadData:
-    """A ReadData of *count* bytes at *position*, with a fresh buffer, as the engine raises it."""
+    """A ReadData of *count* bytes at *position*, as the engine raises it (with a
+    fresh buffer unless given one)."""
     return ReadData(
         file_id=file_id,
         size=size,
         position=position,
         flags=flags,
-        buffer=memoryview(bytearray(count)),
+        buffer=memoryview(bytearray(count)) if buffer is None else buffer,
         bytes_to_read=count,
         file_context=context,
         version=version,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import mmap
 import os
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cached_pages, evict_page_cache
 from enginerig import read_request
 
 from backends.faulty import FaultyBackend
@@ -214,6 +218,126 @@ def test_local_missing_source(tmp_path: Path) -> None:
         open_local(str(tmp_path / "file"))
     with pytest.raises(SourceError, match="file:///"):
         open_local("file://host/x")
+
+
+# -- local: cold reads straight from the disk ---------------------------------
+
+
+def aligned(n: int) -> memoryview:
+    """A page-aligned buffer of *n* bytes, as the cache's fetch buffers are."""
+    return memoryview(mmap.mmap(-1, n))
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize(
+    ("position", "count", "result", "pages_left"),
+    [
+        (4096, 8192, RWResult.SUCCESS, 0),
+        # Four whole pages from the disk, the 4-byte tail through the page cache.
+        (0, len(DATA), RWResult.SUCCESS, 1),
+        (0, 5 * 4096, RWResult.RANGE_BEYOND_EOF, 0),
+    ],
+)
+async def test_local_cold_reads_leave_the_source_out_of_the_page_cache(
+    local: LocalBackend,
+    tree: Path,
+    position: int,
+    count: int,
+    result: RWResult,
+    pages_left: int,
+) -> None:
+    evict_page_cache(tree)
+    assert cached_pages(tree / "data.bin") == 0
+    fds = open_fds()
+    ctx = await local.open_file("data.bin")
+    try:
+        req = request("data.bin", position, count, context=ctx, buffer=aligned(count))
+        await local.read_data(req)
+    finally:
+        await local.close_file("data.bin", ctx)
+    assert (req.result_code, got(req)) == (result, DATA[position : position + count])
+    # The cache keeps these bytes: a second copy in RAM would be waste.
+    assert cached_pages(tree / "data.bin") == pages_left
+    assert open_fds() == fds
+
+
+async def test_local_reads_through_the_page_cache_what_it_holds_or_cannot_bypass(
+    local: LocalBackend, tree: Path
+) -> None:
+    evict_page_cache(tree)
+    ctx = await local.open_file("data.bin")
+    try:
+        unaligned = aligned(8192 + 1)[1:]
+        req = request("data.bin", 0, 8192, context=ctx, buffer=unaligned)
+        await local.read_data(req)
+        assert (req.result_code, got(req)) == (RWResult.SUCCESS, DATA[:8192])
+        assert cached_pages(tree / "data.bin") > 0
+        # Partly in the page cache now: the rest comes through it too.
+        req = request("data.bin", 0, 16384, context=ctx, buffer=aligned(16384))
+        await local.read_data(req)
+        assert (req.result_code, got(req)) == (RWResult.SUCCESS, DATA[:16384])
+    finally:
+        await local.close_file("data.bin", ctx)
+
+
+async def test_local_filesystem_refusing_direct_reads(
+    local: LocalBackend, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open, real_preadv = os.open, os.preadv
+    refused: list[str] = []
+
+    def no_direct_open(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_DIRECT:
+            refused.append("open")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    def no_direct_read(fd: int, *args: Any) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append("read")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, *args)
+
+    fds = open_fds()
+    for name, patch in [("open", no_direct_open), ("preadv", no_direct_read)]:
+        monkeypatch.setattr(os, name, patch)
+        for _ in range(2):
+            evict_page_cache(tree)
+            ctx = await local.open_file("data.bin")
+            try:
+                for _ in range(2):
+                    req = request("data.bin", 0, 16384, context=ctx, buffer=aligned(16384))
+                    await local.read_data(req)
+                    assert (req.result_code, got(req)) == (RWResult.SUCCESS, DATA[:16384])
+            finally:
+                await local.close_file("data.bin", ctx)
+        monkeypatch.undo()
+    # Refused once per open file, then read through the page cache.
+    assert refused == ["open", "open", "read", "read"]
+    assert open_fds() == fds
+
+
+async def test_local_cold_read_follows_a_replaced_path(local: LocalBackend, tree: Path) -> None:
+    ctx = await local.open_file("data.bin")  # holds the old inode
+    new = bytes(reversed(DATA))
+    (tree / "data.new").write_bytes(new)
+    os.replace(tree / "data.new", tree / "data.bin")
+    now = await local.stat("data.bin")
+    assert now is not None
+    try:
+        # The re-open, then a read straight from the disk on the new file.
+        for _ in range(2):
+            evict_page_cache(tree)
+            buffer = aligned(16384)
+            req = request("data.bin", 0, 16384, context=ctx, version=now.version, buffer=buffer)
+            await local.read_data(req)
+            assert (req.result_code, got(req)) == (RWResult.SUCCESS, new[:16384])
+        assert cached_pages(tree / "data.bin") == 0
+    finally:
+        await local.close_file("data.bin", ctx)
 
 
 # -- memory ----------------------------------------------------------------
