@@ -82,6 +82,10 @@ class ReadData:
 
     The backend copies at most ``bytes_to_read`` bytes into ``buffer``, sets
     ``bytes_read`` and, unless it copied everything, ``result_code``.
+    ``buffer`` is the backend's only until ``read_data`` returns: the cache
+    reuses it for later calls, so nothing may write into it afterwards.  The
+    cache's fetch buffers are page-aligned and hold stale bytes: only the
+    first ``bytes_read`` are used.
     ``version`` is the version tag the cache holds for the file: a backend
     that can pin a read to a version (If-Match) answers
     FILE_MODIFIED_EXTERNALLY when the source no longer has it.

@@ -421,6 +421,7 @@ class FileCache:
     async def _serve_flusher(self) -> None:
         while True:
             await trio.sleep(self.config.flush_interval)
+            self._runner.buffers.trim()
             if self.catalog.needs_flush:
                 try:
                     await self.catalog.flush(self.disk_limiter)

@@ -13,6 +13,7 @@ count as a FAILURE (retried, then EIO).
 from __future__ import annotations
 
 import logging
+import mmap
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -69,12 +70,57 @@ class Fetch:
             raise Replan
 
 
+class Buffers:
+    """The fetch buffers: page-aligned, *size* bytes each, reused.
+
+    A fresh buffer per fetch cost more than its bytes were worth: zeroed
+    memory the kernel must find and clear for every byte read (cold seq 1
+    MiB, A/B in the same minutes: 600-720 MiB/s and 2.0-2.4 s of CPU per GiB
+    with a fresh mapping per fetch, 760-1,080 MiB/s and 1.3-1.8 s reused).
+    Page alignment lets a local source read straight into them (O_DIRECT).
+
+    At most one buffer per fetch in flight is kept (fetches are bounded by
+    the fetch limiter); :meth:`trim`, called periodically, gives them all
+    back once a whole period went by without a fetch.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[mmap.mmap] = []
+        self._taken = False
+
+    def take(self) -> mmap.mmap:
+        self._taken = True
+        if self._free:
+            return self._free.pop()
+        return mmap.mmap(-1, self.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    def give(self, buf: mmap.mmap) -> None:
+        """Only once nothing can write into *buf* any more."""
+        self._free.append(buf)
+
+    def trim(self) -> None:
+        """Let the kept buffers go if none was taken since the last trim.
+
+        Dropped, not closed: a view of one that a backend kept (a trace, a
+        test) keeps it mapped until that view goes too.
+        """
+        if not self._taken:
+            self._free.clear()
+        self._taken = False
+
+    @property
+    def kept(self) -> int:
+        return len(self._free)
+
+
 class FetchRunner:
     """Runs ReadData calls for the engine; owns the backend's file contexts."""
 
     def __init__(self, cache: FileCache) -> None:
         self._cache = cache
         self._contexts: dict[str, Any] = {}
+        self.buffers = Buffers(cache.max_fetch)
 
     def check_latches(self, cf: CachedFile) -> None:
         external = self._cache.catalog.external_error
@@ -236,13 +282,24 @@ class FetchRunner:
 
     async def _run(self, cf: CachedFile, fetch: Fetch, transfer: Transfer) -> None:
         c = self._cache
+        await c.content.ensure_info(cf)
+        bs = c.config.block_size
+        start = fetch.first * bs
+        stop = min((fetch.last + 1) * bs, cf.size)
+        buf = self.buffers.take()
+        with memoryview(buf) as whole:
+            await self._fill(cf, transfer, whole[: stop - start], start, stop)
+        # Not on an exception: a backend call cut short may still hold it.
+        self.buffers.give(buf)
+
+    async def _fill(
+        self, cf: CachedFile, transfer: Transfer, view: memoryview, start: int, stop: int
+    ) -> None:
+        """Fetch [start, stop) of *cf* through *view* and store it, block by block."""
+        c = self._cache
         cat = c.catalog
         cfg = c.config
         bs = cfg.block_size
-        await c.content.ensure_info(cf)
-        start = fetch.first * bs
-        stop = min((fetch.last + 1) * bs, cf.size)
-        view = memoryview(bytearray(stop - start))
         pos = written = start
         failures = empty = corrupt = 0
         while pos < stop:
