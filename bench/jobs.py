@@ -32,6 +32,7 @@ class Job:
     higher_is_better: bool
     run: Callable[[Path, Sizes, bool], dict[str, Any]]
     fill: Callable[[Path, Sizes], None]
+    reads: Callable[[Sizes], int]  # bytes of data the job reads, at most
 
 
 # -- fio ---------------------------------------------------------------------------------
@@ -216,12 +217,48 @@ def _fill_ttfb(root: Path, sizes: Sizes) -> None:
     read_file(root / BIG, TTFB_FILL)
 
 
+def _big(sizes: Sizes) -> int:
+    return sizes.big
+
+
 JOBS = [
-    Job("seq1m_j1", "seq read 1M, 1 job", "MiB/s", True, _seq1, _fill_big),
-    Job("seq1m_j4", "seq read 1M, 4 jobs/files", "MiB/s", True, _seq4, _fill_seq4),
-    Job("rand4k_j1", "rand read 4k, 1 job", "IOPS", True, _rand(1), _fill_big),
-    Job("rand4k_j4", "rand read 4k, 4 jobs", "IOPS", True, _rand(4), _fill_big),
-    Job("small", "small files (read all)", "files/s", True, _small, _fill_small),
-    Job("metadata", "ls -lR (stat every entry)", "entries/s", True, _metadata, _fill_tree),
-    Job("ttfb", "time to first byte, big file", "ms", False, _ttfb, _fill_ttfb),
+    Job("seq1m_j1", "seq read 1M, 1 job", "MiB/s", True, _seq1, _fill_big, _big),
+    Job(
+        "seq1m_j4",
+        "seq read 1M, 4 jobs/files",
+        "MiB/s",
+        True,
+        _seq4,
+        _fill_seq4,
+        lambda sizes: 4 * sizes.seq4_file,
+    ),
+    Job("rand4k_j1", "rand read 4k, 1 job", "IOPS", True, _rand(1), _fill_big, _big),
+    Job("rand4k_j4", "rand read 4k, 4 jobs", "IOPS", True, _rand(4), _fill_big, _big),
+    Job(
+        "small",
+        "small files (read all)",
+        "files/s",
+        True,
+        _small,
+        _fill_small,
+        lambda sizes: sizes.small_count * sizes.small_size,
+    ),
+    Job(
+        "metadata",
+        "ls -lR (stat every entry)",
+        "entries/s",
+        True,
+        _metadata,
+        _fill_tree,
+        lambda sizes: 0,
+    ),
+    Job(
+        "ttfb",
+        "time to first byte, big file",
+        "ms",
+        False,
+        _ttfb,
+        _fill_ttfb,
+        lambda sizes: FIRST_BYTES,
+    ),
 ]

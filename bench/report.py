@@ -124,6 +124,16 @@ def _cell(figures: dict[str, Any]) -> str:
     return _fmt(figures.get("value"))
 
 
+def _retouched(report: dict[str, Any]) -> str:
+    factor = report.get("memory_retouch_factor", 0)
+    if not factor:
+        return ""
+    return (
+        f", then {factor}x the bytes the job reads of memory touched once (this VM hands"
+        " freed memory back to its host; see bench/system.py)"
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -134,7 +144,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Load average {report['load_average']['before']:.2f} before the run, "
         f"{report['load_average']['after']:.2f} after; "
         f"kernel caches {'dropped' if report['caches_dropped'] else 'NOT dropped'} "
-        "for cold and cache-hit. Ratios are speed ratios from this one run "
+        f"for cold and cache-hit{_retouched(report)}. Ratios are speed ratios from this one run "
         "(> 1: cachefs faster); CPU and peak RSS are the mount daemon's during the measured job.",
         "",
         "| job | condition | raw | cachefs | rclone | cachefs/raw | cachefs/rclone "

@@ -89,7 +89,7 @@ def cold_read(target: Any, label: str, size: int, seconds: float, drop: bool) ->
     asked of its backend meanwhile.
     """
     with target.fresh():
-        drop_caches(drop)
+        drop_caches(drop, size)
         before = target.counters()
         watch = DaemonWatch(target.pid)
         watch.start()
@@ -120,7 +120,7 @@ def run_s3like(
     out: dict[str, Any] = {
         "throttle": {"latency_ms": latency * 1000, "mib_s_per_connection": bandwidth / MiB},
     }
-    drop_caches(drop)
+    drop_caches(drop, sizes.naive_bytes)
     out["naive"] = trio.run(_naive, source, spec, sizes.naive_bytes)
     say(f"naive single stream: {out['naive']['value']} MiB/s")
     out["cachefs"] = cold_read(

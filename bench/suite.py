@@ -78,7 +78,7 @@ def _job_on_target(
                 job.fill(target.root, run.sizes)
                 target.settle()
             if condition != "warm":
-                drop_caches(run.drop)
+                drop_caches(run.drop, job.reads(run.sizes))
             figures = _measure(target, job, run, warm=condition == "warm")
             out[condition] = figures
             run.say(f"{job.key:<10} {condition:<9} {target.name:<11} {figures['value']} {job.unit}")
