@@ -287,8 +287,7 @@ class FetchRunner:
         start = fetch.first * bs
         stop = min((fetch.last + 1) * bs, cf.size)
         buf = self.buffers.take()
-        with memoryview(buf) as whole:
-            await self._fill(cf, transfer, whole[: stop - start], start, stop)
+        await self._fill(cf, transfer, memoryview(buf)[: stop - start], start, stop)
         # Not on an exception: a backend call cut short may still hold it.
         self.buffers.give(buf)
 
