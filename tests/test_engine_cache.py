@@ -151,9 +151,12 @@ async def test_readahead_windows_grow_and_stop_with_canceled_on_seek_away(tmp_pa
             seen += rig.calls()
             reached.append(max(c["position"] + c["bytes_to_read"] for c in seen))
         ends = [(i + 1) * step for i in range(4)]
-        # No readahead on the first read; then 1, 2, 4 MiB past the reader.
+        # No readahead on the first read; then up to 1, 2, 4 MiB past the
+        # reader, topped up in whole calls of up to half a window.
         assert reached[0] == ends[0]
-        assert reached[1:] == [ends[1] + mib, ends[2] + 2 * mib, ends[3] + 4 * mib]
+        ahead = [r - e for r, e in zip(reached[1:], ends[1:], strict=True)]
+        for got, window in zip(ahead, [mib, 2 * mib, 4 * mib], strict=True):
+            assert window // 2 <= got <= window
         rig.calls()
         assert await cache.read(fh, 100 * BS, 10) == data[100 * BS : 100 * BS + 10]
         await cache.close(fh)
@@ -161,6 +164,24 @@ async def test_readahead_windows_grow_and_stop_with_canceled_on_seek_away(tmp_pa
     assert after[0]["flags"] == ["CANCELED"]
     assert "RANDOM_STARTED" in after[1]["flags"]
     assert all(c["position"] >= 100 * BS or c["flags"] == ["CANCELED"] for c in after)
+
+
+async def test_readahead_calls_are_whole_fetches(tmp_path):
+    data = os.urandom(128 * BS)  # 8 MiB
+    rig = Rig(tmp_path, {"f": data})
+    step = 2 * BS  # 128 KiB reads, like the kernel's
+    async with rig.engine(max_readahead=2 << 20, max_fetch=8 * BS) as cache:
+        fh = await cache.open("f")
+        for offset in range(0, len(data), step):
+            assert await cache.read(fh, offset, step) == data[offset : offset + step]
+            await trio.testing.wait_all_tasks_blocked()
+        await cache.close(fh)
+    sizes = [c["bytes_to_read"] for c in rig.reads()]
+    # The reader's first two reads, then readahead alone, max_fetch a call
+    # (never a sliver of a window) up to what is left at the end; each block once.
+    assert sizes[:2] == [step, step]
+    assert set(sizes[2:-1]) == {8 * BS} and 0 < sizes[-1] <= 8 * BS
+    assert sum(sizes) == len(data)
 
 
 async def test_fresh_blocks_are_not_evicted_before_older_ones(tmp_path):

@@ -175,6 +175,7 @@ class FileCache:
             end,
             self.config.block_size,
             self.max_readahead,
+            self.max_fetch,
             self._nursery,
             self._runner.ensure,
         )
