@@ -29,7 +29,7 @@ from bench.targets import ENCRYPTED_JOBS, TARGETS
 
 # Memory touched after each drop of the caches, per byte the measurement reads
 # (where the VM hands freed memory back to its host; see set_memory_retouch).
-RETOUCH_FACTOR = 4
+RETOUCH_FACTOR = 3
 # a 1-minute load average above this at start means someone else is using the CPUs
 BUSY_LOAD = 0.5
 

@@ -63,7 +63,7 @@ FULL = Sizes(
     throttled_seconds=10,
     naive_bytes=192 * MiB,
     moto_object=256 * MiB,
-    moto_seconds=60,
+    moto_seconds=30,
 )
 
 QUICK = Sizes(
