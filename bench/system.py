@@ -145,7 +145,8 @@ def set_memory_retouch(factor: int) -> None:
     of page cache (the mount's pages and the cache's or the source's), and
     the host takes back part of the touched memory before the read gets to
     it: 2 GiB touched for a 1 GiB read still left cache-hit reads at half
-    speed in one run of two, 3 and 4 GiB did not (run.sh A/B, 2-3 runs each).
+    speed in one run of two, 3 and 4 GiB did not (A/B of cachefs cache-hit
+    reads in the same minutes, 2-3 runs each).
     """
     _Retouch.factor = factor
 
