@@ -138,3 +138,31 @@ async def test_the_hashing_thread_runs_at_low_priority() -> None:
     finally:
         pool.close()
     assert nice == 19
+
+
+async def test_other_blocks_coming_and_going_do_not_keep_a_block_unhashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = Rig(tmp_path, {"f": DATA})
+    files: list[object] = []
+    real = hasher.hash_run
+
+    def meanwhile(fd: int, start: int, end: int, block_size: int) -> list[bytes]:
+        hashes = real(fd, start, end, block_size)
+        for cf in files:  # another block of the file evicted or refetched meanwhile,
+            cf.epoch += 1  # as when a whole file fails its check and heals
+        return hashes
+
+    monkeypatch.setattr(hasher, "hash_run", meanwhile)
+    async with rig.engine(flush_interval=3600, max_fetch=BS) as cache:  # a run per block
+        fh = await cache.open("f")
+        files.append(cache.catalog.files["f"])
+        await cache.close(fh)
+        assert await read_sequential(cache, "f") == DATA
+        await cache.flush()
+        assert bytes(files[0].hashes) == block_hashes(DATA)
+        assert present_in_index(rig.cache_dir, "f") == b"\x01" * 7
+    rig.reads()
+    async with rig.engine() as cache:  # nothing fetched twice
+        assert await read_sequential(cache, "f") == DATA
+    assert rig.reads() == []

@@ -163,7 +163,7 @@ class Catalog:
             if cf.unsynced:
                 cf.unsynced.discard(b)
             if cf.unhashed:
-                cf.unhashed.discard(b)
+                cf.unhashed.pop(b, None)
             self.cached_bytes -= self.block_len(cf, b)
             self.dirty.add(cf)
 

@@ -14,9 +14,15 @@ when it is full, blocks are hashed inline as before.  At unmount the
 backlog is hashed before the last flush (and before any explicit one: pin,
 reset), for at most ``DRAIN_SECONDS``; the periodic flush does not wait.
 
-The hash is taken from the data file (the page cache, normally), after
-checking that none of the file's blocks stopped being present meanwhile
-(``CachedFile.epoch``), so it is the hash of the bytes that were stored.
+The hash is taken from the data file (the page cache, normally), and a
+block's hash is recorded only if the block still waits for this very run
+(``CachedFile.unhashed`` maps each block to the run that stored it): an
+eviction drops the block from there before it punches its space, and a
+refetch makes it another run's, so it is the hash of the bytes that were
+stored.  Other blocks of the file coming and going do not matter (a
+file-wide counter of them, checked before, left a block unhashed, and
+fetched again by the next mount, whenever four other blocks of its file
+were evicted or failed their check while it waited).
 """
 
 from __future__ import annotations
@@ -39,17 +45,14 @@ log = logging.getLogger(__name__)
 
 QUEUE = 64  # runs of blocks waiting (each at most one fetch: max_fetch bytes)
 DRAIN_SECONDS = 30.0
-RETRIES = 3  # times a run is looked at again after an eviction in its file
 
 
-@dataclass
+@dataclass(eq=False)
 class _Run:
     cf: CachedFile
     data: DataFile
-    epoch: int
     first: int
     count: int
-    attempts: int = 0
 
 
 def _lower_priority() -> None:
@@ -102,11 +105,13 @@ class Hasher:
     def submit(self, cf: CachedFile, first: int, count: int) -> None:
         """Blocks first..first+count-1 were stored unhashed (uses a reservation)."""
         assert cf.data is not None
+        run = _Run(cf, cf.data, first, count)
         if cf.unhashed is None:
-            cf.unhashed = set()
-        cf.unhashed.update(range(first, first + count))
+            cf.unhashed = {}
+        for b in range(first, first + count):
+            cf.unhashed[b] = run
         self.backlog += count
-        self._send.send_nowait(_Run(cf, cf.data, cf.epoch, first, count))
+        self._send.send_nowait(run)
 
     async def serve(self) -> None:
         async for run in self._recv:
@@ -138,12 +143,9 @@ class Hasher:
     async def _hash(self, run: _Run, urgent: bool = False) -> None:
         """Hash one run; *urgent* (a flush waits): at normal priority."""
         cf, data = run.cf, run.data
-        done = True  # False: handed to a retry, which keeps the backlog
+        blocks = range(run.first, run.first + run.count)
         try:
-            if cf.retired:
-                return
-            if cf.epoch != run.epoch:  # blocks were evicted meanwhile: look again
-                done = not self._retry(run)
+            if cf.retired or not self._waiting(run, blocks):
                 return
             start, end = data.span(run.first, run.first + run.count - 1)
             fd = data.acquire()
@@ -155,37 +157,31 @@ class Hasher:
                     hashes = await self._thread.run(hash_run, *args)
             finally:
                 data.release()
-            if cf.retired:
-                return
-            if cf.epoch != run.epoch:  # what was read may have been a hole being punched
-                done = not self._retry(run)
-                return
             pending = cf.unhashed
-            if pending is None:
+            if cf.retired or pending is None:
                 return
+            mine = [b for b in blocks if pending.get(b) is run and cf.present[b]]
             if cf.content_hash is None:  # else the source's own hashes are the authority
                 if cf.hashes is None:
                     cf.hashes = bytearray(32 * len(cf.present))
-                for b, h in zip(range(run.first, run.first + run.count), hashes, strict=True):
-                    if b in pending and cf.present[b]:
-                        cf.hashes[32 * b : 32 * b + 32] = h
-            pending.difference_update(range(run.first, run.first + run.count))
+                for b in mine:
+                    cf.hashes[32 * b : 32 * b + 32] = hashes[b - run.first]
+            for b in mine:
+                del pending[b]
             if not pending:
                 cf.unhashed = None
             self._catalog.dirty.add(cf)
         except OSError as e:  # the blocks stay unhashed: absent for the next mount
             log.warning("cannot hash cached blocks of %s: %s", cf.file_id, e)
         finally:
-            if done:
-                self.backlog -= run.count
+            self.backlog -= run.count
             self._progress.unpark_all()
 
-    def _retry(self, run: _Run) -> bool:
-        if run.attempts >= RETRIES or not self.reserve():
-            return False  # left unhashed: written as absent, fetched again next mount
-        run.epoch, run.attempts = run.cf.epoch, run.attempts + 1
-        self._send.send_nowait(run)
-        return True
+    @staticmethod
+    def _waiting(run: _Run, blocks: range) -> bool:
+        """Does any block of *run* still wait for its hash from it?"""
+        pending = run.cf.unhashed
+        return pending is not None and any(pending.get(b) is run for b in blocks)
 
     def close(self) -> None:
         self._thread.close()

@@ -91,9 +91,10 @@ class CachedFile:
     unsynced: set[int] | None = None
     # Blocks whose bytes were checked against their hash in this process.
     verified: bytearray | None = None
-    # Blocks stored whose hash is still to be taken (engine/hasher.py): the
-    # index shows them as absent until it is.
-    unhashed: set[int] | None = None
+    # Blocks stored whose hash is still to be taken, each with the hasher's
+    # run that will take it (engine/hasher.py): the index shows them as
+    # absent until it is.
+    unhashed: dict[int, Any] | None = None
     # The backend was asked for content information in this process.
     info_asked: bool = False
 
