@@ -168,17 +168,14 @@ class FileCache:
         reader = fh.reader
         if reader.readahead is None:
             reader.readahead = Readahead(
-                self._transfer_for(fh, cf, True), self.config.block_size, self.max_readahead
+                self._transfer_for(fh, cf, True),
+                self.config.block_size,
+                self.max_readahead,
+                self.max_fetch,
+                self._nursery,
+                self._runner.ensure,
             )
-        reader.readahead.extend(
-            cf,
-            end,
-            self.config.block_size,
-            self.max_readahead,
-            self.max_fetch,
-            self._nursery,
-            self._runner.ensure,
-        )
+        reader.readahead.extend(cf, end)
 
     async def _end_run(self, cf: CachedFile, transfer: Transfer | None, ahead: Any) -> None:
         """A sequential run ended: stop its readahead, cancel its transfer."""

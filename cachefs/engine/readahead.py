@@ -38,37 +38,55 @@ EnsureFn = Callable[[CachedFile, int, int, Transfer], Awaitable[None]]
 class Readahead:
     """The readahead of one sequential run (one continuous transfer)."""
 
-    __slots__ = ("transfer", "upto", "window", "_scopes", "_idle", "_running", "_stopped")
+    __slots__ = (
+        "transfer",
+        "upto",
+        "window",
+        "_block_size",
+        "_max_window",
+        "_chunk",
+        "_nursery",
+        "_ensure",
+        "_scopes",
+        "_idle",
+        "_running",
+        "_stopped",
+    )
 
-    def __init__(self, transfer: Transfer, block_size: int, max_readahead: int) -> None:
-        self.transfer = transfer
-        self.upto = 0
-        self.window = max(min(FIRST_WINDOW, max_readahead), block_size)
-        self._scopes: set[trio.CancelScope] = set()
-        self._idle = trio.Event()
-        self._idle.set()
-        self._running = 0
-        self._stopped = False
-
-    def extend(
+    def __init__(
         self,
-        cf: CachedFile,
-        end: int,
+        transfer: Transfer,
         block_size: int,
         max_readahead: int,
         chunk: int,
         nursery: trio.Nursery,
         ensure: EnsureFn,
     ) -> None:
+        """*chunk*: the most one call fetches (the engine's max_fetch)."""
+        self.transfer = transfer
+        self.upto = 0
+        self.window = max(min(FIRST_WINDOW, max_readahead), block_size)
+        self._block_size = block_size
+        self._max_window = max(max_readahead, block_size)
+        self._chunk = chunk
+        self._nursery = nursery
+        self._ensure = ensure
+        self._scopes: set[trio.CancelScope] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._running = 0
+        self._stopped = False
+
+    def extend(self, cf: CachedFile, end: int) -> None:
         """The reader reached *end*: have blocks up to end + window fetched.
 
-        Topped up in whole calls of up to *chunk* bytes as soon as one fits,
-        so the calls stay large and the pipeline never drains.
+        Topped up in whole calls of up to the chunk size as soon as one
+        fits, so the calls stay large and the pipeline never drains.
         """
         if self._stopped or self.upto >= cf.size:
             return
-        bs = block_size
-        unit = max(bs, min(chunk, self.window // 2) // bs * bs)
+        bs = self._block_size
+        unit = max(bs, min(self._chunk, self.window // 2) // bs * bs)
         start = max(self.upto, -(-end // bs) * bs)
         upto = min(cf.size, end + self.window)
         if upto < cf.size:
@@ -76,7 +94,7 @@ class Readahead:
         if upto <= start:
             return
         self.upto = upto
-        self.window = min(self.window * 2, max(max_readahead, bs))
+        self.window = min(self.window * 2, self._max_window)
         per_call = unit // bs
         first, last = start // bs, (upto - 1) // bs
         for a in range(first, last + 1, per_call):
@@ -84,16 +102,16 @@ class Readahead:
             if cf.present.find(0, a, b + 1) >= 0:
                 self._running += 1
                 self._idle = trio.Event() if self._running == 1 else self._idle
-                nursery.start_soon(self._fetch, cf, a, b, ensure)
+                self._nursery.start_soon(self._fetch, cf, a, b)
 
-    async def _fetch(self, cf: CachedFile, first: int, last: int, ensure: EnsureFn) -> None:
+    async def _fetch(self, cf: CachedFile, first: int, last: int) -> None:
         try:
             if self._stopped:
                 return
             with trio.CancelScope() as scope:
                 self._scopes.add(scope)
                 try:
-                    await ensure(cf, first, last, self.transfer)
+                    await self._ensure(cf, first, last, self.transfer)
                 except Exception as e:  # the reader meets it again in the foreground
                     log.debug("readahead of %s blocks %d-%d: %r", cf.file_id, first, last, e)
                 finally:
