@@ -1,4 +1,5 @@
-"""Fetch buffers: page-aligned, reused, bounded, let go when idle; stale bytes never show."""
+"""Fetch buffers: page-aligned, in huge pages, reused, bounded, let go when idle; stale bytes
+never show."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from backends.memory import MemoryBackend
 from backends.wrapper import Wrapper
 from cachefs import open_file_cache
 from cachefs.contract import ReadData
+from cachefs.engine import hugepages
+from cachefs.engine.fetch import Buffers
 from cachefs.pagecache import PAGE
 
 FILES = {f"f{i}.bin": bytes([i]) * (16 * BS) for i in range(3)}
@@ -56,3 +59,27 @@ async def test_bytes_left_in_a_reused_buffer_never_show(tmp_path: Path) -> None:
         assert await read_sequential(cache, "full.bin") == b"\xaa" * (2 * BS)
         # The same buffer, holding full.bin's bytes; the tail past the end is zeros.
         assert await read_sequential(cache, "short.bin") == short + bytes(BS - 3)
+
+
+def test_fetch_buffers_of_huge_page_size_ask_for_huge_pages() -> None:
+    m = Buffers(4 << 20).take()
+    start = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    flags = vm_flags(start)
+    assert "hg" in flags, flags  # MADV_HUGEPAGE
+    assert start % hugepages.HUGE == 0  # every 2 MiB of it can be one huge page
+    small = hugepages.anonymous(64 << 10)
+    assert "hg" not in vm_flags(ctypes.addressof(ctypes.c_char.from_buffer(small)))
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds *address*."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from cachefs.contract import ReadData, RWResult
+from cachefs.engine.hugepages import anonymous
 from cachefs.engine.index import CachedFile
 from cachefs.engine.transfers import Kind, Transfer
 from cachefs.errors import (
@@ -77,7 +78,9 @@ class Buffers:
     memory the kernel must find and clear for every byte read (cold seq 1
     MiB, A/B in the same minutes: 600-720 MiB/s and 2.0-2.4 s of CPU per GiB
     with a fresh mapping per fetch, 760-1,080 MiB/s and 1.3-1.8 s reused).
-    Page alignment lets a local source read straight into them (O_DIRECT).
+    Page alignment lets a local source read straight into them (O_DIRECT),
+    and huge pages let the disk take such a read in few segments (see
+    :mod:`cachefs.engine.hugepages`).
 
     At most one buffer per fetch in flight is kept (fetches are bounded by
     the fetch limiter); :meth:`trim`, called periodically, gives them all
@@ -93,7 +96,7 @@ class Buffers:
         self._taken = True
         if self._free:
             return self._free.pop()
-        return mmap.mmap(-1, self.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return anonymous(self.size)
 
     def give(self, buf: mmap.mmap) -> None:
         """Only once nothing can write into *buf* any more."""
