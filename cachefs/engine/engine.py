@@ -25,6 +25,7 @@ from cachefs.engine.cachedir import lock_cache_dir, open_index
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.config import CacheConfig
 from cachefs.engine.content import Content
+from cachefs.engine.direct import Stream
 from cachefs.engine.evict import Evictor, evictable
 from cachefs.engine.fetch import FetchRunner, Modified, Replan
 from cachefs.engine.hasher import Hasher
@@ -51,13 +52,14 @@ MAX_REPLANS = 4
 class OpenFile:
     """A handle from :meth:`FileCache.open`; one reader's sequential state."""
 
-    __slots__ = ("file_id", "attrs", "reader", "data", "closed")
+    __slots__ = ("file_id", "attrs", "reader", "data", "direct", "closed")
 
     def __init__(self, file_id: str, attrs: FileAttrs) -> None:
         self.file_id = file_id
         self.attrs = attrs
         self.reader = ReaderState()
         self.data: DataFile | None = None
+        self.direct: Stream | None = None  # large hits read direct, some ahead
         self.closed = False
 
 
@@ -106,7 +108,7 @@ class FileCache:
         self._supplier = Supplier(self)
         self.hasher = Hasher(catalog, config.block_size)
         self._ring = open_ring() if config.io_uring else None
-        self._hits = HitReader(catalog, self.content, config.block_size, self._ring)
+        self._hits = HitReader(catalog, self.content, config.block_size, self._ring, nursery)
 
     @property
     def external_error(self) -> str | None:
@@ -137,8 +139,9 @@ class FileCache:
     async def read(self, fh: OpenFile, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Up to *length* bytes at *offset*; empty at or past the end of the file.
 
-        A memoryview is a view of the cache's pages (see engine/mapped.py):
-        use it before the next await, or copy it.
+        A memoryview is a view of the cache's pages (engine/mapped.py) or
+        of a buffer lent to it (engine/direct.py): use it before the next
+        await, or copy it.
         """
         cf = self.catalog.files.get(fh.file_id)
         if cf is None:
@@ -157,7 +160,7 @@ class FileCache:
         if sequential and reader.run_reads >= 2 and self.max_readahead:
             self._read_ahead(fh, cf, end)
         if cf.present.find(0, first, last + 1) < 0:
-            data = await self._hits.serve(fh, cf, offset, end)
+            data = await self._hits.serve(fh, cf, offset, end, sequential)
             if data is not None:
                 self.counters["hit_bytes"] += len(data)
                 return data
@@ -264,6 +267,7 @@ class FileCache:
         cf = self.catalog.files.get(fh.file_id)
         if ended is not None and cf is not None:
             await self._end_run(cf, *ended)
+        self._hits.forget(fh)
         if fh.data is not None:
             fh.data.release()
             fh.data = None
@@ -420,6 +424,7 @@ class FileCache:
         while True:
             await trio.sleep(self.config.flush_interval)
             self._runner.buffers.trim()
+            self._hits.trim()
             if self.catalog.needs_flush:
                 try:
                     await self.catalog.flush(self.disk_limiter)

@@ -2,13 +2,15 @@
 
 Plain and already checked, a hit is one read: a large one whose pages are
 all in the page cache is handed over as a view of the mapped data file (see
-:mod:`cachefs.engine.mapped`); otherwise it is read on the trio loop when
-the page cache holds the bytes (RWF_NOWAIT), else through io_uring (see
-:mod:`cachefs.engine.uring`) or, where there is none, in a reader thread;
-either way readers of the cache disk run in parallel.  Encrypted, or not
-yet checked in this process, whole blocks (or, encrypted, the 64 KiB chunks
-read) are opened and checked in a reader thread first; a block that fails
-is dropped.
+:mod:`cachefs.engine.mapped`); a large one none of whose pages is there is
+read by the disk straight into a lent buffer, and ahead of a sequential
+reader (see :mod:`cachefs.engine.direct`); otherwise it is read on the trio
+loop when the page cache holds the bytes (RWF_NOWAIT), else through
+io_uring (see :mod:`cachefs.engine.uring`) or, where there is none, in a
+reader thread; either way readers of the cache disk run in parallel.
+Encrypted, or not yet checked in this process, whole blocks (or, encrypted,
+the 64 KiB chunks read) are opened and checked in a reader thread first; a
+block that fails is dropped.
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import trio
+
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.content import Content
+from cachefs.engine.direct import NOT_DIRECT, DirectReader
 from cachefs.engine.index import CachedFile
-from cachefs.engine.mapped import MAP_MIN
+from cachefs.engine.mapped import MAP_MIN, map_range
 from cachefs.engine.readers import ReaderPool
 from cachefs.engine.store import pread_into, read_nowait
 from cachefs.engine.uring import Ring
+from cachefs.pagecache import cached_pages, pages_in
 
 if TYPE_CHECKING:
     from cachefs.engine.engine import OpenFile
@@ -32,13 +38,19 @@ log = logging.getLogger(__name__)
 
 class HitReader:
     def __init__(
-        self, catalog: Catalog, content: Content, block_size: int, ring: Ring | None
+        self,
+        catalog: Catalog,
+        content: Content,
+        block_size: int,
+        ring: Ring | None,
+        nursery: trio.Nursery,
     ) -> None:
         self._catalog = catalog
         self._content = content
         self._block_size = block_size
         self._readers = ReaderPool()
         self._ring = ring
+        self.direct = DirectReader(catalog, content, block_size, ring, self._readers, nursery)
 
     @property
     def disk_reads(self) -> str:
@@ -48,6 +60,14 @@ class HitReader:
 
     def close(self) -> None:
         self._readers.close()
+
+    def trim(self) -> None:
+        """Let the direct-read buffers go if a whole period went by without one."""
+        self.direct.slots.trim()
+
+    def forget(self, fh: OpenFile) -> None:
+        """*fh* is closed: drop what was read ahead for it."""
+        self.direct.forget(fh)
 
     def _fd(self, fh: OpenFile, cf: CachedFile) -> int:
         data = cf.data
@@ -61,15 +81,16 @@ class HitReader:
         return data.fd
 
     async def serve(
-        self, fh: OpenFile, cf: CachedFile, offset: int, end: int
+        self, fh: OpenFile, cf: CachedFile, offset: int, end: int, sequential: bool = False
     ) -> bytearray | memoryview | None:
         """Bytes [offset, end) of present blocks from the data file, or None.
 
         Data in the page cache is served without blocking the loop (large
         reads as a view of the mapped file, to be used before the next
         await); what is only on disk goes through the ring or a reader
-        thread.  None means the blocks are gone (evicted or retired
-        meanwhile, or lost from the data file): the caller fetches them.
+        thread (large reads into a lent buffer, held as long as the view).
+        None means the blocks are gone (evicted or retired meanwhile, or
+        lost from the data file): the caller fetches them.
         """
         bs = self._block_size
         first, last = offset // bs, (end - 1) // bs
@@ -77,12 +98,19 @@ class HitReader:
             return await self._serve_checked(fh, cf, offset, end)
         n = end - offset
         fd = self._fd(fh, cf)
-        if n >= MAP_MIN:
-            assert fh.data is not None
-            view = fh.data.view(offset, end)
-            if view is not None:
-                self._catalog.touch(cf, first, last)
-                return view
+        data = fh.data
+        assert data is not None
+        if n >= MAP_MIN and data.key is None:
+            cached = cached_pages(fd, offset, n)
+            if cached is not None and cached >= pages_in(offset, n):
+                view = map_range(fd, offset, end)
+                if view is not None:
+                    self._catalog.touch(cf, first, last)
+                    return view
+            elif self.direct.wants(n, offset, cached):
+                got = await self.direct.serve(fh, cf, offset, end, sequential)
+                if got is not NOT_DIRECT:
+                    return got  # type: ignore[return-value]
         buf = bytearray(n)
         # With disk reads already in flight, the page cache is likely cold:
         # straight to the ring's kernel workers, keeping the disk's submission

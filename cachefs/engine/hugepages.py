@@ -16,8 +16,10 @@ gives small pages: slower, the same bytes.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
+import weakref
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +40,64 @@ def anonymous(size: int) -> mmap.mmap:
         except OSError as e:  # a kernel built without transparent huge pages
             log.debug("no huge pages for read buffers: %s", e)
     return m
+
+
+class Slots:
+    """*count* buffers of *size* bytes each, cut from one mapping made on first use.
+
+    A slot is taken for a read and either given back (the read failed) or
+    lent out as a view (:meth:`lend`).  A lent slot comes back when the last
+    view of it is gone, whoever holds it and however it was sliced: every
+    such view refers to one ctypes array made for the loan, and a finalizer
+    on that array returns the slot.  So no read ever lands in bytes a reply
+    or a caller still points at.
+    """
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self.count = count
+        self._map: mmap.mmap | None = None
+        self._free: list[int] = []
+        self._used = False  # taken since the last trim
+
+    def take(self) -> int | None:
+        """A free slot, or None when all are lent or being read into."""
+        if self._map is None:
+            self._map = anonymous(self.size * self.count)
+            self._free = list(range(self.count - 1, -1, -1))
+        self._used = True
+        return self._free.pop() if self._free else None
+
+    def buffer(self, slot: int) -> memoryview:
+        """The whole of *slot*, writable: what a read fills."""
+        assert self._map is not None
+        start = slot * self.size
+        return memoryview(self._map)[start : start + self.size]
+
+    def give(self, slot: int) -> None:
+        """*slot* was never lent: free again now."""
+        self._free.append(slot)
+
+    def lend(self, slot: int, n: int) -> memoryview:
+        """The first *n* bytes of *slot*, read-only; the slot is free once they are dropped."""
+        assert self._map is not None and n <= self.size
+        loan = (ctypes.c_char * n).from_buffer(self._map, slot * self.size)
+        done = weakref.finalize(loan, self._free.append, slot)
+        done.atexit = False
+        return memoryview(loan).cast("B").toreadonly()
+
+    def trim(self) -> None:
+        """Let the mapping go if no slot was taken since the last trim and none is out."""
+        if not self._used and self._map is not None and len(self._free) == self.count:
+            self._map = None  # unmapped once nothing refers to it
+            self._free = []
+        self._used = False
+
+    @property
+    def mapped(self) -> bool:
+        return self._map is not None
+
+    @property
+    def out(self) -> int:
+        """Slots lent or being read into."""
+        return self.count - len(self._free) if self._map is not None else 0

@@ -7,10 +7,10 @@ straight into the kernel's FUSE pages.  That saves copying into a Python
 buffer and zeroing that buffer first, about a third of the daemon's CPU on
 1 MiB cache hits (perf: 25% in the copy, 5% in memset).
 
-Whether every page is resident is asked of cachestat(2) (Linux 6.5), so
-the reply never waits for the disk on the loop; where the kernel has no
-cachestat (or a sandbox refuses it) :func:`resident` says False and hits
-are copied as before.  A page reclaimed between the check and the reply is
+Whether every page is resident is asked of cachestat(2) (Linux 6.5) by
+the hit path, so the reply never waits for the disk on the loop; where the
+kernel has no cachestat (or a sandbox refuses it) hits are copied as
+before.  A page reclaimed between the check and the reply is
 read back in: slower, still the right bytes.
 
 Why a view is safe to hand out:
@@ -32,21 +32,11 @@ from __future__ import annotations
 import logging
 import mmap
 
-from cachefs.pagecache import cached_pages, pages_in
-
 # Hits smaller than this are copied: for them the saving is lost in the
 # extra syscall (cachestat) and the page faults of the reply.
 MAP_MIN = 64 << 10
 
 log = logging.getLogger(__name__)
-
-
-def resident(fd: int, offset: int, length: int) -> bool:
-    """Whether every page of bytes [offset, offset + length) of *fd* is in the page cache."""
-    if length <= 0:
-        return False
-    n = cached_pages(fd, offset, length)
-    return n is not None and n >= pages_in(offset, length)
 
 
 def map_range(fd: int, offset: int, end: int) -> memoryview | None:

@@ -24,7 +24,7 @@ import os
 import trio
 
 from cachefs.engine.crypto import NONCE_SIZE, OVERHEAD, TAG_SIZE, CacheKey
-from cachefs.engine.mapped import map_range, resident
+from cachefs.pagecache import PAGE
 
 # What sealing adds to a chunk (nonce, then GCM tag): kept in the tag table.
 NONCE, TAG = NONCE_SIZE, TAG_SIZE
@@ -48,6 +48,8 @@ class DataFile:
         "path",
         "size",
         "fd",
+        "direct",
+        "direct_refused",
         "users",
         "retired",
         "block_size",
@@ -71,6 +73,10 @@ class DataFile:
         self.path = path
         self.size = size
         self.fd: int | None = None
+        # The same file opened O_DIRECT, once asked for (hits that bypass the
+        # page cache); closed with fd, as threads may be reading through it.
+        self.direct = -1
+        self.direct_refused = False
         self.users = 0
         self.retired = False
         self.block_size = block_size
@@ -106,17 +112,31 @@ class DataFile:
         if self.users == 0 and self.fd is not None:
             os.close(self.fd)
             self.fd = None
+            if self.direct >= 0:
+                os.close(self.direct)
+                self.direct = -1
 
-    def view(self, offset: int, end: int) -> memoryview | None:
-        """Plain bytes [offset, end) as a view of the mapped file, if all are in the page cache.
+    def direct_fd(self) -> int:
+        """The held fd's file opened again with O_DIRECT; negative if refused.
 
-        For the hit path only (see :mod:`cachefs.engine.mapped`): the caller
-        holds the fd and hands the view to the reply before any await.
+        Opened through /proc/self/fd, so it is the same inode even if the
+        path was replaced or unlinked meanwhile.
         """
-        fd = self.fd
-        if fd is None or self.key is not None or not resident(fd, offset, end - offset):
-            return None
-        return map_range(fd, offset, end)
+        assert self.fd is not None
+        if self.direct < 0 and not self.direct_refused:
+            try:
+                self.direct = os.open(
+                    f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC
+                )
+            except OSError as e:  # a filesystem without O_DIRECT, no /proc
+                self.refuse_direct(e)
+        return -1 if self.direct_refused else self.direct
+
+    def refuse_direct(self, why: OSError) -> None:
+        """Direct reads of this file fail (EINVAL, say): read it through the page cache."""
+        if not self.direct_refused:
+            log.info("cache data file %s: no direct reads: %s", self.path, why)
+            self.direct_refused = True
 
     def retire(self) -> None:
         """Forget this version's bytes: unlink now, close when the last user leaves."""
@@ -310,7 +330,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def page_end(offset: int) -> int:
     """*offset* rounded up to a 4 KiB page, so a partial last page is freed too."""
-    return -(-offset // 4096) * 4096
+    return -(-offset // PAGE) * PAGE
 
 
 def punch_holes(fd: int, ranges: list[tuple[int, int]]) -> None:

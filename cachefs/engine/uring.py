@@ -83,7 +83,23 @@ class Ring:
             done += n
         return done
 
+    async def read_into(self, fd: int, view: memoryview, offset: int) -> int:
+        """One read of up to len(*view*) bytes at *offset* into *view*, issued by this thread.
+
+        For direct reads into memory that outlives the read whatever happens
+        to the awaiting task (the caller's lent buffers); how many bytes came.
+        """
+        iovec = self._lib.Iovec([view])
+        return await self._submit_read(fd, iovec, offset, False, view)
+
     async def _read_once(self, fd: int, buf: bytearray, offset: int, offload: bool) -> int:
+        return await self._submit_read(fd, buf, offset, offload, buf)
+
+    async def _submit_read(
+        self, fd: int, target: Any, offset: int, offload: bool, keep: Any
+    ) -> int:
+        """Queue a read into *target* (a bytearray, or an Iovec); *keep* stays
+        referenced until the kernel has answered."""
         if self.broken is not None:
             raise self.broken
         # A ParkingLot rather than a Semaphore: nothing to pay while there is room.
@@ -95,14 +111,17 @@ class Ring:
         sqe = lib.io_uring_get_sqe(self._ring)
         if sqe is None:  # cannot happen while at most `entries` are in flight
             raise OSError(errno.EBUSY, "io_uring submission queue full")
-        lib.io_uring_prep_read(sqe, fd, buf, offset)
+        if isinstance(target, bytearray):
+            lib.io_uring_prep_read(sqe, fd, target, offset)
+        else:
+            lib.io_uring_prep_readv(sqe, fd, target, offset)
         self._next += 1
         key = self._next
         lib.io_uring_sqe_set_data64(sqe, key)
         if offload:
             sqe.flags = IOSQE_ASYNC
         task = trio.lowlevel.current_task()
-        entry = [task, buf]
+        entry = [task, (target, keep)]
         self._inflight[key] = entry
         try:
             self._submit()
