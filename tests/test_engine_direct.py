@@ -103,6 +103,21 @@ async def test_a_sequential_reader_finds_its_next_bytes_already_read(
         assert rig.reads() == []
 
 
+async def test_reads_of_whole_pages_only_are_read_ahead(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, FILES)
+    async with rig.engine() as cache:
+        await cached_cold(rig, cache)
+        fh = await cache.open("big.bin")
+        try:
+            n = 2 * BS + 100  # the next read would start off a page: not read ahead
+            for offset in (0, n):
+                assert await cache.read(fh, offset, n) == DATA[offset : offset + n]
+            assert fh.direct is not None and not fh.direct.reads
+            assert fh.data is not None and not fh.data.direct_refused
+        finally:
+            await cache.close(fh)
+
+
 async def test_bytes_read_ahead_from_a_replaced_version_are_never_served(tmp_path: Path) -> None:
     new = bytes(b ^ 0x5A for b in DATA)
     rig = Rig(tmp_path, FILES)

@@ -171,6 +171,8 @@ class DirectReader:
         self, fh: OpenFile, stream: Stream, cf: CachedFile, data: DataFile, end: int, n: int
     ) -> None:
         """Start reads of n bytes each from the stream's frontier to AHEAD past *end*."""
+        if n % PAGE:
+            return  # the reads after this one would not start on a page
         bs = self._block_size
         fd = data.fd
         assert fd is not None
