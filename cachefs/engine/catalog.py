@@ -167,6 +167,13 @@ class Catalog:
             self.cached_bytes -= self.block_len(cf, b)
             self.dirty.add(cf)
 
+    def lost(self, cf: CachedFile, offset: int, end: int) -> None:
+        """The data file came up short of bytes [offset, end) it should hold:
+        forget their blocks (the next read fetches them again)."""
+        log.warning("cache data of %s is short: refetching", cf.file_id)
+        for b in range(offset // self.block_size, (end - 1) // self.block_size + 1):
+            self.unmark(cf, b)
+
     def touch(self, cf: CachedFile, first: int, last: int) -> None:
         """Note a read of blocks first..last for LRU."""
         tick, self.tick = self.tick, self.tick + 1

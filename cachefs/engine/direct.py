@@ -25,7 +25,6 @@ retired meanwhile is not served (the caller fetches the blocks again).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -42,8 +41,6 @@ from cachefs.pagecache import PAGE, cached_pages
 
 if TYPE_CHECKING:
     from cachefs.engine.engine import OpenFile
-
-log = logging.getLogger(__name__)
 
 # Hits from this size up (page-aligned, none of their pages cached) are read
 # O_DIRECT: sequential readers' requests (the kernel's FUSE readahead sends
@@ -146,9 +143,7 @@ class DirectReader:
             if cf.epoch != read.epoch or cf.retired:
                 return None
             if read.got < n:
-                log.warning("cache data of %s is short: refetching", cf.file_id)
-                for b in range(offset // self._block_size, (end - 1) // self._block_size + 1):
-                    self._catalog.unmark(cf, b)
+                self._catalog.lost(cf, offset, end)
                 return None
             bs = self._block_size
             self._catalog.touch(cf, offset // bs, (end - 1) // bs)

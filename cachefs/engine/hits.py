@@ -15,7 +15,6 @@ block that fails is dropped.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import trio
@@ -32,8 +31,6 @@ from cachefs.pagecache import cached_pages, pages_in
 
 if TYPE_CHECKING:
     from cachefs.engine.engine import OpenFile
-
-log = logging.getLogger(__name__)
 
 
 class HitReader:
@@ -130,7 +127,7 @@ class HitReader:
             if cf.epoch != epoch or cf.retired:
                 return None
         if got < n:
-            self._lost(cf, offset, end)
+            self._catalog.lost(cf, offset, end)
             return None
         self._catalog.touch(cf, first, last)
         return buf
@@ -183,10 +180,3 @@ class HitReader:
         if lo == 0 and end - offset == len(buf):
             return buf
         return buf[lo : lo + end - offset]
-
-    def _lost(self, cf: CachedFile, offset: int, end: int) -> None:
-        """The data file lost bytes it should hold: forget those blocks."""
-        bs = self._block_size
-        log.warning("cache data of %s is short: refetching", cf.file_id)
-        for b in range(offset // bs, (end - 1) // bs + 1):
-            self._catalog.unmark(cf, b)
