@@ -59,7 +59,7 @@ from cachefs.contract import (
     RWResult,
 )
 from cachefs.errors import SourceError
-from cachefs.pagecache import PAGE, cached_pages
+from cachefs.pagecache import PAGE, cached_pages, open_direct
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +128,13 @@ class OpenFile:
             self.direct = _UNOPENED
 
     def direct_fd(self, fd: int) -> int:
-        """The file of *fd* opened again with O_DIRECT; negative if refused.
-
-        Opened through /proc/self/fd, so it is the same inode as *fd* even
-        if the path has been replaced since.
-        """
+        """The file of *fd* opened again with O_DIRECT (the same inode); negative if refused."""
         with self._lock:
             if self.fd != fd:  # replaced meanwhile: read through fd
                 return _REFUSED
             if self.direct == _UNOPENED:
                 try:
-                    self.direct = os.open(
-                        f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC
-                    )
+                    self.direct = open_direct(fd)
                 except OSError as e:  # a filesystem without O_DIRECT, no /proc
                     log.debug("%s: no direct reads: %s", self.file_id, e)
                     self.direct = _REFUSED

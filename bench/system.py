@@ -141,12 +141,14 @@ def set_memory_retouch(factor: int) -> None:
     mount's page cache (and its daemon's cache) are filled by the CPU, so
     without this their cold and cache-hit figures measured the host, and
     swung 2x from one run to the next.  Touching the memory makes the host
-    back it again, as a machine in use has it.  A read fills twice its bytes
-    of page cache (the mount's pages and the cache's or the source's), and
-    the host takes back part of the touched memory before the read gets to
-    it: 2 GiB touched for a 1 GiB read still left cache-hit reads at half
-    speed in one run of two, 3 and 4 GiB did not (A/B of cachefs cache-hit
-    reads in the same minutes, 2-3 runs each).
+    back it again, as a machine in use has it.  The factor was measured
+    when a read through cachefs filled twice its bytes of page cache (the
+    mount's pages and the cache's or the source's; large cold reads now go
+    O_DIRECT and fill only the mount's), and the host takes back part of
+    the touched memory before the read gets to it: 2 GiB touched for a 1 GiB
+    read still left cache-hit reads at half speed in one run of two, 3 and
+    4 GiB did not (A/B of cachefs cache-hit reads in the same minutes, 2-3
+    runs each).
     """
     _Retouch.factor = factor
 

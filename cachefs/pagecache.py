@@ -1,4 +1,5 @@
-"""Asking the kernel which pages of a file are in the page cache: cachestat(2).
+"""Asking the kernel which pages of a file are in the page cache: cachestat(2);
+and opening a file to read around the page cache (O_DIRECT).
 
 Linux 6.5 and later.  Where the kernel has no cachestat, or a sandbox
 refuses it, every answer is "cannot say" (None) from then on, and callers
@@ -74,3 +75,13 @@ def pages_in(offset: int, length: int) -> int:
 
 def available() -> bool:
     return _State.available
+
+
+def open_direct(fd: int) -> int:
+    """The file of *fd* opened again, read-only, with O_DIRECT.
+
+    Through /proc/self/fd, so it is the same inode as *fd* even if its path
+    was replaced or unlinked since.  OSError where the filesystem refuses
+    O_DIRECT or there is no /proc.
+    """
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)

@@ -24,7 +24,7 @@ import os
 import trio
 
 from cachefs.engine.crypto import NONCE_SIZE, OVERHEAD, TAG_SIZE, CacheKey
-from cachefs.pagecache import PAGE
+from cachefs.pagecache import PAGE, open_direct
 
 # What sealing adds to a chunk (nonce, then GCM tag): kept in the tag table.
 NONCE, TAG = NONCE_SIZE, TAG_SIZE
@@ -117,17 +117,11 @@ class DataFile:
                 self.direct = -1
 
     def direct_fd(self) -> int:
-        """The held fd's file opened again with O_DIRECT; negative if refused.
-
-        Opened through /proc/self/fd, so it is the same inode even if the
-        path was replaced or unlinked meanwhile.
-        """
+        """The held fd's file opened again with O_DIRECT; negative if refused."""
         assert self.fd is not None
         if self.direct < 0 and not self.direct_refused:
             try:
-                self.direct = os.open(
-                    f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC
-                )
+                self.direct = open_direct(self.fd)
             except OSError as e:  # a filesystem without O_DIRECT, no /proc
                 self.refuse_direct(e)
         return -1 if self.direct_refused else self.direct
