@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefs.engine import crypto
 from cachefs.engine.crypto import OVERHEAD, CacheKey, new_salt, read_key_material
 from cachefs.errors import BadKey, ConfigError
 
@@ -102,6 +103,22 @@ def test_truncated_block_does_not_open(key: CacheKey) -> None:
     assert key.open_block(7, "etag-1", 3, sealed[:-1]) is None
     assert key.open_block(7, "etag-1", 3, sealed[: OVERHEAD - 1]) is None
     assert key.open_block(7, "etag-1", 3, sealed[:12]) is None
+
+
+@pytest.mark.parametrize("into", [True, False], ids=["decrypt_into", "older cryptography"])
+def test_a_block_opens_into_a_buffer_only_when_authentic(
+    key: CacheKey, monkeypatch: pytest.MonkeyPatch, into: bool
+) -> None:
+    monkeypatch.setattr(crypto, "_DECRYPT_INTO", into)
+    sealed = bytearray(key.seal_block(7, "etag-1", 3, BLOCK))
+    out = bytearray(len(BLOCK))
+    assert key.open_block_into(7, "etag-1", 3, sealed, memoryview(out))
+    assert out == BLOCK
+    assert not key.open_block_into(7, "etag-1", 4, sealed, memoryview(out))  # elsewhere
+    assert not key.open_block_into(7, "etag-1", 3, sealed, memoryview(out)[:-1])  # wrong size
+    assert not key.open_block_into(7, "etag-1", 3, bytes(len(sealed)), memoryview(out))  # hole
+    sealed[100] ^= 1
+    assert not key.open_block_into(7, "etag-1", 3, sealed, memoryview(out))
 
 
 def test_block_under_another_key_does_not_open(key: CacheKey, other_key: CacheKey) -> None:

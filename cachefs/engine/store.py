@@ -255,32 +255,46 @@ class DataFile:
 
     def _open_chunks(self, fd: int, start: int, stop: int, view: memoryview) -> list[int]:
         """Decrypt the chunks of [start, stop) (chunk-aligned) into *view*; the failed ones."""
+        at, length = self.tags_of(start, stop)
+        tags = bytearray(length)
+        got = pread_into(fd, memoryview(tags), at)
+        # The ciphertext lies where the plain bytes go: one read for all of it.
+        have = pread_into(fd, view[: stop - start], start)
+        return self.open_in_place(view[: stop - start], start, have, memoryview(tags)[:got])
+
+    def tags_of(self, start: int, stop: int) -> tuple[int, int]:
+        """Where the nonces and tags of the chunks of [start, stop) lie: (offset, length)."""
+        first, last = start // self.chunk, (stop - 1) // self.chunk
+        return self.tags_at + first * OVERHEAD, (last - first + 1) * OVERHEAD
+
+    def open_in_place(self, view: memoryview, start: int, have: int, tags: memoryview) -> list[int]:
+        """Decrypt, in place, the ciphertext of the chunks *view* holds from *start*
+        (chunk-aligned; the view ends on a chunk or at the end of the file).
+
+        Only *have* bytes of it were read, and *tags* holds the chunks' nonces
+        and tags as far as they were read.  Returns the chunks that failed
+        (short, or not authentic): their bytes in *view* are not plain text.
+        """
         key = self.key
         assert key is not None
         chunk = self.chunk
-        first, last = start // chunk, (stop - 1) // chunk
-        tags = bytearray((last - first + 1) * OVERHEAD)
-        got = pread_into(fd, memoryview(tags), self.tags_at + first * OVERHEAD)
-        # The ciphertext lies where the plain bytes go: one read for all of it.
-        have = start + pread_into(fd, view[: stop - start], start)
-        rec = bytearray(min(chunk, stop - start) + OVERHEAD)
+        first = start // chunk
+        stop = len(view)
+        rec = bytearray(min(chunk, stop) + OVERHEAD)
         failed = []
-        for c in range(first, last + 1):
-            at = c * chunk - start
-            n = min(chunk, stop - c * chunk)
-            t = (c - first) * OVERHEAD
-            if got < t + OVERHEAD or have < c * chunk + n:
+        for at in range(0, stop, chunk):
+            c = first + at // chunk
+            n = min(chunk, stop - at)
+            t = at // chunk * OVERHEAD
+            if len(tags) < t + OVERHEAD or have < at + n:
                 failed.append(c)
                 continue
             record = memoryview(rec)[: n + OVERHEAD]
             record[:NONCE] = tags[t : t + NONCE]
             record[NONCE : NONCE + n] = view[at : at + n]
             record[NONCE + n :] = tags[t + NONCE : t + OVERHEAD]
-            plain = key.open_block(self.row_id, self.version, c, record)
-            if plain is None:
+            if not key.open_block_into(self.row_id, self.version, c, record, view[at : at + n]):
                 failed.append(c)
-                continue
-            view[at : at + n] = plain
         return failed
 
     async def punch(self, ranges: list[tuple[int, int]], limiter: trio.CapacityLimiter) -> None:
