@@ -92,11 +92,11 @@ def evict_page_cache(root: Path) -> int:
     return count
 
 
-def cached_pages(path: Path) -> int:
-    """How many pages of the file at *path* are in the page cache."""
+def cached_pages(path: Path, length: int | None = None) -> int:
+    """How many pages of the file at *path* (of its first *length* bytes) are in the page cache."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        n = pagecache.cached_pages(fd, 0, max(1, path.stat().st_size))
+        n = pagecache.cached_pages(fd, 0, max(1, length or path.stat().st_size))
     finally:
         os.close(fd)
     assert n is not None, "cachestat(2) is needed: Linux 6.5 or later"

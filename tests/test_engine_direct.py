@@ -1,7 +1,8 @@
 """Large cache hits none of whose pages is cached: read O_DIRECT into lent huge-page buffers.
 
 The tests push the data files out of the page cache first (fsync, then
-POSIX_FADV_DONTNEED), as after a reboot or under memory pressure.
+POSIX_FADV_DONTNEED), as after a reboot or under memory pressure.  Most run
+plain and encrypted: encrypted, the chunks are opened in the buffer.
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ from cachefs.engine.uring import Ring
 
 DATA = random.Random(5).randbytes(8 * BS + 999)  # the last block is partial
 FILES = {"big.bin": DATA}
+KEY = os.urandom(32)
+KEYS = pytest.mark.parametrize("key", [None, KEY], ids=["plain", "encrypted"])
 
 
 def data_file(rig: Rig) -> Path:
-    (path,) = [p for p in (rig.cache_dir / "data").iterdir() if p.stat().st_size == len(DATA)]
+    """The data file of big.bin (encrypted, its nonces and tags follow the data)."""
+    (path,) = [p for p in (rig.cache_dir / "data").iterdir() if p.stat().st_size >= len(DATA)]
     return path
+
+
+def data_pages(rig: Rig) -> int:
+    """Pages of big.bin's bytes in the data file that are in the page cache."""
+    return cached_pages(data_file(rig), len(DATA))
 
 
 async def cached_cold(rig: Rig, cache) -> None:  # type: ignore[no-untyped-def]
@@ -38,17 +47,21 @@ async def cached_cold(rig: Rig, cache) -> None:  # type: ignore[no-untyped-def]
     rig.reads()
 
 
+@KEYS
 @pytest.mark.parametrize("io_uring", [True, False])
 async def test_cold_large_hits_come_from_the_disk_exactly_and_leave_no_pages_behind(
-    tmp_path: Path, io_uring: bool
+    tmp_path: Path, io_uring: bool, key: bytes | None
 ) -> None:
     rig = Rig(tmp_path, FILES)
-    async with rig.engine(io_uring=io_uring) as cache:
+    async with rig.engine(key, io_uring=io_uring) as cache:
         assert cache.statistics()["disk_reads"] == ("io_uring" if io_uring else "threads")
         await cached_cold(rig, cache)
+        reads = [(0, 2 * BS), (BS, 4 * BS), (6 * BS, 4 * BS)]  # the last to the end of the file
+        if key is None:
+            reads.append((4096, 3 * BS))  # encrypted, reads start on a chunk
         fh = await cache.open("big.bin")
         try:
-            for offset, length in [(0, 2 * BS), (BS, 4 * BS), (6 * BS, 4 * BS), (4096, 3 * BS)]:
+            for offset, length in reads:
                 got = await cache.read(fh, offset, length)
                 assert got == DATA[offset : offset + length], (offset, length)
                 assert isinstance(got, memoryview) and got.readonly
@@ -56,17 +69,44 @@ async def test_cold_large_hits_come_from_the_disk_exactly_and_leave_no_pages_beh
             await cache.close(fh)
         # The kernel keeps what a mount replies in its own pages: the data
         # file's would be a second copy of the same bytes.
-        assert cached_pages(data_file(rig)) == 0
+        assert data_pages(rig) == 0
         assert rig.reads() == []
         # Small and unaligned hits still go through the page cache.
         assert await read_at(cache, "big.bin", 100, 2 * BS) == DATA[100 : 100 + 2 * BS]
         assert await read_at(cache, "big.bin", 3 * BS, 4096) == DATA[3 * BS : 3 * BS + 4096]
-        assert cached_pages(data_file(rig)) > 0
+        assert data_pages(rig) > 0
         assert rig.reads() == []
 
 
+@pytest.mark.parametrize("where", ["ciphertext", "tag"])
+async def test_a_chunk_tampered_with_on_disk_is_never_served_from_a_direct_read(
+    tmp_path: Path, where: str
+) -> None:
+    rig = Rig(tmp_path, FILES)
+    async with rig.engine(KEY) as cache:
+        await cached_cold(rig, cache)
+        path = data_file(rig)
+        # One byte of block 3's ciphertext, or of its nonce and tag in the table after the data.
+        at = 3 * BS + 17 if where == "ciphertext" else store.page_end(len(DATA)) + 3 * 28 + 20
+        with open(path, "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 1]))
+        evict_page_cache(rig.cache_dir / "data")
+        fh = await cache.open("big.bin")
+        try:
+            got = await cache.read(fh, 2 * BS, 2 * BS)
+            assert got == DATA[2 * BS : 4 * BS]
+        finally:
+            await cache.close(fh)
+        assert [(c["position"], c["bytes_to_read"]) for c in rig.reads()] == [(3 * BS, BS)]
+        assert cache.statistics()["corrupt_in_cache"] == 1
+
+
+@KEYS
 async def test_a_sequential_reader_finds_its_next_bytes_already_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: bytes | None
 ) -> None:
     started: list[int] = []
     real = Ring.read_into
@@ -77,7 +117,7 @@ async def test_a_sequential_reader_finds_its_next_bytes_already_read(
 
     monkeypatch.setattr(Ring, "read_into", read_into)
     rig = Rig(tmp_path, FILES)
-    async with rig.engine() as cache:
+    async with rig.engine(key) as cache:
         await cached_cold(rig, cache)
         slots = cache._hits.direct.slots
         fh = await cache.open("big.bin")
@@ -118,10 +158,13 @@ async def test_reads_of_whole_pages_only_are_read_ahead(tmp_path: Path) -> None:
             await cache.close(fh)
 
 
-async def test_bytes_read_ahead_from_a_replaced_version_are_never_served(tmp_path: Path) -> None:
+@KEYS
+async def test_bytes_read_ahead_from_a_replaced_version_are_never_served(
+    tmp_path: Path, key: bytes | None
+) -> None:
     new = bytes(b ^ 0x5A for b in DATA)
     rig = Rig(tmp_path, FILES)
-    async with rig.engine(ttl=0) as cache:
+    async with rig.engine(key, ttl=0) as cache:
         await cached_cold(rig, cache)
         fh = await cache.open("big.bin")
         try:
@@ -167,11 +210,12 @@ async def test_a_buffer_is_reused_only_once_every_view_of_it_is_gone(
         assert rig.reads() == []
 
 
+@KEYS
 async def test_a_block_evicted_during_a_direct_read_is_fetched_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: bytes | None
 ) -> None:
     rig = Rig(tmp_path, FILES)
-    async with rig.engine() as cache:
+    async with rig.engine(key) as cache:
         await cached_cold(rig, cache)
         cf = cache.catalog.files["big.bin"]
         real = Ring.read_into

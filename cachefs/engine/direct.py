@@ -15,6 +15,14 @@ requests together, would sit idle while they are replied to and copied
 sequentially therefore keeps AHEAD bytes past the furthest request read
 too; a request for bytes already on their way waits for that read.
 
+Encrypted, the same reads bring the ciphertext, and the chunks' nonces and
+tags come from the table after the data (through the page cache: 28 bytes
+per 64 KiB); the chunks are opened in place, on the loop, as soon as the
+disk is done (AES-GCM holds the GIL whatever thread runs it, and a copy and
+an open cost about 0.2 ms per MiB).  A chunk that does not open fails its
+block, which is fetched again.  Encrypted cache hits went from 0.8-1.05 to
+1.05-1.15 GB/s and from 1.0-1.4 to 0.6 s of CPU per GiB.
+
 Every direct read of a handle, asked for or ahead, is a :class:`_Read` in
 its stream until a request claims it; one that no request will claim
 (the reader went elsewhere, or closed) gives its buffer back once the disk
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -63,7 +72,7 @@ class _Read:
     dropped, goes back when the disk is done; until either, to the stream.
     """
 
-    __slots__ = ("offset", "n", "slot", "data", "epoch", "done", "got", "error", "dropped")
+    __slots__ = ("offset", "n", "slot", "data", "epoch", "done", "got", "bad", "error", "dropped")
 
     def __init__(self, offset: int, n: int, slot: int, data: DataFile, epoch: int) -> None:
         self.offset = offset
@@ -73,6 +82,7 @@ class _Read:
         self.epoch = epoch
         self.done = trio.Event()
         self.got = 0
+        self.bad: list[int] = []  # encrypted: chunks that did not open
         self.error: OSError | None = None
         self.dropped = False
 
@@ -95,6 +105,7 @@ class DirectReader:
         block_size: int,
         ring: Ring | None,
         readers: ReaderPool,
+        read_buffered: Callable[[int, bytearray, int], Awaitable[int]],
         nursery: trio.Nursery,
     ) -> None:
         self._catalog = catalog
@@ -102,12 +113,17 @@ class DirectReader:
         self._block_size = block_size
         self._ring = ring
         self._readers = readers
+        self._read_buffered = read_buffered
         self._nursery = nursery
         self.slots = Slots(SLOT_SIZE, SLOTS)
 
-    def wants(self, n: int, offset: int, cached: int | None) -> bool:
-        """Whether a plain, checked hit of *n* bytes at *offset* with *cached* pages goes here."""
-        return cached == 0 and DIRECT_MIN <= n <= self.slots.size and offset % PAGE == 0
+    def wants(self, data: DataFile, n: int, offset: int, cached: int | None) -> bool:
+        """Whether a hit of *n* bytes at *offset* of *data* with *cached* pages
+        goes here; the caller knows its blocks need no check but their seal."""
+        if cached != 0 or not DIRECT_MIN <= n <= self.slots.size or offset % _align(data):
+            return False
+        end = offset + n
+        return data.key is None or end % data.chunk == 0 or end == data.size
 
     async def serve(
         self, fh: OpenFile, cf: CachedFile, offset: int, end: int, sequential: bool
@@ -146,6 +162,9 @@ class DirectReader:
                 self._catalog.lost(cf, offset, end)
                 return None
             bs = self._block_size
+            if read.bad:
+                self._content.failed(cf, sorted({c * data.chunk // bs for c in read.bad}))
+                return None
             self._catalog.touch(cf, offset // bs, (end - 1) // bs)
             lent = True
             return self.slots.lend(read.slot, n)
@@ -166,8 +185,8 @@ class DirectReader:
         self, fh: OpenFile, stream: Stream, cf: CachedFile, data: DataFile, end: int, n: int
     ) -> None:
         """Start reads of n bytes each from the stream's frontier to AHEAD past *end*."""
-        if n % PAGE:
-            return  # the reads after this one would not start on a page
+        if n % _align(data):
+            return  # the reads after this one would not start on a page (or chunk)
         bs = self._block_size
         fd = data.fd
         assert fd is not None
@@ -178,7 +197,7 @@ class DirectReader:
             if (
                 pos in stream.reads
                 or cf.present.find(0, first, last + 1) >= 0
-                or self._content.must_check(cf, first, last)
+                or not self._unchecked(cf, data, first, last)
                 or cached_pages(fd, pos, n) != 0
             ):
                 break  # not (all) in the cache, or not to be read this way
@@ -202,11 +221,28 @@ class DirectReader:
         self._nursery.start_soon(self._run, read, direct)
         return read
 
+    def _unchecked(self, cf: CachedFile, data: DataFile, first: int, last: int) -> bool:
+        """Whether blocks first..last need no check but (encrypted) their seal."""
+        if data.key is None:
+            return not self._content.must_check(cf, first, last)
+        return self._content.to_check(cf, first, last) is None
+
     async def _run(self, read: _Read, fd: int) -> None:
         try:
+            data = read.data
             # Whole pages: past the end of the file the read is just short.
             buf = self.slots.buffer(read.slot)[: page_end(read.n)]
-            read.got = await self._read_into(fd, buf, read.offset)
+            if data.key is None:
+                read.got = await self._read_into(fd, buf, read.offset)
+            else:
+                assert data.fd is not None
+                at, length = data.tags_of(read.offset, read.offset + read.n)
+                tags = bytearray(length)
+                have_tags = await self._read_buffered(data.fd, tags, at)
+                read.got = await self._read_into(fd, buf, read.offset)
+                read.bad = data.open_in_place(
+                    buf[: read.n], read.offset, read.got, memoryview(tags)[:have_tags]
+                )
         except OSError as e:
             read.error = e
         finally:
@@ -242,3 +278,8 @@ class DirectReader:
             if n == 0 or done % PAGE:
                 break
         return done
+
+
+def _align(data: DataFile) -> int:
+    """What a direct read of *data* starts on: a page, and, encrypted, a chunk."""
+    return PAGE if data.key is None else max(PAGE, data.chunk)

@@ -10,7 +10,9 @@ io_uring (see :mod:`cachefs.engine.uring`) or, where there is none, in a
 reader thread; either way readers of the cache disk run in parallel.
 Encrypted, or not yet checked in this process, whole blocks (or, encrypted,
 the 64 KiB chunks read) are opened and checked in a reader thread first; a
-block that fails is dropped.
+block that fails is dropped.  Encrypted with nothing to check but the
+seals, a large read none of whose pages is cached goes direct too, its
+chunks opened in the buffer they were read into.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import trio
 
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.content import Content
-from cachefs.engine.direct import NOT_DIRECT, DirectReader
+from cachefs.engine.direct import DIRECT_MIN, NOT_DIRECT, DirectReader
 from cachefs.engine.index import CachedFile
 from cachefs.engine.mapped import MAP_MIN, map_range
 from cachefs.engine.readers import ReaderPool
@@ -47,7 +49,9 @@ class HitReader:
         self._block_size = block_size
         self._readers = ReaderPool()
         self._ring = ring
-        self.direct = DirectReader(catalog, content, block_size, ring, self._readers, nursery)
+        self.direct = DirectReader(
+            catalog, content, block_size, ring, self._readers, self._read_buffered, nursery
+        )
 
     @property
     def disk_reads(self) -> str:
@@ -92,7 +96,7 @@ class HitReader:
         bs = self._block_size
         first, last = offset // bs, (end - 1) // bs
         if self._content.must_check(cf, first, last):
-            return await self._serve_checked(fh, cf, offset, end)
+            return await self._serve_checked(fh, cf, offset, end, sequential)
         n = end - offset
         fd = self._fd(fh, cf)
         data = fh.data
@@ -104,7 +108,7 @@ class HitReader:
                 if view is not None:
                     self._catalog.touch(cf, first, last)
                     return view
-            elif self.direct.wants(n, offset, cached):
+            elif self.direct.wants(data, n, offset, cached):
                 got = await self.direct.serve(fh, cf, offset, end, sequential)
                 if got is not NOT_DIRECT:
                     return got  # type: ignore[return-value]
@@ -150,16 +154,33 @@ class HitReader:
                     raise  # the read's own error
         return await self._readers.run(pread_into, fd, memoryview(buf)[got:], offset + got)
 
+    async def _read_buffered(self, fd: int, buf: bytearray, offset: int) -> int:
+        """Fill *buf* from *offset* of *fd* through the page cache; fewer bytes at the end."""
+        got = read_nowait(fd, buf, offset)
+        if got < len(buf):
+            got += await self._read_disk(fd, buf, got, offset, False)
+        return got
+
     async def _serve_checked(
-        self, fh: OpenFile, cf: CachedFile, offset: int, end: int
-    ) -> bytearray | None:
-        """Like _serve, reading whole blocks: opened (encrypted) and checked, or None."""
+        self, fh: OpenFile, cf: CachedFile, offset: int, end: int, sequential: bool
+    ) -> bytearray | memoryview | None:
+        """Like serve, reading whole blocks: opened (encrypted) and checked, or None.
+
+        Encrypted with nothing to check but the seals, a large read none of
+        whose pages is cached goes direct (the chunks are opened on the loop).
+        """
         bs = self._block_size
         first, last = offset // bs, (end - 1) // bs
         expected = self._content.to_check(cf, first, last)
         fd = self._fd(fh, cf)
         epoch, data = cf.epoch, cf.data
         assert data is not None
+        if expected is None and data.key is not None and end - offset >= DIRECT_MIN:
+            n = end - offset
+            if self.direct.wants(data, n, offset, cached_pages(fd, offset, n)):
+                got = await self.direct.serve(fh, cf, offset, end, sequential)
+                if got is not NOT_DIRECT:
+                    return got  # type: ignore[return-value]
         data.acquire()
         try:
             if expected is None and data.key is not None:  # open only what is read
