@@ -20,8 +20,8 @@ tags come from the table after the data (through the page cache: 28 bytes
 per 64 KiB); the chunks are opened in place, on the loop, as soon as the
 disk is done (AES-GCM holds the GIL whatever thread runs it, and a copy and
 an open cost about 0.2 ms per MiB).  A chunk that does not open fails its
-block, which is fetched again.  Encrypted cache hits went from 0.8-1.05 to
-1.05-1.15 GB/s and from 1.0-1.4 to 0.6 s of CPU per GiB.
+block, which is fetched again.  Encrypted cache-hit seq 1 MiB went from
+0.8-1.05 to 1.05-1.35 GB/s, and from 1.0-1.4 to 0.6 s of CPU per GiB.
 
 Every direct read of a handle, asked for or ahead, is a :class:`_Read` in
 its stream until a request claims it; one that no request will claim

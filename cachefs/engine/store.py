@@ -279,12 +279,12 @@ class DataFile:
         assert key is not None
         chunk = self.chunk
         first = start // chunk
-        stop = len(view)
-        rec = bytearray(min(chunk, stop) + OVERHEAD)
+        size = len(view)
+        rec = bytearray(min(chunk, size) + OVERHEAD)
         failed = []
-        for at in range(0, stop, chunk):
+        for at in range(0, size, chunk):
             c = first + at // chunk
-            n = min(chunk, stop - at)
+            n = min(chunk, size - at)
             t = at // chunk * OVERHEAD
             if len(tags) < t + OVERHEAD or have < at + n:
                 failed.append(c)
