@@ -10,6 +10,7 @@ import pytest
 from enginerig import BS, LocalSource, Rig, read_at, read_sequential
 
 from cachefs import ContentInfo
+from cachefs.engine import store
 from cachefs.errors import BadKey, CorruptData, NoContentInfo, OutOfBounds
 
 DATA = os.urandom(4 * BS + 1000)  # five blocks, the last one short
@@ -341,6 +342,19 @@ async def test_an_encrypted_cache_stores_neither_names_nor_data_in_clear(tmp_pat
     async with rig.engine(KEY) as cache:
         assert cache.statistics()["cached_bytes"] == len(DATA)
         assert await read_at(cache, name, 0, len(DATA)) == DATA
+    assert rig.reads() == []
+
+
+async def test_a_fetch_sealed_and_written_in_several_runs_reads_back_exactly(tmp_path, monkeypatch):
+    # 64 KiB chunks: the one fetch of the file is written as 3 chunks, then 1 and a short one.
+    monkeypatch.setattr(store, "SEAL_RUN", 3 * BS)
+    rig = Rig(tmp_path, {"f": DATA})
+    async with rig.engine(KEY) as cache:
+        assert await read_at(cache, "f", 0, len(DATA)) == DATA
+    assert [(c["position"], c["bytes_to_read"]) for c in rig.reads()] == [(0, len(DATA))]
+    async with rig.engine(KEY) as cache:
+        assert await read_at(cache, "f", 0, len(DATA)) == DATA
+        assert cache.statistics()["corrupt_in_cache"] == 0
     assert rig.reads() == []
 
 
