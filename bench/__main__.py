@@ -183,6 +183,8 @@ def _main(args: argparse.Namespace, say: Any, t0: float) -> int:
     for g in report["goals"]:
         ratio = "–" if g["ratio"] is None else f"{g['ratio']:.3f}"
         print(f"  {g['verdict']:<4}  {ratio:>6}  {g['goal']}")
+        if g.get("known_limit"):
+            print(f"                known limit: {g['known_limit']} (README: What still limits)")
     print()
     print(f"{paths['md']}\n{paths['json']}\n{paths['png']}")
     say("done")

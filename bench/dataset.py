@@ -43,6 +43,7 @@ class Sizes:
     naive_bytes: int  # the naive single-stream read through the throttled backend
     moto_object: int  # the object on the moto-served bucket (the big file's first bytes)
     moto_seconds: int  # each read of it stops here even if the object is not read through
+    rounds: int  # how many times the measurements of suite.ROUNDS are taken
 
     @property
     def tree_entries(self) -> int:
@@ -63,7 +64,8 @@ FULL = Sizes(
     throttled_seconds=10,
     naive_bytes=192 * MiB,
     moto_object=256 * MiB,
-    moto_seconds=30,
+    moto_seconds=12,
+    rounds=3,
 )
 
 QUICK = Sizes(
@@ -80,7 +82,8 @@ QUICK = Sizes(
     throttled_seconds=3,
     naive_bytes=48 * MiB,
     moto_object=64 * MiB,
-    moto_seconds=20,
+    moto_seconds=10,
+    rounds=2,
 )
 
 
