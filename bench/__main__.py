@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "against the raw source and rclone mount --vfs-cache-mode full, cold / cache-hit / "
         "warm; cachefs --encrypt against plain cachefs on cache hits and warm (seq 1M, "
         "rand 4k); then cold reads through a throttled backend and from a moto-served S3 "
-        "bucket. Run as root (it drops kernel caches).",
+        "bucket. seq 1M (1 job) is measured three times (--quick: twice) for raw and cachefs, "
+        "alternating, and the median kept. Run as root (it drops kernel caches).",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, short runs (< 2 min)")
     parser.add_argument(
