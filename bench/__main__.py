@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from bench.targets import ENCRYPTED_JOBS, TARGETS
 RETOUCH_FACTOR = 3
 # a 1-minute load average above this at start means someone else is using the CPUs
 BUSY_LOAD = 0.5
+# each round of seq 1M (1 job) for raw and cachefs costs about 20 s of a full run
+MAX_ROUNDS = 9
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
         "against the raw source and rclone mount --vfs-cache-mode full, cold / cache-hit / "
         "warm; cachefs --encrypt against plain cachefs on cache hits and warm (seq 1M, "
         "rand 4k); then cold reads through a throttled backend and from a moto-served S3 "
-        "bucket. seq 1M (1 job) is measured three times (--quick: twice) for raw and cachefs, "
+        "bucket. seq 1M (1 job) is measured three times (--quick: once) for raw and cachefs, "
         "alternating, and the median kept. Run as root (it drops kernel caches).",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, short runs (< 2 min)")
+    parser.add_argument(
+        "--rounds",
+        type=_rounds,
+        metavar="N",
+        help="how many times seq 1M (1 job) is measured for raw and cachefs, alternating; "
+        f"the median is kept (default: {FULL.rounds}, with --quick {QUICK.rounds})",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -87,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
         "figures are not what they say (marked in the results)",
     )
     return parser
+
+
+def _rounds(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_ROUNDS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_ROUNDS}")
+    return n
 
 
 def _choose(text: str, known: list[str], what: str) -> list[str]:
@@ -133,6 +152,8 @@ def _main(args: argparse.Namespace, say: Any, t0: float) -> int:
             "run as root, or pass --no-drop-caches and read cold figures as warm"
         )
     sizes = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        sizes = replace(sizes, rounds=args.rounds)
     # --quick keeps to its 2 minutes without it (about 1 s per GiB touched).
     retouch = RETOUCH_FACTOR if drop and not args.quick and host_takes_free_memory() else 0
     set_memory_retouch(retouch)

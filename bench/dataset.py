@@ -43,7 +43,7 @@ class Sizes:
     naive_bytes: int  # the naive single-stream read through the throttled backend
     moto_object: int  # the object on the moto-served bucket (the big file's first bytes)
     moto_seconds: int  # each read of it stops here even if the object is not read through
-    rounds: int  # how many times the measurements of suite.ROUNDS are taken
+    rounds: int  # how many times the measurements of suite.ROUNDS are taken (--rounds)
 
     @property
     def tree_entries(self) -> int:
@@ -83,7 +83,7 @@ QUICK = Sizes(
     naive_bytes=48 * MiB,
     moto_object=64 * MiB,
     moto_seconds=10,
-    rounds=2,
+    rounds=1,
 )
 
 

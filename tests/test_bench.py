@@ -224,6 +224,13 @@ def test_a_wrong_target_or_job_is_one_line_and_exit_2(args: list[str], message: 
     assert not os.path.exists("/nonexistent/never-made")
 
 
+def test_a_bad_round_count_is_refused() -> None:
+    done = _bench("--rounds", "0", "--workdir", "/nonexistent/never-made")
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "python -m bench: error: argument --rounds: expected a whole number from 1 to 9"
+
+
 def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -> None:
     """The real thing, small: data made, cachefs mounted and unmounted, fio run,
     two rounds of seq 1M, the JSON, Markdown and PNG written.  It needs fio and
@@ -231,6 +238,7 @@ def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -
     results = tmp_path / "results"
     args = ["--quick", "--workdir", str(tmp_path / "work"), "--results", str(results)]
     args += ["--targets", "raw,cachefs", "--jobs", "seq1m_j1,ttfb", "--no-throttled", "--no-moto"]
+    args += ["--rounds", "2"]
     if os.geteuid() != 0:
         args.append("--no-drop-caches")
     done = _bench(*args)
