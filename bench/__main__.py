@@ -32,7 +32,7 @@ from bench.targets import ENCRYPTED_JOBS, TARGETS
 RETOUCH_FACTOR = 3
 # a 1-minute load average above this at start means someone else is using the CPUs
 BUSY_LOAD = 0.5
-# each round of seq 1M (1 job) for raw and cachefs costs about 20 s of a full run
+# each round of seq 1M (1 job) for raw, cachefs and cachefs-enc costs about 30 s
 MAX_ROUNDS = 9
 
 
@@ -43,15 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
         "against the raw source and rclone mount --vfs-cache-mode full, cold / cache-hit / "
         "warm; cachefs --encrypt against plain cachefs on cache hits and warm (seq 1M, "
         "rand 4k); then cold reads through a throttled backend and from a moto-served S3 "
-        "bucket. seq 1M (1 job) is measured three times (--quick: once) for raw and cachefs, "
-        "alternating, and the median kept. Run as root (it drops kernel caches).",
+        "bucket. seq 1M (1 job) is measured three times (--quick: once) for raw, cachefs and "
+        "cachefs-enc, alternating, and the median kept. Run as root (it drops kernel caches).",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, short runs (< 2 min)")
     parser.add_argument(
         "--rounds",
         type=_rounds,
         metavar="N",
-        help="how many times seq 1M (1 job) is measured for raw and cachefs, alternating; "
+        help="how many times seq 1M (1 job) is measured for raw, cachefs and cachefs-enc, "
+        "alternating; "
         f"the median is kept (default: {FULL.rounds}, with --quick {QUICK.rounds})",
     )
     parser.add_argument(
