@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, TypeVar
 
-import pyfuse3
 import trio
 
 from cachefs.contract import DirEntry, FileAttrs, FileKind
 from cachefs.engine import FileCache, OpenFile
 from cachefs.errors import CacheFSError
+from cachefs.fuse import DirReply, Entry, FUSEError, Opened, Statfs
 from cachefs.namespace import Namespace, child_id
 
 log = logging.getLogger(__name__)
@@ -57,28 +57,20 @@ def _handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     async def handle(self: Operations, *args: Any) -> T:
         try:
             return await fn(self, *args)
-        except pyfuse3.FUSEError:
+        except FUSEError:
             raise
         except CacheFSError as e:
             log.debug("%s%r: %s: %s", fn.__name__, args, type(e).__name__, e)
-            raise pyfuse3.FUSEError(e.errno) from None
+            raise FUSEError(e.errno) from None
         except Exception:
             log.exception("unexpected error in %s%r; answering EIO", fn.__name__, args)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FUSEError(errno.EIO) from None
 
     return handle
 
 
-async def _refuse_change(self: Operations, *args: Any) -> Any:
-    """Writes, creation, removal, renames and attribute changes: read-only."""
-    raise pyfuse3.FUSEError(errno.EROFS)
-
-
-class Operations(pyfuse3.Operations):
-    """A read-only view of the source, served through the engine."""
-
-    supports_dot_lookup = True
-    enable_writeback_cache = False
+class Operations:
+    """A read-only view of the source, served through the engine (cachefs.fuse.Operations)."""
 
     def __init__(
         self,
@@ -86,7 +78,6 @@ class Operations(pyfuse3.Operations):
         cache: FileCache,
         on_init: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__()
         self._on_init = on_init
         self._ns = namespace
         self._cache = cache
@@ -101,105 +92,95 @@ class Operations(pyfuse3.Operations):
     def init(self) -> None:
         """The kernel's INIT request: calls *on_init*.
 
-        The answer goes to the kernel when this returns, before any other task
-        runs: a task woken by *on_init* sees the connection set up (settings
-        the kernel takes from the INIT answer, such as its readahead, are
-        final by then).  Must not raise.
+        Called once the kernel has taken the INIT answer: a task woken by
+        *on_init* sees the connection set up (settings the kernel takes from
+        that answer, such as its readahead, are final by then).  Must not raise.
         """
         self._on_init()
 
-    def _entry(self, ino: int, attrs: FileAttrs) -> pyfuse3.EntryAttributes:
-        entry = pyfuse3.EntryAttributes()
-        entry.st_ino = ino
-        entry.generation = 0
-        entry.entry_timeout = self._ttl
-        entry.attr_timeout = self._ttl
+    def _entry(self, ino: int, attrs: FileAttrs) -> Entry:
         perms = (attrs.mode & 0o7777) or _DEFAULT_PERMS[attrs.kind]
         if attrs.kind is not FileKind.SYMLINK:
             perms &= ~0o222  # read-only
-        entry.st_mode = _KIND_BITS[attrs.kind] | perms
-        entry.st_nlink = 2 if attrs.kind is FileKind.DIR else 1
-        entry.st_uid = self._uid
-        entry.st_gid = self._gid
         if attrs.kind is FileKind.SYMLINK:
-            entry.st_size = len(os.fsencode(attrs.link_target or ""))
+            size = len(os.fsencode(attrs.link_target or ""))
         else:
-            entry.st_size = attrs.size
-        entry.st_blksize = self._block_size
-        entry.st_blocks = (entry.st_size + 511) // 512
-        mtime_ns = int(attrs.mtime * 1_000_000_000)
-        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime_ns
-        return entry
+            size = attrs.size
+        return Entry(
+            ino=ino,
+            mode=_KIND_BITS[attrs.kind] | perms,
+            size=size,
+            mtime_ns=int(attrs.mtime * 1_000_000_000),
+            uid=self._uid,
+            gid=self._gid,
+            nlink=2 if attrs.kind is FileKind.DIR else 1,
+            blksize=self._block_size,
+            timeout=self._ttl,
+        )
 
     # -- names and attributes -------------------------------------------
 
     @_handler
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes) -> Entry:
         node, attrs = await self._ns.lookup(parent_inode, os.fsdecode(name))
         return self._entry(node.ino, attrs)
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        try:
-            for ino, nlookup in inode_list:
-                self._ns.forget(ino, nlookup)
-        except Exception:
-            log.exception("unexpected error in forget")
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self._ns.forget(ino, nlookup)
 
     @_handler
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int) -> Entry:
         node, attrs = await self._ns.getattr(inode)
         return self._entry(node.ino, attrs)
 
     @_handler
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    async def readlink(self, inode: int) -> bytes:
         _, attrs = await self._ns.getattr(inode)
         if attrs.kind is not FileKind.SYMLINK or attrs.link_target is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FUSEError(errno.EINVAL)
         return os.fsencode(attrs.link_target)
 
     @_handler
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    async def statfs(self) -> Statfs:
         """The space of the disk that holds the cache, in cache blocks."""
         disk = os.statvfs(self._cache.cache_dir)
         scale = disk.f_frsize / self._block_size
-        data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = self._block_size
-        data.f_blocks = int(disk.f_blocks * scale)
-        data.f_bfree = int(disk.f_bfree * scale)
-        data.f_bavail = int(disk.f_bavail * scale)
-        data.f_files = len(self._ns)
-        data.f_ffree = data.f_favail = 0
-        data.f_namemax = 255
-        return data
+        return Statfs(
+            bsize=self._block_size,
+            frsize=self._block_size,
+            blocks=int(disk.f_blocks * scale),
+            bfree=int(disk.f_bfree * scale),
+            bavail=int(disk.f_bavail * scale),
+            files=len(self._ns),
+        )
 
     @_handler
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
         # ENOSYS, not ENOATTR: the kernel then stops asking for the rest of the
         # mount (ls -l would ask twice per entry) and callers get EOPNOTSUPP,
         # which is true: the mirror has no extended attributes.
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        raise FUSEError(errno.ENOSYS)
 
     @_handler
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, inode: int) -> list[bytes]:
         return []
 
     # -- files ------------------------------------------------------------
 
     @_handler
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int) -> Opened:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FUSEError(errno.EROFS)
         node = self._ns.node(inode)
         if node.kind is not FileKind.FILE:
-            raise pyfuse3.FUSEError(errno.EISDIR if node.kind is FileKind.DIR else errno.ELOOP)
+            raise FUSEError(errno.EISDIR if node.kind is FileKind.DIR else errno.ELOOP)
         fh_obj = await self._cache.open(node.file_id)
         fh = next(self._handles)
         self._files[fh] = fh_obj
         # Warm re-reads never reach us; a new version drops the kernel's pages.
         keep_cache = self._ns.opened(inode, fh_obj.attrs.version)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        return Opened(fh, keep_cache=keep_cache)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -210,20 +191,16 @@ class Operations(pyfuse3.Operations):
         pass
 
     @_handler
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        pass
-
-    @_handler
     async def release(self, fh: int) -> None:
         await self._cache.close(self._files.pop(fh))
 
     # -- directories ------------------------------------------------------
 
     @_handler
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int) -> int:
         node = self._ns.node(inode)
         if node.kind is not FileKind.DIR:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FUSEError(errno.ENOTDIR)
         listing = await self._ns.list_dir(inode)
         parent = self._ns.live_inode(node.file_id.rpartition("/")[0]) if node.file_id else inode
         fh = next(self._handles)
@@ -232,46 +209,34 @@ class Operations(pyfuse3.Operations):
         return fh
 
     @_handler
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, start_id: int, reply: DirReply) -> None:
         d = self._dirs[fh]
         # Offsets: 1 after ".", 2 after "..", 3 + i after listing[i].
         for index in range(start_id, 2 + len(d.listing)):
             if index < 2:
                 name, ino = (b".", d.ino) if index == 0 else (b"..", d.parent_ino)
                 # The kernel takes no reference for these: no lookup count.
-                if not pyfuse3.readdir_reply(token, name, self._entry(ino, _DOT), index + 1):
+                if not reply.add(name, self._entry(ino, _DOT), index + 1):
                     return
                 continue
             entry = d.listing[index - 2]
             file_id = child_id(d.file_id, entry.name)
             ino = self._ns.inode_number(file_id, entry.attrs.kind)
             attrs = self._entry(ino, entry.attrs)
-            if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), attrs, index + 1):
+            if not reply.add(os.fsencode(entry.name), attrs, index + 1):
                 return
-            self._ns.remember(file_id, entry.attrs)
+            if reply.plus:  # the kernel now holds a reference
+                self._ns.remember(file_id, entry.attrs)
 
     @_handler
     async def releasedir(self, fh: int) -> None:
         del self._dirs[fh]
 
-    @_handler
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        pass
-
     # -- changes: read-only -----------------------------------------------
 
-    setattr = _refuse_change
-    mknod = _refuse_change
-    mkdir = _refuse_change
-    unlink = _refuse_change
-    rmdir = _refuse_change
-    symlink = _refuse_change
-    rename = _refuse_change
-    link = _refuse_change
-    create = _refuse_change
-    write = _refuse_change
-    setxattr = _refuse_change
-    removexattr = _refuse_change
+    async def change(self, opcode: int) -> None:
+        """Writes, creation, removal, renames and attribute changes: read-only."""
+        raise FUSEError(errno.EROFS)
 
 
 class KernelInvalidator:
@@ -279,7 +244,7 @@ class KernelInvalidator:
 
     ``notify`` is the engine's ``on_invalidate`` callback (called on the trio
     thread; never blocks).  The kernel is told from a worker thread, since
-    pyfuse3's notification can wait on requests this process must answer.
+    the notification can wait on requests this process must answer.
     Pending file ids are a set, so the queue is bounded by the number of files.
     """
 
@@ -292,8 +257,13 @@ class KernelInvalidator:
         self._wakeup.set()
 
     async def serve(
-        self, namespace: Namespace, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        namespace: Namespace,
+        invalidate: Callable[[int], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Tell the kernel with *invalidate* (blocking, run in a thread) until cancelled."""
         task_status.started()
         while True:
             await self._wakeup.wait()
@@ -304,7 +274,7 @@ class KernelInvalidator:
                 if ino is None:
                     continue
                 try:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+                    await trio.to_thread.run_sync(invalidate, ino)
                 except OSError as e:  # ENOENT: the kernel had already let it go
                     if e.errno != errno.ENOENT:
                         log.warning("could not invalidate inode %d (%r): %s", ino, file_id, e)

@@ -25,19 +25,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio
 
 import cachefs
 from backends.faulty import FaultyBackend
 from backends.throttled import throttle
 from backends.trace import TraceBackend
+from cachefs import fuse
 from cachefs.commands import ControlCommands
 from cachefs.contract import Backend
 from cachefs.control import SUBTYPE, MountEntry, fsname_for, mount_at, serve_control
 from cachefs.engine import CacheConfig, FileCache, open_file_cache
 from cachefs.engine.crypto import read_key_material
-from cachefs.errors import CacheDirError, CacheFSError, ConfigError, MountFailed
+from cachefs.errors import CacheDirError, ConfigError, MountFailed
 from cachefs.fuse_ops import KernelInvalidator, Operations
 from cachefs.namespace import Namespace
 from cachefs.registry import open_backend, source_scheme
@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 UNMOUNT_GRACE = 10.0
 #: The kernel sends INIT at once; this only bounds a broken mount's start.
 INIT_DEADLINE = 10.0
-MAX_BACKGROUND = 64
-FUSECTL = Path("/sys/fs/fuse/connections")
 LOG_NAME = "cachefs.log"
 
 
@@ -185,25 +183,20 @@ class _Session:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        self.mounted = False
+        self.fuse: fuse.Session | None = None
         self.stopping = False
 
-    def mount(self, ops: Operations, mountpoint: Path, fsname: str) -> None:
-        options = set(pyfuse3.default_options)
-        options |= {f"fsname={fsname}", f"subtype={SUBTYPE}"}
-        try:
-            pyfuse3.init(ops, str(mountpoint), options)
-        except RuntimeError as e:
-            raise CacheFSError(f"cannot mount on {mountpoint}: {e} (see the log)") from None
-        self.mounted = True
-        self._nursery.start_soon(self._run_fuse)
+    async def mount(self, ops: Operations, mountpoint: Path, fsname: str) -> fuse.Session:
+        self.fuse = await fuse.mount(ops, mountpoint, fsname, SUBTYPE)
+        self._nursery.start_soon(self._run_fuse, self.fuse)
+        return self.fuse
 
     def stop(self) -> None:
-        if self.stopping or not self.mounted:
+        if self.stopping or self.fuse is None:
             self._nursery.cancel_scope.cancel()
             return
         self.stopping = True
-        pyfuse3.terminate()
+        self.fuse.stop()
         self._nursery.start_soon(self._cancel_after_grace)
 
     async def _cancel_after_grace(self) -> None:
@@ -211,8 +204,8 @@ class _Session:
         log.warning("requests still running %.0f s after unmount: cancelling them", UNMOUNT_GRACE)
         self._nursery.cancel_scope.cancel()
 
-    async def _run_fuse(self) -> None:
-        await pyfuse3.main()
+    async def _run_fuse(self, session: fuse.Session) -> None:
+        await session.serve()
         log.info("file system loop ended")
         self._nursery.cancel_scope.cancel()
 
@@ -235,7 +228,6 @@ async def _serve_fuse(
         async with trio.open_nursery() as nursery:
             session = _Session(nursery)
             nursery.start_soon(session.watch_signals)
-            await nursery.start(invalidator.serve, namespace)
             commands = ControlCommands(
                 cache,
                 namespace,
@@ -248,13 +240,14 @@ async def _serve_fuse(
             await nursery.start(serve_control, opts.cache_dir, commands)
             initialized = trio.Event()
             ops = Operations(namespace, cache, on_init=initialized.set)
-            session.mount(ops, opts.mountpoint, fsname_for(opts.cache_dir))
+            connection = await session.mount(ops, opts.mountpoint, fsname_for(opts.cache_dir))
+            await nursery.start(invalidator.serve, namespace, connection.invalidate_inode)
             await _tune_when_initialized(opts, initialized)
             log.info("mounted %s on %s (cache %s)", opts.source, opts.mountpoint, opts.cache_dir)
             on_ready()
     finally:
-        if session is not None and session.mounted:
-            pyfuse3.close(unmount=True)
+        if session is not None and session.fuse is not None:
+            session.fuse.close()
             log.info("unmounted %s", opts.mountpoint)
 
 
@@ -278,9 +271,10 @@ async def _tune_when_initialized(opts: MountOptions, initialized: trio.Event) ->
 
 
 def tune(entry: MountEntry, readahead_kb: int) -> None:
-    """Raise the mount's readahead and background request limit; warn on failure.
+    """Raise the mount's readahead; warn on failure.
 
-    Call it after the FUSE INIT handshake, or the kernel resets the readahead.
+    Call it after the FUSE INIT handshake, or the kernel resets the readahead
+    (to at most what it offered in INIT, its 128 KiB default).
     """
     # The mount's bdi is named after its st_dev, as mountinfo shows it.
     bdi = Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb")
@@ -290,32 +284,6 @@ def tune(entry: MountEntry, readahead_kb: int) -> None:
         log.warning("cannot set readahead (%s): %s", bdi, e.strerror)
     else:
         log.debug("%s: %s", bdi, bdi.read_text().strip())
-    if not _fusectl_available():
-        log.info("%s is not available: max_background left as is", FUSECTL)
-        return
-    conn = FUSECTL / str(os.makedev(entry.major, entry.minor))
-    try:
-        (conn / "max_background").write_text(f"{MAX_BACKGROUND}\n")
-        (conn / "congestion_threshold").write_text(f"{MAX_BACKGROUND * 3 // 4}\n")
-    except OSError as e:
-        log.warning("cannot set max_background (%s): %s", conn, e.strerror)
-
-
-def _fusectl_available() -> bool:
-    try:
-        if any(FUSECTL.iterdir()):
-            return True
-    except OSError:
-        return False
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    done = subprocess.run(
-        ["mount", "-t", "fusectl", "fusectl", str(FUSECTL)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        check=False,
-    )
-    return done.returncode == 0
 
 
 # -- running as a daemon ------------------------------------------------------

@@ -1,7 +1,7 @@
 """Cache hits served from the page cache without a copy into Python.
 
 A large hit of plain, already checked blocks whose pages are all in the
-page cache is handed to pyfuse3 as a memoryview of a read-only shared
+page cache is handed to the FUSE session as a memoryview of a read-only shared
 mapping of the data file: the reply's writev copies from the page cache
 straight into the kernel's FUSE pages.  That saves copying into a Python
 buffer and zeroing that buffer first, about a third of the daemon's CPU on
@@ -16,7 +16,7 @@ read back in: slower, still the right bytes.
 Why a view is safe to hand out:
 
 * Present blocks are never punched: eviction clears a block's bit before it
-  punches, and pyfuse3 replies as soon as ``read()`` returns, with no await
+  punches, and the session replies as soon as ``read()`` returns, with no await
   in between, so no eviction can start between the check and the copy.
 * The data file is never shorter than the mapping: it is created sparse at
   its full size and cachefs never truncates it (someone else truncating a
@@ -43,7 +43,7 @@ def map_range(fd: int, offset: int, end: int) -> memoryview | None:
     """Bytes [offset, end) of *fd* as a view of a read-only shared mapping of just them.
 
     One mapping per view: it is unmapped as soon as the view is dropped (by
-    pyfuse3, right after the reply), so the daemon's resident set does not
+    the session, right after the reply), so the daemon's resident set does not
     grow with every file page it has ever served.
     """
     start = offset - offset % mmap.ALLOCATIONGRANULARITY

@@ -1,0 +1,22 @@
+"""cachefs's own FUSE transport: the kernel protocol over /dev/fuse, served with trio.
+
+Speaking the protocol directly (instead of through libfuse) lets a mount
+hand the kernel a cache file to read by itself (passthrough, Linux 6.9+),
+and needs no C library or compiler to install.
+"""
+
+from cachefs.fuse.abi import DirReply, Entry, Opened, Statfs
+from cachefs.fuse.device import MountError
+from cachefs.fuse.session import FUSEError, Operations, Session, mount
+
+__all__ = [
+    "DirReply",
+    "Entry",
+    "FUSEError",
+    "MountError",
+    "Opened",
+    "Operations",
+    "Session",
+    "Statfs",
+    "mount",
+]

@@ -1,0 +1,272 @@
+"""The kernel's FUSE interface: opcodes, flags and the layouts of what is read and written.
+
+Layouts follow the kernel's ``include/uapi/linux/fuse.h`` (protocol 7.x,
+little-endian on every machine cachefs runs on).  Only what a read-only
+file system needs is here.  Replies are packed from the plain values in
+:class:`Entry`, :class:`Opened` and :class:`Statfs`.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from dataclasses import dataclass
+
+#: The protocol cachefs speaks: 7.40 added passthrough (max_stack_depth, backing_id).
+MAJOR = 7
+MINOR = 40
+#: The kernel refuses to hand out a request into a smaller buffer.
+MIN_READ_BUFFER = 8192
+
+# -- opcodes ------------------------------------------------------------------------
+LOOKUP = 1
+FORGET = 2
+GETATTR = 3
+SETATTR = 4
+READLINK = 5
+SYMLINK = 6
+MKNOD = 8
+MKDIR = 9
+UNLINK = 10
+RMDIR = 11
+RENAME = 12
+LINK = 13
+OPEN = 14
+READ = 15
+WRITE = 16
+STATFS = 17
+RELEASE = 18
+FSYNC = 20
+SETXATTR = 21
+GETXATTR = 22
+LISTXATTR = 23
+REMOVEXATTR = 24
+FLUSH = 25
+INIT = 26
+OPENDIR = 27
+READDIR = 28
+RELEASEDIR = 29
+FSYNCDIR = 30
+CREATE = 35
+INTERRUPT = 36
+DESTROY = 38
+NOTIFY_REPLY = 41
+BATCH_FORGET = 42
+FALLOCATE = 43
+READDIRPLUS = 44
+RENAME2 = 45
+COPY_FILE_RANGE = 47
+TMPFILE = 51
+COPY_FILE_RANGE_64 = 53
+
+#: Requests that would change the file system: answered EROFS.
+CHANGES = frozenset(
+    {
+        SETATTR,
+        SYMLINK,
+        MKNOD,
+        MKDIR,
+        UNLINK,
+        RMDIR,
+        RENAME,
+        LINK,
+        WRITE,
+        SETXATTR,
+        REMOVEXATTR,
+        CREATE,
+        FALLOCATE,
+        RENAME2,
+        COPY_FILE_RANGE,
+        TMPFILE,
+        COPY_FILE_RANGE_64,
+    }
+)
+#: Requests the kernel expects no answer to.
+NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT, NOTIFY_REPLY})
+
+# -- INIT flags (flags | flags2 << 32) ------------------------------------------
+ASYNC_READ = 1 << 0
+BIG_WRITES = 1 << 5
+AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13
+ASYNC_DIO = 1 << 15
+PARALLEL_DIROPS = 1 << 18
+MAX_PAGES = 1 << 22
+INIT_EXT = 1 << 30
+PASSTHROUGH = 1 << 37
+
+# -- OPEN answer flags ----------------------------------------------------------
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_PASSTHROUGH = 1 << 7
+
+# -- notifications ----------------------------------------------------------------
+NOTIFY_INVAL_INODE = 2
+
+# -- /dev/fuse ioctls: _IOW(229, nr, size) ------------------------------------------
+_IOC_WRITE = 1
+
+
+def _iow(nr: int, size: int) -> int:
+    return (_IOC_WRITE << 30) | (size << 16) | (229 << 8) | nr
+
+
+BACKING_MAP = struct.Struct("<iIQ")  # fd, flags, padding
+DEV_IOC_BACKING_OPEN = _iow(1, BACKING_MAP.size)
+DEV_IOC_BACKING_CLOSE = _iow(2, 4)
+
+# -- layouts ------------------------------------------------------------------------
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
+OUT_HEADER = struct.Struct("<IiQ")  # len error unique
+INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (then flags2 from 7.36)
+INIT_OUT = struct.Struct("<IIIIHHIIHHII2x22x")  # ... flags2 max_stack_depth, unused
+ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
+ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid nsec nsec
+ATTR_OUT = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
+OPEN_IN = struct.Struct("<II")  # flags open_flags
+OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
+READ_IN = struct.Struct("<QQI")  # fh offset size (then read_flags lock_owner flags)
+FH_IN = struct.Struct("<Q")  # the fh that RELEASE, RELEASEDIR, FLUSH, FSYNC start with
+FORGET_IN = struct.Struct("<Q")
+BATCH_FORGET_IN = struct.Struct("<II")
+FORGET_ONE = struct.Struct("<QQ")
+GETXATTR_IN = struct.Struct("<II")
+GETXATTR_OUT = struct.Struct("<II")
+STATFS_OUT = struct.Struct("<QQQQQIIII24x")
+DIRENT = struct.Struct("<QQII")  # ino off namelen type
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
+INTERRUPT_IN = struct.Struct("<Q")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An inode as the kernel is told it (LOOKUP, GETATTR, READDIRPLUS).
+
+    The kernel trusts the name and the attributes for *timeout* seconds.
+    """
+
+    ino: int
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    nlink: int = 1
+    blksize: int = 4096
+    timeout: float = 1.0
+
+    def attr(self) -> bytes:
+        sec, nsec = divmod(self.mtime_ns, 1_000_000_000)
+        return ATTR.pack(
+            self.ino,
+            self.size,
+            (self.size + 511) // 512,
+            sec,
+            sec,
+            sec,
+            nsec,
+            nsec,
+            nsec,
+            self.mode,
+            self.nlink,
+            self.uid,
+            self.gid,
+            0,
+            self.blksize,
+            0,
+        )
+
+    def _valid(self) -> tuple[int, int]:
+        sec = int(self.timeout)
+        return sec, int((self.timeout - sec) * 1e9)
+
+    def entry_out(self) -> bytes:
+        sec, nsec = self._valid()
+        return ENTRY_OUT.pack(self.ino, 0, sec, sec, nsec, nsec) + self.attr()
+
+    def attr_out(self) -> bytes:
+        sec, nsec = self._valid()
+        return ATTR_OUT.pack(sec, nsec, 0) + self.attr()
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The answer to OPEN: a handle, and how the kernel reads through it.
+
+    *keep_cache*: the kernel keeps the pages it has of the file.  *backing_id*
+    (from :meth:`Session.open_backing`) sends reads straight to that file.
+    *direct_io*: every read comes to the file system, none is cached.
+    """
+
+    fh: int
+    keep_cache: bool = False
+    direct_io: bool = False
+    backing_id: int = 0
+
+    def pack(self) -> bytes:
+        flags = FOPEN_KEEP_CACHE if self.keep_cache else 0
+        if self.direct_io:
+            flags |= FOPEN_DIRECT_IO
+        if self.backing_id:
+            flags |= FOPEN_PASSTHROUGH
+        return OPEN_OUT.pack(self.fh, flags, self.backing_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Statfs:
+    """STATFS: sizes in units of *frsize*."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int = 0
+    namelen: int = 255
+
+    def pack(self) -> bytes:
+        return STATFS_OUT.pack(
+            self.blocks,
+            self.bfree,
+            self.bavail,
+            self.files,
+            self.ffree,
+            self.bsize,
+            self.namelen,
+            self.frsize,
+            0,
+        )
+
+
+class DirReply:
+    """Entries of one READDIR(PLUS) answer, packed until *size* bytes are used.
+
+    With *plus* every entry carries its attributes and the kernel counts a
+    lookup for each one added, except "." and "..".
+    """
+
+    __slots__ = ("plus", "_size", "_buf")
+
+    def __init__(self, size: int, plus: bool) -> None:
+        self.plus = plus
+        self._size = size
+        self._buf = bytearray()
+
+    def add(self, name: bytes, entry: Entry, next_offset: int) -> bool:
+        """Add one entry; False (nothing added) once the answer is full."""
+        head = ENTRY_OUT.size + ATTR.size if self.plus else 0
+        record = head + DIRENT.size + len(name)
+        padded = (record + 7) & ~7
+        if len(self._buf) + padded > self._size:
+            return False
+        if self.plus:
+            self._buf += entry.entry_out()
+        kind = stat.S_IFMT(entry.mode) >> 12
+        self._buf += DIRENT.pack(entry.ino, next_offset, len(name), kind)
+        self._buf += name
+        self._buf += bytes(padded - record)
+        return True
+
+    def payload(self) -> bytes:
+        return bytes(self._buf)

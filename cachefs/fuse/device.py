@@ -1,0 +1,136 @@
+"""Mounting and unmounting: a /dev/fuse connection attached to a directory.
+
+As root the connection is mounted with mount(2) and detached with
+umount2(MNT_DETACH); otherwise fusermount3 (set-uid root, from the fuse3
+package) does both, handing the opened /dev/fuse back over a socket.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+from cachefs.errors import CacheFSError
+
+FUSERMOUNT = "fusermount3"
+#: fusermount3 answers at once; this bounds a wedged one.
+FUSERMOUNT_DEADLINE = 30.0
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class MountError(CacheFSError):
+    """The kernel or fusermount3 refused the mount."""
+
+
+def mount(mountpoint: Path, fsname: str, subtype: str, options: list[str]) -> int:
+    """Mount a new FUSE connection on *mountpoint*; its /dev/fuse fd (non-blocking).
+
+    *options* are FUSE mount options (``default_permissions``, ``allow_other``).
+    """
+    if os.geteuid() == 0:
+        fd = _mount_as_root(mountpoint, fsname, subtype, options)
+    else:
+        fd = mount_with_fusermount(mountpoint, fsname, subtype, options)
+    os.set_blocking(fd, False)
+    return fd
+
+
+def _mount_as_root(mountpoint: Path, fsname: str, subtype: str, options: list[str]) -> int:
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        mode = stat.S_IFMT(os.stat(mountpoint).st_mode)
+        data = ",".join(
+            [f"fd={fd}", f"rootmode={mode:o}", f"user_id={os.getuid()}", f"group_id={os.getgid()}"]
+            + options
+        )
+        flags = _MS_NOSUID | _MS_NODEV
+        if _libc.mount(
+            os.fsencode(fsname),
+            os.fsencode(mountpoint),
+            f"fuse.{subtype}".encode(),
+            flags,
+            data.encode(),
+        ):
+            err = ctypes.get_errno()
+            raise MountError(f"cannot mount on {mountpoint}: {os.strerror(err)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def mount_with_fusermount(mountpoint: Path, fsname: str, subtype: str, options: list[str]) -> int:
+    """Mount through fusermount3, which sends the opened /dev/fuse back."""
+    if shutil.which(FUSERMOUNT) is None:
+        raise MountError(f"{FUSERMOUNT} is missing: install fuse3 (apt-get install fuse3)")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        opts = ",".join([f"fsname={fsname}", f"subtype={subtype}", "nosuid", "nodev"] + options)
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        try:
+            done = subprocess.run(
+                [FUSERMOUNT, "-o", opts, "--", str(mountpoint)],
+                pass_fds=(theirs.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=FUSERMOUNT_DEADLINE,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise MountError(
+                f"{FUSERMOUNT} did not answer within {FUSERMOUNT_DEADLINE:.0f} s"
+            ) from None
+        theirs.close()
+        if done.returncode != 0:
+            why = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+            raise MountError(f"cannot mount on {mountpoint}: {why}")
+        ours.settimeout(FUSERMOUNT_DEADLINE)
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    finally:
+        theirs.close()
+        ours.close()
+    if not fds:
+        raise MountError(f"{FUSERMOUNT} mounted {mountpoint} but sent no connection")
+    os.set_inheritable(fds[0], False)
+    return fds[0]
+
+
+def unmount(mountpoint: Path) -> None:
+    """Detach the mount (lazily: open files keep it until closed); quiet if gone."""
+    if os.geteuid() == 0:
+        if _libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+            return
+        raise MountError(f"cannot unmount {mountpoint}: {os.strerror(err)}")
+    done = subprocess.run(
+        [FUSERMOUNT, "-u", "-q", "-z", "--", str(mountpoint)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=FUSERMOUNT_DEADLINE,
+        check=False,
+    )
+    if done.returncode != 0 and "not found" not in done.stderr:
+        raise MountError(f"cannot unmount {mountpoint}: {' '.join(done.stderr.split())}")
