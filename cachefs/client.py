@@ -163,6 +163,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
         line = f"purged {n} file{'s' * (n != 1)}, freed {format_size(result['freed'])}"
         if kept:
             line += f"; kept {kept} pinned file{'s' * (kept != 1)}"
+        in_use = len(result.get("in_use", []))
+        if in_use:
+            line += f"; kept {in_use} file{'s' * (in_use != 1)} open with passthrough"
         print(line)
     return 0
 

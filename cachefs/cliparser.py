@@ -198,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
         "per read",
     )
     mount.add_argument(
+        "--no-passthrough",
+        dest="passthrough",
+        action="store_false",
+        help="answer every read of the mount in cachefs. By default a file the cache holds "
+        "whole (every block, checked) is opened for the kernel to read from the cache file "
+        "itself, at the disk's speed (FUSE passthrough: Linux 6.9 or later, as root; plain "
+        "caches only). Reads of such opens then do not show in `cachefs stats` hits",
+    )
+    mount.add_argument(
         "--encrypt",
         action="store_true",
         help="keep the cache encrypted at rest (AES-256-GCM per block; file names sealed). "

@@ -155,20 +155,27 @@ class ControlCommands:
         return {"unpinned": unpinned, "not_pinned": _unmatched(file_ids, unpinned)}
 
     async def purge(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """Drop the cached data of every unpinned file below the given file ids."""
+        """Drop the cached data of every unpinned file below the given file ids.
+
+        Files open for the kernel to read by itself (passthrough) are kept too.
+        """
         file_ids = _file_ids(request)
         pinned = set(self._cache.pinned())
-        purged, kept, freed = [], [], 0
+        held = set(self._cache.held_whole())
+        purged, kept, in_use, freed = [], [], [], 0
         for file_id in _below(file_ids, self._cached_files()):
             if file_id in pinned:
                 kept.append(file_id)
+                continue
+            if file_id in held:
+                in_use.append(file_id)
                 continue
             n = await self._cache.purge(file_id)
             if n:
                 purged.append(file_id)
                 freed += n
                 self._invalidate(file_id)  # the kernel's pages of it go too
-        return {"purged": len(purged), "freed": freed, "pinned": kept}
+        return {"purged": len(purged), "freed": freed, "pinned": kept, "in_use": in_use}
 
     # -- whole files --------------------------------------------------------------
 

@@ -24,8 +24,9 @@ import trio
 from cachefs.contract import DirEntry, FileAttrs, FileKind
 from cachefs.engine import FileCache, OpenFile
 from cachefs.errors import CacheFSError
-from cachefs.fuse import DirReply, Entry, FUSEError, Opened, Statfs
+from cachefs.fuse import Connection, DirReply, Entry, FUSEError, Opened, Statfs
 from cachefs.namespace import Namespace, child_id
+from cachefs.passthrough import NewVersion, OpenModes
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Operations:
         self,
         namespace: Namespace,
         cache: FileCache,
+        connection: Connection,
         on_init: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_init = on_init
@@ -87,6 +89,7 @@ class Operations:
         self._gid = os.getgid()
         self._handles = count(1)
         self._files: dict[int, OpenFile] = {}
+        self._modes = OpenModes(connection, cache)
         self._dirs: dict[int, _OpenDir] = {}
 
     def init(self) -> None:
@@ -177,7 +180,19 @@ class Operations:
             raise FUSEError(errno.EISDIR if node.kind is FileKind.DIR else errno.ELOOP)
         fh_obj = await self._cache.open(node.file_id)
         fh = next(self._handles)
+        try:
+            opened = self._modes.choose(inode, fh, fh_obj, flags)
+        except NewVersion as e:
+            # The kernel reads this inode from the old version's cache file:
+            # the new version gets a new inode, which the kernel looks up
+            # when told ESTALE, and opens instead (once; open(2) sees nothing).
+            log.debug("open of %r: %s: new inode", node.file_id, e)
+            await self._cache.close(fh_obj)
+            self._ns.renumber(node.file_id)
+            raise FUSEError(errno.ESTALE) from None
         self._files[fh] = fh_obj
+        if opened is not None:  # the kernel reads the cached file itself, or reads uncached
+            return opened
         # Warm re-reads never reach us; a new version drops the kernel's pages.
         keep_cache = self._ns.opened(inode, fh_obj.attrs.version)
         return Opened(fh, keep_cache=keep_cache)
@@ -192,6 +207,7 @@ class Operations:
 
     @_handler
     async def release(self, fh: int) -> None:
+        self._modes.released(fh)
         await self._cache.close(self._files.pop(fh))
 
     # -- directories ------------------------------------------------------

@@ -37,7 +37,8 @@ from cachefs.contract import Backend
 from cachefs.control import SUBTYPE, MountEntry, fsname_for, mount_at, serve_control
 from cachefs.engine import CacheConfig, FileCache, open_file_cache
 from cachefs.engine.crypto import read_key_material
-from cachefs.errors import CacheDirError, ConfigError, MountFailed
+from cachefs.engine.fetch import first_error
+from cachefs.errors import CacheDirError, CacheFSError, ConfigError, MountFailed
 from cachefs.fuse_ops import KernelInvalidator, Operations
 from cachefs.namespace import Namespace
 from cachefs.registry import open_backend, source_scheme
@@ -66,6 +67,8 @@ class MountOptions:
     #: encrypt the cache at rest, the key from key_file or CACHEFS_KEY
     encrypt: bool = False
     key_file: Path | None = None
+    #: let the kernel read whole cached files by itself (FUSE passthrough)
+    passthrough: bool = True
 
 
 def normalize_source(source: str) -> str:
@@ -135,8 +138,18 @@ def check_mountpoint(path: Path) -> None:
 
 
 def run_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -> None:
-    """Mount in this process and serve until unmounted."""
-    trio.run(serve_mount, opts, on_ready)
+    """Mount in this process and serve until unmounted.
+
+    A CacheFSError raised inside a nursery (a refused mount, say) is raised
+    as itself, not as the exception group around it.
+    """
+    try:
+        trio.run(serve_mount, opts, on_ready)
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if isinstance(error, CacheFSError):
+            raise error from group
+        raise
 
 
 async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -> None:
@@ -186,10 +199,9 @@ class _Session:
         self.fuse: fuse.Session | None = None
         self.stopping = False
 
-    async def mount(self, ops: Operations, mountpoint: Path, fsname: str) -> fuse.Session:
-        self.fuse = await fuse.mount(ops, mountpoint, fsname, SUBTYPE)
-        self._nursery.start_soon(self._run_fuse, self.fuse)
-        return self.fuse
+    def serve(self, session: fuse.Session) -> None:
+        self.fuse = session
+        self._nursery.start_soon(self._run_fuse, session)
 
     def stop(self) -> None:
         if self.stopping or self.fuse is None:
@@ -223,7 +235,7 @@ async def _serve_fuse(
     invalidator: KernelInvalidator,
     on_ready: Callable[[], None],
 ) -> None:
-    session: _Session | None = None
+    connection: fuse.Connection | None = None
     try:
         async with trio.open_nursery() as nursery:
             session = _Session(nursery)
@@ -239,15 +251,18 @@ async def _serve_fuse(
             # The control socket first: once the mount is visible, it answers.
             await nursery.start(serve_control, opts.cache_dir, commands)
             initialized = trio.Event()
-            ops = Operations(namespace, cache, on_init=initialized.set)
-            connection = await session.mount(ops, opts.mountpoint, fsname_for(opts.cache_dir))
+            connection = await fuse.mount(opts.mountpoint, fsname_for(opts.cache_dir), SUBTYPE)
+            ops = Operations(namespace, cache, connection, on_init=initialized.set)
+            # Registering a backing file needs CAP_SYS_ADMIN: offered as root only.
+            passthrough = opts.passthrough and os.geteuid() == 0
+            session.serve(fuse.Session(ops, connection, passthrough=passthrough))
             await nursery.start(invalidator.serve, namespace, connection.invalidate_inode)
             await _tune_when_initialized(opts, initialized)
             log.info("mounted %s on %s (cache %s)", opts.source, opts.mountpoint, opts.cache_dir)
             on_ready()
     finally:
-        if session is not None and session.fuse is not None:
-            session.fuse.close()
+        if connection is not None:
+            connection.close()
             log.info("unmounted %s", opts.mountpoint)
 
 

@@ -84,6 +84,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         backend_options=backend_options,
         encrypt=args.encrypt,
         key_file=key_file,
+        passthrough=args.passthrough,
     )
 
 
@@ -109,6 +110,8 @@ def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
         argv.append(f"--min-free={opts.config.min_free}")
     if not opts.config.io_uring:
         argv.append("--no-io-uring")
+    if not opts.passthrough:
+        argv.append("--no-passthrough")
     if opts.encrypt:
         argv.append("--encrypt")  # CACHEFS_KEY, if that is the key, is inherited
     if opts.key_file:

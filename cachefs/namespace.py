@@ -162,6 +162,14 @@ class Namespace:
     def _fresh_listing(self, node: Node) -> bool:
         return node.listing is not None and self._clock() - node.listed_at < self.ttl
 
+    def renumber(self, file_id: str) -> None:
+        """Give *file_id* a new inode number from its next lookup on.
+
+        The kernel then drops its entry for the old inode, whose open files
+        stay as they are; the old node goes when the kernel forgets it.
+        """
+        self._numbers.pop(file_id, None)
+
     def opened(self, ino: int, version: str) -> bool:
         """Record that *ino* is open at *version*; True if the kernel's pages are still good."""
         node = self.node(ino)

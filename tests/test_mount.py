@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
@@ -566,6 +567,10 @@ class FakeCache:
         ]
 
 
+#: A connection whose kernel did not take passthrough.
+NO_PASSTHROUGH = SimpleNamespace(passthrough=False)
+
+
 def attrs(kind: FileKind = FileKind.FILE, version: str = "v1") -> FileAttrs:
     return FileAttrs(kind, size=3, mtime=0.0, version=version)
 
@@ -636,7 +641,7 @@ async def test_errors_become_errno_in_one_place(
 ) -> None:
     cache = FakeCache(tree, ttl=0)
     ns = Namespace(cache)  # type: ignore[arg-type]
-    ops = Operations(ns, cache)  # type: ignore[arg-type]
+    ops = Operations(ns, cache, NO_PASSTHROUGH)  # type: ignore[arg-type]
     entry = await ops.lookup(ROOT_INODE, b"g")
     for error, expected in [
         (NotFound("gone"), errno.ENOENT),

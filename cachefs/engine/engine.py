@@ -36,6 +36,7 @@ from cachefs.engine.store import DataFile
 from cachefs.engine.supply import AddResult, Supplier
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.engine.uring import open_ring
+from cachefs.engine.whole import WholeFiles
 from cachefs.errors import (
     NotAFile,
     PinLimitExceeded,
@@ -52,7 +53,7 @@ MAX_REPLANS = 4
 class OpenFile:
     """A handle from :meth:`FileCache.open`; one reader's sequential state."""
 
-    __slots__ = ("file_id", "attrs", "reader", "data", "direct", "closed")
+    __slots__ = ("file_id", "attrs", "reader", "data", "direct", "whole", "closed")
 
     def __init__(self, file_id: str, attrs: FileAttrs) -> None:
         self.file_id = file_id
@@ -60,6 +61,7 @@ class OpenFile:
         self.reader = ReaderState()
         self.data: DataFile | None = None
         self.direct: Stream | None = None  # large hits read direct, some ahead
+        self.whole: CachedFile | None = None  # held whole for the kernel (engine/whole.py)
         self.closed = False
 
 
@@ -100,6 +102,7 @@ class FileCache:
             "hit_bytes": 0,
             "miss_bytes": 0,
             "stale_served": 0,
+            "passthrough_opens": 0,
         }
         self._attrs = Attributes(backend, catalog, config.ttl, self.counters)
         self.content = Content(
@@ -109,6 +112,7 @@ class FileCache:
         self.hasher = Hasher(catalog, config.block_size)
         self._ring = open_ring() if config.io_uring else None
         self._hits = HitReader(catalog, self.content, config.block_size, self._ring, nursery)
+        self._whole = WholeFiles(catalog, self.content)
 
     @property
     def external_error(self) -> str | None:
@@ -135,6 +139,28 @@ class FileCache:
         self._handles[file_id] = self._handles.get(file_id, 0) + 1
         self._open.add(fh)
         return fh
+
+    def hold_whole(self, fh: OpenFile) -> int | None:
+        """For FUSE passthrough: the fd of a data file holding all of *fh*'s
+        version as plain, checked bytes, kept whole (never evicted or purged)
+        until *fh* is closed; None if the file is not cached whole that way.
+
+        The fd is the cache's: do not close it.
+        """
+        fd = self._whole.hold(fh)
+        if fd is not None:
+            self.counters["passthrough_opens"] += 1
+        return fd
+
+    def let_go_whole(self, fh: OpenFile) -> None:
+        """Give back what :meth:`hold_whole` held for *fh* before it closes (unused)."""
+        if fh.whole is not None:
+            self._whole.release(fh)
+            self.counters["passthrough_opens"] -= 1
+
+    def held_whole(self) -> list[str]:
+        """The files held whole for open handles (see :meth:`hold_whole`)."""
+        return sorted(cf.file_id for cf in self.catalog.files.values() if cf.held)
 
     async def read(self, fh: OpenFile, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Up to *length* bytes at *offset*; empty at or past the end of the file.
@@ -268,6 +294,7 @@ class FileCache:
         if ended is not None and cf is not None:
             await self._end_run(cf, *ended)
         self._hits.forget(fh)
+        self._whole.release(fh)
         if fh.data is not None:
             fh.data.release()
             fh.data = None
@@ -351,9 +378,10 @@ class FileCache:
         return True
 
     async def purge(self, file_id: str) -> int:
-        """Drop the cached data of *file_id* unless pinned; returns the bytes freed."""
+        """Drop the cached data of *file_id* unless pinned or held whole
+        (:meth:`hold_whole`); returns the bytes freed."""
         cf = self.catalog.files.get(file_id)
-        if cf is None or cf.pinned:
+        if cf is None or cf.pinned or cf.held:
             return 0
         if cf.unhashed:  # their hashes outlive them (add-data checks against them)
             await self.hasher.drain()
@@ -404,6 +432,7 @@ class FileCache:
             "verify": self.config.verify,
             "encrypted": self.catalog.key is not None,
             "disk_reads": self._hits.disk_reads,
+            "passthrough_files": self._whole.held,
             "unhashed_blocks": self.hasher.backlog,
             "ttl": self.config.ttl,
             "cache_dir": str(self.cache_dir),

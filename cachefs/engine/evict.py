@@ -105,7 +105,7 @@ class Evictor:
         candidates = (
             (cf.atime[b] if cf.atime else 0, cf.row_id, b, cf)
             for cf in self._catalog.files.values()
-            if not cf.pinned
+            if not cf.pinned and not cf.held
             for b in evictable(cf)
         )
         best = heapq.nsmallest(need // bs + 1, candidates, key=lambda c: c[:3])

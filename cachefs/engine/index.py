@@ -97,6 +97,9 @@ class CachedFile:
     unhashed: dict[int, Any] | None = None
     # The backend was asked for content information in this process.
     info_asked: bool = False
+    # Handles the kernel reads by itself from the data file (engine/whole.py):
+    # while any is open, no block of this file is evicted or purged.
+    held: int = 0
 
     def busy(self, b: int) -> Any:
         """The Fetch holding block *b*, or None."""

@@ -6,10 +6,11 @@ and needs no C library or compiler to install.
 """
 
 from cachefs.fuse.abi import DirReply, Entry, Opened, Statfs
-from cachefs.fuse.device import MountError
+from cachefs.fuse.device import Connection, MountError
 from cachefs.fuse.session import FUSEError, Operations, Session, mount
 
 __all__ = [
+    "Connection",
     "DirReply",
     "Entry",
     "FUSEError",

@@ -1,4 +1,4 @@
-"""Mounting and unmounting: a /dev/fuse connection attached to a directory.
+"""A /dev/fuse connection attached to a directory, and what may be asked of it.
 
 As root the connection is mounted with mount(2) and detached with
 umount2(MNT_DETACH); otherwise fusermount3 (set-uid root, from the fuse3
@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 from pathlib import Path
 
 from cachefs.errors import CacheFSError
+from cachefs.fuse import abi
 
 FUSERMOUNT = "fusermount3"
 #: fusermount3 answers at once; this bounds a wedged one.
@@ -40,23 +43,83 @@ class MountError(CacheFSError):
     """The kernel or fusermount3 refused the mount."""
 
 
-def mount(mountpoint: Path, fsname: str, subtype: str, options: list[str]) -> int:
-    """Mount a new FUSE connection on *mountpoint*; its /dev/fuse fd (non-blocking).
+class Connection:
+    """A mounted FUSE connection: its /dev/fuse fd (non-blocking) and mount point.
+
+    ``passthrough`` is whether the kernel agreed, in INIT, to read files
+    opened with a backing id by itself (set by the session serving it).
+    """
+
+    def __init__(self, fd: int, mountpoint: Path) -> None:
+        self.fd = fd
+        self.mountpoint = mountpoint
+        self.passthrough = False
+        self._closed = False
+
+    def open_backing(self, fd: int) -> int:
+        """Register *fd*'s file for passthrough; its id, for :class:`abi.Opened`.
+
+        Raises OSError (EPERM without CAP_SYS_ADMIN).  Close the id once no
+        file opened with it is open any more: the kernel takes it when it
+        handles the OPEN answer, after the answer is written.
+        """
+        arg = bytearray(abi.BACKING_MAP.pack(fd, 0, 0))
+        return fcntl.ioctl(self.fd, abi.DEV_IOC_BACKING_OPEN, arg, True)
+
+    def close_backing(self, backing_id: int) -> None:
+        arg = bytearray(struct.pack("<I", backing_id))
+        fcntl.ioctl(self.fd, abi.DEV_IOC_BACKING_CLOSE, arg, True)
+
+    def invalidate_inode(self, ino: int) -> None:
+        """Drop the kernel's pages and attributes of *ino*.  Blocking: call it
+        from a thread (the kernel may wait on a request this process answers).
+
+        OSError ENOENT: the kernel does not know *ino*.
+        """
+        out = abi.NOTIFY_INVAL_INODE_OUT.pack(ino, 0, 0)
+        header = abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(out), abi.NOTIFY_INVAL_INODE, 0)
+        os.writev(self.fd, [header, out])
+
+    def close(self) -> None:
+        """Unmount (lazily) and end the connection: open files then fail with ENOTCONN."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            unmount(self.mountpoint)
+        finally:
+            os.close(self.fd)
+
+
+def mount(
+    mountpoint: Path,
+    fsname: str,
+    subtype: str,
+    options: list[str],
+    fusermount: bool | None = None,
+) -> Connection:
+    """Mount a new FUSE connection on *mountpoint*.  Blocking.
 
     *options* are FUSE mount options (``default_permissions``, ``allow_other``).
+    *fusermount*: mount through fusermount3 (default: unless root).
     """
-    if os.geteuid() == 0:
+    if fusermount is None:
+        fusermount = os.geteuid() != 0
+    if not fusermount:
         fd = _mount_as_root(mountpoint, fsname, subtype, options)
     else:
-        fd = mount_with_fusermount(mountpoint, fsname, subtype, options)
+        fd = _mount_with_fusermount(mountpoint, fsname, subtype, options)
     os.set_blocking(fd, False)
-    return fd
+    return Connection(fd, mountpoint)
 
 
 def _mount_as_root(mountpoint: Path, fsname: str, subtype: str, options: list[str]) -> int:
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
         mode = stat.S_IFMT(os.stat(mountpoint).st_mode)
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise MountError(f"cannot mount on {mountpoint}: {e.filename}: {e.strerror}") from None
+    try:
         data = ",".join(
             [f"fd={fd}", f"rootmode={mode:o}", f"user_id={os.getuid()}", f"group_id={os.getgid()}"]
             + options
@@ -77,7 +140,7 @@ def _mount_as_root(mountpoint: Path, fsname: str, subtype: str, options: list[st
     return fd
 
 
-def mount_with_fusermount(mountpoint: Path, fsname: str, subtype: str, options: list[str]) -> int:
+def _mount_with_fusermount(mountpoint: Path, fsname: str, subtype: str, options: list[str]) -> int:
     """Mount through fusermount3, which sends the opened /dev/fuse back."""
     if shutil.which(FUSERMOUNT) is None:
         raise MountError(f"{FUSERMOUNT} is missing: install fuse3 (apt-get install fuse3)")

@@ -13,7 +13,6 @@ FUSEError's errno, or EIO (logged) for anything else.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import struct
@@ -25,6 +24,7 @@ import trio
 
 from cachefs.fuse import abi, device
 from cachefs.fuse.abi import DirReply, Entry, Opened, Statfs
+from cachefs.fuse.device import Connection
 
 log = logging.getLogger(__name__)
 
@@ -70,27 +70,24 @@ class Operations(Protocol):
 
 
 class Session:
-    """One mounted connection.  Create with :func:`mount`; serve, then :meth:`close`.
+    """Serves the requests of one connection (see :func:`mount`) with *ops*.
 
     *passthrough*: offer the kernel to read files straight from backing
-    files (:meth:`open_backing`); ``passthrough`` then says whether it took
-    the offer.
+    files (``Connection.open_backing``); ``connection.passthrough`` then
+    says whether it took the offer.
     """
 
-    def __init__(self, ops: Operations, fd: int, mountpoint: Path, passthrough: bool) -> None:
+    def __init__(self, ops: Operations, connection: Connection, passthrough: bool = True) -> None:
         self._ops = ops
-        self._fd = fd
-        self.mountpoint = mountpoint
+        self.connection = connection
+        self._fd = connection.fd
         self._offer_passthrough = passthrough
-        self.passthrough = False
-        self.kernel_minor = 0
         self._buf = bytearray(MAX_WRITE + 4096)
         self._reading = False
         self._readers = trio.lowlevel.ParkingLot()
         self._workers = 0
         self._idle = 0
         self._stopping = False
-        self._closed = False
         self._nursery: trio.Nursery | None = None
         self._handlers: dict[int, Callable[[int, bytes], Awaitable[Payload]]] = {
             abi.LOOKUP: self._lookup,
@@ -125,21 +122,11 @@ class Session:
 
     def stop(self) -> None:
         """Read no more requests; those being answered finish.  The mount stays
-        until :meth:`close` (requests meanwhile wait)."""
+        until the connection is closed (requests meanwhile wait)."""
         if not self._stopping:
             self._stopping = True
             trio.lowlevel.notify_closing(self._fd)
             self._readers.unpark_all()
-
-    def close(self) -> None:
-        """Unmount (lazily) and end the connection: open files then fail with ENOTCONN."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            device.unmount(self.mountpoint)
-        finally:
-            os.close(self._fd)
 
     def _add_worker(self) -> None:
         assert self._nursery is not None
@@ -264,7 +251,6 @@ class Session:
         )
         if self._offer_passthrough and flags & abi.PASSTHROUGH:
             want |= abi.PASSTHROUGH
-        self.kernel_minor = minor
         out = abi.INIT_OUT.pack(
             abi.MAJOR,
             abi.MINOR,
@@ -280,34 +266,14 @@ class Session:
             1 if want & abi.PASSTHROUGH else 0,
         )
         self._send(unique, 0, out)
-        self.passthrough = bool(want & abi.PASSTHROUGH)
-        log.debug("FUSE %d.%d, flags %#x, passthrough %s", major, minor, want, self.passthrough)
+        self.connection.passthrough = bool(want & abi.PASSTHROUGH)
+        log.info(
+            "kernel FUSE %d.%d; passthrough %s",
+            major,
+            minor,
+            "on" if want & abi.PASSTHROUGH else "off",
+        )
         self._ops.init()
-
-    # -- passthrough and notifications ------------------------------------------
-
-    def open_backing(self, fd: int) -> int:
-        """Register *fd*'s file for passthrough; its id for :class:`Opened`.
-
-        Raises OSError (EPERM without CAP_SYS_ADMIN).  Close the id once no
-        file opened with it is open any more.
-        """
-        arg = bytearray(abi.BACKING_MAP.pack(fd, 0, 0))
-        return fcntl.ioctl(self._fd, abi.DEV_IOC_BACKING_OPEN, arg, True)
-
-    def close_backing(self, backing_id: int) -> None:
-        arg = bytearray(struct.pack("<I", backing_id))
-        fcntl.ioctl(self._fd, abi.DEV_IOC_BACKING_CLOSE, arg, True)
-
-    def invalidate_inode(self, ino: int) -> None:
-        """Drop the kernel's pages and attributes of *ino*.  Blocking: call it
-        from a thread (the kernel may wait on a request this process answers).
-
-        OSError ENOENT: the kernel does not know *ino*.
-        """
-        out = abi.NOTIFY_INVAL_INODE_OUT.pack(ino, 0, 0)
-        header = abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(out), abi.NOTIFY_INVAL_INODE, 0)
-        os.writev(self._fd, [header, out])
 
     # -- requests ---------------------------------------------------------------
 
@@ -386,19 +352,20 @@ def _sized(value: bytes, size: int) -> Payload:
 
 
 async def mount(
-    ops: Operations,
     mountpoint: Path,
     fsname: str,
     subtype: str,
     *,
     options: list[str] | None = None,
-    passthrough: bool = True,
-) -> Session:
-    """Mount a FUSE file system answered by *ops* on *mountpoint*.
+    fusermount: bool | None = None,
+) -> Connection:
+    """Mount a FUSE connection on *mountpoint*; serve it with :class:`Session`.
 
-    Serve it with :meth:`Session.serve` (the kernel's INIT arrives first);
-    :meth:`Session.close` unmounts.  Raises MountError.
+    The kernel's INIT is the first request the session reads;
+    ``Connection.close`` unmounts.  *fusermount*: mount through fusermount3
+    (default: unless root).  Raises MountError.
     """
     opts = ["default_permissions", *(options or [])]
-    fd = await trio.to_thread.run_sync(device.mount, mountpoint, fsname, subtype, opts)
-    return Session(ops, fd, mountpoint, passthrough)
+    return await trio.to_thread.run_sync(
+        device.mount, mountpoint, fsname, subtype, opts, fusermount
+    )
