@@ -120,9 +120,13 @@ IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid 
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (then flags2 from 7.36)
 INIT_OUT = struct.Struct("<IIIIHHIIHHII2x22x")  # ... flags2 max_stack_depth, unused
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
-ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid nsec nsec
-ATTR_OUT = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy
+_ATTR = "QQQQQQIIIIIIIIII"  # ino size blocks a/m/ctime a/m/ctimensec mode nlink uid gid rdev ...
+_ENTRY = "QQQQII"  # nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec
+_DIRENT = "QQII"  # ino off namelen type, then the name, padded to 8 bytes
+ENTRY_OUT = struct.Struct("<" + _ENTRY + _ATTR)
+ATTR_OUT = struct.Struct("<QII" + _ATTR)  # attr_valid attr_valid_nsec dummy, attr
+DIRENT = struct.Struct("<" + _DIRENT)
+DIRENTPLUS = struct.Struct("<" + _ENTRY + _ATTR + _DIRENT)
 OPEN_IN = struct.Struct("<II")  # flags open_flags
 OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
 READ_IN = struct.Struct("<QQI")  # fh offset size (then read_flags lock_owner flags)
@@ -133,7 +137,6 @@ FORGET_ONE = struct.Struct("<QQ")
 GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
-DIRENT = struct.Struct("<QQII")  # ino off namelen type
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
 INTERRUPT_IN = struct.Struct("<Q")
 
@@ -155,12 +158,18 @@ class Entry:
     blksize: int = 4096
     timeout: float = 1.0
 
-    def attr(self) -> bytes:
+    def _fields(self) -> tuple[int, ...]:
+        """(valid, valid_nsec) and the fuse_attr fields."""
+        valid = int(self.timeout)
+        valid_nsec = int((self.timeout - valid) * 1e9)
         sec, nsec = divmod(self.mtime_ns, 1_000_000_000)
-        return ATTR.pack(
+        blocks = (self.size + 511) // 512
+        return (
+            valid,
+            valid_nsec,
             self.ino,
             self.size,
-            (self.size + 511) // 512,
+            blocks,
             sec,
             sec,
             sec,
@@ -176,17 +185,13 @@ class Entry:
             0,
         )
 
-    def _valid(self) -> tuple[int, int]:
-        sec = int(self.timeout)
-        return sec, int((self.timeout - sec) * 1e9)
-
     def entry_out(self) -> bytes:
-        sec, nsec = self._valid()
-        return ENTRY_OUT.pack(self.ino, 0, sec, sec, nsec, nsec) + self.attr()
+        valid, valid_nsec, *attr = self._fields()
+        return ENTRY_OUT.pack(self.ino, 0, valid, valid, valid_nsec, valid_nsec, *attr)
 
     def attr_out(self) -> bytes:
-        sec, nsec = self._valid()
-        return ATTR_OUT.pack(sec, nsec, 0) + self.attr()
+        valid, valid_nsec, *attr = self._fields()
+        return ATTR_OUT.pack(valid, valid_nsec, 0, *attr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,27 +251,44 @@ class DirReply:
     lookup for each one added, except "." and "..".
     """
 
-    __slots__ = ("plus", "_size", "_buf")
+    __slots__ = ("plus", "_buf", "_used")
 
     def __init__(self, size: int, plus: bool) -> None:
         self.plus = plus
-        self._size = size
-        self._buf = bytearray()
+        self._buf = bytearray(size)  # zeros: the padding of every record
+        self._used = 0
 
     def add(self, name: bytes, entry: Entry, next_offset: int) -> bool:
         """Add one entry; False (nothing added) once the answer is full."""
-        head = ENTRY_OUT.size + ATTR.size if self.plus else 0
-        record = head + DIRENT.size + len(name)
-        padded = (record + 7) & ~7
-        if len(self._buf) + padded > self._size:
+        n = len(name)
+        at = self._used
+        head = DIRENTPLUS.size if self.plus else DIRENT.size
+        end = at + ((head + n + 7) & ~7)
+        if end > len(self._buf):
             return False
-        if self.plus:
-            self._buf += entry.entry_out()
         kind = stat.S_IFMT(entry.mode) >> 12
-        self._buf += DIRENT.pack(entry.ino, next_offset, len(name), kind)
-        self._buf += name
-        self._buf += bytes(padded - record)
+        if self.plus:
+            valid, valid_nsec, *attr = entry._fields()
+            DIRENTPLUS.pack_into(
+                self._buf,
+                at,
+                entry.ino,
+                0,
+                valid,
+                valid,
+                valid_nsec,
+                valid_nsec,
+                *attr,
+                entry.ino,
+                next_offset,
+                n,
+                kind,
+            )
+        else:
+            DIRENT.pack_into(self._buf, at, entry.ino, next_offset, n, kind)
+        self._buf[at + head : at + head + n] = name
+        self._used = end
         return True
 
-    def payload(self) -> bytes:
-        return bytes(self._buf)
+    def payload(self) -> memoryview:
+        return memoryview(self._buf)[: self._used]
