@@ -3,8 +3,8 @@
 #
 #   ./mount.sh SOURCE MOUNTPOINT [cachefs mount options]
 #
-# Set-up (.ci/setup) installs fuse3, libfuse3-dev and pkg-config with apt-get
-# when missing (as root; otherwise it prints the command to run), creates .venv
+# Set-up (.ci/setup) installs fuse3 and fio with apt-get when missing (as
+# root; otherwise it prints the command to run), creates .venv
 # and installs cachefs into it when missing or outdated.  It is quiet and quick
 # when everything is in place.  Options: see `./mount.sh --help`.
 set -euo pipefail
