@@ -86,7 +86,6 @@ NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT, NOTIFY_REPLY})
 
 # -- INIT flags (flags | flags2 << 32) ------------------------------------------
 ASYNC_READ = 1 << 0
-BIG_WRITES = 1 << 5
 AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
 ASYNC_DIO = 1 << 15
@@ -120,6 +119,7 @@ IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid 
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (then flags2 from 7.36)
 INIT_OUT = struct.Struct("<IIIIHHIIHHII2x22x")  # ... flags2 max_stack_depth, unused
+INIT_OUT_COMPAT_22 = 24
 _ATTR = "QQQQQQIIIIIIIIII"  # ino size blocks a/m/ctime a/m/ctimensec mode nlink uid gid rdev ...
 _ENTRY = "QQQQII"  # nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec
 _DIRENT = "QQII"  # ino off namelen type, then the name, padded to 8 bytes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from cachefs.errors import CacheFSError
 from cachefs.fuse import abi
+
+log = logging.getLogger(__name__)
 
 FUSERMOUNT = "fusermount3"
 #: fusermount3 answers at once; this bounds a wedged one.
@@ -81,12 +84,18 @@ class Connection:
         os.writev(self.fd, [header, out])
 
     def close(self) -> None:
-        """Unmount (lazily) and end the connection: open files then fail with ENOTCONN."""
+        """Unmount (lazily) and end the connection: open files then fail with ENOTCONN.
+
+        Never raises: a mount that cannot be detached is logged, and ends
+        with the connection anyway (its users get ENOTCONN).
+        """
         if self._closed:
             return
         self._closed = True
         try:
             unmount(self.mountpoint)
+        except (MountError, OSError, subprocess.SubprocessError) as e:
+            log.warning("%s", e)
         finally:
             os.close(self.fd)
 
@@ -188,7 +197,7 @@ def unmount(mountpoint: Path) -> None:
             return
         raise MountError(f"cannot unmount {mountpoint}: {os.strerror(err)}")
     done = subprocess.run(
-        [FUSERMOUNT, "-u", "-q", "-z", "--", str(mountpoint)],
+        [FUSERMOUNT, "-u", "-z", "--", str(mountpoint)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

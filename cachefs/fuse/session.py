@@ -182,8 +182,6 @@ class Session:
                     log.debug("the kernel ended the connection")
                     return None
                 raise
-            if self._stopping:
-                return None
             _, opcode, unique, nodeid, *_ = abi.IN_HEADER.unpack_from(buf)
             return opcode, unique, nodeid, bytes(buf[abi.IN_HEADER.size : n])
 
@@ -265,6 +263,8 @@ class Session:
             want >> 32,
             1 if want & abi.PASSTHROUGH else 0,
         )
+        if minor < 23:  # kernels before 3.15 take the 7.22 layout only
+            out = out[: abi.INIT_OUT_COMPAT_22]
         self._send(unique, 0, out)
         self.connection.passthrough = bool(want & abi.PASSTHROUGH)
         log.info(
