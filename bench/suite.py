@@ -44,6 +44,7 @@ COUNTERS = (
     "miss_bytes",
     "corrupt_from_backend",
     "corrupt_in_cache",
+    "passthrough_opens",
 )
 # what a cachefs mount was measured with
 MOUNT_MODE = ("encrypted", "verify")

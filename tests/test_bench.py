@@ -193,7 +193,7 @@ def test_the_report_shows_each_round_and_judges_the_goals_on_the_median() -> Non
     assert "| seq read 1M, 1 job (MiB/s) | cache-hit | raw | 1,200 / 1,000 / 800 | 1,000 |" in md
     assert "| seq read 1M, 1 job (MiB/s) | cache-hit | cachefs | 700 / 850 / 900 | 850 |" in md
     # a miss says what is known to stop it on this machine
-    assert "| warm seq 1M >= 0.9 x raw | 0.88 | MISS: the kernel (6.18) holds" in md
+    assert "| warm seq 1M >= 0.9 x raw | 0.88 | MISS: with passthrough the kernel reads" in md
 
 
 def _bench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -257,6 +257,12 @@ def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -
     assert seq["cold"]["cachefs"]["cachefs_counters"]["bytes_from_backend"] > 0
     assert seq["cache-hit"]["cachefs"]["cachefs_counters"]["bytes_from_backend"] == 0
     assert "rounds" not in report["results"]["ttfb"]["cold"]["cachefs"]
+    # Cached whole, the file is read by the kernel itself (as root): never when cold.
+    opens = {c: seq[c]["cachefs"]["cachefs_counters"]["passthrough_opens"] for c in seq}
+    assert opens["cold"] == 0
+    if os.geteuid() == 0:
+        assert opens["cache-hit"] + opens["warm"] > 0
+        assert "Passthrough: in " in (results / "latest-quick.md").read_text()
     assert (results / "latest-quick.png").stat().st_size > 0
     md = (results / "latest-quick.md").read_text()
     assert "| seq read 1M, 1 job (MiB/s) | cold | raw |" in md
