@@ -70,13 +70,13 @@ FULL = Sizes(
 
 QUICK = Sizes(
     mode="quick",
-    big=256 * MiB,
+    big=128 * MiB,
     seq4_file=64 * MiB,
     small_count=500,
     small_size=64 << 10,
     tree_dirs=20,
     tree_files_per_dir=100,
-    rand_seconds=2,
+    rand_seconds=1,
     seq_cap_seconds=10,
     warm_seq_seconds=1,
     throttled_seconds=3,
