@@ -199,7 +199,7 @@ class Opened:
     """The answer to OPEN: a handle, and how the kernel reads through it.
 
     *keep_cache*: the kernel keeps the pages it has of the file.  *backing_id*
-    (from :meth:`Session.open_backing`) sends reads straight to that file.
+    (from ``Connection.open_backing``) sends reads straight to that file.
     *direct_io*: every read comes to the file system, none is cached.
     """
 

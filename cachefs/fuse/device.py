@@ -177,11 +177,15 @@ def _mount_with_fusermount(mountpoint: Path, fsname: str, subtype: str, options:
             why = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
             raise MountError(f"cannot mount on {mountpoint}: {why}")
         ours.settimeout(FUSERMOUNT_DEADLINE)
-        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        try:
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        except OSError:
+            fds = []
     finally:
         theirs.close()
         ours.close()
     if not fds:
+        unmount(mountpoint)  # mounted, but nobody can serve it
         raise MountError(f"{FUSERMOUNT} mounted {mountpoint} but sent no connection")
     os.set_inheritable(fds[0], False)
     return fds[0]
