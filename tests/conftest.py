@@ -10,6 +10,7 @@ disk, a bare mount point, and the check of a one-line CLI error.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -101,6 +102,16 @@ def cached_pages(path: Path, length: int | None = None) -> int:
         os.close(fd)
     assert n is not None, "cachestat(2) is needed: Linux 6.5 or later"
     return n
+
+
+def kernel_has_passthrough() -> bool:
+    """Whether this kernel can read FUSE files from backing files (Linux 6.9+,
+    CONFIG_FUSE_PASSTHROUGH); assumed where the kernel config is not exposed."""
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return "CONFIG_FUSE_PASSTHROUGH=y\n" in f.read()
+    except OSError:
+        return True
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:

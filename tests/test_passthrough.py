@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import evict_page_cache, run_cachefs
+from conftest import evict_page_cache, kernel_has_passthrough, run_cachefs
 
 from cachefs.contract import FileAttrs, FileKind
 from cachefs.engine import OpenFile
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 MIB = 1 << 20
 RELEASE_DEADLINE = 10.0
 needs_passthrough = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
-    reason="passthrough needs /dev/fuse and root",
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0 or not kernel_has_passthrough(),
+    reason="passthrough needs /dev/fuse, root and a kernel with FUSE passthrough",
 )
 
 
