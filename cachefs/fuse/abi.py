@@ -15,8 +15,6 @@ from dataclasses import dataclass
 #: The protocol cachefs speaks: 7.40 added passthrough (max_stack_depth, backing_id).
 MAJOR = 7
 MINOR = 40
-#: The kernel refuses to hand out a request into a smaller buffer.
-MIN_READ_BUFFER = 8192
 
 # -- opcodes ------------------------------------------------------------------------
 LOOKUP = 1
@@ -138,7 +136,6 @@ GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
-INTERRUPT_IN = struct.Struct("<Q")
 
 
 @dataclass(frozen=True, slots=True)
