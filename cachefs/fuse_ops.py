@@ -26,7 +26,7 @@ from cachefs.engine import FileCache, OpenFile
 from cachefs.errors import CacheFSError
 from cachefs.fuse import Connection, DirReply, Entry, FUSEError, Opened, Statfs
 from cachefs.namespace import Namespace, child_id
-from cachefs.passthrough import NewVersion, OpenModes
+from cachefs.passthrough import NewInode, OpenModes
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,9 @@ class Operations:
         fh = next(self._handles)
         try:
             opened = self._modes.choose(inode, fh, fh_obj, flags)
-        except NewVersion as e:
-            # The kernel reads this inode from the old version's cache file:
-            # the new version gets a new inode, which the kernel looks up
+        except NewInode as e:
+            # The kernel reads this inode from a cache file this open must
+            # not share: the file gets a new inode, which the kernel looks up
             # when told ESTALE, and opens instead (once; open(2) sees nothing).
             log.debug("open of %r: %s: new inode", node.file_id, e)
             await self._cache.close(fh_obj)

@@ -8,15 +8,16 @@ inode:
 - no open: a file the cache holds whole (``FileCache.hold_whole``) opens
   in passthrough, any other through the page cache;
 - passthrough opens exist: every open must be passthrough too, from the
-  same backing file.  One of the same version shares their backing id (an
-  O_DIRECT one then follows the cache disk's alignment rules); one of
-  another version (the source changed meanwhile) raises NewVersion: the
-  caller gives the file a new inode and answers ESTALE, on which the kernel
-  looks the name up again and opens the new inode;
+  same backing file.  One of the same version shares their backing id; one
+  of another version (the source changed meanwhile), or an O_DIRECT one,
+  raises NewInode: the caller gives the file a new inode and answers
+  ESTALE, on which the kernel looks the name up again and opens the new
+  inode;
 - page-cache opens exist: through the page cache;
-- otherwise an O_DIRECT open is answered direct_io: through us, with no
-  alignment rules, as on a mount without passthrough, and compatible with
-  a later passthrough open.
+- an O_DIRECT open is answered direct_io: through us, with no alignment
+  rules, as on a mount without passthrough (the cache disk refuses
+  unaligned direct reads).  Its file is not opened with passthrough again
+  in this mount, so that an O_DIRECT open never needs a second new inode.
 
 A backing id is closed when the last passthrough open of its inode is
 released; the cache keeps the data file whole until each handle is closed.
@@ -35,8 +36,9 @@ from cachefs.fuse import Connection, Opened
 log = logging.getLogger(__name__)
 
 
-class NewVersion(Exception):
-    """The inode is read from a backing file of another version of the file."""
+class NewInode(Exception):
+    """The open cannot share the inode's backing file (another version of the
+    file, or O_DIRECT): the file needs a new inode."""
 
 
 @dataclass(slots=True)
@@ -53,28 +55,39 @@ class OpenModes:
         self._backings: dict[int, _Backing] = {}
         self._cached: Counter[int] = Counter()
         self._modes: dict[int, tuple[int, str]] = {}  # fh -> (inode, "pass" | "cache" | "direct")
+        self._direct_files: set[str] = set()  # opened O_DIRECT: no passthrough any more
         self._refused = False
 
     def choose(self, ino: int, fh: int, handle: OpenFile, flags: int) -> Opened | None:
         """The answer for a passthrough or direct open; None: read through the
         page cache (the caller decides what the kernel keeps of it).
 
-        Raises NewVersion (nothing recorded for *fh*).
+        Raises NewInode (nothing recorded for *fh*).
         """
         version = handle.attrs.version
         backing = self._backings.get(ino)
+        direct = self._conn.passthrough and flags & os.O_DIRECT
+        if direct:
+            self._direct_files.add(handle.file_id)
         if backing is not None:
+            if direct:
+                raise NewInode(f"an O_DIRECT open of inode {ino}, read with passthrough")
             if backing.version != version:
-                raise NewVersion(f"inode {ino} is read from version {backing.version!r}")
+                raise NewInode(f"inode {ino} is read from version {backing.version!r}")
             # Held whole by the first opens, whether or not this one can hold it.
             self._cache.hold_whole(handle)
             backing.opens += 1
             self._modes[fh] = (ino, "pass")
             return Opened(fh, backing_id=backing.backing_id)
-        if self._conn.passthrough and flags & os.O_DIRECT:
+        if direct:
             self._modes[fh] = (ino, "direct")
             return Opened(fh, direct_io=True)
-        if self._conn.passthrough and not self._refused and not self._cached[ino]:
+        if (
+            self._conn.passthrough
+            and not self._refused
+            and not self._cached[ino]
+            and handle.file_id not in self._direct_files
+        ):
             fd = self._cache.hold_whole(handle)
             if fd is not None:
                 try:

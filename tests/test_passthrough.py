@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from conftest import evict_page_cache, kernel_has_passthrough, run_cachefs
 
 from cachefs.contract import FileAttrs, FileKind
 from cachefs.engine import OpenFile
-from cachefs.passthrough import NewVersion, OpenModes
+from cachefs.passthrough import NewInode, OpenModes
 
 if TYPE_CHECKING:
     from conftest import Mount, MountFactory
@@ -113,25 +112,29 @@ def test_an_inode_read_through_the_page_cache_stays_so_until_closed() -> None:
     assert opened is not None and opened.backing_id == 1
 
 
-def test_o_direct_opens_are_uncached_unless_the_inode_is_in_passthrough() -> None:
-    conn, cache = FakeConnection(), FakeCache("f")
+def test_o_direct_opens_read_through_us_and_end_passthrough_for_their_file() -> None:
+    conn, cache = FakeConnection(), FakeCache("f", "g")
     m = modes(conn, cache)
-    direct = m.choose(2, 1, handle(), os.O_RDONLY | os.O_DIRECT)
+    assert m.choose(2, 1, handle("f"), os.O_RDONLY) is not None  # passthrough
+    # Every open of an inode in passthrough must be passthrough (else EIO),
+    # and the cache disk would refuse unaligned direct reads: a new inode.
+    with pytest.raises(NewInode):
+        m.choose(2, 2, handle("f"), os.O_RDONLY | os.O_DIRECT)
+    direct = m.choose(5, 3, handle("f"), os.O_RDONLY | os.O_DIRECT)  # the new inode
     assert direct is not None and direct.direct_io and not direct.backing_id
-    assert m.choose(2, 2, handle(), os.O_RDONLY) is not None  # direct_io does not block it
-    # Every open of an inode in passthrough must be passthrough (else EIO).
-    shared = m.choose(2, 3, handle(), os.O_RDONLY | os.O_DIRECT)
-    assert shared is not None and shared.backing_id == 1 and not shared.direct_io
-    for fh in (1, 2, 3):
+    # The file is read through us from now on: no second new inode is needed.
+    assert m.choose(5, 4, handle("f"), os.O_RDONLY) is None
+    assert m.choose(3, 5, handle("g"), os.O_RDONLY) is not None  # other files as before
+    for fh in (1, 3, 4, 5):
         m.released(fh)
-    assert conn.closed == [1]
+    assert conn.closed == [1, 2]
 
 
 def test_another_version_of_an_inode_in_passthrough_needs_a_new_inode() -> None:
     conn, cache = FakeConnection(), FakeCache("f")
     m = modes(conn, cache)
     assert m.choose(2, 1, handle(version="v1"), os.O_RDONLY) is not None
-    with pytest.raises(NewVersion):
+    with pytest.raises(NewInode):
         m.choose(2, 2, handle(version="v2"), os.O_RDONLY)
     m.released(1)  # nothing was recorded for fh 2
     assert conn.closed == [1] and not conn.live
@@ -328,11 +331,10 @@ def test_page_cache_and_direct_opens_beside_passthrough_ones(
     held = os.open(m / "f", os.O_RDONLY)
     try:
         assert passthrough_files(m) >= 1
-        direct = os.open(m / "f", os.O_RDONLY | os.O_DIRECT)
-        try:  # passthrough too: the cache disk's O_DIRECT rules
-            buf = mmap.mmap(-1, 8192)
-            assert os.preadv(direct, [buf], 4096) == 8192
-            assert bytes(buf) == data[4096 : 4096 + 8192]
+        direct = os.open(m / "f", os.O_RDONLY | os.O_DIRECT)  # a new inode, through us
+        try:  # unaligned direct reads, as without passthrough
+            assert os.fstat(direct).st_ino != os.fstat(held).st_ino
+            assert os.pread(direct, 10, 3) == data[3:13]
         finally:
             os.close(direct)
         assert read_all(held, len(data)) == data
