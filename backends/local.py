@@ -9,10 +9,16 @@ Policy:
   are shown as symlinks (``os.lstat``, ``O_NOFOLLOW``), never followed.
 - Only regular files, directories and symlinks are shown; fifos, sockets and
   devices are absent (opening a fifo would block a worker thread forever).
-- The version tag of an entry is ``"{st_ino}-{st_mtime_ns}-{st_size}"``.  A
-  read whose ``req.version`` no longer matches the open file re-opens the
-  path once: if the path now has that version the read is served from it,
-  otherwise it answers FILE_MODIFIED_EXTERNALLY.
+- The version tag of an entry is ``"{st_ino}-{st_mtime_ns}-{st_size}-{st_ctime_ns}"``:
+  the ctime changes with every write, truncation and rename-over, and no
+  user can set it, so restoring an mtime (``touch -d``) cannot hide a change
+  (a chmod or chown changes it too: the file is fetched again).  A read is
+  checked after the fact: when the open file no longer has ``req.version``
+  (its bytes may be of another version), the path is re-opened once: if the
+  path now has that version the read is served from it, otherwise it
+  answers FILE_MODIFIED_EXTERNALLY.  The engine keeps one context per
+  version, so a reader of a file replaced by rename keeps reading the inode
+  it opened.
 - Read errors: a path that vanished or became something else than a regular
   file answers FILE_MODIFIED_EXTERNALLY; any other OSError answers FAILURE.
 - Every blocking call runs in a trio worker thread, at most ``max_threads``
@@ -75,8 +81,8 @@ _UNOPENED, _REFUSED = -2, -3
 
 
 def version_of(s: os.stat_result) -> str:
-    """The version tag of a stat result: inode, mtime in ns and size."""
-    return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}"
+    """The version tag of a stat result: inode, mtime in ns, size and ctime in ns."""
+    return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}-{s.st_ctime_ns}"
 
 
 def _kind(mode: int) -> FileKind | None:

@@ -57,8 +57,11 @@ class FileKind(enum.Enum):
 class FileAttrs:
     """Attributes of one entry of the source.
 
-    ``version`` identifies the content: an ETag, or mtime+size for a local
-    file.  When it changes, the cache drops what it holds of that file.
+    ``version`` identifies the content: an ETag, or inode, mtime, size and
+    ctime for a local file.  It must change with every change of the
+    content the backend can see: the cache treats two reads with the same
+    tag as reads of the same bytes.  When it changes, the cache drops what
+    it holds of that file.
     ``link_target`` is set for symlinks only.
     """
 

@@ -96,7 +96,7 @@ async def test_local_stat_and_version(local: LocalBackend, tree: Path) -> None:
     assert attrs is not None
     assert attrs.kind is FileKind.FILE
     assert attrs.size == len(DATA)
-    assert attrs.version == f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}"
+    assert attrs.version == f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}-{s.st_ctime_ns}"
     assert attrs.mode == s.st_mode & 0o7777
     assert attrs.mtime == pytest.approx(s.st_mtime)
     root = await local.stat("")
@@ -117,6 +117,26 @@ async def test_local_modified_externally(local: LocalBackend, tree: Path) -> Non
     req = request("data.bin", len(DATA), 10, context=ctx)
     await local.read_data(req)
     assert (req.result_code, got(req)) == (RWResult.RANGE_BEYOND_EOF, b"more")
+    await local.close_file("data.bin", ctx)
+
+
+async def test_local_same_size_rewrite_with_the_mtime_put_back_is_a_new_version(
+    local: LocalBackend, tree: Path
+) -> None:
+    path = tree / "data.bin"
+    before = await local.stat("data.bin")
+    assert before is not None
+    old = os.stat(path)
+    ctx = await local.open_file("data.bin")
+    with open(path, "r+b") as f:  # in place: same inode, same size
+        f.write(bytes(100))
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))  # touch -d back to the old time
+    assert os.stat(path).st_mtime_ns == old.st_mtime_ns
+    after = await local.stat("data.bin")
+    assert after is not None and after.version != before.version
+    req = request("data.bin", 0, 100, context=ctx, version=before.version)
+    await local.read_data(req)
+    assert (req.result_code, req.bytes_read) == (RWResult.FILE_MODIFIED_EXTERNALLY, 0)
     await local.close_file("data.bin", ctx)
 
 
