@@ -17,8 +17,9 @@ Policy:
   (its bytes may be of another version), the path is re-opened once: if the
   path now has that version the read is served from it, otherwise it
   answers FILE_MODIFIED_EXTERNALLY.  The engine keeps one context per
-  version, so a reader of a file replaced by rename keeps reading the inode
-  it opened.
+  version, so a reader of a file replaced by rename (or deleted) keeps
+  reading the inode it opened: unlinking changes an inode's ctime, not its
+  bytes, so an inode no longer linked anywhere is compared without it.
 - Read errors: a path that vanished or became something else than a regular
   file answers FILE_MODIFIED_EXTERNALLY; any other OSError answers FAILURE.
 - Every blocking call runs in a trio worker thread, at most ``max_threads``
@@ -83,6 +84,18 @@ _UNOPENED, _REFUSED = -2, -3
 def version_of(s: os.stat_result) -> str:
     """The version tag of a stat result: inode, mtime in ns, size and ctime in ns."""
     return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}-{s.st_ctime_ns}"
+
+
+def has_version(s: os.stat_result, version: str) -> bool:
+    """Whether the open file of stat result *s* still holds *version*.
+
+    An inode unlinked from every directory (replaced by rename, deleted)
+    got a new ctime from the unlinking alone: its other fields decide.
+    """
+    tag = version_of(s)
+    if tag == version:
+        return True
+    return s.st_nlink == 0 and tag.rpartition("-")[0] == version.rpartition("-")[0]
 
 
 def _kind(mode: int) -> FileKind | None:
@@ -274,7 +287,7 @@ class LocalBackend:
                 ctx = OpenFile(req.file_id, self._open_sync(req.file_id))
             fd = ctx.fd
             done = _read_into(ctx, fd, req.buffer, req.position, req.bytes_to_read)
-            if req.version and version_of(os.fstat(fd)) != req.version:
+            if req.version and not has_version(os.fstat(fd), req.version):
                 # The open file changed; the path may have gone back to (or
                 # been renamed to) the version the cache asks for.
                 fd = self._open_sync(req.file_id)

@@ -15,6 +15,7 @@ from cachefs.errors import (
     BadKey,
     CacheDirError,
     CacheDirInUse,
+    CacheDiskFailed,
     CacheFSError,
     ConfigError,
     CorruptData,
@@ -31,6 +32,7 @@ from cachefs.errors import (
     StorageQuarantined,
     TransientFailure,
     UnknownBackend,
+    VersionGone,
 )
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "CacheConfig",
     "CacheDirError",
     "CacheDirInUse",
+    "CacheDiskFailed",
     "CacheFSError",
     "ConfigError",
     "DirEntry",
@@ -64,5 +67,6 @@ __all__ = [
     "StorageQuarantined",
     "TransientFailure",
     "UnknownBackend",
+    "VersionGone",
     "open_file_cache",
 ]

@@ -78,6 +78,22 @@ class CorruptData(ReadFailed):
     """The backend kept returning bytes that do not match the content information."""
 
 
+class VersionGone(ReadFailed):
+    """The version of the file a handle reads can no longer be completed: the
+    source has another version (or none), and the blocks the read needs are
+    not cached.  The handle never switches versions; a new open reads the
+    current one."""
+
+    errno = _errno.ESTALE
+
+
+class CacheDiskFailed(CacheFSError):
+    """The cache directory's filesystem failed (EIO, ENOSPC, read-only):
+    reads go to the source uncached until it works again."""
+
+    errno = _errno.EIO
+
+
 class BadKey(ConfigError):
     """The encryption key is missing, malformed, or not the cache's key."""
 

@@ -25,8 +25,8 @@ from cachefs.contract import DirEntry, FileAttrs, FileKind
 from cachefs.engine import FileCache, OpenFile
 from cachefs.errors import CacheFSError
 from cachefs.fuse import Connection, DirReply, Entry, FUSEError, Opened, Statfs
-from cachefs.namespace import Namespace, child_id
-from cachefs.passthrough import NewInode, OpenModes
+from cachefs.namespace import Namespace, NewInode, child_id
+from cachefs.passthrough import OpenModes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class Operations:
         self._gid = os.getgid()
         self._handles = count(1)
         self._files: dict[int, OpenFile] = {}
+        self._file_inodes: dict[int, int] = {}
         self._modes = OpenModes(connection, cache)
         self._dirs: dict[int, _OpenDir] = {}
 
@@ -181,16 +182,23 @@ class Operations:
         fh_obj = await self._cache.open(node.file_id)
         fh = next(self._handles)
         try:
-            opened = self._modes.choose(inode, fh, fh_obj, flags)
+            self._ns.bind(inode, fh_obj.attrs)
+            try:
+                opened = self._modes.choose(inode, fh, fh_obj, flags)
+            except NewInode:
+                self._ns.unbind(inode)
+                raise
         except NewInode as e:
-            # The kernel reads this inode from a cache file this open must
-            # not share: the file gets a new inode, which the kernel looks up
-            # when told ESTALE, and opens instead (once; open(2) sees nothing).
+            # This open cannot share the inode (another version of the file,
+            # or a cache file it must not read): the file gets a new inode,
+            # which the kernel looks up when told ESTALE, and opens instead
+            # (once; open(2) sees nothing).
             log.debug("open of %r: %s: new inode", node.file_id, e)
             await self._cache.close(fh_obj)
-            self._ns.renumber(node.file_id)
+            self._ns.renumber(inode)
             raise FUSEError(errno.ESTALE) from None
         self._files[fh] = fh_obj
+        self._file_inodes[fh] = inode
         if opened is not None:  # the kernel reads the cached file itself, or reads uncached
             return opened
         # Warm re-reads never reach us; a new version drops the kernel's pages.
@@ -208,6 +216,7 @@ class Operations:
     @_handler
     async def release(self, fh: int) -> None:
         self._modes.released(fh)
+        self._ns.unbind(self._file_inodes.pop(fh))
         await self._cache.close(self._files.pop(fh))
 
     # -- directories ------------------------------------------------------
@@ -237,7 +246,7 @@ class Operations:
                 continue
             entry = d.listing[index - 2]
             file_id = child_id(d.file_id, entry.name)
-            ino = self._ns.inode_number(file_id, entry.attrs.kind)
+            ino = self._ns.entry_inode(file_id, entry.attrs)
             attrs = self._entry(ino, entry.attrs)
             if not reply.add(os.fsencode(entry.name), attrs, index + 1):
                 return

@@ -8,11 +8,10 @@ inode:
 - no open: a file the cache holds whole (``FileCache.hold_whole``) opens
   in passthrough, any other through the page cache;
 - passthrough opens exist: every open must be passthrough too, from the
-  same backing file.  One of the same version shares their backing id; one
-  of another version (the source changed meanwhile), or an O_DIRECT one,
-  raises NewInode: the caller gives the file a new inode and answers
-  ESTALE, on which the kernel looks the name up again and opens the new
-  inode;
+  same backing file, and shares their backing id (an inode's opens all read
+  one version: the namespace sees to that); an O_DIRECT one raises
+  NewInode: the caller gives the file a new inode and answers ESTALE, on
+  which the kernel looks the name up again and opens the new inode;
 - page-cache opens exist: through the page cache;
 - an O_DIRECT open is answered direct_io: through us, with no alignment
   rules, as on a mount without passthrough (the cache disk refuses
@@ -32,19 +31,14 @@ from dataclasses import dataclass
 
 from cachefs.engine import FileCache, OpenFile
 from cachefs.fuse import Connection, Opened
+from cachefs.namespace import NewInode
 
 log = logging.getLogger(__name__)
-
-
-class NewInode(Exception):
-    """The open cannot share the inode's backing file (another version of the
-    file, or O_DIRECT): the file needs a new inode."""
 
 
 @dataclass(slots=True)
 class _Backing:
     backing_id: int
-    version: str
     opens: int = 1
 
 
@@ -64,7 +58,6 @@ class OpenModes:
 
         Raises NewInode (nothing recorded for *fh*).
         """
-        version = handle.attrs.version
         backing = self._backings.get(ino)
         direct = self._conn.passthrough and flags & os.O_DIRECT
         if direct:
@@ -72,8 +65,6 @@ class OpenModes:
         if backing is not None:
             if direct:
                 raise NewInode(f"an O_DIRECT open of inode {ino}, read with passthrough")
-            if backing.version != version:
-                raise NewInode(f"inode {ino} is read from version {backing.version!r}")
             # Held whole by the first opens, whether or not this one can hold it.
             self._cache.hold_whole(handle)
             backing.opens += 1
@@ -98,7 +89,7 @@ class OpenModes:
                     self._refused = True
                     self._cache.let_go_whole(handle)
                 else:
-                    self._backings[ino] = _Backing(backing_id, version)
+                    self._backings[ino] = _Backing(backing_id)
                     self._modes[fh] = (ino, "pass")
                     return Opened(fh, backing_id=backing_id)
         self._cached[ino] += 1

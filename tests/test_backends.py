@@ -140,6 +140,27 @@ async def test_local_same_size_rewrite_with_the_mtime_put_back_is_a_new_version(
     await local.close_file("data.bin", ctx)
 
 
+async def test_local_keeps_reading_the_inode_it_opened_after_a_rename_over_it(
+    local: LocalBackend, tree: Path
+) -> None:
+    before = await local.stat("data.bin")
+    assert before is not None
+    ctx = await local.open_file("data.bin")
+    with open(tree / "data.bin", "r+b") as writer:  # kept open past the replacement
+        new = tree / "data.new"
+        new.write_bytes(b"replaced")
+        os.replace(new, tree / "data.bin")  # the old inode's ctime moves: it is unlinked
+        req = request("data.bin", 0, 100, context=ctx, version=before.version)
+        await local.read_data(req)
+        assert (req.result_code, got(req)) == (RWResult.SUCCESS, DATA[:100])
+        writer.write(b"x" * (len(DATA) + 1))  # but a write to it is a change
+        writer.flush()
+    req = request("data.bin", 0, 100, context=ctx, version=before.version)
+    await local.read_data(req)
+    assert req.result_code == RWResult.FILE_MODIFIED_EXTERNALLY
+    await local.close_file("data.bin", ctx)
+
+
 async def test_local_reopens_when_the_path_has_the_asked_version(
     local: LocalBackend, tree: Path
 ) -> None:

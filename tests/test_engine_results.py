@@ -14,6 +14,7 @@ from cachefs import (
     NotFound,
     StorageQuarantined,
     TransientFailure,
+    VersionGone,
 )
 
 DATA = os.urandom(8 * BS + 123)
@@ -67,27 +68,40 @@ async def test_range_beyond_eof_zeroes_the_tail_and_never_asks_past_it(tmp_path)
         assert rig.calls() == []
 
 
-async def test_file_modified_externally_drops_blocks_and_serves_the_new_version(tmp_path):
+async def test_file_modified_externally_fails_the_old_version_and_new_opens_get_the_new(tmp_path):
     rig = Rig(tmp_path, {"f": DATA})
     async with rig.engine(ttl=3600) as cache:
         assert await read_at(cache, "f", 0, BS) == DATA[:BS]
         new = os.urandom(2 * BS + 1)
         rig.memory.put("f", new)
-        # Within the TTL the cached version is trusted ...
-        assert await read_at(cache, "f", 0, 10) == DATA[:10]
-        # ... until a miss reaches the backend, which answers FILE_MODIFIED_EXTERNALLY.
-        assert await read_at(cache, "f", 5 * BS, 10) == new[:0]  # the new file is shorter
-        assert await read_at(cache, "f", 0, 3 * BS) == new
+        # Within the TTL the cached version is trusted: an open reads it ...
+        fh = await cache.open("f")
+        assert await cache.read(fh, 0, 10) == DATA[:10]
+        # ... until a miss reaches the backend, which no longer has it: the
+        # handle fails rather than read the new version's bytes.
+        with pytest.raises(VersionGone):
+            await cache.read(fh, 5 * BS, 10)
+        assert await cache.read(fh, 0, 10) == DATA[:10]  # what it had cached still reads
+        with pytest.raises(VersionGone):
+            await cache.read(fh, 2 * BS, 10)
+        await cache.close(fh)
+        # The next open stats the file again.
+        assert await read_sequential(cache, "f") == new
+        assert cache.statistics()["version_gone_reads"] == 2
     results = [c["result"] for c in rig.reads()]
-    assert "FILE_MODIFIED_EXTERNALLY" in results
+    assert results.count("FILE_MODIFIED_EXTERNALLY") == 1
 
 
-async def test_file_modified_externally_from_the_backend_refetches(tmp_path):
+async def test_file_modified_externally_from_the_backend_drops_the_cached_version(tmp_path):
     rig = Rig(tmp_path, {"f": DATA})
     async with rig.engine() as cache:
         assert await read_at(cache, "f", 0, BS) == DATA[:BS]
         rig.faults([{"file": "f", "result": "FILE_MODIFIED_EXTERNALLY", "count": 1}])
         rig.calls()
+        with pytest.raises(VersionGone):
+            await read_at(cache, "f", 2 * BS, BS)
+        # The backend said the cached bytes are no longer the file's: the next
+        # open stats it again and fetches what it reads.
         assert await read_at(cache, "f", 2 * BS, BS) == DATA[2 * BS : 3 * BS]
         assert cache.statistics()["cached_bytes"] == BS  # block 0 was dropped
     assert [c["result"] for c in rig.reads()] == ["FILE_MODIFIED_EXTERNALLY", "SUCCESS"]
@@ -222,14 +236,16 @@ async def test_bytes_read_beyond_the_request_is_a_failure_and_nothing_is_cached(
         assert cache.statistics()["cached_bytes"] == 0
 
 
-async def test_a_deleted_file_reads_as_not_found(tmp_path):
+async def test_a_file_deleted_while_open_fails_its_handle_and_is_not_found_after(tmp_path):
     rig = Rig(tmp_path, {"f": DATA})
     async with rig.engine() as cache:
         fh = await cache.open("f")
         rig.memory.delete("f")
-        with pytest.raises(NotFound):
+        with pytest.raises(VersionGone):
             await cache.read(fh, 0, 10)
         await cache.close(fh)
+        with pytest.raises(NotFound):
+            await cache.open("f")
 
 
 async def test_ttl_bounds_how_long_a_version_is_trusted(tmp_path, mock_clock):

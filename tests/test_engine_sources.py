@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from enginerig import BS, Rig, SourceFactory, read_at, read_sequential
+from enginerig import BS, MemorySource, Rig, SourceFactory, read_at, read_sequential
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachefs import ContentInfo, CorruptData, NotFound
+from cachefs import ContentInfo, CorruptData, NotFound, VersionGone
 
 pytest_plugins = ["s3server"]
 
@@ -76,16 +76,44 @@ async def test_a_second_engine_serves_the_same_bytes_with_zero_calls(tmp_path, m
     assert rig.calls() == []
 
 
-async def test_a_replaced_file_is_read_new_when_the_backend_says_so(tmp_path, make_source):
+async def test_a_replaced_file_fails_its_old_handles_and_new_opens_read_it_new(
+    tmp_path, make_source
+):
     rig = rig_of(tmp_path, make_source, {"f": DATA})
     async with rig.engine(ttl=3600) as cache:
         assert await read_at(cache, "f", 0, BS) == DATA[:BS]
         new = os.urandom(2 * BS + 1)
         rig.source.put("f", new)
         assert await read_at(cache, "f", 0, 10) == DATA[:10]  # trusted within the TTL
-        assert await read_at(cache, "f", 5 * BS, 10) == b""  # a miss: the new file is shorter
+        with pytest.raises(VersionGone):
+            await read_at(cache, "f", 5 * BS, 10)  # a miss: the source has another version
         assert await read_at(cache, "f", 0, 3 * BS) == new
     assert "FILE_MODIFIED_EXTERNALLY" in [c["result"] for c in rig.reads()]
+
+
+async def test_a_handle_reads_its_version_whole_while_the_file_is_replaced(
+    tmp_path, make_source
+):
+    rig = rig_of(tmp_path, make_source, {"f": DATA})
+    new = os.urandom(len(DATA) + BS)
+    async with rig.engine(ttl=0) as cache:
+        fh = await cache.open("f")
+        got = bytearray(await cache.read(fh, 0, BS))
+        rig.source.put("f", new)
+        assert await read_sequential(cache, "f") == new  # a new open: the new version
+        try:
+            while data := await cache.read(fh, len(got), BS):
+                got += data
+        except VersionGone:
+            pass
+        finally:
+            await cache.close(fh)
+        # One version or an error: the old one whole, or a prefix of it.
+        # Here whole: the local inode it opened is still there, the S3
+        # stream of its transfer still reads the old object, and only a
+        # memory source has nothing left of it.
+        assert bytes(got) == DATA[: len(got)]
+        assert len(got) == (BS if isinstance(rig.source, MemorySource) else len(DATA))
 
 
 async def test_a_replaced_file_is_read_new_after_the_ttl(tmp_path, make_source, mock_clock):
@@ -100,14 +128,16 @@ async def test_a_replaced_file_is_read_new_after_the_ttl(tmp_path, make_source, 
         assert await read_at(cache, "f", 0, 100) == b"new content"
 
 
-async def test_a_deleted_file_reads_as_not_found(tmp_path, make_source):
+async def test_a_deleted_file_fails_its_handle_and_is_not_found_after(tmp_path, make_source):
     rig = rig_of(tmp_path, make_source, {"f": DATA, "g": SMALL})
     async with rig.engine(ttl=0) as cache:
         fh = await cache.open("f")
         rig.source.delete("f")
-        with pytest.raises(NotFound):
+        with pytest.raises(VersionGone):
             await cache.read(fh, 0, 10)
         await cache.close(fh)
+        with pytest.raises(NotFound):
+            await cache.open("f")
         with pytest.raises(NotFound):
             await cache.open("f")
         assert await read_at(cache, "g", 0, 10) == SMALL[:10]

@@ -32,7 +32,7 @@ from cachefs.errors import FileQuarantined, NotFound
 from cachefs.fuse import FUSEError
 from cachefs.fuse.session import MAX_BACKGROUND
 from cachefs.fuse_ops import Operations
-from cachefs.namespace import ROOT_INODE, Namespace
+from cachefs.namespace import ROOT_INODE, Namespace, NewInode
 
 if TYPE_CHECKING:
     from conftest import Mount, MountFactory
@@ -419,10 +419,18 @@ def test_recoverable_results_are_invisible_to_readers(mount: MountFactory, tmp_p
         ],
     )
     m = mount(src, "--faults", rules)
-    for name in ("partial", "modified", "local"):
+    for name in ("partial", "local"):
         assert (m / name).read_bytes() == data[name], name
     # RANGE_BEYOND_EOF: the reader gets zeros for the tail.
     assert (m / "short").read_bytes() == data["short"][:200_000] + bytes(100_000)
+    # FILE_MODIFIED_EXTERNALLY: the version the reader opened is gone, so its
+    # read fails (ESTALE) rather than go on in another; the next open reads
+    # what the source has.
+    with pytest.raises(OSError) as e:
+        (m / "modified").read_bytes()
+    assert e.value.errno == errno.ESTALE
+    assert (m / "modified").read_bytes() == data["modified"]
+    assert m.stats()["version_gone_reads"] >= 1
 
 
 # -- the commands around a mount ---------------------------------------------------------
@@ -634,6 +642,57 @@ async def test_kernel_pages_are_kept_only_for_the_same_version(
     assert not ns.opened(g.ino, "v2")
     assert ns.invalidated("g") == g.ino
     assert ns.invalidated("not-known") is None
+
+
+async def test_an_open_inode_shows_the_version_it_reads_and_the_path_moves_on(
+    tree: dict[str, FileAttrs],
+) -> None:
+    ns = Namespace(FakeCache(tree, ttl=0))  # type: ignore[arg-type]
+    g, shown = await ns.lookup(ROOT_INODE, "g")
+    ns.bind(g.ino, shown)  # an open of v1
+    tree["g"] = FileAttrs(FileKind.FILE, size=99, mtime=1.0, version="v2")
+    # The kernel keeps one size and one page cache per inode: while open,
+    # the inode is v1's ...
+    assert (await ns.getattr(g.ino))[1] == shown
+    # ... and the path is now another inode, with v2's attributes.
+    g2, now = await ns.lookup(ROOT_INODE, "g")
+    assert g2.ino != g.ino and now.size == 99
+    listing = await ns.list_dir(ROOT_INODE)
+    assert [ns.entry_inode("g", e.attrs) for e in listing if e.name == "g"] == [g2.ino]
+    # An open of v2 on the old inode would read v2 under v1's size and pages.
+    with pytest.raises(NewInode):
+        ns.bind(g.ino, now)
+    ns.bind(g2.ino, now)
+    ns.unbind(g.ino)
+    assert (await ns.getattr(g.ino))[1] == now  # no longer open: what the path has
+
+
+async def test_an_open_of_another_version_than_the_kernel_was_shown_needs_a_new_inode(
+    tree: dict[str, FileAttrs],
+) -> None:
+    ns = Namespace(FakeCache(tree, ttl=0))  # type: ignore[arg-type]
+    g, _ = await ns.lookup(ROOT_INODE, "g")
+    v2 = FileAttrs(FileKind.FILE, size=99, mtime=1.0, version="v2")
+    with pytest.raises(NewInode):  # the kernel may still hold v1's size for it
+        ns.bind(g.ino, v2)
+    ns.renumber(g.ino)
+    tree["g"] = v2
+    g2, _ = await ns.lookup(ROOT_INODE, "g")
+    assert g2.ino != g.ino
+    ns.bind(g2.ino, v2)
+
+
+async def test_a_file_deleted_while_open_keeps_its_attributes_on_its_inode(
+    tree: dict[str, FileAttrs],
+) -> None:
+    ns = Namespace(FakeCache(tree, ttl=0))  # type: ignore[arg-type]
+    g, shown = await ns.lookup(ROOT_INODE, "g")
+    ns.bind(g.ino, shown)
+    del tree["g"]
+    assert (await ns.getattr(g.ino))[1] == shown  # fstat of an open file works
+    ns.unbind(g.ino)
+    with pytest.raises(NotFound):
+        await ns.getattr(g.ino)
 
 
 async def test_errors_become_errno_in_one_place(

@@ -46,6 +46,9 @@ class Catalog:
         self.block_size = block_size
         self.files: dict[str, CachedFile] = {cf.file_id: cf for cf in files}
         self.other: dict[str, tuple[FileAttrs, float]] = {}
+        # What a file's next version inherits from its last (error, pinned),
+        # for files whose version was retired before the next was learned.
+        self._carry: dict[str, tuple[str | None, bool]] = {}
         self.external_error = external_error
         self.dirty: set[CachedFile] = set()
         self._unsynced: set[DataFile] = set()
@@ -70,10 +73,9 @@ class Catalog:
             return attrs
         self.other.pop(file_id, None)
         if cf is None or cf.version != attrs.version or cf.size != attrs.size:
-            error, pinned = None, False
             if cf is not None:
-                error, pinned = cf.error, cf.pinned
                 self.retire(cf)
+            error, pinned = self._carry.pop(file_id, (None, False))
             cf = self._new_file(file_id, attrs, error, pinned)
         else:
             cf.mtime, cf.mode = attrs.mtime, attrs.mode
@@ -86,6 +88,7 @@ class Catalog:
         cf = self.files.get(file_id)
         if cf is not None:
             self.retire(cf)
+        self._carry.pop(file_id, None)
 
     def _new_file(
         self, file_id: str, attrs: FileAttrs, error: str | None, pinned: bool
@@ -122,7 +125,9 @@ class Catalog:
         )
 
     def retire(self, cf: CachedFile) -> None:
-        """Drop everything cached of this version (the source has another, or none)."""
+        """Drop this version (the source has another, or none): its row goes
+        and its data file is unlinked; handles holding the file keep reading
+        the blocks it has.  Its latch and pin pass to the next version."""
         if cf.retired:
             return
         cf.retired = True
@@ -135,6 +140,8 @@ class Catalog:
         self.dirty.discard(cf)
         if self.files.get(cf.file_id) is cf:
             del self.files[cf.file_id]
+            if cf.error is not None or cf.pinned:
+                self._carry[cf.file_id] = (cf.error, cf.pinned)
         if self._on_invalidate is not None:
             self._on_invalidate(cf.file_id)
 

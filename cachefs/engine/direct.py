@@ -26,8 +26,9 @@ block, which is fetched again.  Encrypted cache-hit seq 1 MiB went from
 Every direct read of a handle, asked for or ahead, is a :class:`_Read` in
 its stream until a request claims it; one that no request will claim
 (the reader went elsewhere, or closed) gives its buffer back once the disk
-is done with it.  A read whose blocks were evicted or whose version was
-retired meanwhile is not served (the caller fetches the blocks again).
+is done with it.  A read whose blocks were evicted meanwhile is not
+served (the caller fetches the blocks again); one of a version retired
+meanwhile is, from the data file the handle holds.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class DirectReader:
                     raise read.error
                 data.refuse_direct(read.error)
                 return NOT_DIRECT
-            if cf.epoch != read.epoch or cf.retired:
+            if cf.epoch != read.epoch:
                 return None
             if read.got < n:
                 self._catalog.lost(cf, offset, end)

@@ -6,6 +6,14 @@ other readers wait for it), writes whole blocks, then marks them present.
 Sequential readers get readahead.  The bitmap reaches SQLite only after the
 data files are synced (Catalog.flush), so a crash loses blocks, never trusts
 wrong ones.
+
+One version per handle (docs/SEMANTICS.md): an open binds the handle to the
+version current at the last revalidation, and every read of the handle is
+served from that version: its cached blocks (the handle holds the data file,
+so they outlive a newer version), or the backend pinned to it.  A version
+that is no longer current is read without storing.  When the backend says
+the version is gone (FILE_MODIFIED_EXTERNALLY), what is not cached of it
+fails with VersionGone, and the next open stats the file again.
 """
 
 from __future__ import annotations
@@ -39,9 +47,11 @@ from cachefs.engine.uring import open_ring
 from cachefs.engine.whole import WholeFiles
 from cachefs.errors import (
     NotAFile,
+    NotFound,
     PinLimitExceeded,
     ReadFailed,
     TransientFailure,
+    VersionGone,
 )
 
 log = logging.getLogger(__name__)
@@ -51,14 +61,18 @@ MAX_REPLANS = 4
 
 
 class OpenFile:
-    """A handle from :meth:`FileCache.open`; one reader's sequential state."""
+    """A handle from :meth:`FileCache.open`: the version it reads (``cf``,
+    ``attrs``) and one reader's sequential state."""
 
-    __slots__ = ("file_id", "attrs", "reader", "data", "direct", "whole", "closed")
+    __slots__ = ("file_id", "attrs", "cf", "reader", "data", "direct", "whole", "closed")
 
-    def __init__(self, file_id: str, attrs: FileAttrs) -> None:
-        self.file_id = file_id
-        self.attrs = attrs
+    def __init__(self, cf: CachedFile) -> None:
+        self.file_id = cf.file_id
+        self.attrs = cf.attrs
+        self.cf = cf
         self.reader = ReaderState()
+        # The version's data file, held open from the open on: its cached
+        # blocks stay readable when a newer version retires it (unlinked).
         self.data: DataFile | None = None
         self.direct: Stream | None = None  # large hits read direct, some ahead
         self.whole: CachedFile | None = None  # held whole for the kernel (engine/whole.py)
@@ -93,7 +107,7 @@ class FileCache:
         self.max_fetch = max(bs, min(config.max_fetch, share) // bs * bs)
         self.max_readahead = min(config.max_readahead, max(bs, limit // 4))
         self._runner = FetchRunner(self)
-        self._handles: dict[str, int] = {}
+        self._handles: dict[tuple[str, str], int] = {}  # (file id, version) -> open handles
         self._open: set[OpenFile] = set()
         self._had_continuous: set[str] = set()
         self.counters = {
@@ -103,6 +117,7 @@ class FileCache:
             "miss_bytes": 0,
             "stale_served": 0,
             "passthrough_opens": 0,
+            "version_gone_reads": 0,
         }
         self._attrs = Attributes(backend, catalog, config.ttl, self.counters)
         self.content = Content(
@@ -131,12 +146,23 @@ class FileCache:
     # -- reading --------------------------------------------------------------------
 
     async def open(self, file_id: str) -> OpenFile:
-        """A handle for reading *file_id*; revalidates its version past the TTL."""
+        """A handle reading the version of *file_id* current at its last
+        revalidation (the backend is asked again past the TTL).
+
+        Every read of the handle is of that version, or fails (VersionGone).
+        """
         attrs = await self.getattr(file_id)
         if attrs.kind is not FileKind.FILE:
             raise NotAFile(f"{file_id or '/'}: not a regular file")
-        fh = OpenFile(file_id, attrs)
-        self._handles[file_id] = self._handles.get(file_id, 0) + 1
+        cf = self.catalog.files.get(file_id)
+        if cf is None:  # getattr learned it; only a bug gets here
+            raise NotFound(f"{file_id}: no such file")
+        fh = OpenFile(cf)
+        assert cf.data is not None
+        fh.data = cf.data
+        cf.data.acquire()
+        key = (file_id, cf.version)
+        self._handles[key] = self._handles.get(key, 0) + 1
         self._open.add(fh)
         return fh
 
@@ -169,9 +195,7 @@ class FileCache:
         of a buffer lent to it (engine/direct.py): use it before the next
         await, or copy it.
         """
-        cf = self.catalog.files.get(fh.file_id)
-        if cf is None:
-            cf = await self._attrs.current(fh.file_id)
+        cf = fh.cf
         end = min(offset + length, cf.size)
         if offset >= end:
             return b""
@@ -183,7 +207,7 @@ class FileCache:
             await self._end_run(cf, *ended)
         bs = self.config.block_size
         first, last = offset // bs, (end - 1) // bs
-        if sequential and reader.run_reads >= 2 and self.max_readahead:
+        if sequential and reader.run_reads >= 2 and self.max_readahead and not cf.retired:
             self._read_ahead(fh, cf, end)
         if cf.present.find(0, first, last + 1) < 0:
             data = await self._hits.serve(fh, cf, offset, end, sequential)
@@ -215,33 +239,80 @@ class FileCache:
 
     async def _read_miss(
         self, fh: OpenFile, offset: int, end: int, sequential: bool
-    ) -> bytes | bytearray:
+    ) -> bytes | bytearray | memoryview:
         bs = self.config.block_size
+        cf = fh.cf
+        first, last = offset // bs, (end - 1) // bs
         for _ in range(MAX_REPLANS):
-            cf = await self._attrs.current(fh.file_id)
-            stop = min(end, cf.size)
-            if offset >= stop:
-                return b""
-            first, last = offset // bs, (stop - 1) // bs
+            if cf.retired:
+                return await self._read_uncached(fh, offset, end, sequential)
             transfer = self._transfer_for(fh, cf, sequential)
             try:
-                await self._runner.ensure(cf, first, last, transfer)
+                unstored = await self._runner.ensure(cf, first, last, transfer)
             except (Modified, Replan) as e:
                 await self._stop_transfer(fh, cf, transfer)
                 if isinstance(e, Modified):
-                    self.catalog.retire(cf)
-                    await self._attrs.revalidate(cf.file_id)
+                    self._drop_version(cf)
+                    raise self._gone(cf) from None
                 continue
             except ReadFailed:
                 if transfer.kind is Kind.RANDOM:
                     await self._stop_transfer(fh, cf, transfer)
                 raise
-            if cf.retired:
+            for fetch in unstored:
+                data = fetch.serves(offset, end)
+                if data is not None:
+                    return data
+            if unstored:
                 continue
-            data = await self._hits.serve(fh, cf, offset, stop)
+            data = await self._hits.serve(fh, cf, offset, end)
             if data is not None:
                 return data
         raise TransientFailure(f"{fh.file_id}: the file kept changing while being read")
+
+    async def _read_uncached(
+        self, fh: OpenFile, offset: int, end: int, sequential: bool
+    ) -> bytes | bytearray | memoryview:
+        """Bytes [offset, end) of *fh*'s version from the backend, not stored."""
+        cf = fh.cf
+        bs = self.config.block_size
+        start = offset // bs * bs
+        stop = min(-(-end // bs) * bs, cf.size)
+        buf = bytearray(stop - start)
+        for _ in range(MAX_REPLANS):
+            if cf.gone:
+                raise self._gone(cf)
+            transfer = self._transfer_for(fh, cf, sequential)
+            try:
+                await self._runner.fetch_uncached(cf, transfer, memoryview(buf), start)
+            except (Modified, Replan) as e:
+                await self._stop_transfer(fh, cf, transfer)
+                if isinstance(e, Modified):
+                    self._drop_version(cf)
+                continue
+            except ReadFailed:
+                if transfer.kind is Kind.RANDOM:
+                    await self._stop_transfer(fh, cf, transfer)
+                raise
+            if offset == start and end == stop:
+                return buf
+            return memoryview(buf)[offset - start : end - start]
+        raise TransientFailure(f"{fh.file_id}: the read kept being re-planned")
+
+    def _drop_version(self, cf: CachedFile) -> None:
+        """The backend no longer has *cf*'s version: drop it (the next open
+        stats the file again); what is not cached of it cannot be read."""
+        if not cf.gone:
+            cf.gone = True
+            log.info("%s changed at the source: version %s is gone", cf.file_id, cf.version)
+        self.catalog.retire(cf)
+
+    def _gone(self, cf: CachedFile) -> VersionGone:
+        self.counters["version_gone_reads"] += 1
+        return VersionGone(
+            f"{cf.file_id}: the file changed at the source while open;"
+            " open it again for the current version"
+        )
 
     def _transfer_for(self, fh: OpenFile, cf: CachedFile, sequential: bool) -> Transfer:
         file_last = max(0, len(cf.present) - 1)
@@ -268,7 +339,7 @@ class FileCache:
         transfer.finished = True
         if self.catalog.external_error is not None or cf.error is not None:
             return
-        context = self._runner.context_of(cf.file_id)
+        context = self._runner.context_of(cf)
         if context is None:
             return
         req = ReadData(
@@ -289,21 +360,22 @@ class FileCache:
             return
         fh.closed = True
         self._open.discard(fh)
+        cf = fh.cf
         ended = fh.reader.detach()
-        cf = self.catalog.files.get(fh.file_id)
-        if ended is not None and cf is not None:
+        if ended is not None:
             await self._end_run(cf, *ended)
         self._hits.forget(fh)
         self._whole.release(fh)
         if fh.data is not None:
             fh.data.release()
             fh.data = None
-        left = self._handles.get(fh.file_id, 1) - 1
+        key = (cf.file_id, cf.version)
+        left = self._handles.get(key, 1) - 1
         if left:
-            self._handles[fh.file_id] = left
+            self._handles[key] = left
             return
-        self._handles.pop(fh.file_id, None)
-        await self._runner.close_context(fh.file_id)
+        self._handles.pop(key, None)
+        await self._runner.close_context(*key)
 
     # -- content from elsewhere ---------------------------------------------------
 
@@ -328,10 +400,10 @@ class FileCache:
         One pass over the file, up to max_fetches calls in flight; a file
         larger than the cache is fetched once, not kept.
         """
-        fh = await self.open(file_id)
-        try:
-            for _ in range(MAX_REPLANS):
-                cf = await self._attrs.current(file_id)
+        for _ in range(MAX_REPLANS):
+            fh = await self.open(file_id)  # the current version, stat again after a change
+            cf = fh.cf
+            try:
                 last = len(cf.present) - 1
                 if last < 0:
                     return
@@ -340,16 +412,15 @@ class FileCache:
                     await self._runner.fetch_whole(cf, transfer)
                     return
                 except Modified:
-                    self.catalog.retire(cf)
-                    await self._attrs.revalidate(file_id)
+                    self._drop_version(cf)
                 except Replan:
                     pass
                 finally:
-                    if transfer.open and not cf.retired:
+                    if transfer.open:
                         await self.cancel_transfer(cf, transfer)
-            raise TransientFailure(f"{file_id}: the file kept changing while being fetched")
-        finally:
-            await self.close(fh)
+            finally:
+                await self.close(fh)
+        raise TransientFailure(f"{file_id}: the file kept changing while being fetched")
 
     async def pin(self, file_id: str) -> None:
         """Fetch *file_id* whole and keep it: eviction never touches a pinned file.

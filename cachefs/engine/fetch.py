@@ -3,15 +3,22 @@
 Result codes, as the cache reacts (README has the table):
 SUCCESS caches what arrived; PARTIAL asks for the rest (three empty PARTIALs
 in a row count as one FAILURE); RANGE_BEYOND_EOF zeroes the tail and never
-asks past it again; FILE_MODIFIED_EXTERNALLY drops the file and re-stats;
+asks past it again (for this version); FILE_MODIFIED_EXTERNALLY ends the
+version (the caller drops it: its handles fail, new opens re-stat);
 FILE_MODIFIED_LOCALLY re-plans; FAILURE retries with exponential backoff;
 FILE_FAILURE latches the file; PERMANENT_FAILURE latches the storage.
 Bytes that do not match the file's content information are not stored and
 count as a FAILURE (retried, then EIO).
+
+Every call is pinned to one version (``ReadData.version``) and made through
+that version's own backend context, so a context opened on one version
+(a local file's inode) is never moved to another.  A version no longer
+current (retired) is read without storing: into the reader's buffer only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import mmap
 from typing import TYPE_CHECKING, Any
@@ -21,6 +28,7 @@ import trio
 from cachefs.contract import ReadData, RWResult
 from cachefs.engine.hugepages import anonymous
 from cachefs.engine.index import CachedFile
+from cachefs.engine.store import NO_HASH
 from cachefs.engine.transfers import Kind, Transfer
 from cachefs.errors import (
     CorruptData,
@@ -40,7 +48,7 @@ EMPTY_PARTIALS = 3
 
 
 class Modified(Exception):
-    """The backend's copy changed: drop the file's blocks, re-stat, re-plan."""
+    """The backend no longer has this version: drop it; its readers fail."""
 
 
 class Replan(Exception):
@@ -48,15 +56,29 @@ class Replan(Exception):
 
 
 class Fetch:
-    """Blocks first..last being fetched by one reader; others wait on ``done``."""
+    """Blocks first..last being fetched by one reader; others wait on ``done``.
 
-    __slots__ = ("first", "last", "done", "error")
+    ``data`` holds the bytes from ``data_at`` to the end of the run when
+    they could not be stored (the cache disk failed): its readers are
+    served from it.
+    """
+
+    __slots__ = ("first", "last", "done", "error", "data", "data_at")
 
     def __init__(self, first: int, last: int) -> None:
         self.first = first
         self.last = last
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.data: bytes | None = None
+        self.data_at = 0
+
+    def serves(self, offset: int, end: int) -> memoryview | None:
+        """Bytes [offset, end) from ``data``, if it holds all of them."""
+        data = self.data
+        if data is None or offset < self.data_at or end > self.data_at + len(data):
+            return None
+        return memoryview(data)[offset - self.data_at : end - self.data_at]
 
     def finish(self, cf: CachedFile) -> None:
         cf.unhold(self.first, self.last, self)
@@ -118,11 +140,12 @@ class Buffers:
 
 
 class FetchRunner:
-    """Runs ReadData calls for the engine; owns the backend's file contexts."""
+    """Runs ReadData calls for the engine; owns the backend's file contexts,
+    one per (file id, version)."""
 
     def __init__(self, cache: FileCache) -> None:
         self._cache = cache
-        self._contexts: dict[str, Any] = {}
+        self._contexts: dict[tuple[str, str], Any] = {}
         self.buffers = Buffers(cache.max_fetch)
 
     def check_latches(self, cf: CachedFile) -> None:
@@ -167,32 +190,33 @@ class FetchRunner:
             return rc, n
         return rc, 0
 
-    def context_of(self, file_id: str) -> tuple[Any] | None:
-        """(context,) when the backend has *file_id* open, else None."""
-        if file_id in self._contexts:
-            return (self._contexts[file_id],)
+    def context_of(self, cf: CachedFile) -> tuple[Any] | None:
+        """(context,) when the backend has *cf*'s version open, else None."""
+        key = (cf.file_id, cf.version)
+        if key in self._contexts:
+            return (self._contexts[key],)
         return None
 
-    async def _context(self, file_id: str) -> Any:
-        contexts = self._contexts
-        if file_id in contexts:
-            return contexts[file_id]
-        ctx = await self._cache.backend.open_file(file_id)
-        if file_id in contexts:  # another reader opened it meanwhile
-            await self._close(file_id, ctx)
+    async def _context(self, cf: CachedFile) -> Any:
+        contexts, key = self._contexts, (cf.file_id, cf.version)
+        if key in contexts:
+            return contexts[key]
+        ctx = await self._cache.backend.open_file(cf.file_id)
+        if key in contexts:  # another reader opened it meanwhile
+            await self._close(cf.file_id, ctx)
         else:
-            contexts[file_id] = ctx
-        return contexts[file_id]
+            contexts[key] = ctx
+        return contexts[key]
 
-    async def close_context(self, file_id: str) -> None:
+    async def close_context(self, file_id: str, version: str) -> None:
         contexts = self._contexts
-        if file_id in contexts:
-            await self._close(file_id, contexts.pop(file_id))
+        if (file_id, version) in contexts:
+            await self._close(file_id, contexts.pop((file_id, version)))
 
     async def close_all_contexts(self) -> None:
-        for file_id in list(self._contexts):
+        for file_id, version in list(self._contexts):
             with trio.move_on_after(5):
-                await self.close_context(file_id)
+                await self.close_context(file_id, version)
 
     async def _close(self, file_id: str, ctx: Any) -> None:
         try:
@@ -200,10 +224,15 @@ class FetchRunner:
         except Exception as e:
             log.warning("backend close_file(%s) failed: %s", file_id, e)
 
-    async def ensure(self, cf: CachedFile, first: int, last: int, transfer: Transfer) -> None:
+    async def ensure(
+        self, cf: CachedFile, first: int, last: int, transfer: Transfer
+    ) -> list[Fetch]:
         """Make blocks first..last of *cf* present, fetching what no one else fetches.
 
-        Raises Modified / Replan for the caller to re-plan, ReadFailed to fail.
+        Returns the fetches of the range whose bytes could not be stored
+        (they hold them: :meth:`Fetch.serves`); empty when every block is
+        present.  Raises Modified / Replan for the caller to re-plan,
+        ReadFailed to fail.
         """
         bs = self._cache.config.block_size
         limit = max(1, self._cache.max_fetch // bs)
@@ -212,7 +241,7 @@ class FetchRunner:
                 raise Replan
             b = cf.present.find(0, first, last + 1)
             if b < 0:
-                return
+                return []
             self.check_latches(cf)
             runs: list[tuple[int, int]] = []
             waits: list[Fetch] = []
@@ -249,6 +278,9 @@ class FetchRunner:
             for f in waits:
                 await f.done.wait()
                 f.raise_error()
+            unstored = [f for f in (*fetches, *waits) if f.data is not None]
+            if unstored:
+                return unstored
 
     async def fetch_whole(self, cf: CachedFile, transfer: Transfer) -> None:
         """One pass over every missing block of *cf*, max_fetches runs at a time."""
@@ -290,23 +322,45 @@ class FetchRunner:
         start = fetch.first * bs
         stop = min((fetch.last + 1) * bs, cf.size)
         buf = self.buffers.take()
-        await self._fill(cf, transfer, memoryview(buf)[: stop - start], start, stop)
+        view = memoryview(buf)[: stop - start]
+        unstored = await self._fill(cf, transfer, view, start, stop, store=True)
+        if unstored < stop:
+            fetch.data, fetch.data_at = bytes(view[unstored - start :]), unstored
         # Not on an exception: a backend call cut short may still hold it.
         self.buffers.give(buf)
 
-    async def _fill(
-        self, cf: CachedFile, transfer: Transfer, view: memoryview, start: int, stop: int
+    async def fetch_uncached(
+        self, cf: CachedFile, transfer: Transfer, view: memoryview, start: int
     ) -> None:
-        """Fetch [start, stop) of *cf* through *view* and store it, block by block."""
+        """Fetch [start, start + len(view)) of *cf* into *view*, storing nothing
+        (a retired version, or a cache disk that failed); whole blocks, or up
+        to the end of the file.  Checked against content information."""
+        async with self._cache.fetch_limiter:
+            await self._fill(cf, transfer, view, start, start + len(view), store=False)
+
+    async def _fill(
+        self,
+        cf: CachedFile,
+        transfer: Transfer,
+        view: memoryview,
+        start: int,
+        stop: int,
+        store: bool,
+    ) -> int:
+        """Fetch [start, stop) of *cf* through *view*, block by block, storing
+        each block unless *store* is False.  Returns where the stored bytes
+        end: *stop*, or less when the cache disk failed (the rest is in
+        *view*, checked like what is not stored)."""
         c = self._cache
         cat = c.catalog
         cfg = c.config
         bs = cfg.block_size
         pos = written = start
+        unstored = stop if store else start
         failures = empty = corrupt = 0
         while pos < stop:
             self.check_latches(cf)
-            if cf.retired:
+            if store and cf.retired:
                 raise Replan
             if cf.zero_from is not None and pos >= cf.zero_from:
                 # Known to read as zeros: the backend is not asked again.
@@ -361,7 +415,11 @@ class FetchRunner:
                 await trio.sleep(min(cfg.retry_delay * 2 ** (failures - 1), cfg.retry_max_delay))
             complete = stop if pos >= stop else pos - pos % bs
             if complete > written:
-                stored = await self.store(cf, written, view[written - start : complete - start])
+                chunk = view[written - start : complete - start]
+                if store:
+                    stored = await self.store(cf, written, chunk)
+                else:
+                    stored = await self._check(cf, written, chunk)
                 if stored < complete:
                     c.counters["corrupt_from_backend"] += 1
                     corrupt += 1
@@ -378,6 +436,7 @@ class FetchRunner:
                     pos = stored
                     await trio.sleep(min(cfg.retry_delay * 2 ** (corrupt - 1), cfg.retry_max_delay))
                 written = stored
+        return unstored
 
     async def _call_for(
         self, cf: CachedFile, transfer: Transfer, buffer: memoryview, pos: int, stop: int
@@ -387,7 +446,7 @@ class FetchRunner:
         if cf.zero_from is not None:
             stop = min(stop, cf.zero_from)
         try:
-            ctx = await self._context(cf.file_id)
+            ctx = await self._context(cf)
         except FileNotFoundError:
             raise Modified from None
         except Exception as e:
@@ -447,6 +506,30 @@ class FetchRunner:
             c.evictor.settle(len(data))
         cat.note_written(cf)
         return offset + n
+
+
+    async def _check(self, cf: CachedFile, offset: int, data: memoryview) -> int:
+        """Like :meth:`store` for bytes that are not stored: where the blocks
+        that match the content information end (all of them without it)."""
+        c = self._cache
+        bs = c.config.block_size
+        expected = c.content.expected(cf, offset // bs, (offset + len(data) - 1) // bs)
+        if expected is None:
+            return offset + len(data)
+        good = await trio.to_thread.run_sync(
+            matching_prefix, data, expected, bs, limiter=c.disk_limiter
+        )
+        return offset + good
+
+
+def matching_prefix(data: memoryview, expected: bytes, block_size: int) -> int:
+    """How many bytes of *data*, block by block, match the SHA-256 hashes in
+    *expected* (32 bytes per block; zeros: unknown, taken as matching)."""
+    for i, at in enumerate(range(0, len(data), block_size)):
+        want = expected[32 * i : 32 * i + 32]
+        if want != NO_HASH and hashlib.sha256(data[at : at + block_size]).digest() != want:
+            return at
+    return len(data)
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

@@ -71,14 +71,9 @@ class HitReader:
         self.direct.forget(fh)
 
     def _fd(self, fh: OpenFile, cf: CachedFile) -> int:
-        data = cf.data
-        assert data is not None
-        if fh.data is not data:
-            if fh.data is not None:
-                fh.data.release()
-            data.acquire()
-            fh.data = data
-        assert data.fd is not None
+        """The fd of *fh*'s data file, held by the handle since it opened."""
+        data = fh.data
+        assert data is not None and data is cf.data and data.fd is not None
         return data.fd
 
     async def serve(
@@ -90,7 +85,7 @@ class HitReader:
         reads as a view of the mapped file, to be used before the next
         await); what is only on disk goes through the ring or a reader
         thread (large reads into a lent buffer, held as long as the view).
-        None means the blocks are gone (evicted or retired meanwhile, or
+        None means the blocks are gone (evicted meanwhile, or
         lost from the data file): the caller fetches them.
         """
         bs = self._block_size
@@ -128,7 +123,7 @@ class HitReader:
                 got += await self._read_disk(fd, buf, got, offset, offload)
             finally:
                 data.release()
-            if cf.epoch != epoch or cf.retired:
+            if cf.epoch != epoch:
                 return None
         if got < n:
             self._catalog.lost(cf, offset, end)
@@ -191,7 +186,7 @@ class HitReader:
                 lo = offset - first * bs
         finally:
             data.release()
-        if cf.epoch != epoch or cf.retired:
+        if cf.epoch != epoch:
             return None
         if bad:
             self._content.failed(cf, bad)

@@ -80,7 +80,13 @@ class CachedFile:
     # checks it to know its bytes were not evicted meanwhile.
     epoch: int = 0
     validated_at: float = float("-inf")
+    # No longer the version the catalog serves to new opens: its row is
+    # gone and its data file unlinked; handles that opened it keep reading
+    # it (engine.OpenFile), its present blocks from the data file they hold.
     retired: bool = False
+    # The source answered FILE_MODIFIED_EXTERNALLY for this version: what is
+    # not cached of it cannot be had any more.
+    gone: bool = False
     data: DataFile | None = None
     # Made on first use, dropped when empty: a cache may know 100,000s of files.
     # Blocks being fetched or evicted -> the Fetch to wait for.

@@ -96,8 +96,14 @@ class DataFile:
         return first * self.block_size, min((last + 1) * self.block_size, self.size)
 
     def acquire(self) -> int:
-        """Open (creating a sparse file of the full size) and hold the fd."""
+        """Open (creating a sparse file of the full size) and hold the fd.
+
+        FileNotFoundError once retired and closed: its bytes are gone, and a
+        file made anew would read as zeros where blocks are marked present.
+        """
         if self.fd is None:
+            if self.retired:
+                raise FileNotFoundError(f"cache data file {self.path} was retired")
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 if os.fstat(fd).st_size != self.disk_size:

@@ -45,10 +45,10 @@ class WholeFiles:
         if fh.whole is not None:
             assert fh.whole.data is not None
             return fh.whole.data.fd
-        cf = self._catalog.files.get(fh.file_id)
+        cf = fh.cf
         if not self.qualifies(cf, fh.attrs.version):
             return None
-        assert cf is not None and cf.data is not None
+        assert cf.data is not None
         fd = cf.data.acquire()
         cf.held += 1
         fh.whole = cf
