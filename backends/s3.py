@@ -10,7 +10,10 @@ Policy:
 - The version tag of a file is its ETag.  Reads are ranged GETs pinned to the
   version the cache holds (If-Match on a strong ETag): the object changed
   (412) or vanished (404) -> FILE_MODIFIED_EXTERNALLY; the range reaches past
-  the end -> RANGE_BEYOND_EOF with the bytes that exist.
+  the end -> RANGE_BEYOND_EOF with the bytes that exist.  Every response's
+  own ETag is checked against that version too, so a server that ignores
+  If-Match, or an object with a weak ETag (never sent as If-Match), cannot
+  slip another version's bytes in.
 - The first call of a continuous transfer opens one GET to the end of the
   file; later calls that start where it stands read on from it.  It is
   closed by the call that finishes the transfer, by close_file, by CANCELED
@@ -71,6 +74,10 @@ T = TypeVar("T")
 _STARTING = RWEvent.CONTINUOUS_STARTED | RWEvent.CONTINUOUS_RESTARTED
 # Outcomes worth a warning; a changed or shorter object is routine.
 _WARN = frozenset({RWResult.FAILURE, RWResult.FILE_FAILURE, RWResult.PERMANENT_FAILURE})
+
+
+class OtherVersion(Exception):
+    """The response is of another version of the object than the one asked for."""
 
 
 class BrokenResponse(Exception):
@@ -198,7 +205,12 @@ class S3Backend:
         options: dict[str, Any] = {"range": (req.position, end)}
         if req.version.startswith('"'):  # a weak ETag (W/"...") never matches
             options["if_match"] = req.version
-        return obstore.get(store, req.file_id, options=options)
+        result = obstore.get(store, req.file_id, options=options)
+        if req.version:
+            got = _file_attrs(result.meta).version
+            if got != req.version:
+                raise OtherVersion(f"the response is of version {got}, not {req.version}")
+        return result
 
     def _ranged(self, req: ReadData) -> int:
         self._counts["gets"] += 1
@@ -252,6 +264,8 @@ class S3Backend:
             # Whatever obstore's own retry met then, the engine's retry finds out.
             # What arrived is dropped: the retry is one ranged GET.
             self._failed(req, RWResult.FAILURE, f"response broken off: {describe(e.cause)}")
+        except OtherVersion as e:
+            self._failed(req, RWResult.FILE_MODIFIED_EXTERNALLY, str(e))
         except Exception as e:
             self._failed(req, *result_for(e))
         else:

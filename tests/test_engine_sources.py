@@ -91,9 +91,7 @@ async def test_a_replaced_file_fails_its_old_handles_and_new_opens_read_it_new(
     assert "FILE_MODIFIED_EXTERNALLY" in [c["result"] for c in rig.reads()]
 
 
-async def test_a_handle_reads_its_version_whole_while_the_file_is_replaced(
-    tmp_path, make_source
-):
+async def test_a_handle_reads_its_version_whole_while_the_file_is_replaced(tmp_path, make_source):
     rig = rig_of(tmp_path, make_source, {"f": DATA})
     new = os.urandom(len(DATA) + BS)
     async with rig.engine(ttl=0) as cache:

@@ -13,6 +13,7 @@ import pytest
 import trio
 from enginerig import BS, Rig, read_at, read_request, read_sequential
 
+import backends.s3
 from backends.s3 import S3Backend, S3File, open_backend
 from backends.s3config import resolve
 from cachefs import FileQuarantined, StorageQuarantined
@@ -244,6 +245,28 @@ async def test_a_changed_or_deleted_object_answers_modified_externally(s3_server
         req = request(file_id, 0, 10, version=old)
         await source.backend.read_data(req)
         assert (req.result_code, req.bytes_read) == (RWResult.FILE_MODIFIED_EXTERNALLY, 0)
+
+
+@pytest.mark.parametrize("flags", [RWEvent.RANDOM_STARTED, RWEvent.CONTINUOUS_STARTED])
+async def test_a_server_that_ignores_if_match_still_cannot_mix_versions(
+    s3_server, monkeypatch, flags
+) -> None:
+    source = s3_server.source({"f": DATA})
+    old = (await source.backend.stat("f")).version
+    source.put("f", bytes(len(DATA)))
+    real_get = backends.s3.obstore.get
+
+    def ignoring_if_match(store: Any, key: str, options: dict[str, Any]) -> Any:
+        return real_get(store, key, options={k: v for k, v in options.items() if k != "if_match"})
+
+    monkeypatch.setattr(backends.s3.obstore, "get", ignoring_if_match)
+    ctx = await source.backend.open_file("f")
+    req = request("f", 0, 1000, version=old, flags=flags | RWEvent.TIL_END, context=ctx)
+    await source.backend.read_data(req)
+    assert (req.result_code, req.bytes_read) == (RWResult.FILE_MODIFIED_EXTERNALLY, 0)
+    weak = request("f", 0, 1000, version=f"W/{old}")  # never sent as If-Match
+    await source.backend.read_data(weak)
+    assert weak.result_code == RWResult.FILE_MODIFIED_EXTERNALLY
 
 
 async def test_a_continuous_transfer_reads_on_from_one_stream(s3_server) -> None:

@@ -507,7 +507,6 @@ class FetchRunner:
         cat.note_written(cf)
         return offset + n
 
-
     async def _check(self, cf: CachedFile, offset: int, data: memoryview) -> int:
         """Like :meth:`store` for bytes that are not stored: where the blocks
         that match the content information end (all of them without it)."""
