@@ -87,13 +87,14 @@ _STATS_ROWS = (
 def format_stats(stats: dict[str, Any]) -> str:
     """The human-readable table of ``cachefs stats``."""
     rows = [(label, fmt(stats[key])) for label, key, fmt in _STATS_ROWS if key in stats]
-    shown = {key for _, key, _ in _STATS_ROWS} | {"file_errors"}
+    shown = {key for _, key, _ in _STATS_ROWS} | {"file_errors", "short_files"}
     rows += [
         (key.replace("_", " "), str(value))
         for key, value in sorted(stats.items())
         if key not in shown and isinstance(value, int | float | str)
     ]
     rows += [("  in error", file_id) for file_id in stats.get("file_errors", [])]
+    rows += [("  ends early", file_id) for file_id in stats.get("short_files", [])]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
@@ -251,7 +252,7 @@ def cmd_reset_file_errors(args: argparse.Namespace) -> int:
         for file_id in reset:
             print(f"reset {entry.mountpoint / file_id}")
         if not reset:
-            print(f"no latched file errors under {', '.join(args.paths)}")
+            print(f"no latched file errors or early ends of file under {', '.join(args.paths)}")
     return 0
 
 

@@ -118,13 +118,17 @@ class ControlCommands:
         }
 
     async def reset_file_errors(self, request: dict[str, Any], progress: Progress) -> list[str]:
-        """Reset the latched files below the given file ids."""
+        """Reset the latched and the short files below the given file ids."""
         file_ids = _file_ids(request)
         if "" in file_ids:
-            return await self._cache.reset_file_errors(None)
-        reset: list[str] = []
-        for file_id in _below(file_ids, self._cache.file_errors()):
-            reset += await self._cache.reset_file_errors(file_id)
+            reset = await self._cache.reset_file_errors(None)
+        else:
+            reset = []
+            known = {*self._cache.file_errors(), *self._cache.short_files()}
+            for file_id in _below(file_ids, known):
+                reset += await self._cache.reset_file_errors(file_id)
+        for file_id in reset:
+            self._invalidate(file_id)  # the kernel's pages of the zeros go too
         return reset
 
     async def add_data(self, request: dict[str, Any], progress: Progress) -> dict[str, int]:

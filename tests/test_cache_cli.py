@@ -286,6 +286,27 @@ def test_purge_returns_the_space_and_the_next_read_asks_the_source(
     assert calls_for(trace, "keep", since=seen) == []
 
 
+@pytest.mark.parametrize("command", ["purge", "reset-file-errors"])
+def test_an_early_end_of_file_is_forgotten_by_purge_and_reset(
+    mount: MountFactory, tmp_path: Path, cachefs: Cachefs, command: str
+) -> None:
+    src = tmp_path / "src"
+    data = make_tree(src, {"f": 300_000})["f"]
+    rules = tmp_path / "rules.json"
+    rules.write_text('[{"file": "f", "eof": 1000}]')
+    m = mount(src, "--faults", rules, "--ttl", "0")
+    assert (m / "f").read_bytes() == data[:1000] + bytes(299_000)  # what the source said
+    numbers = m.stats()
+    assert numbers["short_files"] == ["f"]
+    assert "ends early" in cachefs("stats", m.mountpoint).stdout
+    rules.write_text("[]")
+    assert (m / "f").read_bytes() == data[:1000] + bytes(299_000)  # the same version
+    done = cachefs(command, m / "f")
+    assert done.returncode == 0, done.stderr
+    assert m.stats()["short_files"] == []
+    assert (m / "f").read_bytes() == data
+
+
 # -- the limit -------------------------------------------------------------------------------
 
 

@@ -68,6 +68,41 @@ async def test_range_beyond_eof_zeroes_the_tail_and_never_asks_past_it(tmp_path)
         assert rig.calls() == []
 
 
+@pytest.mark.parametrize("forget", ["purge", "reset_file_errors"])
+async def test_what_an_early_end_of_file_taught_is_forgotten(tmp_path, forget):
+    rig = Rig(tmp_path, {"f": DATA})
+    eof = 3 * BS + 100
+    rig.faults([{"file": "f", "eof": eof}])
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "f") == DATA[:eof] + bytes(len(DATA) - eof)
+        assert cache.short_files() == ["f"]
+        rig.faults([])  # the source ends where its size says again
+        assert await read_sequential(cache, "f") == DATA[:eof] + bytes(len(DATA) - eof)
+        if forget == "purge":
+            await cache.purge("f")
+        else:
+            assert await cache.reset_file_errors("f") == ["f"]
+        assert cache.short_files() == []
+        rig.calls()
+        assert await read_sequential(cache, "f") == DATA
+        asked = [c["position"] for c in rig.reads()]
+        # A reset keeps what was fetched before the early end; a purge keeps nothing.
+        assert min(asked) == (0 if forget == "purge" else 3 * BS)
+
+
+async def test_an_early_end_of_file_is_remembered_across_remounts_until_reset(tmp_path):
+    rig = Rig(tmp_path, {"f": DATA})
+    eof = 3 * BS + 100
+    rig.faults([{"file": "f", "eof": eof}])
+    async with rig.engine() as cache:
+        assert await read_sequential(cache, "f") == DATA[:eof] + bytes(len(DATA) - eof)
+    rig.faults([])
+    async with rig.engine() as cache:  # a property of this version, kept with it
+        assert await read_sequential(cache, "f") == DATA[:eof] + bytes(len(DATA) - eof)
+        assert await cache.reset_file_errors() == ["f"]
+        assert await read_sequential(cache, "f") == DATA
+
+
 async def test_file_modified_externally_fails_the_old_version_and_new_opens_get_the_new(tmp_path):
     rig = Rig(tmp_path, {"f": DATA})
     async with rig.engine(ttl=3600) as cache:

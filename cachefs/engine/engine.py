@@ -450,16 +450,31 @@ class FileCache:
 
     async def purge(self, file_id: str) -> int:
         """Drop the cached data of *file_id* unless pinned or held whole
-        (:meth:`hold_whole`); returns the bytes freed."""
+        (:meth:`hold_whole`), and what a RANGE_BEYOND_EOF taught the cache
+        about it; returns the bytes freed."""
         cf = self.catalog.files.get(file_id)
         if cf is None or cf.pinned or cf.held:
             return 0
+        self._forget_eof(cf)
+        return await self._drop_blocks(cf, 0)
+
+    async def _drop_blocks(self, cf: CachedFile, first: int) -> int:
+        """Drop the cached blocks of *cf* from block *first* on; the bytes freed."""
         if cf.unhashed:  # their hashes outlive them (add-data checks against them)
             await self.hasher.drain()
-        victims = [(cf, b) for b in evictable(cf)]
+        victims = [(cf, b) for b in evictable(cf) if b >= first]
         before = self.catalog.cached_bytes
         await self.evictor.drop(victims, count=False)
         return before - self.catalog.cached_bytes
+
+    def _forget_eof(self, cf: CachedFile) -> int | None:
+        """Forget where a RANGE_BEYOND_EOF said *cf* ends; the first block
+        that holds zeros for it, if any."""
+        if cf.zero_from is None:
+            return None
+        first, cf.zero_from = cf.zero_from // self.config.block_size, None
+        self.catalog.dirty.add(cf)
+        return first
 
     def pinned(self) -> list[str]:
         return sorted(cf.file_id for cf in self.catalog.files.values() if cf.pinned)
@@ -467,23 +482,37 @@ class FileCache:
     # -- latches and statistics ---------------------------------------------------
 
     async def reset_file_errors(self, file_id: str | None = None) -> list[str]:
-        """Lift FILE_FAILURE latches (of one file, or all); returns the files reset."""
+        """Lift FILE_FAILURE latches and forget early ends of file
+        (RANGE_BEYOND_EOF), with the zeros cached for them, of one file or
+        all; returns the files reset.  A file open with passthrough keeps its
+        blocks until it is closed."""
         reset = []
         for cf in list(self.catalog.files.values()):
-            if cf.error is not None and file_id in (None, cf.file_id):
+            if file_id not in (None, cf.file_id):
+                continue
+            if cf.error is None and cf.zero_from is None:
+                continue
+            if cf.error is not None:
                 cf.error = None
                 self.catalog.dirty.add(cf)
-                reset.append(cf.file_id)
+            first = self._forget_eof(cf)
+            if first is not None and not cf.held:
+                await self._drop_blocks(cf, first)
+            reset.append(cf.file_id)
         await self.flush()
         return reset
+
+    def file_errors(self) -> list[str]:
+        return self.catalog.file_errors()
+
+    def short_files(self) -> list[str]:
+        """Files a RANGE_BEYOND_EOF said end before their size (zeros from there)."""
+        return sorted(cf.file_id for cf in self.catalog.files.values() if cf.zero_from is not None)
 
     async def reset_external_error(self) -> None:
         """Lift the PERMANENT_FAILURE latch: the backend is asked again."""
         self.catalog.external_error = None
         await self.flush()
-
-    def file_errors(self) -> list[str]:
-        return self.catalog.file_errors()
 
     def statistics(self) -> dict[str, Any]:
         errors = self.catalog.file_errors()
@@ -498,6 +527,7 @@ class FileCache:
             "evicted_bytes": self.evictor.evicted_bytes,
             "files_in_error": len(errors),
             "file_errors": errors,
+            "short_files": self.short_files(),
             "external_error": self.catalog.external_error,
             "block_size": self.config.block_size,
             "verify": self.config.verify,
