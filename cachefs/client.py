@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from typing import Any
 
 from cachefs.control import (
     MountEntry,
+    abort_connection,
+    daemon_pid,
     find_mount,
     lazy_unmount,
     mount_at,
@@ -35,6 +38,10 @@ from cachefs.sizes import format_size
 log = logging.getLogger("cachefs")
 
 
+#: How long the daemon has to answer its control socket before unmount aborts it.
+ANSWER_DEADLINE = 5.0
+
+
 def cmd_unmount(args: argparse.Namespace) -> int:
     entry = mount_at(args.mountpoint)
     if entry is None:
@@ -42,21 +49,42 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         raise NotInMount(
             f"{args.mountpoint} is not a mount point (the mount is {inside.mountpoint})"
         )
+    started = time.monotonic()
     try:
-        pid = request(entry, "stats", timeout=5.0)["pid"]
-        started = time.monotonic()
+        pid = request(entry, "stats", timeout=min(ANSWER_DEADLINE, args.timeout))["pid"]
         request(entry, "unmount", timeout=args.timeout)
     except MountUnreachable as e:
-        log.warning("%s; detaching the mount", e)
-        lazy_unmount(entry.mountpoint)
-        return 0
+        return _force_unmount(entry, f"{e}", args.timeout - (time.monotonic() - started))
     left = max(0.0, args.timeout - (time.monotonic() - started))
     if not wait_for_exit(pid, left):
+        abort_connection(entry)
         lazy_unmount(entry.mountpoint)
         raise CacheFSError(
             f"the daemon (pid {pid}) did not exit within {args.timeout:g} s; "
-            "the mount was detached (fusermount3 -u -z)"
+            "its FUSE connection was aborted and the mount detached"
         )
+    return 0
+
+
+def _force_unmount(entry: MountEntry, why: str, left: float) -> int:
+    """The daemon does not answer (stopped, hung, or dead): free the kernel
+    (abort its FUSE connection: blocked readers get an error at once), detach
+    the mount, and tell a live daemon to exit; 0 once it has."""
+    pid = daemon_pid(entry.cache_dir)
+    aborted = abort_connection(entry)
+    lazy_unmount(entry.mountpoint)
+    done = "aborted its FUSE connection and detached" if aborted else "detached"
+    if pid is None:
+        log.warning("%s; %s the mount", why, done)
+        return 0
+    for sig in (signal.SIGTERM, signal.SIGCONT):  # a stopped daemon wakes up to exit
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+    if not wait_for_exit(pid, max(left, ANSWER_DEADLINE)):
+        raise CacheFSError(f"{why}; {done} the mount, but its daemon (pid {pid}) did not exit")
+    log.warning("%s; %s the mount, and its daemon (pid %d) exited", why, done, pid)
     return 0
 
 

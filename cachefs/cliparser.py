@@ -254,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         "unmount",
         "unmount a cachefs mount cleanly",
         "Ask the mount's daemon to unmount, commit the cache metadata and exit; "
-        "returns when it has. A mount whose daemon is gone is detached (fusermount3 -u -z).",
+        "returns when it has. A daemon that does not answer within 5 s (stopped, hung "
+        "or gone) or does not exit in time has its FUSE connection aborted, so processes "
+        "blocked on the mount get an error at once; the mount is detached and the daemon "
+        "told to exit.",
     )
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
     unmount.add_argument(
@@ -262,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         type=_non_negative(float),
         default=30.0,
-        help="how long to wait for the daemon before detaching the mount (default: 30)",
+        help="how long to wait for the daemon to exit before aborting its connection and "
+        "detaching the mount (default: 30)",
     )
     unmount.set_defaults(run=cmd_unmount)
 

@@ -17,6 +17,7 @@ the client leaves before the answer, the request is cancelled.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -349,6 +350,56 @@ def lazy_unmount(mountpoint: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise CacheFSError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_connection(mount: MountEntry, fusectl: Path = FUSECTL) -> bool:
+    """Abort the mount's FUSE connection: every request waiting on its
+    daemon, and every later one, fails at once (ECONNABORTED, ENOTCONN).
+
+    Through fusectl's ``abort`` file (mounted here if it is not, as root).
+    False, with the reason logged, where that cannot be done.
+    """
+    # fusectl names a connection by its device number as the kernel encodes it.
+    path = fusectl / str((mount.major << 20) | mount.minor) / "abort"
+    if fusectl.is_dir() and not any(fusectl.iterdir()):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["mount", "-t", "fusectl", "fusectl", str(fusectl)],
+                capture_output=True,
+                check=False,
+                timeout=10,
+            )
+    try:
+        path.write_text("1")
+    except OSError as e:
+        log.warning("cannot abort the FUSE connection of %s (%s): %s", mount.mountpoint, path, e)
+        return False
+    return True
+
+
+def daemon_pid(cache_dir: Path | None) -> int | None:
+    """The pid of the live process that holds *cache_dir*'s lock, if any."""
+    if cache_dir is None:
+        return None
+    try:
+        fd = os.open(cache_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: its holder wrote its pid in it
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:

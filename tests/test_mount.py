@@ -544,6 +544,34 @@ def test_unmount_with_an_active_reader_does_not_hang(
         reader.wait()
 
 
+def test_unmount_of_a_stopped_daemon_frees_its_blocked_readers(
+    mount: MountFactory, big_source: Path, cachefs: Cachefs, tmp_path: Path
+) -> None:
+    m = mount(big_source, block_size=None)
+    os.kill(m.proc.pid, signal.SIGSTOP)  # kill -STOP: the daemon answers nothing
+    try:
+        blocked = [
+            subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for cmd in (["cat", str(m / "big.bin")], ["stat", str(m / "big.bin")])
+        ]
+        done = cachefs("unmount", m.mountpoint, "--timeout", "10", timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "aborted its FUSE connection" in done.stderr
+        for proc in blocked:  # an error at once, not a wait for the daemon
+            assert proc.wait(timeout=EXIT_DEADLINE) != 0
+            assert proc.stderr is not None
+            error = proc.stderr.read()
+            assert b"connection abort" in error or b"not connected" in error, error
+        assert mount_at(m.mountpoint) is None
+        # Told to exit, and woken up to: it commits its index and leaves.
+        assert m.proc.wait(timeout=EXIT_DEADLINE) == 0, m.log_text()
+    finally:
+        if m.proc.poll() is None:
+            os.kill(m.proc.pid, signal.SIGCONT)
+    again = mount(big_source, cache_dir=m.cache_dir, block_size=None)
+    assert sha256(again / "big.bin") == sha256(big_source / "big.bin")
+
+
 # -- the inode table, in process -----------------------------------------------------------
 
 
