@@ -109,6 +109,7 @@ _STATS_ROWS = (
     ("max fetches", "max_fetches", str),
     ("files in error", "files_in_error", str),
     ("external error", "external_error", lambda v: v or "none"),
+    ("cache disk error", "cache_disk_error", lambda v: v or "none"),
 )
 
 

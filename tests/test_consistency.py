@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import pread_direct
 
 if TYPE_CHECKING:
     from conftest import Mount, MountFactory
@@ -76,15 +77,6 @@ def one_version(reader: Reader, *versions: bytes) -> int:
     )
 
 
-def drop_pages(path: Path) -> None:
-    """Drop the kernel's pages of one file of a mount."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def first_difference(got: bytes, version: bytes) -> int | None:
     """The first MiB where *got* differs from *version*, if any."""
     for at in range(0, len(got), MIB):
@@ -117,10 +109,8 @@ def test_a_file_rewritten_in_place_within_the_ttl_is_never_mixed(
     a, b = os.urandom(8 * MIB), os.urandom(8 * MIB)
     (src / "f").write_bytes(a)
     m = mount(src, "--ttl", "60", "--max-readahead", "0")
-    first = Reader(m / "f").read(MIB)
-    first.close()
+    assert pread_direct(m / "f", 0, MIB) == a[:MIB]  # 1 MiB cached, no kernel readahead
     rewrite_in_place(src / "f", b)
-    drop_pages(m / "f")  # (a listing would revalidate the file: not this way)
     again = Reader(m / "f").read()
     again.close()
     # Within the TTL the open is of the version cached: what is cached of it
@@ -218,10 +208,8 @@ def test_an_object_overwritten_within_the_ttl_is_never_mixed(
     a, b = os.urandom(4 * MIB), os.urandom(4 * MIB)
     s3_server.put(bucket, "f", a)
     m = s3_mount(mount, s3_server, bucket, "--ttl", "60", "--max-readahead", "0")
-    first = Reader(m / "f").read(MIB)
-    first.close()
+    assert pread_direct(m / "f", 0, MIB) == a[:MIB]
     s3_server.put(bucket, "f", b)
-    drop_pages(m / "f")
     again = Reader(m / "f").read()
     again.close()
     assert one_version(again, a, b) == 0 and again.error is not None

@@ -5,7 +5,8 @@ missing blocks, fetches each run with ReadData calls (one fetcher per block:
 other readers wait for it), writes whole blocks, then marks them present.
 Sequential readers get readahead.  The bitmap reaches SQLite only after the
 data files are synced (Catalog.flush), so a crash loses blocks, never trusts
-wrong ones.
+wrong ones.  A failing cache disk latches (engine/disk.py): reads go to the
+source uncached until it works again.
 
 One version per handle (docs/SEMANTICS.md): an open binds the handle to the
 version current at the last revalidation, and every read of the handle is
@@ -34,6 +35,7 @@ from cachefs.engine.catalog import Catalog
 from cachefs.engine.config import CacheConfig
 from cachefs.engine.content import Content
 from cachefs.engine.direct import Stream
+from cachefs.engine.disk import CacheDisk, DiskError, write_probe
 from cachefs.engine.evict import Evictor, evictable
 from cachefs.engine.fetch import FetchRunner, Modified, Replan
 from cachefs.engine.hasher import Hasher
@@ -46,6 +48,7 @@ from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.engine.uring import open_ring
 from cachefs.engine.whole import WholeFiles
 from cachefs.errors import (
+    CacheDiskFailed,
     NotAFile,
     NotFound,
     PinLimitExceeded,
@@ -97,8 +100,9 @@ class FileCache:
         self._nursery = nursery
         self.disk_limiter = trio.CapacityLimiter(8)
         self.fetch_limiter = trio.CapacityLimiter(config.max_fetches)
+        self.disk = CacheDisk()
         self.evictor = Evictor(
-            catalog, cache_dir, config.cache_size, config.min_free, self.disk_limiter
+            catalog, cache_dir, config.cache_size, config.min_free, self.disk_limiter, self.disk
         )
         # What is in flight stays well inside the cache, or fills would evict
         # each other's blocks before their readers get them.
@@ -124,9 +128,11 @@ class FileCache:
             backend, catalog, config.verify, catalog.key is not None, self.counters
         )
         self._supplier = Supplier(self)
-        self.hasher = Hasher(catalog, config.block_size)
+        self.hasher = Hasher(catalog, config.block_size, self.disk)
         self._ring = open_ring() if config.io_uring else None
-        self._hits = HitReader(catalog, self.content, config.block_size, self._ring, nursery)
+        self._hits = HitReader(
+            catalog, self.content, config.block_size, self._ring, nursery, self.disk
+        )
         self._whole = WholeFiles(catalog, self.content)
 
     @property
@@ -159,8 +165,12 @@ class FileCache:
             raise NotFound(f"{file_id}: no such file")
         fh = OpenFile(cf)
         assert cf.data is not None
-        fh.data = cf.data
-        cf.data.acquire()
+        try:
+            cf.data.acquire()
+            fh.data = cf.data
+        except OSError as e:  # this handle reads from the source
+            if not cf.data.retired:  # (retired and closed: nothing cached to hold)
+                self.disk.failed("opening a cache data file", e)
         key = (file_id, cf.version)
         self._handles[key] = self._handles.get(key, 0) + 1
         self._open.add(fh)
@@ -173,6 +183,8 @@ class FileCache:
 
         The fd is the cache's: do not close it.
         """
+        if fh.data is None:
+            return None
         fd = self._whole.hold(fh)
         if fd is not None:
             self.counters["passthrough_opens"] += 1
@@ -207,15 +219,19 @@ class FileCache:
             await self._end_run(cf, *ended)
         bs = self.config.block_size
         first, last = offset // bs, (end - 1) // bs
-        if sequential and reader.run_reads >= 2 and self.max_readahead and not cf.retired:
+        if sequential and reader.run_reads >= 2 and self.max_readahead and self._storing(cf):
             self._read_ahead(fh, cf, end)
-        if cf.present.find(0, first, last + 1) < 0:
+        if fh.data is not None and cf.present.find(0, first, last + 1) < 0:
             data = await self._hits.serve(fh, cf, offset, end, sequential)
             if data is not None:
                 self.counters["hit_bytes"] += len(data)
                 return data
         self.counters["miss_bytes"] += end - offset
         return await self._read_miss(fh, offset, end, sequential)
+
+    def _storing(self, cf: CachedFile) -> bool:
+        """Whether what is fetched of *cf* now is stored (else read uncached)."""
+        return not cf.retired and self.disk.usable
 
     def _read_ahead(self, fh: OpenFile, cf: CachedFile, end: int) -> None:
         reader = fh.reader
@@ -244,7 +260,7 @@ class FileCache:
         cf = fh.cf
         first, last = offset // bs, (end - 1) // bs
         for _ in range(MAX_REPLANS):
-            if cf.retired:
+            if not self._storing(cf) or fh.data is None:
                 return await self._read_uncached(fh, offset, end, sequential)
             transfer = self._transfer_for(fh, cf, sequential)
             try:
@@ -445,7 +461,7 @@ class FileCache:
         if cf is None or not cf.pinned:
             return False
         self.catalog.set_pinned(cf, False)
-        await self.flush()
+        await self._commit_if_usable()
         return True
 
     async def purge(self, file_id: str) -> int:
@@ -464,7 +480,10 @@ class FileCache:
             await self.hasher.drain()
         victims = [(cf, b) for b in evictable(cf) if b >= first]
         before = self.catalog.cached_bytes
-        await self.evictor.drop(victims, count=False)
+        try:
+            await self.evictor.drop(victims, count=False)
+        except DiskError as e:
+            raise self.disk.failed("dropping cached blocks", e) from None
         return before - self.catalog.cached_bytes
 
     def _forget_eof(self, cf: CachedFile) -> int | None:
@@ -496,10 +515,10 @@ class FileCache:
                 cf.error = None
                 self.catalog.dirty.add(cf)
             first = self._forget_eof(cf)
-            if first is not None and not cf.held:
+            if first is not None and not cf.held and self.disk.usable:
                 await self._drop_blocks(cf, first)
             reset.append(cf.file_id)
-        await self.flush()
+        await self._commit_if_usable()
         return reset
 
     def file_errors(self) -> list[str]:
@@ -512,7 +531,16 @@ class FileCache:
     async def reset_external_error(self) -> None:
         """Lift the PERMANENT_FAILURE latch: the backend is asked again."""
         self.catalog.external_error = None
-        await self.flush()
+        await self._commit_if_usable()
+
+    async def _commit_if_usable(self) -> None:
+        """Commit now, unless the cache disk is latched (its probe commits once
+        it works again)."""
+        if self.disk.usable:
+            try:
+                await self.flush()
+            except CacheDiskFailed:
+                pass  # latched and logged
 
     def statistics(self) -> dict[str, Any]:
         errors = self.catalog.file_errors()
@@ -534,6 +562,8 @@ class FileCache:
             "encrypted": self.catalog.key is not None,
             "disk_reads": self._hits.disk_reads,
             "passthrough_files": self._whole.held,
+            "cache_disk_error": self.disk.error,
+            "cache_disk_failures": self.disk.failures,
             "unhashed_blocks": self.hasher.backlog,
             "ttl": self.config.ttl,
             "cache_dir": str(self.cache_dir),
@@ -546,27 +576,62 @@ class FileCache:
 
         Metadata is also committed every flush_interval seconds, without
         waiting for the hasher: blocks still unhashed show as absent.
+        CacheDiskFailed while the cache disk is latched, or if it fails now.
         """
         await self.hasher.drain()
-        await self.catalog.flush(self.disk_limiter)
+        await self.commit()
+
+    async def commit(self) -> None:
+        """Commit metadata now; CacheDiskFailed if the cache disk fails (or failed)."""
+        if not self.disk.usable:
+            raise self.disk.failure()
+        try:
+            await self.catalog.flush(self.disk_limiter)
+        except DiskError as e:
+            raise self.disk.failed("committing the cache index", e) from None
 
     async def _serve_flusher(self) -> None:
         while True:
             await trio.sleep(self.config.flush_interval)
             self._runner.buffers.trim()
             self._hits.trim()
-            if self.catalog.needs_flush:
+            if self.catalog.needs_flush and self.disk.usable:
                 try:
-                    await self.catalog.flush(self.disk_limiter)
-                except OSError as e:
-                    log.error("cannot commit cache metadata: %s", e)
+                    await self.commit()
+                except CacheDiskFailed:
+                    pass  # latched and logged: the probe commits once it works
+
+    async def _probe_disk(self) -> None:
+        """Whether the cache disk works again: room for a fetch, a file written
+        and synced, the index committed.  Raises what fails."""
+        room = self.max_fetch
+        await self.evictor.make_room(room)
+        self.evictor.settle(room)
+        if self.catalog.cached_bytes + room > self.evictor.allowed():
+            raise CacheDiskFailed("no room on the cache filesystem")
+        await trio.to_thread.run_sync(
+            write_probe, self.cache_dir / "data", limiter=self.disk_limiter
+        )
+        await self.catalog.flush(self.disk_limiter)
+
+    def _disk_recovered(self, suspect: bool) -> None:
+        if suspect:  # what it returned before it failed is checked again
+            for cf in self.catalog.files.values():
+                cf.verified = None
 
     async def _shutdown(self) -> None:
         for fh in list(self._open):
             with trio.move_on_after(5):
                 await self.close(fh)
         await self._runner.close_all_contexts()
-        await self.flush()
+        try:
+            await self.flush()
+        except CacheDiskFailed as e:
+            log.error(
+                "cannot commit the cache index (%s): blocks fetched since its last commit"
+                " will be fetched again",
+                e,
+            )
 
 
 @asynccontextmanager
@@ -608,6 +673,12 @@ async def open_file_cache(
         async with trio.open_nursery() as nursery:
             cache = FileCache(backend, path, config, catalog, nursery)
             nursery.start_soon(cache._serve_flusher)
+            nursery.start_soon(
+                cache.disk.serve_probe,
+                cache._probe_disk,
+                cache._disk_recovered,
+                config.disk_probe_interval,
+            )
             nursery.start_soon(cache.evictor.serve_trimmer)
             nursery.start_soon(cache.hasher.serve)
             if cache._ring is not None:

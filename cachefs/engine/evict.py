@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from cachefs.engine.catalog import Catalog
+from cachefs.engine.disk import CacheDisk, DiskError
 from cachefs.engine.fetch import Fetch
 from cachefs.engine.index import CachedFile
 from cachefs.engine.store import page_end
@@ -44,10 +45,12 @@ class Evictor:
         cache_size: int | None,
         min_free: int | None,
         disk_limiter: trio.CapacityLimiter,
+        disk: CacheDisk,
     ) -> None:
         self._catalog = catalog
         self._cache_dir = cache_dir
         self._disk_limiter = disk_limiter
+        self._disk = disk
         st = os.statvfs(cache_dir)
         total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         self.min_free = total * 5 // 100 if min_free is None else min_free
@@ -86,9 +89,13 @@ class Evictor:
     async def serve_trimmer(self) -> None:
         while True:
             await trio.sleep(TRIM_INTERVAL)
-            if self._catalog.cached_bytes > self.allowed():
-                async with self._lock:
-                    await self._evict_to(int(self.allowed() * LOW_WATER))
+            # A latched cache disk is trimmed by its probe (engine/disk.py).
+            if self._disk.usable and self._catalog.cached_bytes > self.allowed():
+                try:
+                    async with self._lock:
+                        await self._evict_to(int(self.allowed() * LOW_WATER))
+                except DiskError as e:
+                    self._disk.failed("evicting cached blocks", e)
 
     async def _evict_to(self, target: int) -> None:
         need = self._catalog.cached_bytes - max(0, target)

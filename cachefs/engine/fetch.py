@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from cachefs.contract import ReadData, RWResult
+from cachefs.engine.disk import DiskError
 from cachefs.engine.hugepages import anonymous
 from cachefs.engine.index import CachedFile
 from cachefs.engine.store import NO_HASH
 from cachefs.engine.transfers import Kind, Transfer
 from cachefs.errors import (
+    CacheDiskFailed,
     CorruptData,
     FileQuarantined,
     ReadFailed,
@@ -295,7 +297,8 @@ class FetchRunner:
 
         async def worker() -> None:
             for first, end in chunks:  # shared: each chunk goes to one worker
-                await self.ensure(cf, first, end, transfer)
+                if await self.ensure(cf, first, end, transfer):
+                    raise c.disk.failure()  # fetched, but it cannot be kept
 
         try:
             async with trio.open_nursery() as nursery:
@@ -400,11 +403,11 @@ class FetchRunner:
             elif rc is RWResult.FILE_FAILURE:
                 cf.error = f"FILE_FAILURE at offset {pos}"
                 cat.dirty.add(cf)
-                await cat.flush(c.disk_limiter)
+                await c._commit_if_usable()
                 self.check_latches(cf)
             elif rc is RWResult.PERMANENT_FAILURE:
                 cat.external_error = f"PERMANENT_FAILURE reading {cf.file_id} at offset {pos}"
-                await cat.flush(c.disk_limiter)
+                await c._commit_if_usable()
                 self.check_latches(cf)
             elif rc is RWResult.FAILURE:
                 failures += 1
@@ -417,8 +420,13 @@ class FetchRunner:
             if complete > written:
                 chunk = view[written - start : complete - start]
                 if store:
-                    stored = await self.store(cf, written, chunk)
-                else:
+                    try:
+                        stored = await self.store(cf, written, chunk)
+                    except CacheDiskFailed:
+                        # The bytes are in hand: checked, they serve this
+                        # fetch's readers from its buffer (Fetch.data).
+                        store, unstored = False, written
+                if not store:
                     stored = await self._check(cf, written, chunk)
                 if stored < complete:
                     c.counters["corrupt_from_backend"] += 1
@@ -473,8 +481,18 @@ class FetchRunner:
 
         Returns where the stored bytes end: short of ``offset + len(data)``
         when a block did not match the content information (it and the
-        blocks after it are not stored).
+        blocks after it are not stored).  CacheDiskFailed when the cache
+        disk fails (or failed before): nothing more is marked.
         """
+        c = self._cache
+        if not c.disk.usable:
+            raise c.disk.failure()
+        try:
+            return await self._store(cf, offset, data)
+        except DiskError as e:
+            raise c.disk.failed("storing fetched blocks", e) from None
+
+    async def _store(self, cf: CachedFile, offset: int, data: memoryview) -> int:
         c = self._cache
         cat = c.catalog
         bs = c.config.block_size

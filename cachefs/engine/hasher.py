@@ -36,10 +36,12 @@ from dataclasses import dataclass
 import trio
 
 from cachefs.engine.catalog import Catalog
+from cachefs.engine.disk import CacheDisk
 from cachefs.engine.index import CachedFile
 from cachefs.engine.mapped import map_range
 from cachefs.engine.readers import ReaderPool
 from cachefs.engine.store import DataFile, pread_into
+from cachefs.pagecache import cached_pages, pages_in
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,14 @@ def _lower_priority() -> None:
 
 
 def hash_run(fd: int, start: int, end: int, block_size: int) -> list[bytes]:
-    """SHA-256 of each block of bytes [start, end) of *fd* (the last may be short)."""
-    view = map_range(fd, start, end)
-    if view is None:  # cannot map: read it
+    """SHA-256 of each block of bytes [start, end) of *fd* (the last may be short).
+
+    Mapped only when every page is in the page cache: a page the disk
+    fails to read would kill the process (SIGBUS); read, it is an OSError.
+    """
+    cached = cached_pages(fd, start, end - start)
+    view = map_range(fd, start, end) if cached == pages_in(start, end - start) else None
+    if view is None:  # cannot map, or must not: read it
         buf = bytearray(end - start)
         if pread_into(fd, memoryview(buf), start) < len(buf):
             raise OSError("data file shorter than its blocks")
@@ -82,9 +89,10 @@ def hash_run(fd: int, start: int, end: int, block_size: int) -> list[bytes]:
 class Hasher:
     """Create inside trio; run :meth:`serve` in a nursery, :meth:`close` when done."""
 
-    def __init__(self, catalog: Catalog, block_size: int) -> None:
+    def __init__(self, catalog: Catalog, block_size: int, disk: CacheDisk) -> None:
         self._catalog = catalog
         self._block_size = block_size
+        self._disk = disk
         self._send, self._recv = trio.open_memory_channel[_Run](QUEUE)
         self._reserved = 0
         self._thread = ReaderPool(threads=1, on_start=_lower_priority)
@@ -172,7 +180,7 @@ class Hasher:
                 cf.unhashed = None
             self._catalog.dirty.add(cf)
         except OSError as e:  # the blocks stay unhashed: absent for the next mount
-            log.warning("cannot hash cached blocks of %s: %s", cf.file_id, e)
+            self._disk.failed(f"hashing cached blocks of {cf.file_id}", e)
         finally:
             self.backlog -= run.count
             self._progress.unpark_all()

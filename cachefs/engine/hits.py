@@ -24,6 +24,7 @@ import trio
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.content import Content
 from cachefs.engine.direct import DIRECT_MIN, NOT_DIRECT, DirectReader
+from cachefs.engine.disk import CacheDisk
 from cachefs.engine.index import CachedFile
 from cachefs.engine.mapped import MAP_MIN, map_range
 from cachefs.engine.readers import ReaderPool
@@ -43,9 +44,11 @@ class HitReader:
         block_size: int,
         ring: Ring | None,
         nursery: trio.Nursery,
+        disk: CacheDisk,
     ) -> None:
         self._catalog = catalog
         self._content = content
+        self._disk = disk
         self._block_size = block_size
         self._readers = ReaderPool()
         self._ring = ring
@@ -85,9 +88,19 @@ class HitReader:
         reads as a view of the mapped file, to be used before the next
         await); what is only on disk goes through the ring or a reader
         thread (large reads into a lent buffer, held as long as the view).
-        None means the blocks are gone (evicted meanwhile, or
-        lost from the data file): the caller fetches them.
+        None means the blocks are gone (evicted meanwhile, or lost from the
+        data file), or the cache disk failed to read them (latched): the
+        caller fetches them.
         """
+        try:
+            return await self._serve(fh, cf, offset, end, sequential)
+        except OSError as e:
+            self._disk.failed(f"reading cached blocks of {cf.file_id}", e)
+            return None
+
+    async def _serve(
+        self, fh: OpenFile, cf: CachedFile, offset: int, end: int, sequential: bool
+    ) -> bytearray | memoryview | None:
         bs = self._block_size
         first, last = offset // bs, (end - 1) // bs
         if self._content.must_check(cf, first, last):

@@ -165,7 +165,10 @@ class Index:
             raise
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self._db.close()
+        except sqlite3.Error as e:  # a failed cache disk: what was committed stands
+            log.warning("closing the cache index %s: %s", self.path, e)
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
