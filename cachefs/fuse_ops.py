@@ -201,9 +201,8 @@ class Operations:
         self._file_inodes[fh] = inode
         if opened is not None:  # the kernel reads the cached file itself, or reads uncached
             return opened
-        # Warm re-reads never reach us; a new version drops the kernel's pages.
-        keep_cache = self._ns.opened(inode, fh_obj.attrs.version)
-        return Opened(fh, keep_cache=keep_cache)
+        # Warm re-reads never reach us: an inode's pages are of its one version.
+        return Opened(fh, keep_cache=True)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -246,7 +245,7 @@ class Operations:
                 continue
             entry = d.listing[index - 2]
             file_id = child_id(d.file_id, entry.name)
-            ino = self._ns.entry_inode(file_id, entry.attrs)
+            ino = self._ns.inode_number(file_id, entry.attrs)
             attrs = self._entry(ino, entry.attrs)
             if not reply.add(os.fsencode(entry.name), attrs, index + 1):
                 return
@@ -265,21 +264,32 @@ class Operations:
 
 
 class KernelInvalidator:
-    """Tells the kernel to drop what it caches of a file whose version changed.
+    """Tells the namespace, and where asked the kernel, that a file changed.
 
     ``notify`` is the engine's ``on_invalidate`` callback (called on the trio
-    thread; never blocks).  The kernel is told from a worker thread, since
-    the notification can wait on requests this process must answer.
-    Pending file ids are a set, so the queue is bounded by the number of files.
+    thread; never blocks): a version of the file was dropped, so its
+    directory is listed again.  The kernel needs no word of it: a new
+    version is a new inode (cachefs.namespace), and the old inode's pages
+    are still the old version's.  ``drop_pages`` asks the kernel to drop
+    the pages of the file's inode too (after ``cachefs purge`` and
+    ``reset-file-errors``): from a worker thread, since the kernel may wait
+    for requests this process must answer, and abandoned at unmount, since
+    it may wait for requests this process no longer answers.  Pending file
+    ids are sets, so the queue is bounded by the number of files.
     """
 
     def __init__(self) -> None:
         self._pending: set[str] = set()
+        self._pages: set[str] = set()
         self._wakeup = trio.Event()
 
     def notify(self, file_id: str) -> None:
         self._pending.add(file_id)
         self._wakeup.set()
+
+    def drop_pages(self, file_id: str) -> None:
+        self._pages.add(file_id)
+        self.notify(file_id)
 
     async def serve(
         self,
@@ -294,12 +304,13 @@ class KernelInvalidator:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             pending, self._pending = self._pending, set()
+            pages, self._pages = self._pages, set()
             for file_id in sorted(pending):
                 ino = namespace.invalidated(file_id)
-                if ino is None:
+                if ino is None or file_id not in pages:
                     continue
                 try:
-                    await trio.to_thread.run_sync(invalidate, ino)
+                    await trio.to_thread.run_sync(invalidate, ino, abandon_on_cancel=True)
                 except OSError as e:  # ENOENT: the kernel had already let it go
                     if e.errno != errno.ENOENT:
                         log.warning("could not invalidate inode %d (%r): %s", ino, file_id, e)

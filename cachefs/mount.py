@@ -246,7 +246,7 @@ async def _serve_fuse(
                 source=opts.source,
                 mountpoint=opts.mountpoint,
                 stop=session.stop,
-                invalidate=invalidator.notify,
+                invalidate=invalidator.drop_pages,
             )
             # The control socket first: once the mount is visible, it answers.
             await nursery.start(serve_control, opts.cache_dir, commands)

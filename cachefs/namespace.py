@@ -2,24 +2,26 @@
 
 Policy:
 
-* A path keeps its inode number for the life of the mount, even after the
-  kernel forgot it, so tools that compare inode numbers (tar, rsync, find)
-  see a stable tree.  A path whose kind changes (a file replaced by a
-  directory) gets a new number: the kernel never sees an inode change type.
+* An inode number stands for one path as one kind and, for a regular file,
+  one version of it (docs/SEMANTICS.md).  The kernel keeps one size, one set
+  of attributes and one page cache per inode, so an inode never changes
+  version: it reads as the version it was created for, open or not, and a
+  new version of the file is a new inode, as a file replaced by rename is.
+  A path keeps its number for the life of the mount while its kind and
+  version stay (even after the kernel forgot it), so tools that compare
+  inode numbers (tar, rsync, find) see a stable tree; a directory or a
+  symlink keeps it whatever changes inside it.
+* An open that would read another version than its inode stands for raises
+  NewInode: the caller answers ESTALE and the kernel looks the name up
+  again, getting the new inode.  A getattr of an inode whose path now has
+  another version answers the inode's own attributes and lets the path's
+  next lookup find the new one.
 * The kernel's lookup count is kept per inode.  ``forget`` lowers it; at
   zero the inode's state (attributes, listing) is dropped.  Only the
   path -> number map outlives it.
 * Attributes come from the engine, which revalidates them with the backend
   after its TTL.  Directory listings are cached here for the same TTL; a
   fresh listing also answers negative lookups without asking the backend.
-* An inode shows one version of its file while it is open
-  (docs/SEMANTICS.md): the kernel keeps one page cache and one size per
-  inode, so the attributes it gets for an open inode are those of the
-  version its handles read, even once the source has another; a lookup,
-  listing or getattr that finds another version gives the path a new inode
-  number, as a file replaced by rename has.  An open that would read
-  another version than the kernel was last shown for the inode raises
-  NewInode: the caller answers ESTALE and the kernel looks the name up again.
 
 No FUSE in this module: it speaks file ids, FileAttrs and NotFound, and the
 FUSE layer translates.
@@ -59,17 +61,19 @@ class Node:
     ino: int
     file_id: str
     kind: FileKind
+    #: The attributes of the version this inode stands for (files), or the last seen.
+    attrs: FileAttrs
     lookups: int = 0
-    #: Version whose pages the kernel may hold (set when the file is opened).
-    page_version: str | None = None
     listing: list[DirEntry] | None = None
     names: frozenset[str] = frozenset()
     listed_at: float = float("-inf")
-    #: Version of the attributes the kernel was last given for this inode.
-    shown: str | None = None
-    #: Open handles of this inode, and the attributes of the version they read.
+    #: Handles open on this inode.
     opens: int = 0
-    open_attrs: FileAttrs | None = None
+
+
+def _version(attrs: FileAttrs) -> str:
+    """What an inode number stands for beyond path and kind: a file's version."""
+    return attrs.version if attrs.kind is FileKind.FILE else ""
 
 
 class Namespace:
@@ -79,37 +83,28 @@ class Namespace:
         self._cache = cache
         self._clock = clock
         self.ttl = cache.config.ttl
+        root = FileAttrs(FileKind.DIR, 0, 0.0, "")
         self._nodes: dict[int, Node] = {
-            ROOT_INODE: Node(ROOT_INODE, "", FileKind.DIR, lookups=1),
+            ROOT_INODE: Node(ROOT_INODE, "", FileKind.DIR, root, lookups=1),
         }
-        # path -> (inode number, kind): outlives forgotten nodes.
-        self._numbers: dict[str, tuple[int, FileKind]] = {"": (ROOT_INODE, FileKind.DIR)}
+        # path -> (inode number, kind, file version): outlives forgotten nodes.
+        self._numbers: dict[str, tuple[int, FileKind, str]] = {"": (ROOT_INODE, FileKind.DIR, "")}
         self._next_ino = ROOT_INODE + 1
 
     # -- numbers --------------------------------------------------------
 
-    def inode_number(self, file_id: str, kind: FileKind) -> int:
-        """The inode number of *file_id* as a *kind*, allocated on first use."""
+    def inode_number(self, file_id: str, attrs: FileAttrs) -> int:
+        """The inode number of *file_id* as *attrs* show it, allocated on first use."""
         known = self._numbers.get(file_id)
-        if known is not None and known[1] is kind:
+        stands_for = (attrs.kind, _version(attrs))
+        if known is not None and known[1:] == stands_for:
             return known[0]
         ino = self._next_ino
         self._next_ino += 1
-        self._numbers[file_id] = (ino, kind)
+        self._numbers[file_id] = (ino, *stands_for)
         if known is not None:
-            log.debug("%r changed from %s to %s: new inode %d", file_id, known[1], kind, ino)
+            log.debug("%r is now %s %r: new inode %d", file_id, *stands_for, ino)
         return ino
-
-    def entry_inode(self, file_id: str, attrs: FileAttrs) -> int:
-        """The inode number under which *file_id* is shown with *attrs*: a new
-        one if its inode is open at another version."""
-        known = self._numbers.get(file_id)
-        if known is not None:
-            node = self._nodes.get(known[0])
-            open_attrs = None if node is None else node.open_attrs
-            if node is not None and open_attrs is not None and open_attrs.version != attrs.version:
-                self._detach(node)
-        return self.inode_number(file_id, attrs.kind)
 
     def live_inode(self, file_id: str) -> int | None:
         """The inode of *file_id* if the kernel currently knows it."""
@@ -131,14 +126,14 @@ class Namespace:
     # -- lookup counts --------------------------------------------------
 
     def remember(self, file_id: str, attrs: FileAttrs) -> Node:
-        """Count one more kernel reference to *file_id*, shown with *attrs* (a
+        """Count one more kernel reference to *file_id* as *attrs* show it (a
         lookup or readdirplus entry)."""
-        ino = self.entry_inode(file_id, attrs)
+        ino = self.inode_number(file_id, attrs)
         node = self._nodes.get(ino)
         if node is None:
-            node = self._nodes[ino] = Node(ino, file_id, attrs.kind)
+            node = self._nodes[ino] = Node(ino, file_id, attrs.kind, attrs)
+        node.attrs = attrs
         node.lookups += 1
-        node.shown = attrs.version
         return node
 
     def forget(self, ino: int, count: int) -> None:
@@ -172,22 +167,21 @@ class Namespace:
 
     async def getattr(self, ino: int) -> tuple[Node, FileAttrs]:
         """Current attributes of *ino* (the engine revalidates after its TTL);
-        while it is open, those of the version its handles read."""
+        for a file, those of the version the inode stands for, which its open
+        handles read even once the path has another (or none)."""
         node = self.node(ino)
-        pinned = node.open_attrs
-        if pinned is not None:
-            try:
-                attrs: FileAttrs | None = await self._cache.getattr(node.file_id)
-            except CacheFSError:  # gone, or not known now: the open version stands
-                attrs = None
-            if attrs is None or attrs.version != pinned.version:
-                self._detach(node)  # the path's next lookup gets a new inode
-            return node, pinned
-        attrs = await self._cache.getattr(node.file_id)
+        try:
+            attrs = await self._cache.getattr(node.file_id)
+        except CacheFSError:
+            if node.opens:  # fstat of an open file works, as on a local one
+                return node, node.attrs
+            raise
         if attrs.kind is not node.kind:
             # The path now names something else; this inode is gone.
             raise NotFound(f"{node.file_id!r} is no longer a {node.kind.value}")
-        node.shown = attrs.version
+        if _version(attrs) != _version(node.attrs):
+            return node, node.attrs  # the path's next lookup finds the new inode
+        node.attrs = attrs
         return node, attrs
 
     async def list_dir(self, ino: int) -> list[DirEntry]:
@@ -211,46 +205,25 @@ class Namespace:
         stay as they are; the old node goes when the kernel forgets it.
         """
         node = self._nodes.get(ino)
-        if node is not None:
-            self._detach(node)
-
-    def _detach(self, node: Node) -> None:
+        if node is None or ino == ROOT_INODE:
+            return
         known = self._numbers.get(node.file_id)
-        if known is not None and known[0] == node.ino and node.ino != ROOT_INODE:
+        if known is not None and known[0] == ino:
             del self._numbers[node.file_id]
-            log.debug("%r: new inode from its next lookup on (was %d)", node.file_id, node.ino)
 
     def bind(self, ino: int, attrs: FileAttrs) -> None:
-        """A handle of *ino* opened the version of *attrs*.
-
-        NewInode if the inode is open at another version, or the kernel was
-        last shown another version for it (its size and pages would not be
-        this version's).  Undo with :meth:`unbind`.
-        """
+        """A handle of *ino* opened the version of *attrs*: NewInode if the
+        inode stands for another one.  Undo with :meth:`unbind`."""
         node = self.node(ino)
-        version = attrs.version
-        if node.open_attrs is not None and node.open_attrs.version != version:
-            raise NewInode(f"inode {ino} is open at version {node.open_attrs.version!r}")
-        if node.shown is not None and node.shown != version:
-            raise NewInode(f"inode {ino} was shown at version {node.shown!r}")
+        if _version(attrs) != _version(node.attrs):
+            raise NewInode(f"inode {ino} stands for version {node.attrs.version!r}")
         node.opens += 1
-        if node.open_attrs is None:
-            node.open_attrs = attrs
 
     def unbind(self, ino: int) -> None:
         """A handle of *ino* was closed."""
         node = self._nodes.get(ino)
         if node is not None and node.opens:
             node.opens -= 1
-            if not node.opens:
-                node.open_attrs = None
-
-    def opened(self, ino: int, version: str) -> bool:
-        """Record that *ino* is open at *version*; True if the kernel's pages are still good."""
-        node = self.node(ino)
-        keep = node.page_version is None or node.page_version == version
-        node.page_version = version
-        return keep
 
     def invalidated(self, file_id: str) -> int | None:
         """The engine dropped *file_id*'s version: list it and its directory again.

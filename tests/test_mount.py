@@ -661,63 +661,52 @@ async def test_listings_are_cached_for_the_ttl(
     assert cache.calls.count(("list_dir", "")) == 2
 
 
-async def test_kernel_pages_are_kept_only_for_the_same_version(
+async def test_an_invalidated_file_and_its_directory_are_listed_again(
     tree: dict[str, FileAttrs],
 ) -> None:
     ns = Namespace(FakeCache(tree))  # type: ignore[arg-type]
+    await ns.list_dir(ROOT_INODE)
     g, _ = await ns.lookup(ROOT_INODE, "g")
-    assert ns.opened(g.ino, "v1") and ns.opened(g.ino, "v1")
-    assert not ns.opened(g.ino, "v2")
     assert ns.invalidated("g") == g.ino
+    assert ns.node(ROOT_INODE).listing is None
     assert ns.invalidated("not-known") is None
 
 
-async def test_an_open_inode_shows_the_version_it_reads_and_the_path_moves_on(
+async def test_an_inode_stands_for_one_version_of_its_file(
     tree: dict[str, FileAttrs],
 ) -> None:
     ns = Namespace(FakeCache(tree, ttl=0))  # type: ignore[arg-type]
-    g, shown = await ns.lookup(ROOT_INODE, "g")
-    ns.bind(g.ino, shown)  # an open of v1
+    g, v1 = await ns.lookup(ROOT_INODE, "g")
+    ns.bind(g.ino, v1)  # an open of v1
     tree["g"] = FileAttrs(FileKind.FILE, size=99, mtime=1.0, version="v2")
-    # The kernel keeps one size and one page cache per inode: while open,
-    # the inode is v1's ...
-    assert (await ns.getattr(g.ino))[1] == shown
-    # ... and the path is now another inode, with v2's attributes.
-    g2, now = await ns.lookup(ROOT_INODE, "g")
-    assert g2.ino != g.ino and now.size == 99
+    # The kernel keeps one size and one page cache per inode: the inode is
+    # v1's, open or not ...
+    assert (await ns.getattr(g.ino))[1] == v1
+    ns.unbind(g.ino)
+    assert (await ns.getattr(g.ino))[1] == v1
+    # ... and v2 is another inode, which a lookup or a listing shows.
+    g2, v2 = await ns.lookup(ROOT_INODE, "g")
+    assert g2.ino != g.ino and v2.size == 99
     listing = await ns.list_dir(ROOT_INODE)
-    assert [ns.entry_inode("g", e.attrs) for e in listing if e.name == "g"] == [g2.ino]
+    assert [ns.inode_number("g", e.attrs) for e in listing if e.name == "g"] == [g2.ino]
     # An open of v2 on the old inode would read v2 under v1's size and pages.
     with pytest.raises(NewInode):
-        ns.bind(g.ino, now)
-    ns.bind(g2.ino, now)
-    ns.unbind(g.ino)
-    assert (await ns.getattr(g.ino))[1] == now  # no longer open: what the path has
-
-
-async def test_an_open_of_another_version_than_the_kernel_was_shown_needs_a_new_inode(
-    tree: dict[str, FileAttrs],
-) -> None:
-    ns = Namespace(FakeCache(tree, ttl=0))  # type: ignore[arg-type]
-    g, _ = await ns.lookup(ROOT_INODE, "g")
-    v2 = FileAttrs(FileKind.FILE, size=99, mtime=1.0, version="v2")
-    with pytest.raises(NewInode):  # the kernel may still hold v1's size for it
         ns.bind(g.ino, v2)
-    ns.renumber(g.ino)
-    tree["g"] = v2
-    g2, _ = await ns.lookup(ROOT_INODE, "g")
-    assert g2.ino != g.ino
     ns.bind(g2.ino, v2)
+    # A directory keeps its number whatever happens inside it.
+    d, _ = await ns.lookup(ROOT_INODE, "d")
+    tree["d"] = FileAttrs(FileKind.DIR, size=0, mtime=5.0, version="changed")
+    assert (await ns.lookup(ROOT_INODE, "d"))[0].ino == d.ino
 
 
 async def test_a_file_deleted_while_open_keeps_its_attributes_on_its_inode(
     tree: dict[str, FileAttrs],
 ) -> None:
     ns = Namespace(FakeCache(tree, ttl=0))  # type: ignore[arg-type]
-    g, shown = await ns.lookup(ROOT_INODE, "g")
-    ns.bind(g.ino, shown)
+    g, v1 = await ns.lookup(ROOT_INODE, "g")
+    ns.bind(g.ino, v1)
     del tree["g"]
-    assert (await ns.getattr(g.ino))[1] == shown  # fstat of an open file works
+    assert (await ns.getattr(g.ino))[1] == v1  # fstat of an open file works
     ns.unbind(g.ino)
     with pytest.raises(NotFound):
         await ns.getattr(g.ino)
