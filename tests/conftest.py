@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from cachefs import pagecache
-from cachefs.control import mount_at
+from cachefs.control import abort_connection, mount_at
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_DEADLINE = 20.0
@@ -159,10 +159,23 @@ class Mount:
         return json.loads(done.stdout)
 
     def kill(self) -> None:
-        """kill -9 the daemon, then detach the dead mount (``fusermount3 -u -z``)."""
+        """kill -9 the daemon, then detach the dead mount (``fusermount3 -u -z``).
+
+        A daemon that cannot die (a thread of it stuck in the kernel on its
+        own mount) fails the test, after its connection is aborted so that
+        nothing stays blocked.
+        """
         self.proc.kill()
-        self.proc.wait()
-        lazy_unmount(self.mountpoint)
+        try:
+            self.proc.wait(timeout=EXIT_DEADLINE)
+        except subprocess.TimeoutExpired:
+            entry = mount_at(self.mountpoint)
+            if entry is not None:
+                abort_connection(entry)
+            self.proc.wait(timeout=EXIT_DEADLINE)
+            pytest.fail(f"the daemon did not die of kill -9:\n{self.log_text()}")
+        finally:
+            lazy_unmount(self.mountpoint)
 
     def unmount(self) -> None:
         """Unmount cleanly with ``cachefs unmount``; the daemon must exit with 0."""

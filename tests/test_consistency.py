@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from churn import Churn, run_churn
 from conftest import pread_direct
 
 if TYPE_CHECKING:
@@ -249,3 +251,28 @@ def test_s3_streams_and_ranged_gets_are_pinned_to_the_version(
     finally:
         os.close(fd)
     assert (m / "f").read_bytes() == b
+
+
+# -- randomized: readers while the source keeps changing ---------------------------------
+
+#: How long the randomized test runs (seconds); the crash suite runs it longer.
+CHURN_SECONDS = float(os.environ.get("CACHEFS_CHURN_SECONDS", "40"))
+
+
+MAX_SIZE = 384 * 1024
+
+
+def test_every_reading_is_of_one_version_while_the_source_churns(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    churn = Churn(src, [f"f{i}" for i in range(4)], random.Random(17), MAX_SIZE)
+    # A short TTL, a cache smaller than the files (eviction), some readahead.
+    m = mount(
+        src, "--ttl", "0.3", "--cache-size", "1M", "--min-free", "0", "--max-readahead", "256K"
+    )
+    total, whole, failed = run_churn(m, churn, CHURN_SECONDS)
+    # Not vacuous: files were read whole, and readers did meet changes.
+    assert whole > 50 and failed > 0 and churn.mutations > 20, (total, whole, failed)
+    m.unmount()

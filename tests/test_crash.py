@@ -10,7 +10,9 @@ round must hold, and the size the cache records must match what its data
 files hold on disk.
 
 The rounds run once for the module; each test checks one promise on what
-they observed.
+they observed.  Then the randomized test of test_consistency.py runs longer,
+across kills: readers must see one version of each file or an error, before
+a kill and after the remount alike.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from churn import Churn, run_churn
 from conftest import MountFactory, disk_usage, pread_direct
 
 from backends.trace import read_trace
@@ -274,3 +277,29 @@ def test_recorded_size_matches_the_disk(rounds: list[Round]) -> None:
         for when, size in [("at start-up", r.at_start), ("after reading", r.after_reads)]:
             assert size is not None
             assert size.drift() <= size.granularity(), f"round {i} {when}: {size}"
+
+
+#: Rounds of the randomized consistency test, each ended by a kill -9.
+CHURN_ROUNDS = 3
+CHURN_ROUND_SECONDS = float(os.environ.get("CACHEFS_CHURN_SECONDS", "40")) / 2
+
+
+def test_readers_see_one_version_across_kills_while_the_source_churns(tmp_path: Path) -> None:
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse (FUSE) on this machine")
+    src = tmp_path / "src"
+    src.mkdir()
+    churn = Churn(src, [f"f{i}" for i in range(5)], random.Random(SEED), 512 * 1024)
+    options = ("--ttl", "0.3", "--cache-size", "1M", "--min-free", "0", "--max-readahead", "256K")
+    factory = MountFactory(tmp_path)
+    whole = 0
+    try:
+        for _ in range(CHURN_ROUNDS):
+            m = factory(src, *options, cache_dir=tmp_path / "cache")
+            whole += run_churn(m, churn, CHURN_ROUND_SECONDS, kill=True)[1]
+        m = factory(src, *options, cache_dir=tmp_path / "cache")
+        whole += run_churn(m, churn, CHURN_ROUND_SECONDS / 4)[1]
+        m.unmount()
+    finally:
+        factory.close()
+    assert whole > 100 and churn.mutations > 50, (whole, churn.mutations)
