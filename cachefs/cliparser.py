@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         "purge",
         "drop files from the cache",
         "Drop the cached data of each PATH (a directory: of every file below it) and return "
-        "its disk space; pinned files are kept. The next read asks the source again.",
+        "its disk space, and forget where a RANGE_BEYOND_EOF answer said it ends; pinned "
+        "files are kept. The next read asks the source again.",
     )
     purge.add_argument("paths", metavar="PATH", nargs="+")
     purge.set_defaults(run=cmd_purge)
@@ -354,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     reset_files = command(
         "reset-file-errors",
-        "serve files again after FILE_FAILURE",
+        "serve files again after FILE_FAILURE or an early end of file",
         "Lift the FILE_FAILURE latch of each PATH (a directory: of every file below it; "
-        "the mount point: of all files), so reads ask the source again.",
+        "the mount point: of all files), so reads ask the source again, and forget where "
+        "a RANGE_BEYOND_EOF answer said such a file ends (the zeros cached for it go).",
     )
     reset_files.add_argument("paths", metavar="PATH", nargs="+")
     reset_files.set_defaults(run=cmd_reset_file_errors)

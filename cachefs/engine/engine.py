@@ -461,7 +461,7 @@ class FileCache:
         if cf is None or not cf.pinned:
             return False
         self.catalog.set_pinned(cf, False)
-        await self._commit_if_usable()
+        await self.commit_if_usable()
         return True
 
     async def purge(self, file_id: str) -> int:
@@ -518,7 +518,7 @@ class FileCache:
             if first is not None and not cf.held and self.disk.usable:
                 await self._drop_blocks(cf, first)
             reset.append(cf.file_id)
-        await self._commit_if_usable()
+        await self.commit_if_usable()
         return reset
 
     def file_errors(self) -> list[str]:
@@ -531,9 +531,9 @@ class FileCache:
     async def reset_external_error(self) -> None:
         """Lift the PERMANENT_FAILURE latch: the backend is asked again."""
         self.catalog.external_error = None
-        await self._commit_if_usable()
+        await self.commit_if_usable()
 
-    async def _commit_if_usable(self) -> None:
+    async def commit_if_usable(self) -> None:
         """Commit now, unless the cache disk is latched (its probe commits once
         it works again)."""
         if self.disk.usable:

@@ -403,11 +403,11 @@ class FetchRunner:
             elif rc is RWResult.FILE_FAILURE:
                 cf.error = f"FILE_FAILURE at offset {pos}"
                 cat.dirty.add(cf)
-                await c._commit_if_usable()
+                await c.commit_if_usable()
                 self.check_latches(cf)
             elif rc is RWResult.PERMANENT_FAILURE:
                 cat.external_error = f"PERMANENT_FAILURE reading {cf.file_id} at offset {pos}"
-                await c._commit_if_usable()
+                await c.commit_if_usable()
                 self.check_latches(cf)
             elif rc is RWResult.FAILURE:
                 failures += 1
