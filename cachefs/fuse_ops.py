@@ -245,12 +245,12 @@ class Operations:
                 continue
             entry = d.listing[index - 2]
             file_id = child_id(d.file_id, entry.name)
-            ino = self._ns.inode_number(file_id, entry.attrs)
-            attrs = self._entry(ino, entry.attrs)
-            if not reply.add(os.fsencode(entry.name), attrs, index + 1):
+            shown = self._ns.listed(file_id, entry.attrs)
+            ino = self._ns.inode_number(file_id, shown)
+            if not reply.add(os.fsencode(entry.name), self._entry(ino, shown), index + 1):
                 return
             if reply.plus:  # the kernel now holds a reference
-                self._ns.remember(file_id, entry.attrs)
+                self._ns.remember(file_id, shown)
 
     @_handler
     async def releasedir(self, fh: int) -> None:

@@ -106,6 +106,16 @@ class Namespace:
             log.debug("%r is now %s %r: new inode %d", file_id, *stands_for, ino)
         return ino
 
+    def listed(self, file_id: str, attrs: FileAttrs) -> FileAttrs:
+        """The attributes to show for *file_id* listed with *attrs*: for a
+        file, those of the version the engine knows now if it learned a newer
+        one since the listing (a listing lives up to the TTL)."""
+        if attrs.kind is FileKind.FILE:
+            known = self._cache.known_attrs(file_id)
+            if known is not None:
+                return known
+        return attrs
+
     def live_inode(self, file_id: str) -> int | None:
         """The inode of *file_id* if the kernel currently knows it."""
         known = self._numbers.get(file_id)
@@ -176,10 +186,10 @@ class Namespace:
             if node.opens:  # fstat of an open file works, as on a local one
                 return node, node.attrs
             raise
-        if attrs.kind is not node.kind:
+        if attrs.kind is not node.kind and not node.opens:
             # The path now names something else; this inode is gone.
             raise NotFound(f"{node.file_id!r} is no longer a {node.kind.value}")
-        if _version(attrs) != _version(node.attrs):
+        if attrs.kind is not node.kind or _version(attrs) != _version(node.attrs):
             return node, node.attrs  # the path's next lookup finds the new inode
         node.attrs = attrs
         return node, attrs

@@ -585,6 +585,9 @@ class FakeCache:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}
 
+    def known_attrs(self, file_id: str) -> FileAttrs | None:
+        return self.tree.get(file_id)
+
     async def getattr(self, file_id: str) -> FileAttrs:
         self.calls.append(("getattr", file_id))
         if file_id in self.fail:
@@ -697,6 +700,20 @@ async def test_an_inode_stands_for_one_version_of_its_file(
     d, _ = await ns.lookup(ROOT_INODE, "d")
     tree["d"] = FileAttrs(FileKind.DIR, size=0, mtime=5.0, version="changed")
     assert (await ns.lookup(ROOT_INODE, "d"))[0].ino == d.ino
+
+
+async def test_a_listing_older_than_what_the_engine_knows_shows_the_newer_version(
+    tree: dict[str, FileAttrs],
+) -> None:
+    ns = Namespace(FakeCache(tree, ttl=10))  # type: ignore[arg-type]
+    listing = await ns.list_dir(ROOT_INODE)  # g at v1, kept for the TTL
+    tree["g"] = FileAttrs(FileKind.FILE, size=99, mtime=1.0, version="v2")
+    g, v2 = await ns.lookup(ROOT_INODE, "g")
+    (listed,) = [e.attrs for e in listing if e.name == "g"]
+    shown = ns.listed("g", listed)
+    # Not an inode for v1 again, and the lookup after it keeps the same one.
+    assert shown == v2 and ns.inode_number("g", shown) == g.ino
+    assert (await ns.lookup(ROOT_INODE, "g"))[0].ino == g.ino
 
 
 async def test_a_file_deleted_while_open_keeps_its_attributes_on_its_inode(
