@@ -123,10 +123,8 @@ class ControlCommands:
         if "" in file_ids:
             reset = await self._cache.reset_file_errors(None)
         else:
-            reset = []
             known = {*self._cache.file_errors(), *self._cache.short_files()}
-            for file_id in _below(file_ids, known):
-                reset += await self._cache.reset_file_errors(file_id)
+            reset = await self._cache.reset_file_errors(set(_below(file_ids, known)))
         for file_id in reset:
             self._invalidate(file_id)  # the kernel's pages of the zeros go too
         return reset

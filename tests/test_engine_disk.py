@@ -19,6 +19,7 @@ from enginerig import BS, Rig, read_at, read_sequential
 
 from cachefs import CacheDiskFailed
 from cachefs.engine import catalog, hits, store
+from cachefs.engine.disk import CacheDisk
 
 DATA = os.urandom(8 * BS + 123)
 PROBE = 0.05
@@ -111,3 +112,55 @@ async def test_an_index_that_cannot_be_committed_latches_and_the_mount_goes_on(
     async with rig.engine(disk_probe_interval=PROBE) as cache:
         assert await read_sequential(cache, "f") == DATA
     assert rig.calls() == []
+
+
+async def test_a_block_that_cannot_be_read_back_is_fetched_again_not_latched_again(
+    tmp_path, monkeypatch
+):
+    rig = Rig(tmp_path, {"f": DATA})
+    async with rig.engine(io_uring=False, disk_probe_interval=PROBE) as cache:
+        assert await read_sequential(cache, "f") == DATA
+        with monkeypatch.context() as patch:
+            for name in ("read_nowait", "pread_into"):
+                patch.setattr(hits, name, failing(errno.EIO))
+            assert await read_at(cache, "f", 0, 4096) == DATA[:4096]  # one bad read
+        # Dropped, so it is not read back again (a bad sector would latch the
+        # disk again each time the probe lifted it).
+        assert cache.catalog.files["f"].present[0] == 0
+        with trio.fail_after(DEADLINE):
+            await cache.disk.wait_usable()
+        for _ in range(3):  # the block was dropped: fetched and stored anew, once
+            assert await read_sequential(cache, "f") == DATA
+        assert cache.statistics()["cache_disk_failures"] == 1
+
+
+async def test_blocks_whose_sync_failed_are_never_served_from_the_disk(tmp_path, monkeypatch):
+    rig = Rig(tmp_path, {"f": DATA})
+    async with rig.engine(disk_probe_interval=PROBE) as cache:
+        assert await read_sequential(cache, "f") == DATA  # written, not synced yet
+        with monkeypatch.context() as patch:
+            patch.setattr(store.os, "fdatasync", failing(errno.EIO))
+            with pytest.raises(CacheDiskFailed):
+                await cache.flush()
+            # A failed sync may have lost the writes: the file reads as holes now.
+            (path,) = (tmp_path / "cache" / "data").iterdir()
+            path.write_bytes(bytes(path.stat().st_size))
+            assert await read_sequential(cache, "f") == DATA
+        with trio.fail_after(DEADLINE):
+            await cache.disk.wait_usable()
+        assert await read_sequential(cache, "f") == DATA
+
+
+async def test_a_version_dropped_on_a_cache_disk_that_refuses_to_unlink(tmp_path, monkeypatch):
+    rig = Rig(tmp_path, {"f": DATA})
+    async with rig.engine(ttl=0) as cache:
+        assert await read_sequential(cache, "f") == DATA
+        monkeypatch.setattr(store.os, "unlink", failing(errno.EROFS))
+        rig.source.put("f", OTHER)
+        assert await read_sequential(cache, "f") == OTHER
+
+
+def test_running_out_of_file_descriptors_is_not_a_cache_disk_failure() -> None:
+    disk = CacheDisk()
+    error = disk.failed("opening a cache data file", OSError(errno.EMFILE, "too many"))
+    assert isinstance(error, CacheDiskFailed) and disk.usable

@@ -81,7 +81,7 @@ async def test_what_an_early_end_of_file_taught_is_forgotten(tmp_path, forget):
         if forget == "purge":
             await cache.purge("f")
         else:
-            assert await cache.reset_file_errors("f") == ["f"]
+            assert await cache.reset_file_errors(["f"]) == ["f"]
         assert cache.short_files() == []
         rig.calls()
         assert await read_sequential(cache, "f") == DATA
@@ -195,7 +195,7 @@ async def test_file_failure_quarantines_the_file_until_reset(tmp_path):
         assert await read_at(cache, "f", 0, BS) == DATA[:BS]  # cached parts stay readable
         assert await read_sequential(cache, "g") == OTHER
         assert cache.statistics()["files_in_error"] == 1
-        assert await cache.reset_file_errors("f") == ["f"]
+        assert await cache.reset_file_errors(["f"]) == ["f"]
         assert await read_at(cache, "f", 4 * BS, 10) == DATA[4 * BS : 4 * BS + 10]
 
 

@@ -208,6 +208,7 @@ def _repair(
         name = str(cf.row_id)
         path = f"{data_dir}/{name}"
         cf.data = DataFile(path, cf.size, block_size, key, cf.row_id, cf.version)
+        cf.data.written = 1 in cf.present
         n = block_count(cf.size, block_size)
         st = on_disk.get(name)
         sane = len(cf.present) == n and not cf.present.translate(None, b"\x00\x01")

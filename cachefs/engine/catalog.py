@@ -136,6 +136,8 @@ class Catalog:
             self.pinned_bytes -= cf.size
         assert cf.data is not None
         cf.data.retire()
+        if not cf.handles:  # else the last handle to close removes it
+            cf.data.unlink()
         self._deleted.append(cf.row_id)
         self.dirty.discard(cf)
         if self.files.get(cf.file_id) is cf:
@@ -171,15 +173,45 @@ class Catalog:
                 cf.unsynced.discard(b)
             if cf.unhashed:
                 cf.unhashed.pop(b, None)
-            self.cached_bytes -= self.block_len(cf, b)
-            self.dirty.add(cf)
+            if not cf.retired:  # a retired version's bytes were counted out already
+                self.cached_bytes -= self.block_len(cf, b)
+                self.dirty.add(cf)
 
-    def lost(self, cf: CachedFile, offset: int, end: int) -> None:
-        """The data file came up short of bytes [offset, end) it should hold:
-        forget their blocks (the next read fetches them again)."""
-        log.warning("cache data of %s is short: refetching", cf.file_id)
-        for b in range(offset // self.block_size, (end - 1) // self.block_size + 1):
+    def forget_blocks(self, cf: CachedFile, first: int, last: int) -> None:
+        """Blocks first..last of *cf* cannot be read back: fetch them again."""
+        for b in range(first, last + 1):
             self.unmark(cf, b)
+
+    def lost(self, cf: CachedFile, offset: int, end: int, why: str = "is short") -> None:
+        """The data file cannot give bytes [offset, end) it should hold:
+        forget their blocks (the next read fetches them again)."""
+        log.warning("cache data of %s %s: fetching it again", cf.file_id, why)
+        self.forget_blocks(cf, offset // self.block_size, (end - 1) // self.block_size)
+
+    def hold_data(self, cf: CachedFile) -> int:
+        """Acquire *cf*'s data file (release it with ``cf.data.release()``).
+
+        A data file that was gone or cut short (someone else's doing) loses
+        every block it was said to hold, so none is read back as zeros.
+        Raises what opening it raises.
+        """
+        data = cf.data
+        assert data is not None
+        fd = data.acquire()
+        if data.remade is not None:
+            cut, data.remade = data.remade, None
+            first = cut // self.block_size
+            if cf.present.find(1, first) >= 0:
+                self.lost(cf, first * self.block_size, cf.size, "was gone or cut short")
+        return fd
+
+    def untrust_unsynced(self) -> None:
+        """The cache disk may have lost what it was given since the last sync:
+        forget those blocks, and check every other one again before serving it."""
+        for cf in list(self.files.values()):
+            for b in sorted(cf.unsynced or ()):
+                self.unmark(cf, b)
+            cf.verified = None
 
     def touch(self, cf: CachedFile, first: int, last: int) -> None:
         """Note a read of blocks first..last for LRU."""
@@ -225,17 +257,21 @@ class Catalog:
             unsynced_blocks = {cf: cf.unsynced for cf in dirty}
             for cf in dirty:
                 cf.unsynced = None
+            synced: set[DataFile] = set()
             try:
                 for data in unsynced:
                     await data.sync(disk_limiter)
+                    synced.add(data)
                 async with self.index.lock:
                     await trio.to_thread.run_sync(self._write, rows, deleted, self.external_error)
             except BaseException:
+                # What was synced is on disk; the rest is still to be trusted
+                # only once synced (CacheDisk: a failed sync may have lost it).
                 for cf, blocks in unsynced_blocks.items():
-                    if blocks:
+                    if blocks and cf.data not in synced:
                         cf.unsynced = blocks | (cf.unsynced or set())
                 self.dirty |= {cf for cf in dirty if not cf.retired}
-                self._unsynced |= unsynced
+                self._unsynced |= unsynced - synced
                 self._deleted += deleted
                 raise
 

@@ -29,12 +29,15 @@ from pathlib import Path
 
 import trio
 
+from cachefs.engine import store
 from cachefs.errors import CacheDiskFailed
 
 log = logging.getLogger(__name__)
 
 # Errors of a disk that is full, not broken: what it holds is still good.
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Errors of this process's limits, not of the disk: the call fails, nothing latches.
+_NOT_THE_DISK = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
 PROBE_NAME = ".probe"
 PROBE_SIZE = 4096
 
@@ -42,14 +45,26 @@ PROBE_SIZE = 4096
 DiskError = (OSError, sqlite3.Error)
 
 
-class CacheDisk:
-    """The latch of one cache directory's filesystem."""
+def _full(e: BaseException) -> bool:
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return getattr(e, "errno", None) in _FULL
 
-    def __init__(self) -> None:
+
+class CacheDisk:
+    """The latch of one cache directory's filesystem.
+
+    *on_suspect* is called (on the trio thread) when an error that may have
+    lost or damaged data is first seen during a latch: what was written
+    since the last sync is not to be trusted.
+    """
+
+    def __init__(self, on_suspect: Callable[[], None] = lambda: None) -> None:
         self.error: str | None = None
-        # The latch came from an error that may have damaged data.
+        # An error of this latch may have lost or damaged data.
         self.suspect = False
         self.failures = 0
+        self._on_suspect = on_suspect
         self._latched = trio.Event()
         self._working = trio.Event()
         self._working.set()
@@ -58,16 +73,23 @@ class CacheDisk:
     def usable(self) -> bool:
         return self.error is None
 
+    @staticmethod
+    def counts(e: BaseException) -> bool:
+        """Whether *e* is the cache disk failing (not this process's limits)."""
+        return getattr(e, "errno", None) not in _NOT_THE_DISK
+
     def failed(self, doing: str, e: BaseException) -> CacheDiskFailed:
         """The cache filesystem failed while *doing*: latch (once) and return the
-        error to raise."""
-        self.failures += 1
+        error to raise.  Errors of the process's limits (EMFILE...) do not latch."""
         if isinstance(e, CacheDiskFailed):
             return e
-        if getattr(e, "errno", None) not in _FULL:
-            self.suspect = True
+        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
+        if not self.counts(e):
+            log.warning("cache disk: %s: %s", doing, reason)
+            return CacheDiskFailed(f"the cache disk failed {doing}: {reason}")
+        self.failures += 1
+        self._note(e)
         if self.error is None:
-            reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
             self.error = f"{doing}: {reason}"
             log.warning(
                 "the cache disk failed %s; reads go to the source, uncached, until it works again",
@@ -77,6 +99,11 @@ class CacheDisk:
             self._working = trio.Event()
         return self.failure()
 
+    def _note(self, e: BaseException) -> None:
+        if not self.suspect and not _full(e):
+            self.suspect = True
+            self._on_suspect()
+
     def failure(self) -> CacheDiskFailed:
         """The error for work refused while the disk is latched."""
         return CacheDiskFailed(f"the cache disk failed {self.error}")
@@ -84,6 +111,9 @@ class CacheDisk:
     async def wait_usable(self) -> None:
         """Return once the disk is not latched."""
         await self._working.wait()
+
+    def statistics(self) -> dict[str, object]:
+        return {"cache_disk_error": self.error, "cache_disk_failures": self.failures}
 
     async def serve_probe(
         self,
@@ -101,6 +131,8 @@ class CacheDisk:
                     await probe()
                 except (*DiskError, CacheDiskFailed) as e:
                     log.debug("the cache disk still fails: %s", e)
+                    if not isinstance(e, CacheDiskFailed):
+                        self._note(e)
                     continue
                 log.warning("the cache disk works again (it failed %s)", self.error)
                 suspect, self.error, self.suspect = self.suspect, None, False
@@ -110,12 +142,13 @@ class CacheDisk:
 
 
 def write_probe(directory: Path) -> None:
-    """Write, sync and remove a small file in *directory*; OSError if any fails."""
+    """Make *directory* if it is gone, then write (as blocks are written), sync
+    and remove a small file in it; OSError if any of that fails."""
+    directory.mkdir(mode=0o700, exist_ok=True)
     path = directory / PROBE_NAME
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        if os.write(fd, bytes(PROBE_SIZE)) != PROBE_SIZE:
-            raise OSError(errno.ENOSPC, "short write")
+        store._pwrite_all(fd, memoryview(bytes(PROBE_SIZE)), 0)
         os.fsync(fd)
     finally:
         os.close(fd)

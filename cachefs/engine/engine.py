@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -74,8 +74,7 @@ class OpenFile:
         self.attrs = cf.attrs
         self.cf = cf
         self.reader = ReaderState()
-        # The version's data file, held open from the open on: its cached
-        # blocks stay readable when a newer version retires it (unlinked).
+        # The version's data file, held from the first hit on.
         self.data: DataFile | None = None
         self.direct: Stream | None = None  # large hits read direct, some ahead
         self.whole: CachedFile | None = None  # held whole for the kernel (engine/whole.py)
@@ -100,7 +99,7 @@ class FileCache:
         self._nursery = nursery
         self.disk_limiter = trio.CapacityLimiter(8)
         self.fetch_limiter = trio.CapacityLimiter(config.max_fetches)
-        self.disk = CacheDisk()
+        self.disk = CacheDisk(self._untrust)
         self.evictor = Evictor(
             catalog, cache_dir, config.cache_size, config.min_free, self.disk_limiter, self.disk
         )
@@ -145,6 +144,12 @@ class FileCache:
         """Attributes of *file_id*, asking the backend once the TTL has passed."""
         return await self._attrs.getattr(file_id)
 
+    def known_attrs(self, file_id: str) -> FileAttrs | None:
+        """The attributes of the version of *file_id* the cache serves now,
+        without asking the backend; None if it holds none."""
+        cf = self.catalog.files.get(file_id)
+        return None if cf is None else cf.attrs
+
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         """The entries of *dir_id*; the last listing seen is served while offline."""
         return await self._attrs.list_dir(dir_id)
@@ -164,13 +169,7 @@ class FileCache:
         if cf is None:  # getattr learned it; only a bug gets here
             raise NotFound(f"{file_id}: no such file")
         fh = OpenFile(cf)
-        assert cf.data is not None
-        try:
-            cf.data.acquire()
-            fh.data = cf.data
-        except OSError as e:  # this handle reads from the source
-            if not cf.data.retired:  # (retired and closed: nothing cached to hold)
-                self.disk.failed("opening a cache data file", e)
+        cf.handles += 1  # keeps a retired version's data file for it
         key = (file_id, cf.version)
         self._handles[key] = self._handles.get(key, 0) + 1
         self._open.add(fh)
@@ -183,9 +182,13 @@ class FileCache:
 
         The fd is the cache's: do not close it.
         """
-        if fh.data is None:
+        if not self.disk.usable:  # the kernel would meet its errors
             return None
-        fd = self._whole.hold(fh)
+        try:
+            fd = self._whole.hold(fh)
+        except OSError as e:
+            self.disk.failed("opening a cache data file", e)
+            return None
         if fd is not None:
             self.counters["passthrough_opens"] += 1
         return fd
@@ -221,7 +224,7 @@ class FileCache:
         first, last = offset // bs, (end - 1) // bs
         if sequential and reader.run_reads >= 2 and self.max_readahead and self._storing(cf):
             self._read_ahead(fh, cf, end)
-        if fh.data is not None and cf.present.find(0, first, last + 1) < 0:
+        if cf.present.find(0, first, last + 1) < 0:
             data = await self._hits.serve(fh, cf, offset, end, sequential)
             if data is not None:
                 self.counters["hit_bytes"] += len(data)
@@ -260,7 +263,7 @@ class FileCache:
         cf = fh.cf
         first, last = offset // bs, (end - 1) // bs
         for _ in range(MAX_REPLANS):
-            if not self._storing(cf) or fh.data is None:
+            if not self._storing(cf):
                 return await self._read_uncached(fh, offset, end, sequential)
             transfer = self._transfer_for(fh, cf, sequential)
             try:
@@ -289,11 +292,13 @@ class FileCache:
     async def _read_uncached(
         self, fh: OpenFile, offset: int, end: int, sequential: bool
     ) -> bytes | bytearray | memoryview:
-        """Bytes [offset, end) of *fh*'s version from the backend, not stored."""
+        """Bytes [offset, end) of *fh*'s version from the backend, not stored;
+        whole blocks only where they are checked against content information."""
         cf = fh.cf
         bs = self.config.block_size
-        start = offset // bs * bs
-        stop = min(-(-end // bs) * bs, cf.size)
+        start, stop = offset, end
+        if self.content.expected(cf, offset // bs, (end - 1) // bs) is not None:
+            start, stop = offset // bs * bs, min(-(-end // bs) * bs, cf.size)
         buf = bytearray(stop - start)
         for _ in range(MAX_REPLANS):
             if cf.gone:
@@ -385,6 +390,10 @@ class FileCache:
         if fh.data is not None:
             fh.data.release()
             fh.data = None
+        cf.handles -= 1
+        if cf.retired and not cf.handles:
+            assert cf.data is not None
+            cf.data.unlink()
         key = (cf.file_id, cf.version)
         left = self._handles.get(key, 1) - 1
         if left:
@@ -417,6 +426,8 @@ class FileCache:
         larger than the cache is fetched once, not kept.
         """
         for _ in range(MAX_REPLANS):
+            if not self.disk.usable:  # nothing fetched now would be kept
+                raise self.disk.failure()
             fh = await self.open(file_id)  # the current version, stat again after a change
             cf = fh.cf
             try:
@@ -471,13 +482,16 @@ class FileCache:
         cf = self.catalog.files.get(file_id)
         if cf is None or cf.pinned or cf.held:
             return 0
+        freed = await self._drop_blocks(cf, 0)
         self._forget_eof(cf)
-        return await self._drop_blocks(cf, 0)
+        return freed
 
     async def _drop_blocks(self, cf: CachedFile, first: int) -> int:
         """Drop the cached blocks of *cf* from block *first* on; the bytes freed."""
         if cf.unhashed:  # their hashes outlive them (add-data checks against them)
             await self.hasher.drain()
+        if cf.retired:  # dropped meanwhile: nothing of it is counted any more
+            return 0
         victims = [(cf, b) for b in evictable(cf) if b >= first]
         before = self.catalog.cached_bytes
         try:
@@ -486,38 +500,38 @@ class FileCache:
             raise self.disk.failed("dropping cached blocks", e) from None
         return before - self.catalog.cached_bytes
 
-    def _forget_eof(self, cf: CachedFile) -> int | None:
-        """Forget where a RANGE_BEYOND_EOF said *cf* ends; the first block
-        that holds zeros for it, if any."""
-        if cf.zero_from is None:
-            return None
-        first, cf.zero_from = cf.zero_from // self.config.block_size, None
-        self.catalog.dirty.add(cf)
-        return first
+    def _forget_eof(self, cf: CachedFile) -> None:
+        """Forget where a RANGE_BEYOND_EOF said *cf* ends (its zeros dropped)."""
+        if cf.zero_from is not None:
+            cf.zero_from = None
+            self.catalog.dirty.add(cf)
 
     def pinned(self) -> list[str]:
         return sorted(cf.file_id for cf in self.catalog.files.values() if cf.pinned)
 
     # -- latches and statistics ---------------------------------------------------
 
-    async def reset_file_errors(self, file_id: str | None = None) -> list[str]:
+    async def reset_file_errors(self, file_ids: Collection[str] | None = None) -> list[str]:
         """Lift FILE_FAILURE latches and forget early ends of file
-        (RANGE_BEYOND_EOF), with the zeros cached for them, of one file or
-        all; returns the files reset.  A file open with passthrough keeps its
-        blocks until it is closed."""
+        (RANGE_BEYOND_EOF), with the zeros cached for them, of *file_ids* (or
+        all); returns the files reset.  An early end of a file open with
+        passthrough, or while the cache disk is latched, stays until then
+        (its zeros could not be dropped)."""
         reset = []
         for cf in list(self.catalog.files.values()):
-            if file_id not in (None, cf.file_id):
+            if file_ids is not None and cf.file_id not in file_ids:
                 continue
-            if cf.error is None and cf.zero_from is None:
-                continue
+            done = False
             if cf.error is not None:
                 cf.error = None
                 self.catalog.dirty.add(cf)
-            first = self._forget_eof(cf)
-            if first is not None and not cf.held and self.disk.usable:
-                await self._drop_blocks(cf, first)
-            reset.append(cf.file_id)
+                done = True
+            if cf.zero_from is not None and not cf.held and self.disk.usable:
+                await self._drop_blocks(cf, cf.zero_from // self.config.block_size)
+                self._forget_eof(cf)
+                done = True
+            if done:
+                reset.append(cf.file_id)
         await self.commit_if_usable()
         return reset
 
@@ -535,10 +549,11 @@ class FileCache:
 
     async def commit_if_usable(self) -> None:
         """Commit now, unless the cache disk is latched (its probe commits once
-        it works again)."""
+        it works again); blocks still waiting for their hash are committed
+        later."""
         if self.disk.usable:
             try:
-                await self.flush()
+                await self.commit()
             except CacheDiskFailed:
                 pass  # latched and logged
 
@@ -562,8 +577,7 @@ class FileCache:
             "encrypted": self.catalog.key is not None,
             "disk_reads": self._hits.disk_reads,
             "passthrough_files": self._whole.held,
-            "cache_disk_error": self.disk.error,
-            "cache_disk_failures": self.disk.failures,
+            **self.disk.statistics(),
             "unhashed_blocks": self.hasher.backlog,
             "ttl": self.config.ttl,
             "cache_dir": str(self.cache_dir),
@@ -602,21 +616,30 @@ class FileCache:
                     pass  # latched and logged: the probe commits once it works
 
     async def _probe_disk(self) -> None:
-        """Whether the cache disk works again: room for a fetch, a file written
-        and synced, the index committed.  Raises what fails."""
+        """Whether the cache disk works again: a file written (as blocks are)
+        and synced, the index committed, then room made for a fetch.  Raises
+        what fails.  Nothing is evicted before the index can be committed
+        (an eviction clears bits in it before it punches)."""
+        await trio.to_thread.run_sync(
+            write_probe, self.cache_dir / "data", limiter=self.disk_limiter
+        )
+        await self.catalog.flush(self.disk_limiter)
         room = self.max_fetch
         await self.evictor.make_room(room)
         self.evictor.settle(room)
         if self.catalog.cached_bytes + room > self.evictor.allowed():
             raise CacheDiskFailed("no room on the cache filesystem")
-        await trio.to_thread.run_sync(
-            write_probe, self.cache_dir / "data", limiter=self.disk_limiter
-        )
-        await self.catalog.flush(self.disk_limiter)
+
+    def _untrust(self) -> None:
+        """The cache disk may have lost or damaged data (engine/disk.py):
+        blocks written since the last sync are dropped, every other one is
+        checked against its hash before it is served again."""
+        self.catalog.untrust_unsynced()
+        self._disk_recovered(True)
 
     def _disk_recovered(self, suspect: bool) -> None:
         if suspect:  # what it returned before it failed is checked again
-            for cf in self.catalog.files.values():
+            for cf in {*self.catalog.files.values(), *(fh.cf for fh in self._open)}:
                 cf.verified = None
 
     async def _shutdown(self) -> None:

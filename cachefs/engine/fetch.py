@@ -336,8 +336,8 @@ class FetchRunner:
         self, cf: CachedFile, transfer: Transfer, view: memoryview, start: int
     ) -> None:
         """Fetch [start, start + len(view)) of *cf* into *view*, storing nothing
-        (a retired version, or a cache disk that failed); whole blocks, or up
-        to the end of the file.  Checked against content information."""
+        (a retired version, or a cache disk that failed).  Checked against
+        content information where the range holds whole blocks."""
         async with self._cache.fetch_limiter:
             await self._fill(cf, transfer, view, start, start + len(view), store=False)
 

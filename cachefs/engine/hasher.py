@@ -14,7 +14,8 @@ when it is full, blocks are hashed inline as before.  At unmount the
 backlog is hashed before the last flush (and before any explicit one: pin,
 reset), for at most ``DRAIN_SECONDS``; the periodic flush does not wait.
 
-The hash is taken from the data file (the page cache, normally), and a
+The hash is taken from the data file (the page cache, normally: read,
+never mapped, see :func:`hash_run`), and a
 block's hash is recorded only if the block still waits for this very run
 (``CachedFile.unhashed`` maps each block to the run that stored it): an
 eviction drops the block from there before it punches its space, and a
@@ -38,10 +39,8 @@ import trio
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.disk import CacheDisk
 from cachefs.engine.index import CachedFile
-from cachefs.engine.mapped import map_range
 from cachefs.engine.readers import ReaderPool
 from cachefs.engine.store import DataFile, pread_into
-from cachefs.pagecache import cached_pages, pages_in
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +66,18 @@ def _lower_priority() -> None:
 def hash_run(fd: int, start: int, end: int, block_size: int) -> list[bytes]:
     """SHA-256 of each block of bytes [start, end) of *fd* (the last may be short).
 
-    Mapped only when every page is in the page cache: a page the disk
-    fails to read would kill the process (SIGBUS); read, it is an OSError.
+    Read, not mapped: a page the disk fails to read is then an OSError, where
+    in a mapping it would kill the process (SIGBUS), and pages can leave the
+    page cache while a thread at the lowest priority hashes.
     """
-    cached = cached_pages(fd, start, end - start)
-    view = map_range(fd, start, end) if cached == pages_in(start, end - start) else None
-    if view is None:  # cannot map, or must not: read it
-        buf = bytearray(end - start)
-        if pread_into(fd, memoryview(buf), start) < len(buf):
-            raise OSError("data file shorter than its blocks")
-        view = memoryview(buf)
-    try:
-        return [
-            hashlib.sha256(view[at : at + block_size]).digest()
-            for at in range(0, len(view), block_size)
-        ]
-    finally:
-        view.release()
+    buf = bytearray(end - start)
+    view = memoryview(buf)
+    if pread_into(fd, view, start) < len(buf):
+        raise OSError("data file shorter than its blocks")
+    return [
+        hashlib.sha256(view[at : at + block_size]).digest()
+        for at in range(0, len(view), block_size)
+    ]
 
 
 class Hasher:

@@ -73,10 +73,18 @@ class HitReader:
         """*fh* is closed: drop what was read ahead for it."""
         self.direct.forget(fh)
 
-    def _fd(self, fh: OpenFile, cf: CachedFile) -> int:
-        """The fd of *fh*'s data file, held by the handle since it opened."""
+    def _fd(self, fh: OpenFile, cf: CachedFile) -> int | None:
+        """The fd of *fh*'s data file, held by the handle from its first hit
+        on; None if the file lost what it held (its blocks are fetched again)."""
         data = fh.data
-        assert data is not None and data is cf.data and data.fd is not None
+        if data is None:
+            epoch = cf.epoch
+            self._catalog.hold_data(cf)
+            data = fh.data = cf.data
+            assert data is not None
+            if cf.epoch != epoch:
+                return None
+        assert data.fd is not None
         return data.fd
 
     async def serve(
@@ -96,6 +104,9 @@ class HitReader:
             return await self._serve(fh, cf, offset, end, sequential)
         except OSError as e:
             self._disk.failed(f"reading cached blocks of {cf.file_id}", e)
+            if self._disk.counts(e):  # they are fetched (and stored) anew
+                bs = self._block_size
+                self._catalog.forget_blocks(cf, offset // bs, (end - 1) // bs)
             return None
 
     async def _serve(
@@ -107,6 +118,8 @@ class HitReader:
             return await self._serve_checked(fh, cf, offset, end, sequential)
         n = end - offset
         fd = self._fd(fh, cf)
+        if fd is None:
+            return None
         data = fh.data
         assert data is not None
         if n >= MAP_MIN and data.key is None:
@@ -181,6 +194,8 @@ class HitReader:
         first, last = offset // bs, (end - 1) // bs
         expected = self._content.to_check(cf, first, last)
         fd = self._fd(fh, cf)
+        if fd is None:
+            return None
         epoch, data = cf.epoch, cf.data
         assert data is not None
         if expected is None and data.key is not None and end - offset >= DIRECT_MIN:

@@ -81,12 +81,14 @@ class CachedFile:
     epoch: int = 0
     validated_at: float = float("-inf")
     # No longer the version the catalog serves to new opens: its row is
-    # gone and its data file unlinked; handles that opened it keep reading
-    # it (engine.OpenFile), its present blocks from the data file they hold.
+    # gone, and its data file is removed once no handle reads it.
     retired: bool = False
     # The source answered FILE_MODIFIED_EXTERNALLY for this version: what is
     # not cached of it cannot be had any more.
     gone: bool = False
+    # Open handles reading this version (engine.OpenFile): while any is, a
+    # retired version's data file stays, so they read what it holds.
+    handles: int = 0
     data: DataFile | None = None
     # Made on first use, dropped when empty: a cache may know 100,000s of files.
     # Blocks being fetched or evicted -> the Fetch to wait for.

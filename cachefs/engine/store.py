@@ -54,6 +54,9 @@ class DataFile:
         "direct_refused",
         "users",
         "retired",
+        "unlinked",
+        "remade",
+        "written",
         "block_size",
         "chunk",
         "tags_at",
@@ -81,6 +84,10 @@ class DataFile:
         self.direct_refused = False
         self.users = 0
         self.retired = False
+        self.unlinked = False
+        self.remade: int | None = None
+        # Blocks were written to it (in this mount, or before: the index says so).
+        self.written = False
         self.block_size = block_size
         self.key = key
         self.row_id = row_id
@@ -98,16 +105,34 @@ class DataFile:
     def acquire(self) -> int:
         """Open (creating a sparse file of the full size) and hold the fd.
 
-        FileNotFoundError once retired and closed: its bytes are gone, and a
-        file made anew would read as zeros where blocks are marked present.
+        ``remade`` is set when a file that was ``written`` was not there at
+        its full size (made anew, or cut short by someone): where what it
+        was said to hold is gone from (0: all of it).
+        On a read-only cache filesystem the file is opened for reading.
+        FileNotFoundError once unlinked and closed: a file made anew would
+        read as zeros where blocks are marked present.
         """
         if self.fd is None:
-            if self.retired:
+            if self.unlinked:
                 raise FileNotFoundError(f"cache data file {self.path} was retired")
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                if os.fstat(fd).st_size != self.disk_size:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                if e.errno != errno.EROFS:
+                    raise
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                found = os.fstat(fd).st_size
+                if found != self.disk_size:
+                    if self.written:  # else it is simply new
+                        # Encrypted, the seals lie after the data: all gone.
+                        cut = found if self.key is None else 0
+                        self.remade = cut if self.remade is None else min(cut, self.remade)
                     os.ftruncate(fd, self.disk_size)
+            except OSError as e:
+                if e.errno not in (errno.EROFS, errno.EBADF, errno.EINVAL):
+                    os.close(fd)
+                    raise
             except BaseException:
                 os.close(fd)
                 raise
@@ -141,13 +166,24 @@ class DataFile:
             self.direct_refused = True
 
     def retire(self) -> None:
-        """Forget this version's bytes: unlink now, close when the last user leaves."""
-        if not self.retired:
-            self.retired = True
+        """No more blocks of this version are written, punched or synced;
+        those written stay readable until :meth:`unlink`."""
+        self.retired = True
+
+    def unlink(self) -> None:
+        """Remove the file (its fd, if held, stays readable until released).
+
+        Never raises: a cache filesystem that refuses leaves the file to the
+        next mount's check, which removes data files without a row.
+        """
+        if not self.unlinked:
+            self.unlinked = True
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                log.debug("cannot remove cache data file %s: %s", self.path, e)
 
     async def write_blocks(
         self,
@@ -169,6 +205,7 @@ class DataFile:
             return [], 0
         fd = self.acquire()
         try:
+            self.written = True
             return await trio.to_thread.run_sync(
                 self._write_blocks, fd, first, data, expected, hash_them, limiter=limiter
             )

@@ -49,7 +49,10 @@ class WholeFiles:
         if not self.qualifies(cf, fh.attrs.version):
             return None
         assert cf.data is not None
-        fd = cf.data.acquire()
+        fd = self._catalog.hold_data(cf)
+        if not self.qualifies(cf, fh.attrs.version):  # its data file had lost blocks
+            cf.data.release()
+            return None
         cf.held += 1
         fh.whole = cf
         self.held += 1
