@@ -26,7 +26,6 @@ import hashlib
 import os
 import random
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,8 +34,8 @@ if TYPE_CHECKING:
     from conftest import Mount
 
 PAGE = 4096
-#: What a reading may end with: its version is gone (ESTALE, or EIO through
-#: the page cache), the file is gone (ENOENT at open).
+#: What a reading may end with: its version is gone (ESTALE; EIO too through
+#: the page cache, never with O_DIRECT), the file is gone (ENOENT at open).
 ALLOWED_ERRORS = frozenset({errno.ESTALE, errno.EIO, errno.ENOENT})
 #: And what a reading of a mount whose daemon was killed may end with.
 DEAD_MOUNT = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
@@ -50,6 +49,7 @@ def digest(page: bytes) -> bytes:
 class Version:
     size: int
     pages: tuple[bytes, ...]  # digests, the last page possibly short
+    made_by: int  # the mutation that made it (0: before the first)
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Churn:
             for i in changed:
                 pages[i] = digest(data[i * PAGE : (i + 1) * PAGE])
         self._pages[name] = pages
-        self.history[name].append(Version(len(data), tuple(pages)))
+        self.history[name].append(Version(len(data), tuple(pages), self.begun))
 
     def _replace(self, name: str) -> None:
         data = self._random_bytes(self.rnd.randrange(0, self.max_size))
@@ -146,9 +146,12 @@ class Churn:
 
     def explain(self, reading: Reading, allowed: frozenset[int] = ALLOWED_ERRORS) -> str | None:
         """None if *reading* is of one version; otherwise what is wrong."""
+        allowed = allowed if reading.how != "direct" else allowed - {errno.EIO}
         if reading.error is not None and reading.error.errno not in allowed:
-            return f"unexpected error {reading.error!r}"
+            return f"{reading.name} read {reading.how}: unexpected error {reading.error!r}"
         for version in reversed(self.history[reading.name]):
+            if version.made_by > reading.after:  # made after the reading ended
+                continue
             if reading.eof is not None and reading.eof != version.size:
                 continue
             pages = version.pages
@@ -171,18 +174,24 @@ class Churn:
         return f"versions holding each page {where}; versions of that size {sizes}"
 
 
+#: How long a run may take to reach its counts before the test fails.
+CHURN_DEADLINE = 600.0
+
+
 def run_churn(
-    m: Mount, churn: Churn, seconds: float, readers: int = 3, kill: bool = False
+    m: Mount, churn: Churn, mutations: int, readers: int = 3, kill: bool = False
 ) -> tuple[int, int, int]:
     """Readers read while one thread changes the source, a change for every
-    few readings, until *seconds* have passed; with *kill*, the daemon is
-    killed (kill -9) then, while they still read.  Each reading is checked
-    once every state it may have seen is recorded.  Returns how many
-    readings there were, how many read a file whole, and how many ended in
-    an error; fails the test if one is not of one version."""
+    few readings, until *mutations* changes were made, a file was read
+    whole at least as many times, and at least one reading met a change
+    (ended in an error): counts, not a clock, end it (CHURN_DEADLINE fails
+    it).  With *kill*, the daemon is killed (kill -9) then, while they
+    still read.  Each reading is checked once every state it may have seen
+    is recorded.  Returns how many readings there were, how many read a
+    file whole, and how many ended in an error; fails the test if one is
+    not of one version."""
     readings: list[Reading] = []
     done = threading.Condition()
-    stop = time.monotonic() + seconds
     stopped = threading.Event()
     allowed = ALLOWED_ERRORS | (DEAD_MOUNT if kill else frozenset())
     failures: list[BaseException] = []
@@ -201,6 +210,13 @@ def run_churn(
             why = churn.explain(r, allowed)
             if why is not None:
                 wrong.append(why)
+        with done:
+            done.notify_all()
+
+    target = churn.mutations + mutations
+
+    def enough() -> bool:
+        return churn.mutations >= target and counts[1] >= mutations and counts[2] > 0
 
     def reader(seed: int) -> None:
         rnd = random.Random(seed)
@@ -232,7 +248,7 @@ def run_churn(
         t.start()
     try:
         with done:
-            done.wait_for(lambda: time.monotonic() > stop or bool(failures), timeout=seconds + 1)
+            reached = done.wait_for(lambda: enough() or bool(failures), timeout=CHURN_DEADLINE)
         if kill:
             m.kill()  # readers meet a dead mount: ENOTCONN, ECONNABORTED
     finally:
@@ -245,6 +261,9 @@ def run_churn(
     assert not failures, failures
     check(churn.mutations)
     assert wrong == [], wrong[:5]
+    assert reached, f"not {mutations} changes and whole readings in {CHURN_DEADLINE:g} s: {counts}"
+    if not kill:
+        assert "Traceback" not in m.log_text()
     return counts[0], counts[1], counts[2]
 
 

@@ -255,10 +255,9 @@ def test_s3_streams_and_ranged_gets_are_pinned_to_the_version(
 
 # -- randomized: readers while the source keeps changing ---------------------------------
 
-#: How long the randomized test runs (seconds); the crash suite runs it longer.
-CHURN_SECONDS = float(os.environ.get("CACHEFS_CHURN_SECONDS", "40"))
-
-
+#: How many changes the randomized test makes (and whole readings it needs);
+#: the crash suite makes more.
+CHURN_MUTATIONS = int(os.environ.get("CACHEFS_CHURN_MUTATIONS", "30000"))
 MAX_SIZE = 384 * 1024
 
 
@@ -272,7 +271,5 @@ def test_every_reading_is_of_one_version_while_the_source_churns(
     m = mount(
         src, "--ttl", "0.3", "--cache-size", "1M", "--min-free", "0", "--max-readahead", "256K"
     )
-    total, whole, failed = run_churn(m, churn, CHURN_SECONDS)
-    # Not vacuous: files were read whole, and readers did meet changes.
-    assert whole > 50 and failed > 0 and churn.mutations > 20, (total, whole, failed)
+    run_churn(m, churn, CHURN_MUTATIONS)
     m.unmount()
