@@ -46,6 +46,9 @@ DiskError = (OSError, sqlite3.Error)
 
 
 def _full(e: BaseException) -> bool:
+    """Whether *e* says the disk is full, nothing worse: what it holds is good."""
+    if isinstance(e, store.SyncFailed):
+        return False
     if isinstance(e, sqlite3.Error):
         return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
     return getattr(e, "errno", None) in _FULL

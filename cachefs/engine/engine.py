@@ -111,6 +111,7 @@ class FileCache:
         self.max_readahead = min(config.max_readahead, max(bs, limit // 4))
         self._runner = FetchRunner(self)
         self._handles: dict[tuple[str, str], int] = {}  # (file id, version) -> open handles
+        self._commit_soon = trio.Event()
         self._open: set[OpenFile] = set()
         self._had_continuous: set[str] = set()
         self.counters = {
@@ -130,7 +131,13 @@ class FileCache:
         self.hasher = Hasher(catalog, config.block_size, self.disk)
         self._ring = open_ring() if config.io_uring else None
         self._hits = HitReader(
-            catalog, self.content, config.block_size, self._ring, nursery, self.disk
+            catalog,
+            self.content,
+            config.block_size,
+            self._ring,
+            nursery,
+            self.disk,
+            self.disk_limiter,
         )
         self._whole = WholeFiles(catalog, self.content)
 
@@ -615,6 +622,17 @@ class FileCache:
                 except CacheDiskFailed:
                     pass  # latched and logged: the probe commits once it works
 
+    def commit_soon(self) -> None:
+        """Have the index committed (and the data synced) now, not at the next
+        flush interval: a file just became whole (engine/whole.py)."""
+        self._commit_soon.set()
+
+    async def _serve_early_commits(self) -> None:
+        while True:
+            await self._commit_soon.wait()
+            self._commit_soon = trio.Event()
+            await self.commit_if_usable()
+
     async def _probe_disk(self) -> None:
         """Whether the cache disk works again: a file written (as blocks are)
         and synced, the index committed, then room made for a fetch.  Raises
@@ -696,6 +714,7 @@ async def open_file_cache(
         async with trio.open_nursery() as nursery:
             cache = FileCache(backend, path, config, catalog, nursery)
             nursery.start_soon(cache._serve_flusher)
+            nursery.start_soon(cache._serve_early_commits)
             nursery.start_soon(
                 cache.disk.serve_probe,
                 cache._probe_disk,

@@ -518,6 +518,8 @@ class FetchRunner:
                 c.content.record(cf, first, hashes)
             for b in range(first, first + done):
                 cat.mark(cf, b)
+            if done and cf.present.find(0) < 0:
+                c.commit_soon()  # synced, it may be read by the kernel itself
         finally:
             if defer:
                 c.hasher.release()

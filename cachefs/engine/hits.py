@@ -45,10 +45,12 @@ class HitReader:
         ring: Ring | None,
         nursery: trio.Nursery,
         disk: CacheDisk,
+        disk_limiter: trio.CapacityLimiter,
     ) -> None:
         self._catalog = catalog
         self._content = content
         self._disk = disk
+        self._disk_limiter = disk_limiter
         self._block_size = block_size
         self._readers = ReaderPool()
         self._ring = ring
@@ -130,6 +132,8 @@ class HitReader:
                     self._catalog.touch(cf, first, last)
                     return view
             elif self.direct.wants(data, n, offset, cached):
+                if not await self._synced(cf, first, last):
+                    return None
                 got = await self.direct.serve(fh, cf, offset, end, sequential)
                 if got is not NOT_DIRECT:
                     return got  # type: ignore[return-value]
@@ -142,6 +146,8 @@ class HitReader:
         offload = ring is not None and ring.usable and ring.in_flight > 0
         got = 0 if offload else read_nowait(fd, buf, offset)
         if got < n:
+            if not await self._synced(cf, first, last):
+                return None
             epoch, data = cf.epoch, cf.data
             assert data is not None
             data.acquire()  # the fd outlives a version change during the read
@@ -156,6 +162,21 @@ class HitReader:
             return None
         self._catalog.touch(cf, first, last)
         return buf
+
+    async def _synced(self, cf: CachedFile, first: int, last: int) -> bool:
+        """Before blocks first..last are read back from the disk (not from the
+        page cache): if any was written since the data file was last synced,
+        sync it now.  A writeback the disk failed leaves pages that read back
+        as holes, and only a sync tells; OSError then (the caller latches).
+        False if the blocks are no longer all present afterwards."""
+        pending = cf.unsynced
+        data = cf.data
+        if not pending or data is None or all(not first <= b <= last for b in pending):
+            return True
+        before = set(pending)
+        await data.sync(self._disk_limiter)
+        pending -= before  # on disk now (what was marked meanwhile is not)
+        return cf.present.find(0, first, last + 1) < 0
 
     async def _read_disk(
         self, fd: int, buf: bytearray, got: int, offset: int, offload: bool
@@ -201,9 +222,13 @@ class HitReader:
         if expected is None and data.key is not None and end - offset >= DIRECT_MIN:
             n = end - offset
             if self.direct.wants(data, n, offset, cached_pages(fd, offset, n)):
+                if not await self._synced(cf, first, last):
+                    return None
                 got = await self.direct.serve(fh, cf, offset, end, sequential)
                 if got is not NOT_DIRECT:
                     return got  # type: ignore[return-value]
+        if not await self._synced(cf, first, last):
+            return None
         data.acquire()
         try:
             if expected is None and data.key is not None:  # open only what is read

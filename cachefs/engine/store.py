@@ -360,13 +360,22 @@ class DataFile:
             self.release()
 
     async def sync(self, limiter: trio.CapacityLimiter) -> None:
+        """fdatasync; SyncFailed if the disk did not keep what was written."""
         if self.retired:
             return
         fd = self.acquire()
         try:
             await trio.to_thread.run_sync(os.fdatasync, fd, limiter=limiter)
+        except OSError as e:
+            raise SyncFailed(e.errno, f"syncing {self.path}: {e.strerror}") from e
         finally:
             self.release()
+
+
+class SyncFailed(OSError):
+    """A data file's sync failed: whatever errno (ENOSPC too, on thin
+    storage), writes since the last good sync may be lost (the kernel
+    reports a failed writeback once, then forgets it)."""
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01

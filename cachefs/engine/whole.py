@@ -2,7 +2,10 @@
 
 A handle's file qualifies when every block of the version it opened is in
 its data file as plain bytes that need no check before they are served
-(checked in this mount, or ``--verify off``), and no error latch is set.
+(checked in this mount, or ``--verify off``), synced to the cache disk (a
+writeback the disk failed would read back as holes, and only the daemon's
+sync tells; a file that becomes whole is synced at once), and no error
+latch is set.
 The data file is then the file byte for byte: block i at i * block_size,
 its length the file's size.
 
@@ -36,6 +39,8 @@ class WholeFiles:
         if cf is None or cf.retired or cf.version != version or cf.error is not None:
             return False
         if cf.size == 0 or cf.present.find(0) >= 0:
+            return False
+        if cf.unsynced:  # the kernel would read blocks a failed writeback lost as holes
             return False
         return not self._content.must_check(cf, 0, len(cf.present) - 1)
 
