@@ -136,9 +136,7 @@ async def test_a_block_that_cannot_be_read_back_is_fetched_again_not_latched_aga
 
 # ENOSPC too: thin storage that runs out fails the writeback of what it took.
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
-async def test_blocks_whose_sync_failed_are_never_served_from_the_disk(
-    tmp_path, monkeypatch, err
-):
+async def test_blocks_whose_sync_failed_are_never_served_from_the_disk(tmp_path, monkeypatch, err):
     rig = Rig(tmp_path, {"f": DATA})
     async with rig.engine(disk_probe_interval=PROBE) as cache:
         assert await read_sequential(cache, "f") == DATA  # written, not synced yet
