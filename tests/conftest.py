@@ -114,6 +114,16 @@ def kernel_has_passthrough() -> bool:
         return True
 
 
+def wait_for(what: str, check: Callable[[], bool], deadline: float = 20.0) -> None:
+    """Poll *check* until it holds (a state the test cannot be told of);
+    fail after *deadline* seconds."""
+    end = time.monotonic() + deadline
+    while not check():
+        if time.monotonic() > end:
+            pytest.fail(f"{what}: not within {deadline:g} s")
+        time.sleep(0.05)
+
+
 def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
     """Exit code 2 and one line of stderr, ``cachefs ... error: ...``, naming *words*."""
     assert done.returncode == 2, (done.returncode, done.stderr)

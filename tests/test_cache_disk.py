@@ -16,13 +16,13 @@ import os
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import wait_for
 
 if TYPE_CHECKING:
     from conftest import MountFactory
@@ -76,14 +76,6 @@ def fill(fs: Path) -> Path:
     return filler
 
 
-def wait_for(what: str, check) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + DEADLINE
-    while not check():
-        if time.monotonic() > end:
-            pytest.fail(f"{what}: not within {DEADLINE:g} s")
-        time.sleep(0.1)
-
-
 def read_direct(path: Path) -> bytes:
     """The whole file, every read reaching cachefs (no page cache)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -123,7 +115,7 @@ def test_a_cache_disk_that_fills_up_still_serves_and_recovers(
         assert "No space left on device" in str(numbers["cache_disk_error"])
         assert "Traceback" not in m.log_text()
         filler.unlink()  # room again: the mount takes blocks again by itself
-        wait_for("the latch lifted", lambda: m.stats()["cache_disk_error"] is None)
+        wait_for("the latch lifted", lambda: m.stats()["cache_disk_error"] is None, DEADLINE)
         assert read_direct(m / "later") == later
         before = m.stats()["read_data_calls"]
         assert read_direct(m / "later") == later

@@ -87,6 +87,14 @@ def first_difference(got: bytes, version: bytes) -> int | None:
     return None
 
 
+def local_source(tmp_path: Path, data: bytes) -> Path:
+    """A source directory holding one file, ``f``."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(data)
+    return src
+
+
 def rewrite_in_place(path: Path, data: bytes) -> None:
     """``dd conv=notrunc``: the same inode, new bytes."""
     with open(path, "r+b") as f:
@@ -106,10 +114,8 @@ def replace_by_rename(path: Path, data: bytes) -> None:
 def test_a_file_rewritten_in_place_within_the_ttl_is_never_mixed(
     mount: MountFactory, tmp_path: Path
 ) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
     a, b = os.urandom(8 * MIB), os.urandom(8 * MIB)
-    (src / "f").write_bytes(a)
+    src = local_source(tmp_path, a)
     m = mount(src, "--ttl", "60", "--max-readahead", "0")
     assert pread_direct(m / "f", 0, MIB) == a[:MIB]  # 1 MiB cached, no kernel readahead
     rewrite_in_place(src / "f", b)
@@ -127,10 +133,8 @@ def test_a_file_rewritten_in_place_within_the_ttl_is_never_mixed(
 def test_a_reader_keeps_its_version_while_the_file_is_replaced_by_rename(
     mount: MountFactory, tmp_path: Path
 ) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
     a, b = os.urandom(8 * MIB), os.urandom(9 * MIB)
-    (src / "f").write_bytes(a)
+    src = local_source(tmp_path, a)
     m = mount(src, "--ttl", "0", "--max-readahead", "256K")
     reader = Reader(m / "f").read(2 * MIB)
     replace_by_rename(src / "f", b)
@@ -144,10 +148,8 @@ def test_a_reader_keeps_its_version_while_the_file_is_replaced_by_rename(
 
 
 def test_a_rewrite_with_the_mtime_put_back_is_seen(mount: MountFactory, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
     a, b = os.urandom(2 * MIB), os.urandom(2 * MIB)
-    (src / "f").write_bytes(a)
+    src = local_source(tmp_path, a)
     m = mount(src, "--ttl", "0")
     assert (m / "f").read_bytes() == a
     before = os.stat(src / "f")
@@ -159,10 +161,8 @@ def test_a_rewrite_with_the_mtime_put_back_is_seen(mount: MountFactory, tmp_path
 def test_a_file_truncated_under_a_reader_gives_it_the_old_length_or_an_error(
     mount: MountFactory, tmp_path: Path
 ) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
     a = os.urandom(8 * MIB)
-    (src / "f").write_bytes(a)
+    src = local_source(tmp_path, a)
     m = mount(src, "--ttl", "0", "--max-readahead", "0")
     reader = Reader(m / "f").read(3 * MIB)
     os.truncate(src / "f", 2 * MIB)
@@ -179,10 +179,8 @@ def test_a_file_truncated_under_a_reader_gives_it_the_old_length_or_an_error(
 def test_a_deleted_file_stays_readable_through_a_handle_that_read_it(
     mount: MountFactory, tmp_path: Path
 ) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
     a = os.urandom(4 * MIB)
-    (src / "f").write_bytes(a)
+    src = local_source(tmp_path, a)
     m = mount(src, "--ttl", "0", "--max-readahead", "0")
     reader = Reader(m / "f").read(MIB)
     os.unlink(src / "f")

@@ -11,14 +11,13 @@ import hashlib
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import assert_one_line_error, pread_direct, sha256
+from conftest import assert_one_line_error, pread_direct, sha256, wait_for
 
 from backends.trace import read_trace
 from cachefs.cli import _daemon_argv, build_parser, mount_options
@@ -91,15 +90,6 @@ def walk(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     return {
         os.path.relpath(d, root): (sorted(dirs), sorted(files)) for d, dirs, files in os.walk(root)
     }
-
-
-def wait_for(what: str, check: Callable[[], bool], deadline: float = DEADLINE) -> None:
-    """Poll *check* until it holds; fail after *deadline* seconds."""
-    end = time.monotonic() + deadline
-    while not check():
-        if time.monotonic() > end:
-            pytest.fail(f"{what}: not within {deadline:g} s")
-        time.sleep(0.05)
 
 
 def expect_eio(path: Path) -> None:
