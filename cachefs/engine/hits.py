@@ -171,7 +171,7 @@ class HitReader:
         False if the blocks are no longer all present afterwards."""
         pending = cf.unsynced
         data = cf.data
-        if not pending or data is None or all(not first <= b <= last for b in pending):
+        if not pending or data is None or pending.isdisjoint(range(first, last + 1)):
             return True
         before = set(pending)
         await data.sync(self._disk_limiter)
