@@ -140,6 +140,9 @@ class OpenFile:
 
     def replace(self, fd: int) -> None:
         with self._lock:
+            if self.fd < 0:  # closed meanwhile (a call its caller abandoned)
+                os.close(fd)
+                return
             self._retired.append(self.fd)
             if self.direct >= 0:
                 self._retired.append(self.direct)
@@ -212,6 +215,14 @@ class LocalBackend:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
+    async def _run_abandonable(self, fn: Callable[..., T], *args: object) -> T:
+        """Like _run for calls that change nothing: a cancelled caller stops
+        waiting at once; the thread finishes on its own (its slot in the
+        limiter is held until then, so abandoned calls stay bounded)."""
+        return await trio.to_thread.run_sync(
+            fn, *args, limiter=self._limiter, abandon_on_cancel=True
+        )
+
     # -- metadata ----------------------------------------------------------
 
     def _stat_sync(self, file_id: str) -> FileAttrs | None:
@@ -224,7 +235,7 @@ class LocalBackend:
         return _attrs(s, target)
 
     async def stat(self, file_id: str) -> FileAttrs | None:
-        return await self._run(self._stat_sync, file_id)
+        return await self._run_abandonable(self._stat_sync, file_id)
 
     def _list_dir_sync(self, dir_id: str) -> list[DirEntry]:
         path = self._path(dir_id)
@@ -255,7 +266,7 @@ class LocalBackend:
             os.close(dir_fd)
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
-        return await self._run(self._list_dir_sync, dir_id)
+        return await self._run_abandonable(self._list_dir_sync, dir_id)
 
     # -- data --------------------------------------------------------------
 
@@ -318,7 +329,7 @@ class LocalBackend:
         """Fill ``req.buffer`` straight from the file; see the module policy."""
         if req.bytes_to_read == 0 or req.flags & RWEvent.CANCELED:
             return
-        await self._run(self._read_sync, req)
+        await self._run_abandonable(self._read_sync, req)
 
     # -- content information (backends.localci) ---------------------------
 
@@ -334,7 +345,7 @@ class LocalBackend:
 
     async def content_info(self, file_id: str) -> ContentInfo | None:
         """The stored record of *file_id*, as stored; None if none or malformed."""
-        return await self._run(self._read_ci_sync, file_id)
+        return await self._run_abandonable(self._read_ci_sync, file_id)
 
     def _write_ci_sync(self, file_id: str, data: bytes) -> None:
         localci.write(self._ci_path(file_id), data)

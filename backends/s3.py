@@ -125,6 +125,14 @@ class S3Backend:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
+    async def _run_abandonable(self, fn: Callable[..., T], *args: object) -> T:
+        """Like _run for calls that change nothing: a cancelled caller stops
+        waiting at once; the thread finishes on its own (its slot in the
+        limiter is held until then, so abandoned calls stay bounded)."""
+        return await trio.to_thread.run_sync(
+            fn, *args, limiter=self._limiter, abandon_on_cancel=True
+        )
+
     # -- metadata ----------------------------------------------------------
 
     def _head(self, file_id: str) -> FileAttrs | None:
@@ -157,7 +165,7 @@ class S3Backend:
 
     async def stat(self, file_id: str) -> FileAttrs | None:
         """HEAD the object; if there is none, one short listing for a directory."""
-        return await self._run(self._stat_sync, file_id)
+        return await self._run_abandonable(self._stat_sync, file_id)
 
     def _list_sync(self, dir_id: str) -> list[DirEntry]:
         if dir_id and not s3ci.servable(dir_id):
@@ -186,7 +194,7 @@ class S3Backend:
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         """One delimited listing (obstore follows its pages), sorted by name."""
-        return await self._run(self._list_sync, dir_id)
+        return await self._run_abandonable(self._list_sync, dir_id)
 
     # -- data --------------------------------------------------------------
 
@@ -295,13 +303,13 @@ class S3Backend:
             req.result_code = RWResult.FILE_MODIFIED_EXTERNALLY
             await trio.lowlevel.checkpoint()
             return
-        await self._run(self._read_sync, req)
+        await self._run_abandonable(self._read_sync, req)
 
     # -- content information ---------------------------------------------
 
     async def content_info(self, file_id: str) -> ContentInfo | None:
         """The stored record of *file_id*, as stored; None if none or malformed."""
-        return await self._run(s3ci.read, self._store, file_id)
+        return await self._run_abandonable(s3ci.read, self._store, file_id)
 
     async def put_content_info(self, file_id: str, info: ContentInfo) -> None:
         """Store *info* for *file_id* (one PUT: S3 replaces objects atomically)."""

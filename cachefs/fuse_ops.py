@@ -194,7 +194,8 @@ class Operations:
             # which the kernel looks up when told ESTALE, and opens instead
             # (once; open(2) sees nothing).
             log.debug("open of %r: %s: new inode", node.file_id, e)
-            await self._cache.close(fh_obj)
+            with trio.CancelScope(shield=True):  # an interrupted open leaves no handle
+                await self._cache.close(fh_obj)
             self._ns.renumber(inode)
             raise FUSEError(errno.ESTALE) from None
         self._files[fh] = fh_obj

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,8 +100,18 @@ class MotoServer:
             self._proc.kill()
             self._proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a hung server)."""
+        assert self._proc is not None and self._proc.poll() is None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
+            self.resume()  # a stopped process would not act on SIGTERM
             self._proc.terminate()
             try:
                 self._proc.wait(timeout=10)

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # How many times one read may re-plan (version changes, FILE_MODIFIED_*) before it fails.
 MAX_REPLANS = 4
+# Seconds an interrupted reader's CANCELED notification may take.
+CANCEL_DEADLINE = 2.0
 
 
 class OpenFile:
@@ -275,6 +277,9 @@ class FileCache:
             transfer = self._transfer_for(fh, cf, sequential)
             try:
                 unstored = await self._runner.ensure(cf, first, last, transfer)
+            except trio.Cancelled:
+                await self._abandon(fh, cf, transfer)
+                raise
             except (Modified, Replan) as e:
                 await self._stop_transfer(fh, cf, transfer)
                 if isinstance(e, Modified):
@@ -313,6 +318,9 @@ class FileCache:
             transfer = self._transfer_for(fh, cf, sequential)
             try:
                 await self._runner.fetch_uncached(cf, transfer, memoryview(buf), start)
+            except trio.Cancelled:
+                await self._abandon(fh, cf, transfer)
+                raise
             except (Modified, Replan) as e:
                 await self._stop_transfer(fh, cf, transfer)
                 if isinstance(e, Modified):
@@ -361,6 +369,13 @@ class FileCache:
                 await self._end_run(cf, *ended)
         elif transfer.open:
             await self.cancel_transfer(cf, transfer)
+
+    async def _abandon(self, fh: OpenFile, cf: CachedFile, transfer: Transfer) -> None:
+        """The reader stopped waiting (its request was interrupted): the
+        backend call it waited for is abandoned and its transfer ends with
+        a CANCELED call, made within CANCEL_DEADLINE."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_DEADLINE):
+            await self._stop_transfer(fh, cf, transfer)
 
     async def cancel_transfer(self, cf: CachedFile, transfer: Transfer) -> None:
         """Tell the backend a transfer with calls made ended early."""

@@ -130,6 +130,7 @@ OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
 READ_IN = struct.Struct("<QQI")  # fh offset size (then read_flags lock_owner flags)
 FH_IN = struct.Struct("<Q")  # the fh that RELEASE, RELEASEDIR, FLUSH, FSYNC start with
 FORGET_IN = struct.Struct("<Q")
+INTERRUPT_IN = struct.Struct("<Q")  # unique of the interrupted request
 BATCH_FORGET_IN = struct.Struct("<II")
 FORGET_ONE = struct.Struct("<QQ")
 GETXATTR_IN = struct.Struct("<II")

@@ -8,6 +8,12 @@ queued is read without a trip through the event loop.
 
 Every request that expects an answer gets exactly one: the operation's, its
 FUSEError's errno, or EIO (logged) for anything else.
+
+INTERRUPT (the reader got a signal, ``kill -9`` included) cancels the
+request it names, if it is one of the read-only waits in INTERRUPTIBLE and
+still running: its operation is cancelled and the request answered EINTR.
+Those operations change nothing before their last wait, so a cancelled one
+leaves no trace.  An INTERRUPT for a request already answered is dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +42,22 @@ MAX_WRITE = 128 << 10
 #: 1 MiB reads: one request per cache block.
 MAX_PAGES = 256
 MAX_BACKGROUND = 64
+#: Requests an INTERRUPT cancels: they wait for the backend or the cache and
+#: take nothing (an OPEN takes its handle after its last wait).  RELEASE is
+#: not among them: the kernel gives a handle back once.
+INTERRUPTIBLE = frozenset(
+    {
+        abi.LOOKUP,
+        abi.GETATTR,
+        abi.READLINK,
+        abi.OPEN,
+        abi.READ,
+        abi.STATFS,
+        abi.OPENDIR,
+        abi.READDIR,
+        abi.READDIRPLUS,
+    }
+)
 
 Payload = bytes | bytearray | memoryview
 
@@ -89,6 +111,9 @@ class Session:
         self._idle = 0
         self._stopping = False
         self._nursery: trio.Nursery | None = None
+        # The INTERRUPTIBLE requests being answered, by unique.
+        self._running: dict[int, trio.CancelScope] = {}
+        self.interrupted = 0
         self._handlers: dict[int, Callable[[int, bytes], Awaitable[Payload]]] = {
             abi.LOOKUP: self._lookup,
             abi.GETATTR: self._getattr,
@@ -194,26 +219,46 @@ class Session:
                 at = abi.BATCH_FORGET_IN.size
                 items = [abi.FORGET_ONE.unpack_from(body, at + 16 * i) for i in range(count)]
                 self._forget(items)
-            return  # INTERRUPT: requests run to their end
+            elif opcode == abi.INTERRUPT:
+                self._interrupt(abi.INTERRUPT_IN.unpack_from(body)[0])
+            return
         if opcode == abi.INIT:
             self._init(unique, body)
             return
         handler = self._handlers.get(opcode)
+        # Registered before the first checkpoint: an INTERRUPT, which the
+        # kernel sends only once this request was read, always finds it.
+        scope = trio.CancelScope()
+        if opcode in INTERRUPTIBLE:
+            self._running[unique] = scope
         try:
-            if handler is not None:
-                payload = await handler(nodeid, body)
-            elif opcode in abi.CHANGES:
-                await self._ops.change(opcode)
-                payload = b""
-            else:
-                raise FUSEError(errno.ENOSYS)
+            with scope:
+                if handler is not None:
+                    payload = await handler(nodeid, body)
+                elif opcode in abi.CHANGES:
+                    await self._ops.change(opcode)
+                    payload = b""
+                else:
+                    raise FUSEError(errno.ENOSYS)
         except FUSEError as e:
             self._send(unique, -e.errno, b"")
         except Exception:
             log.exception("unexpected error answering request %d (opcode %d)", unique, opcode)
             self._send(unique, -errno.EIO, b"")
         else:
-            self._send(unique, 0, payload)
+            if scope.cancelled_caught:
+                self._send(unique, -errno.EINTR, b"")
+            else:
+                self._send(unique, 0, payload)
+        finally:
+            self._running.pop(unique, None)
+
+    def _interrupt(self, unique: int) -> None:
+        scope = self._running.get(unique)
+        if scope is not None:
+            self.interrupted += 1
+            log.debug("request %d interrupted", unique)
+            scope.cancel()
 
     def _send(self, unique: int, error: int, payload: Payload) -> None:
         header = abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), error, unique)

@@ -1,0 +1,116 @@
+"""A reader blocked on a backend that does not answer can be interrupted.
+
+The kernel tells the daemon with FUSE INTERRUPT when a process waiting on a
+request gets a signal (``kill -9`` included); the daemon stops waiting for
+the backend, answers EINTR and ends the transfer with a CANCELED call.  The
+backend here is a real S3 server (moto) stopped with SIGSTOP: connections
+stay open and nothing answers, for longer than the tests wait.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from conftest import pread_direct, wait_for
+
+from backends.trace import read_trace
+
+if TYPE_CHECKING:
+    from conftest import MountFactory
+    from s3server import MotoServer
+
+pytest_plugins = ["s3server"]
+
+KB64 = 64 * 1024
+# Far below what the S3 backend waits for a server that does not answer
+# (30 s per request, retried): a reader that dies within it was not held.
+DIE_DEADLINE = 10.0
+
+# Reads with O_DIRECT: the read is the reader's own request (a page-cache
+# read would be the kernel's readahead, which a killed reader does not wait for).
+READ_DIRECT = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 1 << 16)
+print("reading", flush=True)
+os.preadv(fd, [buf], 4 << 16)
+"""
+STAT = """
+import os, sys
+print("reading", flush=True)
+os.stat(sys.argv[1])
+"""
+
+
+def start(script: str, path: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "reading\n", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def waits_on_the_mount(proc: subprocess.Popen[str]) -> bool:
+    """Whether *proc* sleeps in the kernel waiting for a FUSE answer."""
+    assert proc.poll() is None, f"the reader exited with {proc.returncode}"
+    wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
+    return "fuse" in wchan or wchan == "request_wait_answer"
+
+
+def killed_at_once(proc: subprocess.Popen[str]) -> None:
+    wait_for("the reader to wait on the mount", lambda: waits_on_the_mount(proc))
+    proc.kill()
+    wait_for("the killed reader to exit", lambda: proc.poll() is not None, DIE_DEADLINE)
+
+
+def test_a_reader_killed_during_a_hung_read_exits_and_the_backend_is_told(
+    mount: MountFactory, own_s3_server: MotoServer, tmp_path: Path
+) -> None:
+    server = own_s3_server
+    data = os.urandom(8 * KB64)
+    bucket = server.new_bucket({"big.bin": data})
+    trace = tmp_path / "trace.jsonl"
+    m = mount(f"s3://{bucket}", "--s3-endpoint", server.endpoint, "--trace", trace)
+    # Looked up, and its first block read, while the server answers.
+    assert pread_direct(m / "big.bin", 0, KB64) == data[:KB64]
+    server.pause()
+    try:
+        reader = start(READ_DIRECT, m / "big.bin")
+        killed_at_once(reader)
+        assert reader.returncode == -9
+        # The transfer the killed reader started was ended with a CANCELED call.
+        wait_for(
+            "a CANCELED call in the trace",
+            lambda: any("CANCELED" in r["flags"] for r in read_trace(trace)),
+        )
+    finally:
+        server.resume()
+    # Nothing of the abandoned call is left behind: the bytes are the object's.
+    assert (m / "big.bin").read_bytes() == data
+    m.unmount()
+
+
+def test_a_lookup_waiting_on_a_hung_server_is_interrupted(
+    mount: MountFactory, own_s3_server: MotoServer
+) -> None:
+    server = own_s3_server
+    bucket = server.new_bucket({"one.txt": b"one\n", "two.txt": b"two\n"})
+    # --ttl 0: every lookup asks the server.
+    m = mount(f"s3://{bucket}", "--s3-endpoint", server.endpoint, "--ttl", "0")
+    assert sorted(os.listdir(m.mountpoint)) == ["one.txt", "two.txt"]
+    server.pause()
+    try:
+        killed_at_once(start(STAT, m / "two.txt"))
+    finally:
+        server.resume()
+    assert (m / "two.txt").read_bytes() == b"two\n"
+    m.unmount()
