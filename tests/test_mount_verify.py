@@ -166,6 +166,36 @@ def test_add_data_refusals_have_their_own_exit_codes(
     assert (m / "f").read_bytes() == DATA
 
 
+def test_purge_undoes_trusted_add_data_that_was_wrong(
+    mount: MountFactory, src: Path, tmp_path: Path
+) -> None:
+    """--trust is the owner's word, wrong or not; purge is how the owner takes it back."""
+    cache = tmp_path / "cache"
+    m = mount(src, cache_dir=cache)
+    bad = bytearray(DATA)
+    bad[KB64 + 5] ^= 0xFF
+    done = cli("add-data", m / "f", "--offset", 0, "--trust", stdin=bytes(bad))
+    assert done.returncode == 0, done.stderr
+    assert (m / "f").read_bytes() == bytes(bad)  # trusted: served as given
+    # The right bytes are refused: they do not match what was trusted.
+    done = cli("add-data", m / "f", "--offset", KB64, stdin=DATA[KB64 : 2 * KB64])
+    assert one_line(done.stdout) == "blocks accepted 0, rejected 1, pending 0"
+    m.unmount()
+    m = mount(src, cache_dir=cache)
+    assert (m / "f").read_bytes() == bytes(bad)  # it survives a remount
+    done = cli("purge", m / "f")
+    assert done.returncode == 0, done.stderr
+    # Purged: neither the blocks nor the hashes they brought are left.
+    done = cli("add-data", m / "f", "--offset", KB64, stdin=DATA[KB64 : 2 * KB64])
+    assert done.returncode == 3, done.stdout  # nothing to check against any more
+    assert (m / "f").read_bytes() == DATA
+    done = cli("add-data", m / "f", "--offset", KB64, stdin=DATA[KB64 : 2 * KB64])
+    assert one_line(done.stdout) == "blocks accepted 1, rejected 0, pending 0"
+    m.unmount()
+    again = mount(src, cache_dir=cache)
+    assert (again / "f").read_bytes() == DATA
+
+
 # -- encryption -------------------------------------------------------------------------------
 
 
