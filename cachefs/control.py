@@ -12,6 +12,21 @@ mount answers each with one line, ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": MESSAGE, "exit_code": N}``.  A long request (a
 prefetch) may first send any number of ``{"progress": {...}}`` lines; if
 the client leaves before the answer, the request is cancelled.
+
+Every line gets its answer, and no client can take the mount down or hold
+the socket.  A line that is not such an object (not UTF-8, not JSON, NaN or
+a number beyond 64 bits, arrays and objects nested deeper than MAX_DEPTH,
+an argument of the wrong type) is answered ``{"ok": false, "error": "bad
+request: ...", "exit_code": 2}``; a command that fails unexpectedly,
+"internal error: ..." (exit code 1, the cause in the mount's log).  Either
+way the connection stays open.  The
+mount closes a connection, after one last ``{"ok": false, ...}`` line that
+says why, when its line runs past MAX_LINE bytes, when it sends no complete
+request within IDLE_DEADLINE of connecting or of its last answer, or when
+MAX_CLIENTS connections are open and it is the one idle longest.  A
+connection that finds MAX_CLIENTS others all in a request is told that the
+mount is busy.  A client that does not take a line within SEND_DEADLINE
+is dropped, and its request cancelled.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -28,6 +44,7 @@ import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
@@ -48,11 +65,20 @@ FSTYPE = "fuse.cachefs"
 SUBTYPE = "cachefs"
 SOCKET_NAME = "control.sock"
 _FSNAME_PREFIX = "cachefs:"
-_MAX_LINE = 1 << 20
 _MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
-#: Clients served at once; more wait in the listen backlog.
-MAX_CLIENTS = 16
+#: Bytes in one request line, its newline not counted.
+MAX_LINE = 1 << 20
+#: How deep arrays and objects may nest in a request (real ones nest 2 deep).
+MAX_DEPTH = 32
+#: Connections open at once.  When all are taken, the one idle longest
+#: makes room for a new one.
+MAX_CLIENTS = 64
+#: Seconds a client has to send a whole request line, after connecting and
+#: after each answer.  The local clients send theirs at once.
+IDLE_DEADLINE = 10.0
+#: Seconds a client has to take each line sent to it (progress or answer).
+SEND_DEADLINE = 10.0
 
 Handler = Callable[[dict[str, Any], "Progress"], Awaitable[Any]]
 
@@ -191,7 +217,8 @@ async def serve_control(
     """Answer control requests on ``<cache_dir>/control.sock`` until cancelled.
 
     Each client is served in its own task, its requests one after another;
-    at most MAX_CLIENTS at once.  A long request does not hold up others.
+    a long request does not hold up others, and an idle client gives way
+    (see the module's docstring for the limits).
     """
     path = cache_dir / SOCKET_NAME
     _replace_stale(path)
@@ -201,15 +228,15 @@ async def serve_control(
             await sock.bind(address)
         os.chmod(path, 0o600)
         identity = os.stat(path).st_ino
-        sock.listen(8)
+        sock.listen(socket.SOMAXCONN)  # a burst of clients waits to be accepted, not refused
     except BaseException:
         sock.close()
         raise
-    limiter = trio.CapacityLimiter(MAX_CLIENTS)
+    clients = _Clients(MAX_CLIENTS)
     try:
         task_status.started()
         await trio.serve_listeners(
-            lambda stream: _serve_client(stream, handle, limiter), [trio.SocketListener(sock)]
+            lambda stream: _serve_client(stream, handle, clients), [trio.SocketListener(sock)]
         )
     finally:
         with contextlib.suppress(OSError):
@@ -220,8 +247,9 @@ async def serve_control(
 class Progress:
     """Where a handler sends the progress lines of one request.
 
-    ``send`` never raises: once the client has gone, the request is
-    cancelled (nobody waits for its answer) and further sends do nothing.
+    ``send`` never raises: once the client has gone, or has not taken a
+    line within SEND_DEADLINE, the request is cancelled (nobody waits for
+    its answer) and further sends do nothing.
     """
 
     def __init__(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
@@ -234,9 +262,7 @@ class Progress:
         if self.client_gone:
             return
         async with self._lock:
-            try:
-                await self._stream.send_all(_encode({"progress": fields}))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not await _send(self._stream, _encode({"progress": fields})):
                 self.client_gone = True
                 self._scope.cancel()
 
@@ -245,49 +271,249 @@ def _encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message).encode() + b"\n"
 
 
-async def _serve_client(
-    stream: trio.SocketStream, handle: Handler, limiter: trio.CapacityLimiter
-) -> None:
-    buffer = bytearray()
-    async with limiter, stream:
-        while True:
+def _failure(error: str, exit_code: int = 1) -> dict[str, Any]:
+    return {"ok": False, "error": error, "exit_code": exit_code}
+
+
+async def _send(stream: trio.SocketStream, data: bytes) -> bool:
+    """Send *data* to a client; False if it has gone or did not take it in time."""
+    with trio.move_on_after(SEND_DEADLINE):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+    log.info("a control client took no line for %g s: dropped", SEND_DEADLINE)
+    return False
+
+
+class _Client:
+    """One connection: ``evicted`` once it had to make room for a newer one."""
+
+    __slots__ = ("evicted",)
+
+    def __init__(self) -> None:
+        self.evicted = False
+
+
+class _Clients:
+    """The open connections, at most *limit*; the one idle longest makes room."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: set[_Client] = set()
+        # Waiting for a request, in the order they started to wait.
+        self._idle: dict[_Client, trio.CancelScope] = {}
+
+    def admit(self) -> _Client | None:
+        """A new connection, or None when every one open is in a request."""
+        if len(self._open) >= self._limit:
+            if not self._idle:
+                return None
+            oldest = next(iter(self._idle))
+            oldest.evicted = True
+            self._idle.pop(oldest).cancel()
+            self._open.discard(oldest)
+        client = _Client()
+        self._open.add(client)
+        return client
+
+    def leave(self, client: _Client) -> None:
+        self._open.discard(client)
+
+    @contextlib.contextmanager
+    def idle(self, client: _Client) -> Iterator[trio.CancelScope]:
+        """A scope for waiting on *client*'s next request, cancelled at
+        IDLE_DEADLINE or when the client has to make room."""
+        with trio.CancelScope(deadline=trio.current_time() + IDLE_DEADLINE) as scope:
+            self._idle[client] = scope
             try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                return
+                yield scope
+            finally:
+                self._idle.pop(client, None)
+
+
+class _Goodbye(Exception):
+    """The connection is over; *farewell*, if any, tells the client why."""
+
+    def __init__(self, farewell: dict[str, Any] | None = None) -> None:
+        super().__init__(farewell)
+        self.farewell = farewell
+
+
+async def _serve_client(stream: trio.SocketStream, handle: Handler, clients: _Clients) -> None:
+    """Serve one connection.  Nothing it does ends the others or the mount."""
+    async with stream:
+        client = clients.admit()
+        if client is None:
+            log.info("%d control requests at once: a new client is told to retry", MAX_CLIENTS)
+            busy = f"the mount is busy with {MAX_CLIENTS} control requests: try again later"
+            await _send(stream, _encode(_failure(busy)))
+            return
+        try:
+            await _serve_requests(stream, handle, clients, client)
+            return
+        except _Goodbye as e:
+            farewell = e.farewell
+        except Exception as e:
+            log.exception("a control connection failed")
+            farewell = _failure(f"internal error: {e!r}")
+        finally:
+            clients.leave(client)
+        if farewell is not None:
+            await _send(stream, _encode(farewell))
+
+
+async def _serve_requests(
+    stream: trio.SocketStream, handle: Handler, clients: _Clients, client: _Client
+) -> None:
+    """Answer *client*'s requests until it leaves; _Goodbye when the mount ends it."""
+    lines = _Lines(stream)
+    while True:
+        with clients.idle(client) as idle:
+            line = await lines.next()
+        if idle.cancelled_caught or client.evicted:
+            if client.evicted:
+                log.info("%d control connections: closed the one idle longest", MAX_CLIENTS)
+                why = f"{MAX_CLIENTS} control connections are open and this one was idle longest"
+            else:
+                why = f"no complete request within {IDLE_DEADLINE:g} s"
+            raise _Goodbye(_failure(f"closed: {why}"))
+        if line is None:
+            return
+        with trio.CancelScope() as scope:
+            answer = await _answer(line, handle, Progress(stream, scope))
+        if scope.cancelled_caught:
+            log.info("a control client left before its answer: its request was cancelled")
+            return
+        if not await _send(stream, answer):
+            return
+
+
+class _Lines:
+    """The request lines of one connection."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._searched = 0  # no newline before this
+
+    async def next(self) -> bytes | None:
+        """The next line without its newline; None once the client has closed.
+
+        _Goodbye, with a bad request answer, for a line longer than MAX_LINE
+        and for a last line without its newline.
+        """
+        buffer = self._buffer
+        while (end := buffer.find(b"\n", self._searched)) < 0:
+            self._searched = len(buffer)
+            if len(buffer) > MAX_LINE:
+                raise _Goodbye(_bad_request(f"a line longer than {MAX_LINE} bytes"))
+            try:
+                data = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _Goodbye() from None
             if not data:
-                return
+                raise _Goodbye(_bad_request("a line without its newline") if buffer else None)
             buffer += data
-            while (end := buffer.find(b"\n")) >= 0:
-                line = bytes(buffer[:end])
-                del buffer[: end + 1]
-                with trio.CancelScope() as scope:
-                    answer = await _answer(line, handle, Progress(stream, scope))
-                if scope.cancelled_caught:
-                    log.info("a control client left before its answer: its request was cancelled")
-                    return
-                try:
-                    await stream.send_all(_encode(answer))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-            if len(buffer) > _MAX_LINE:
-                return
+        if end > MAX_LINE:
+            raise _Goodbye(_bad_request(f"a line longer than {MAX_LINE} bytes"))
+        line = bytes(buffer[:end])
+        del buffer[: end + 1]
+        self._searched = 0
+        return line
 
 
-async def _answer(line: bytes, handle: Handler, progress: Progress) -> dict[str, Any]:
+def _bad_request(why: str) -> dict[str, Any]:
+    return _failure(f"bad request: {why}", 2)
+
+
+async def _answer(line: bytes, handle: Handler, progress: Progress) -> bytes:
+    """The answer line to request *line*."""
     try:
-        request = json.loads(line)
-        if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-            raise ValueError("a request is a JSON object with a 'command'")
+        request = _decode_request(line)
     except ValueError as e:
-        return {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
+        log.debug("bad control request: %s", e)
+        return _encode(_bad_request(str(e)))
     try:
-        return {"ok": True, "result": await handle(request, progress)}
+        return _encode({"ok": True, "result": await handle(request, progress)})
     except CacheFSError as e:
-        return {"ok": False, "error": str(e), "exit_code": e.exit_code}
+        return _encode(_failure(str(e), e.exit_code))
     except Exception as e:
-        log.exception("control request %r failed", request.get("command"))
-        return {"ok": False, "error": f"internal error: {e!r}", "exit_code": 1}
+        log.exception("control request %r failed", request["command"][:100])
+        return _encode(_failure(f"internal error: {e!r}"))
+
+
+# A JSON string, or what is left of a line from an unterminated one.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_NESTING = [0] * 256
+for _byte in b"[{":
+    _NESTING[_byte] = 1
+for _byte in b"]}":
+    _NESTING[_byte] = -1
+_INT_LIMIT = 1 << 63
+
+#: The type of each argument the commands take, whichever command it comes with.
+_ARGUMENTS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "file_ids": (
+        "a list of strings",
+        lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v),
+    ),
+    "file_id": ("a string", lambda v: isinstance(v, str)),
+    "offset": ("an integer", lambda v: type(v) is int),
+    "data": ("a string", lambda v: isinstance(v, str)),
+    "trust": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _too_deep(line: bytes) -> bool:
+    """Whether arrays and objects nest deeper than MAX_DEPTH in JSON *line*;
+    a few passes in C over the line, before any parsing."""
+    if line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
+        return False
+    brackets = _JSON_STRING.sub(b"", line).translate(None, _NOT_BRACKET)
+    return max(accumulate(map(_NESTING.__getitem__, brackets)), default=0) > MAX_DEPTH
+
+
+def _parse_int(text: str) -> int:
+    n = int(text) if len(text) <= 20 else _INT_LIMIT  # int() is slow on long ones
+    if not -_INT_LIMIT <= n < _INT_LIMIT:
+        raise ValueError("a number beyond 64 bits")
+    return n
+
+
+def _parse_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError("a number too large for a float")
+    return x
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode_request(line: bytes) -> dict[str, Any]:
+    """The request a line holds; ValueError, saying what is wrong, if it holds none."""
+    try:
+        text = line.decode()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte {e.start})") from None
+    if _too_deep(line):
+        raise ValueError(f"arrays and objects nested deeper than {MAX_DEPTH}")
+    try:
+        request = json.loads(
+            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_no_constant
+        )
+    except RecursionError:  # cannot pass _too_deep; kept as the last guard
+        raise ValueError("nested too deeply") from None
+    if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+        raise ValueError("a request is a JSON object with a 'command'")
+    for name, value in request.items():
+        if name in _ARGUMENTS and not _ARGUMENTS[name][1](value):
+            raise ValueError(f"{name!r} must be {_ARGUMENTS[name][0]}")
+    return request
 
 
 def request(
@@ -317,7 +543,7 @@ def request(
     with sock, sock.makefile("rb") as replies:
         _talk(mount, sock.sendall, _encode({"command": command, **args}))
         while True:
-            line = _talk(mount, replies.readline, _MAX_LINE)
+            line = _talk(mount, replies.readline, MAX_LINE)
             if not line:
                 raise MountUnreachable(f"the mount at {mount.mountpoint} closed the connection")
             answer = json.loads(line)
