@@ -340,7 +340,18 @@ class FileCache:
         stats the file again); what is not cached of it cannot be read."""
         if not cf.gone:
             cf.gone = True
-            log.info("%s changed at the source: version %s is gone", cf.file_id, cf.version)
+            if cf.handles:
+                # Its readers are cut short (appended to, or written in place:
+                # the source cannot tell which, so neither can the cache).
+                log.warning(
+                    "%s changed at the source while open: %d handle(s) of version %s get"
+                    " ESTALE for what is not cached of it; a new open reads the new version",
+                    cf.file_id,
+                    cf.handles,
+                    cf.version,
+                )
+            else:
+                log.info("%s changed at the source: version %s is gone", cf.file_id, cf.version)
         self.catalog.retire(cf)
 
     def _gone(self, cf: CachedFile) -> VersionGone:
