@@ -4,11 +4,14 @@ Policy:
 
 - ``s3://bucket[/prefix]``; the bucket name as S3 accepts it today (3-63
   characters of a-z, 0-9, ``.``, ``-``); no credentials, query or fragment
-  in the URL.  Anything else is a one-line SourceError.
+  in the URL.  Anything else is a one-line SourceError, which never repeats
+  a URL that holds credentials.
 - The endpoint is the option, else AWS_ENDPOINT_URL_S3, else
-  AWS_ENDPOINT_URL, else AWS.  Requests are path-style on a custom endpoint
-  or for a bucket with dots, virtual-hosted on AWS, unless the option or
-  AWS_VIRTUAL_HOSTED_STYLE_REQUEST says otherwise.
+  AWS_ENDPOINT_URL, else AWS: ``http(s)://host[:port]``, without
+  credentials (those come from the environment, below).  Requests are
+  path-style on a custom endpoint or for a bucket with dots, virtual-hosted
+  on AWS, unless the option or AWS_VIRTUAL_HOSTED_STYLE_REQUEST says
+  otherwise.
 - Credentials: none when anonymous (or AWS_SKIP_SIGNATURE); else
   AWS_ACCESS_KEY_ID and friends from the environment; else, when a profile
   is named (AWS_PROFILE) or the shared files exist, boto3's resolution of
@@ -61,13 +64,22 @@ def _env_flag(name: str) -> bool | None:
     return None if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
+_USE_THE_ENVIRONMENT = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+
+
 def parse_url(url: str) -> tuple[str, str]:
     """``s3://bucket/a/b/`` -> ``("bucket", "a/b")``; SourceError if malformed."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        shown = "" if "@" in url else f" {url!r}"
+        raise SourceError(f"bad S3 URL{shown}: malformed; expected s3://bucket[/prefix]") from None
+    if "@" in parts.netloc:
+        raise SourceError(
+            f"bad S3 URL: credentials do not belong in the URL ({_USE_THE_ENVIRONMENT})"
+        )
     if parts.scheme.lower() != "s3":
         raise SourceError(f"bad S3 URL {url!r}: expected s3://bucket[/prefix]")
-    if "@" in parts.netloc:
-        raise SourceError(f"bad S3 URL {url!r}: credentials do not belong in the URL")
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         raise SourceError(f"bad S3 URL {url!r}: no query or fragment is allowed")
     bucket = parts.netloc
@@ -180,9 +192,10 @@ def resolve(
 ) -> Target:
     """Everything needed to reach *url*, from the options and the environment."""
     bucket, prefix = parse_url(url)
-    endpoint = (
-        endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    origin = "the endpoint option"
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if not endpoint:
+            origin, endpoint = name, os.environ.get(name)
     config, provider, keys_from = credentials(anonymous or _env_flag("AWS_SKIP_SIGNATURE"))
     if region:
         config["region"] = region
@@ -192,14 +205,34 @@ def resolve(
         path_style = bool(endpoint) or "." in bucket
     config["virtual_hosted_style_request"] = not path_style
     if endpoint:
-        ep = urllib.parse.urlsplit(endpoint)
-        if ep.scheme not in ("http", "https") or not ep.netloc:
-            raise SourceError(f"bad S3 endpoint {endpoint!r}: expected http(s)://host[:port]")
+        ep = _parse_endpoint(endpoint, origin)
         endpoint = f"{ep.scheme}://{ep.netloc}"
         config["endpoint"] = endpoint if path_style else f"{ep.scheme}://{bucket}.{ep.netloc}"
     return Target(
         url, bucket, prefix, endpoint, config, provider, keys_from, connect_timeout, read_timeout
     )
+
+
+def _parse_endpoint(endpoint: str, origin: str) -> urllib.parse.SplitResult:
+    """*endpoint* split; SourceError naming *origin* unless ``http(s)://host[:port]``.
+
+    An endpoint with credentials is refused without being repeated.
+    """
+    shown = "" if "@" in endpoint else f" {endpoint!r}"
+    bad = f"bad S3 endpoint{shown} (from {origin}): expected http(s)://host[:port]"
+    try:
+        ep = urllib.parse.urlsplit(endpoint.strip())
+        ep.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise SourceError(bad) from None
+    if "@" in ep.netloc:
+        raise SourceError(
+            f"credentials in the S3 endpoint (from {origin}) are not accepted: "
+            f"{_USE_THE_ENVIRONMENT}"
+        )
+    if ep.scheme not in ("http", "https") or not ep.hostname:
+        raise SourceError(bad)
+    return ep
 
 
 def check(target: Target, timeout: float) -> None:

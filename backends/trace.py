@@ -7,6 +7,15 @@ trace can be read while the mount runs::
      "flags": ["CONTINUOUS_STARTED", "TIL_END"], "result": "SUCCESS",
      "bytes_read": 1048576}
 
+The file is opened (created mode 0600) to append, never through a symlink,
+and only if it is a regular file of the running user that no other user can
+read or write and that has no other hard links: a trace names the files
+read, and a path planted by another user must not make cachefs write into
+a file of theirs (or of root's).  Anything else is a ConfigError naming the
+file and the reason.  With ``name``, what is written as ``file_id`` is
+``name(file_id)`` (the mount passes the cache key's name tags when the cache
+is encrypted, so the trace holds no file names either).
+
 CANCELED notifications are recorded like any call.  If the wrapped backend
 raises, the line says ``"result": "EXCEPTION"`` and the exception goes on.
 The lines are written on the trio loop (a small buffered write): this
@@ -16,13 +25,18 @@ but ``read_data`` is passed through unrecorded.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from backends.wrapper import Wrapper
 from cachefs.contract import Backend, ReadData, RWResult, flag_names
+from cachefs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +47,85 @@ def read_trace(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class TraceBackend(Wrapper):
-    """Wrap *inner*, appending one line per ReadData call to *trace_path*."""
+_OPEN_FLAGS = (
+    os.O_WRONLY
+    | os.O_APPEND
+    | os.O_CREAT
+    | os.O_NOFOLLOW
+    | os.O_CLOEXEC
+    | os.O_NOCTTY
+    # a FIFO without a reader fails at once (ENXIO) instead of blocking the open
+    | os.O_NONBLOCK
+)
+_REASONS = {
+    errno.ELOOP: "is a symbolic link: refused, it could point anywhere",
+    errno.ENXIO: "is not a regular file",
+    errno.ENOENT: "cannot be created: its directory does not exist",
+    errno.EISDIR: "is a directory",
+}
 
-    def __init__(self, inner: Backend, trace_path: str | Path) -> None:
+
+def open_trace(path: str | Path) -> TextIO:
+    """*path* opened to append lines to, created 0600; ConfigError naming it and why not."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS, 0o600)
+    except OSError as e:
+        reason = _REASONS.get(e.errno or 0, f"cannot be opened: {e.strerror}")
+        raise ConfigError(f"trace file {path} {reason}") from None
+    try:
+        problem = _problem(os.fstat(fd))
+        if problem is None:
+            os.lseek(fd, 0, os.SEEK_END)  # as appending does: fails on /proc files and the like
+    except OSError as e:
+        problem = f"cannot be opened: {e.strerror}"
+    if problem is not None:
+        os.close(fd)
+        raise ConfigError(f"trace file {path} {problem}")
+    return open(fd, "a", buffering=1, encoding="utf-8")
+
+
+def _problem(st: os.stat_result) -> str | None:
+    """Why a file with status *st* must not take a trace; None if it may."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_nlink != 1:
+        return "has other hard links"
+    if st.st_mode & 0o077:
+        mode = stat.S_IMODE(st.st_mode)
+        return f"is open to other users (mode {mode:o}): chmod 600 it, or give a new file"
+    return None
+
+
+def _as_is(file_id: str) -> str:
+    return file_id
+
+
+class TraceBackend(Wrapper):
+    """Wrap *inner*, appending one line per ReadData call to *trace_path*.
+
+    *name* maps a file id to what the line says (default: the id itself).
+    """
+
+    def __init__(
+        self,
+        inner: Backend,
+        trace_path: str | Path,
+        *,
+        name: Callable[[str], str] = _as_is,
+    ) -> None:
         super().__init__(inner)
         self.trace_path = Path(trace_path)
-        self._out = open(self.trace_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self._name = name
+        self._out = open_trace(self.trace_path)
 
     def __repr__(self) -> str:
         return f"TraceBackend({self.inner!r}, {str(self.trace_path)!r})"
 
     def _write(self, req: ReadData, result: str) -> None:
         record = {
-            "file_id": req.file_id,
+            "file_id": self._name(req.file_id),
             "size": req.size,
             "position": req.position,
             "bytes_to_read": req.bytes_to_read,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import stat
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from backends.throttled import parse_throttle
@@ -19,6 +23,7 @@ from cachefs.client import (
     cmd_unpin,
 )
 from cachefs.engine import CacheConfig
+from cachefs.engine.config import MAX_BLOCK, MIN_BLOCK
 from cachefs.errors import ConfigError
 from cachefs.mountcmd import cmd_mount, cmd_publish
 from cachefs.sizes import parse_size
@@ -31,28 +36,77 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, exit 2."""
 
     def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())  # one line, whatever the input held
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            # Before Python 3.13, "--opt=--" gives [] unchecked instead of a value.
+            given = getattr(parsed, action.dest, None)
+            if action.option_strings and action.nargs is None and given == []:
+                self.error(f"argument {action.option_strings[0]}: expected one argument")
+        return parsed, extras
 
-def _non_negative(kind: type[int] | type[float]) -> Any:
+
+# The ranges of the numeric options: finite, and wide enough for any real use.
+MAX_TTL = 365 * 24 * 3600  # a year: the kernel's attribute timeouts overflow far above
+MAX_RETRIES = 100
+MAX_FETCHES = 1024
+MAX_READAHEAD_KB = 1 << 20  # 1 GiB
+MAX_TIMEOUT = 24 * 3600
+MAX_SIZE = 1 << 60  # 1024P: sizes stay far inside 64-bit arithmetic
+MAX_OFFSET = (1 << 63) - 1  # the largest file offset Linux has
+MAX_LATENCY_MS = 60_000
+MIN_MIBPS, MAX_MIBPS = 0.001, 1_000_000
+
+
+def _number(kind: type[int] | type[float], low: int, high: int) -> Any:
+    """A converter to a finite *kind* from *low* to *high*; the error states the range."""
+    noun = "a whole number" if kind is int else "a number"
+    allowed = f"from {low} to {high}"
+
     def convert(text: str) -> int | float:
         try:
             value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"not {noun}: {text!r} ({allowed})") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"not a finite number: {text!r} ({allowed})")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}: {text!r} ({allowed})")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}: {text!r} ({allowed})")
         return value
 
     convert.__name__ = kind.__name__
     return convert
 
 
+def _non_empty(text: str) -> str:
+    """A path or URL as given; empty is refused (as a path it would mean ".")."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _size(text: str) -> int:
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than the largest size, 1024P")
+    return value
+
+
+def _block_size(text: str) -> int:
+    value = _size(text)
+    if not (MIN_BLOCK <= value <= MAX_BLOCK) or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two from 4K to 64M, not {text!r}")
+    return value
 
 
 def _size_or_percent(text: str) -> int | float:
@@ -71,20 +125,27 @@ def _size_or_percent(text: str) -> int | float:
 def _throttle(text: str) -> str:
     """A ``LATENCY_MS,MIBPS`` spec, checked; passed on as written."""
     try:
-        parse_throttle(text)
+        latency, bandwidth = parse_throttle(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if latency * 1000 > MAX_LATENCY_MS or not MIN_MIBPS <= bandwidth / (1 << 20) <= MAX_MIBPS:
+        raise argparse.ArgumentTypeError(
+            f"throttle {text!r}: latency must be from 0 to {MAX_LATENCY_MS} ms and "
+            f"bandwidth from {MIN_MIBPS} to {MAX_MIBPS} MiB/s"
+        )
     return text
 
 
-def _at_least_one(text: str) -> int:
+def _ready_fd(text: str) -> int:
+    """The daemon's readiness pipe: an open pipe, never stdin, stdout or stderr."""
+    fd = _number(int, 3, 1 << 30)(text)
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
+        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        is_pipe = False
+    if not is_pipe:
+        raise argparse.ArgumentTypeError(f"{fd} is not an open pipe")
+    return fd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,12 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "source",
         metavar="SOURCE",
+        type=_non_empty,
         help="directory path, file:///abs/path or s3://BUCKET[/PREFIX]",
     )
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    mount.add_argument(
+        "mountpoint",
+        metavar="MOUNTPOINT",
+        type=_non_empty,
+        help="an empty directory, outside SOURCE",
+    )
     mount.add_argument(
         "--cache-dir",
         metavar="DIR",
+        type=_non_empty,
         help="where cached blocks and metadata live (default: "
         "$XDG_CACHE_HOME/cachefs/<hash of SOURCE and S3 endpoint>, "
         "as root /var/cache/cachefs/<hash>)",
@@ -131,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--block-size",
         metavar="SIZE",
+        type=_block_size,
         default="1M",
         help="cache block size, a power of two from 4K to 64M (default: 1M); "
         "fixed for the life of a cache dir",
@@ -138,17 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--ttl",
         metavar="SECONDS",
-        type=_non_negative(float),
+        type=_number(float, 0, MAX_TTL),
         default=60.0,
-        help="how long attributes and listings are trusted before asking SOURCE again "
-        "(default: 60)",
+        help="how long attributes and listings are trusted before asking SOURCE again, "
+        f"0 to {MAX_TTL} (a year) (default: 60)",
     )
     mount.add_argument(
         "--retries",
         metavar="N",
-        type=_non_negative(int),
+        type=_number(int, 0, MAX_RETRIES),
         default=3,
-        help="retries of a failing read, with backoff, before the reader gets EIO (default: 3)",
+        help="retries of a failing read, with backoff, before the reader gets EIO, "
+        f"0 to {MAX_RETRIES} (default: 3)",
     )
     mount.add_argument(
         "--cache-size",
@@ -175,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--max-fetches",
         metavar="N",
-        type=_at_least_one,
+        type=_number(int, 1, MAX_FETCHES),
         default=DEFAULTS.max_fetches,
-        help=f"ReadData calls in flight at once (default: {DEFAULTS.max_fetches})",
+        help=f"ReadData calls in flight at once (default: {DEFAULTS.max_fetches}), "
+        f"at most {MAX_FETCHES}",
     )
     mount.add_argument(
         "--verify",
@@ -217,16 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--key-file",
         metavar="FILE",
+        type=_non_empty,
         help="the --encrypt key (raw 32 bytes, hex, or a passphrase); chmod 600 it",
     )
     mount.add_argument(
         "--faults",
         metavar="FILE",
+        type=_non_empty,
         help="inject read failures from a JSON rules file, re-read while mounted (testing)",
     )
     mount.add_argument(
         "--trace",
         metavar="FILE",
+        type=_non_empty,
         help="append one JSON line per backend ReadData call to FILE (testing, diagnosis)",
     )
     mount.add_argument(
@@ -239,14 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--readahead-kb",
         metavar="N",
-        type=_non_negative(int),
+        type=_number(int, 0, MAX_READAHEAD_KB),
         default=1024,
-        help="kernel readahead of the mount in KiB (default: 1024)",
+        help=f"kernel readahead of the mount in KiB, 0 to {MAX_READAHEAD_KB} (default: 1024)",
     )
     mount.add_argument(
         "--foreground", action="store_true", help="serve in this process, logging to stderr"
     )
-    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--ready-fd", type=_ready_fd, help=argparse.SUPPRESS)
     s3options.add_arguments(mount)
     mount.set_defaults(run=cmd_mount)
 
@@ -259,14 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
         "blocked on the mount get an error at once; the mount is detached and the daemon "
         "told to exit.",
     )
-    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=_non_empty)
     unmount.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_non_negative(float),
+        type=_number(float, 0, MAX_TIMEOUT),
         default=30.0,
         help="how long to wait for the daemon to exit before aborting its connection and "
-        "detaching the mount (default: 30)",
+        f"detaching the mount, 0 to {MAX_TIMEOUT} (default: 30)",
     )
     unmount.set_defaults(run=cmd_unmount)
 
@@ -277,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its mount. Shows a progress bar on a terminal and a summary line at the end; "
         "exits with 1 and names the files that failed.",
     )
-    prefetch.add_argument("paths", metavar="PATH", nargs="+")
+    prefetch.add_argument("paths", metavar="PATH", nargs="+", type=_non_empty)
     prefetch.set_defaults(run=cmd_prefetch)
 
     pin = command(
@@ -287,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evicted, also after a remount. Refused (exit 1) if pinned files would exceed the "
         "cache size.",
     )
-    pin.add_argument("paths", metavar="PATH", nargs="+")
+    pin.add_argument("paths", metavar="PATH", nargs="+", type=_non_empty)
     pin.set_defaults(run=cmd_pin)
 
     unpin = command(
@@ -296,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Unpin each PATH (a directory: every pinned file below it). Their data stays cached "
         "until it is evicted or purged.",
     )
-    unpin.add_argument("paths", metavar="PATH", nargs="+")
+    unpin.add_argument("paths", metavar="PATH", nargs="+", type=_non_empty)
     unpin.set_defaults(run=cmd_unpin)
 
     purge = command(
@@ -306,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its disk space, and forget where a RANGE_BEYOND_EOF answer said it ends; pinned "
         "files are kept. The next read asks the source again.",
     )
-    purge.add_argument("paths", metavar="PATH", nargs="+")
+    purge.add_argument("paths", metavar="PATH", nargs="+", type=_non_empty)
     purge.set_defaults(run=cmd_purge)
 
     add_data = command(
@@ -320,11 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 1 some blocks rejected, 3 no content information to check against "
         "(--trust accepts the data unchecked), 4 beyond the end of the file.",
     )
-    add_data.add_argument("path", metavar="PATH", help="a regular file in a cachefs mount")
+    add_data.add_argument(
+        "path", metavar="PATH", type=_non_empty, help="a regular file in a cachefs mount"
+    )
     add_data.add_argument(
         "--offset",
         metavar="N",
-        type=_non_negative(int),
+        type=_number(int, 0, MAX_OFFSET),
         required=True,
         help="byte offset in PATH where the data starts",
     )
@@ -332,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="source",
         metavar="FILE",
+        type=_non_empty,
         default="-",
         help="where the bytes come from (default: - , standard input)",
     )
@@ -349,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and misses, hit ratio, cached, pinned and evicted bytes, the cache limit and free "
         "space floor, latched file errors and the external error.",
     )
-    stats.add_argument("path", metavar="PATH", help="any path inside the mount")
+    stats.add_argument("path", metavar="PATH", type=_non_empty, help="any path inside the mount")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(run=cmd_stats)
 
@@ -360,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the mount point: of all files), so reads ask the source again, and forget where "
         "a RANGE_BEYOND_EOF answer said such a file ends (the zeros cached for it go).",
     )
-    reset_files.add_argument("paths", metavar="PATH", nargs="+")
+    reset_files.add_argument("paths", metavar="PATH", nargs="+", type=_non_empty)
     reset_files.set_defaults(run=cmd_reset_file_errors)
 
     reset_external = command(
@@ -369,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Lift the PERMANENT_FAILURE latch of the mount containing PATH: reads that miss the "
         "cache ask the source again.",
     )
-    reset_external.add_argument("path", metavar="PATH", help="any path inside the mount")
+    reset_external.add_argument(
+        "path", metavar="PATH", type=_non_empty, help="any path inside the mount"
+    )
     reset_external.set_defaults(run=cmd_reset_external_error)
 
     publish = command(
@@ -385,12 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "source",
         metavar="SOURCE",
+        type=_non_empty,
         help="directory path, file:///abs/path or s3://BUCKET[/PREFIX]",
     )
     publish.add_argument(
         "--block-size",
         metavar="SIZE",
-        type=_size,
+        type=_block_size,
         default="1M",
         help="block size of the hashes; must equal the --block-size of the mounts that use "
         "them, which ignore information of any other block size (default: 1M, the mount's "

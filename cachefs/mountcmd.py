@@ -2,18 +2,22 @@
 
 Bad options fail here, in the user's process, as one line and exit 2; what
 only the daemon can find (a wrong key, a busy cache dir) comes back through
-its readiness pipe.
+its readiness pipe.  The daemon (``mount --foreground``) checks its own
+command line again: the parser, mount_options and check_apart here, the
+rest where it mounts.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from backends.trace import open_trace
 from cachefs import s3options
 from cachefs.engine import CacheConfig
 from cachefs.engine.crypto import read_key_material
@@ -31,15 +35,15 @@ from cachefs.mount import (
     spawn_daemon,
 )
 from cachefs.publish import run_publish
-from cachefs.registry import open_backend
-from cachefs.sizes import format_size, parse_size
+from cachefs.registry import open_backend, source_scheme
+from cachefs.sizes import format_size
 
 READY_TIMEOUT = 60.0
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
     """Check and complete the mount options; creates the cache dir."""
-    block_size = parse_size(args.block_size)
+    block_size = args.block_size
     if args.cache_size is not None and args.cache_size < block_size:
         raise ConfigError(
             f"--cache-size {format_size(args.cache_size)} is smaller than one cache block "
@@ -125,25 +129,86 @@ def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
     return argv + s3options.to_argv(opts.backend_options)
 
 
+def check_apart(source: str, mountpoint: Path, cache_dir: Path | None = None) -> None:
+    """ConfigError if the mount would reach into itself, which deadlocks it.
+
+    Refused: MOUNTPOINT is SOURCE, lies below it, or holds it; the cache dir
+    lies at or below MOUNTPOINT.  Paths are compared with symlinks resolved,
+    and as (device, inode), so a bind mount of SOURCE counts as SOURCE.  Only
+    local sources have a path: an ``s3://`` source is never refused here.
+    """
+    mountpoint = Path(os.path.realpath(mountpoint))
+    root = _local_root(source)
+    if root is not None:
+        src = Path(os.path.realpath(root))
+        if _at_or_below(mountpoint, src):
+            where = "the source itself" if _same(mountpoint, src) else f"inside the source {src}"
+            raise ConfigError(
+                f"mount point {mountpoint} is {where}: the mount would read itself; "
+                "choose a mount point outside the source"
+            )
+        if _at_or_below(src, mountpoint):
+            raise ConfigError(f"source {src} is inside the mount point {mountpoint}")
+    if cache_dir is not None and _at_or_below(Path(os.path.realpath(cache_dir)), mountpoint):
+        raise ConfigError(f"cache dir {cache_dir} is inside the mount point {mountpoint}")
+
+
+def _local_root(source: str) -> str | None:
+    """The directory a local source names (a path or ``file://`` URL); None for the others."""
+    if source_scheme(source) != "file":
+        return None
+    if "://" not in source:
+        return source
+    try:
+        return urllib.parse.unquote(urllib.parse.urlsplit(source).path)
+    except ValueError:
+        return None  # malformed: the backend refuses it, naming the problem
+
+
+def _at_or_below(path: Path, top: Path) -> bool:
+    """Whether real path *path* is *top* or below it."""
+    return any(_same(p, top) for p in (path, *path.parents))
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def _check_source(source: str, options: dict[str, Any]) -> None:
     """Open and close the source (an S3 bucket: one listing, at most ~15 s)."""
     backend = open_backend(source, **options)
     trio.run(backend.aclose)
 
 
+def _check_before_cache_dir(args: argparse.Namespace) -> None:
+    """What can fail before the cache dir is made: FUSE, the mount point, the source."""
+    source = normalize_source(args.source)
+    options = s3options.from_args(args, source)
+    check_fuse()
+    mountpoint = Path(os.path.realpath(args.mountpoint))
+    check_mountpoint(mountpoint)
+    check_apart(source, mountpoint)
+    _check_source(source, options)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     readiness = Readiness(args.ready_fd)
     try:
         if not args.foreground:
-            source = normalize_source(args.source)
-            options = s3options.from_args(args, source)
-            check_fuse()
-            check_mountpoint(Path(os.path.realpath(args.mountpoint)))
-            _check_source(source, options)
+            _check_before_cache_dir(args)
         opts = mount_options(args)
+        check_apart(opts.source, opts.mountpoint, opts.cache_dir)
         if args.foreground:
             run_mount(opts, on_ready=readiness.ready)
         else:
+            if opts.trace is not None:
+                open_trace(opts.trace).close()  # the daemon opens it again, the same way
             log_path = opts.cache_dir / LOG_NAME
             spawn_daemon(_daemon_argv(opts, args.log_level or "info"), log_path, READY_TIMEOUT)
     except CacheFSError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import urllib.parse
 from typing import Any
 
@@ -27,13 +28,47 @@ FLAGS = {
 }
 
 
+_CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+_REGION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why *url* is no S3 endpoint (``http(s)://host[:port]``), or None if it is one.
+
+    User info (``user:secret@``) is refused, and a URL holding an ``@`` is
+    never repeated in the answer: it may hold a secret.
+    """
+    url = url.strip()
+    shown = "" if "@" in url else f" {url!r}"
+    expected = "expected http(s)://host[:port]"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return f"bad S3 endpoint{shown}: it holds spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        detail = f" ({e})" if shown else ""
+        return f"bad S3 endpoint{shown}: malformed{detail}; {expected}"
+    if "@" in parts.netloc:
+        return f"credentials in the S3 endpoint are not accepted: give them in {_CREDENTIALS}"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return f"bad S3 endpoint{shown}: {expected}"
+    return None
+
+
 def _endpoint(text: str) -> str:
-    parts = urllib.parse.urlsplit(text.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise argparse.ArgumentTypeError(
-            f"bad S3 endpoint {text!r}: expected http(s)://host[:port]"
-        )
+    problem = endpoint_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text.strip()
+
+
+def _region(text: str) -> str:
+    if not _REGION.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a region name (1-64 letters, digits, '.', '_', '-')"
+        )
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--s3-region",
         metavar="REGION",
+        type=_region,
         help="the bucket's region (default: $AWS_REGION, $AWS_DEFAULT_REGION, else us-east-1)",
     )
     group.add_argument(
@@ -116,16 +152,21 @@ def cache_identity(source: str, options: dict[str, Any]) -> str:
     where the bucket and prefix (trailing slashes aside) and the endpoint count."""
     if source_scheme(source) != SCHEME:
         return source
-    endpoint = (
-        options.get("endpoint")
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    origin, endpoint = "--s3-endpoint", options.get("endpoint")
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if not endpoint:
+            origin, endpoint = name, os.environ.get(name)
     if endpoint:
+        problem = endpoint_problem(endpoint)
+        if problem is not None:
+            raise ConfigError(f"{origin}: {problem}")
         ep = urllib.parse.urlsplit(endpoint.strip())
         where = f"{ep.scheme.lower()}://{ep.netloc.lower()}"
     else:
         where = "aws"
-    parts = urllib.parse.urlsplit(source)
+    try:
+        parts = urllib.parse.urlsplit(source)
+    except ValueError:
+        raise ConfigError("bad S3 URL: malformed; expected s3://bucket[/prefix]") from None
     prefix = urllib.parse.unquote(parts.path).strip("/")
     return f"s3://{parts.netloc}/{prefix} at {where}"

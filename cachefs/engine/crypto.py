@@ -58,16 +58,22 @@ _ZERO_TAG = bytes(TAG_SIZE)
 _DECRYPT_INTO = hasattr(AESGCM, "decrypt_into")
 
 
+MAX_KEY_MATERIAL = 4096
+"""Bytes a key file or CACHEFS_KEY may hold: a passphrase is never longer."""
+
+
 def read_key_material(key_file: str | None, environ: Mapping[str, str]) -> bytes:
     """The key material for ``--encrypt``: the key file's bytes, else ``CACHEFS_KEY``.
 
     ``--key-file`` wins when both are given.  A key file of exactly 32 bytes
     that are not text is a raw key, taken as it is; otherwise one trailing newline (``\\n`` or
     ``\\r\\n``) is dropped, so ``echo passphrase > key`` works.  A key file that
-    group or others may read gets a warning, not a refusal.
+    group or others may read gets a warning, not a refusal.  A key file must
+    be a regular file (a FIFO or a device is refused without waiting on it),
+    and it and CACHEFS_KEY hold at most MAX_KEY_MATERIAL bytes.
 
     Raises BadKey (one line, naming the problem) when no key is given, or the
-    key file is missing, unreadable or empty.
+    key file is missing, unreadable, not a regular file, empty or too big.
     """
     if key_file is not None:
         return _read_key_file(key_file)
@@ -77,21 +83,44 @@ def read_key_material(key_file: str | None, environ: Mapping[str, str]) -> bytes
     if not value:
         raise BadKey(f"{KEY_ENV} is empty: --encrypt needs a key")
     # The bytes the environment really holds, as os.environb would give them.
-    return value.encode("utf-8", "surrogateescape")
+    material = value.encode("utf-8", "surrogateescape")
+    if len(material) > MAX_KEY_MATERIAL:
+        raise BadKey(f"{KEY_ENV} holds more than {MAX_KEY_MATERIAL} bytes: it is not a key")
+    return material
 
 
 def _read_key_file(key_file: str) -> bytes:
     try:
-        with open(key_file, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            material = f.read()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+        fd = os.open(key_file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BadKey(f"key file {key_file} does not exist") from None
-    except IsADirectoryError:
-        raise BadKey(f"key file {key_file} is a directory") from None
     except OSError as e:
         raise BadKey(f"key file {key_file} is not readable: {e.strerror}") from None
-    if stat.S_ISREG(mode) and mode & 0o077:
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise BadKey(f"key file {key_file} is a directory")
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+            raise BadKey(f"key file {key_file} is {kind}: a key file must be a regular file")
+        # Read one byte past the limit: a size of 0 proves nothing (/proc, /sys).
+        chunks: list[bytes] = []
+        left = MAX_KEY_MATERIAL + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise BadKey(f"key file {key_file} is not readable: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    material = b"".join(chunks)
+    if len(material) > MAX_KEY_MATERIAL:
+        raise BadKey(
+            f"key file {key_file} holds more than {MAX_KEY_MATERIAL} bytes: it is not a key "
+            "(32 raw bytes, 64 hex digits or a passphrase)"
+        )
+    if mode & 0o077:
         log.warning(
             "key file %s can be read by other users (mode %o); chmod 600 it",
             key_file,
