@@ -42,6 +42,7 @@ from cachefs.errors import CacheDirError, CacheFSError, ConfigError, MountFailed
 from cachefs.fuse_ops import KernelInvalidator, Operations
 from cachefs.namespace import Namespace
 from cachefs.registry import open_backend, source_scheme
+from cachefs.sealedlog import NameTags, seal_log
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,12 @@ def run_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -
 
 async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount, call *on_ready*, serve until unmounted; always leave the cache consistent."""
+    # Encrypted, no name reaches the log or the trace in clear: they carry the
+    # cache key's name tags, as the index does (known once the cache is open;
+    # nothing is read before).
+    tags = NameTags()
+    if opts.encrypt:
+        seal_log(tags)
     check_fuse()
     check_mountpoint(opts.mountpoint)
     # A remote source is checked when opened (an S3 bucket is listed once,
@@ -169,7 +176,7 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
         if opts.faults is not None:
             backend = FaultyBackend(backend, opts.faults)
         if opts.trace is not None:
-            backend = TraceBackend(backend, opts.trace)
+            backend = TraceBackend(backend, opts.trace, name=tags if opts.encrypt else str)
         log.info("backend: %r", backend)
         invalidator = KernelInvalidator()
         key = None
@@ -183,6 +190,8 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
             on_invalidate=invalidator.notify,
             key_material=key,
         ) as cache:
+            if cache.catalog.key is not None:
+                tags.use(cache.catalog.key.name_tag)
             namespace = Namespace(cache)
             await _serve_fuse(opts, cache, namespace, invalidator, on_ready)
         log.info("cache metadata committed")
