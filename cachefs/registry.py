@@ -50,5 +50,5 @@ def open_backend(source: str, **options: Any) -> Backend:
             f"unknown source scheme {scheme!r} in {source!r}: known schemes are {known}"
         )
     factory = found[0].load()
-    log.debug("opening %s with %s", source, found[0].value)
+    log.debug("opening the %s source with %s", scheme, found[0].value)  # a URL may hold secrets
     return factory(source, **options)
