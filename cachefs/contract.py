@@ -62,6 +62,9 @@ class FileAttrs:
     content the backend can see: the cache treats two reads with the same
     tag as reads of the same bytes.  When it changes, the cache drops what
     it holds of that file.
+    ``mode`` holds the permission bits (``0o7777``) where the source has
+    them, even 0 (nobody may read); None where it has none (an object
+    store): the mount then shows read-only defaults.
     ``link_target`` is set for symlinks only.
     """
 
@@ -69,7 +72,7 @@ class FileAttrs:
     size: int
     mtime: float
     version: str
-    mode: int = 0
+    mode: int | None = None
     link_target: str | None = None
 
 

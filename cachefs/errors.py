@@ -56,6 +56,13 @@ class NotFound(CacheFSError):
     errno = _errno.ENOENT
 
 
+class AccessDenied(CacheFSError):
+    """The source refuses the daemon this entry (its mode, its owner): the
+    reader gets EACCES at once, as it would reading the source itself."""
+
+    errno = _errno.EACCES
+
+
 class ReadFailed(CacheFSError):
     """A read could not be served; the reader gets EIO."""
 

@@ -103,7 +103,9 @@ class Operations:
         self._on_init()
 
     def _entry(self, ino: int, attrs: FileAttrs) -> Entry:
-        perms = (attrs.mode & 0o7777) or _DEFAULT_PERMS[attrs.kind]
+        # The source's own bits, so that the kernel refuses what the source
+        # would (default_permissions); read-only defaults where it has none.
+        perms = _DEFAULT_PERMS[attrs.kind] if attrs.mode is None else attrs.mode & 0o7777
         if attrs.kind is not FileKind.SYMLINK:
             perms &= ~0o222  # read-only
         if attrs.kind is FileKind.SYMLINK:

@@ -224,7 +224,9 @@ class MountFactory:
         *options: object,
         cache_dir: Path | None = None,
         block_size: str | None = "64K",
+        prefix: tuple[str, ...] = (),
     ) -> Mount:
+        """*prefix*: a command the daemon runs under (``setpriv ...``)."""
         self._count += 1
         mountpoint = self._tmp / f"mnt{self._count}"
         mountpoint.mkdir()
@@ -235,7 +237,7 @@ class MountFactory:
             args += ["--block-size", block_size]
         with open(log, "wb") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cachefs", "mount", str(source), str(mountpoint)]
+                [*prefix, sys.executable, "-m", "cachefs", "mount", str(source), str(mountpoint)]
                 + ["--foreground", "--cache-dir", str(cache_dir), "--log-level", "debug", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,

@@ -17,7 +17,13 @@ import trio
 from cachefs.contract import Backend, DirEntry, FileAttrs, FileKind
 from cachefs.engine.catalog import Catalog
 from cachefs.engine.index import CachedFile
-from cachefs.errors import NotFound, ReadFailed, StorageQuarantined, TransientFailure
+from cachefs.errors import (
+    AccessDenied,
+    NotFound,
+    ReadFailed,
+    StorageQuarantined,
+    TransientFailure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ class Attributes:
             return known
         try:
             attrs = await self._backend.stat(file_id)
+        except PermissionError as e:  # an answer, not a failure: nothing stale is served
+            raise denied(file_id, e) from None
         except Exception as e:
             if known is None:
                 raise TransientFailure(f"{file_id or '/'}: stat failed: {e}") from None
@@ -82,6 +90,9 @@ class Attributes:
             except (FileNotFoundError, NotADirectoryError):
                 self._listings.pop(dir_id, None)
                 raise NotFound(f"{name}: no such directory") from None
+            except PermissionError as e:
+                self._listings.pop(dir_id, None)
+                raise denied(dir_id, e) from None
             except Exception as e:
                 raise TransientFailure(f"{name}: listing failed: {e}") from None
         except ReadFailed:
@@ -104,3 +115,8 @@ class Attributes:
         if cf is None or attrs.kind is not FileKind.FILE:
             raise NotFound(f"{file_id}: no such file")
         return cf
+
+
+def denied(file_id: str, e: OSError) -> AccessDenied:
+    """The source refuses the daemon *file_id* (EACCES, EPERM)."""
+    return AccessDenied(f"{file_id or '/'}: the source refuses it: {e.strerror or e}")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from cachefs.contract import ReadData, RWResult
+from cachefs.engine.attrs import denied
 from cachefs.engine.disk import DiskError
 from cachefs.engine.hugepages import anonymous
 from cachefs.engine.index import CachedFile
@@ -457,6 +458,8 @@ class FetchRunner:
             ctx = await self._context(cf)
         except FileNotFoundError:
             raise Modified from None
+        except PermissionError as e:  # its mode or owner: retrying will not help
+            raise denied(cf.file_id, e) from None
         except Exception as e:
             log.warning("backend open_file(%s) failed: %s", cf.file_id, e)
             return RWResult.FAILURE, 0

@@ -69,7 +69,7 @@ class CachedFile:
     version: str
     size: int
     mtime: float
-    mode: int
+    mode: int | None
     present: bytearray
     zero_from: int | None = None
     error: str | None = None
@@ -270,7 +270,7 @@ def _file_of(row: tuple, key: CacheKey | None) -> CachedFile | None:
         version=version,
         size=size,
         mtime=mtime,
-        mode=mode,
+        mode=None if mode < 0 else mode,
         present=bytearray(present),
         zero_from=zero_from,
         error=error,
@@ -312,7 +312,7 @@ def row_of(cf: CachedFile, synced_only: bool = False, key: CacheKey | None = Non
         cf.version,
         cf.size,
         cf.mtime,
-        cf.mode,
+        -1 if cf.mode is None else cf.mode,  # NULL-free column: -1 for unknown
         cf.zero_from,
         cf.error,
         int(cf.pinned),
