@@ -12,6 +12,7 @@ from cachefs.contract import (
 )
 from cachefs.engine import CacheConfig, FileCache, OpenFile, open_file_cache
 from cachefs.errors import (
+    AccessDenied,
     BadKey,
     CacheDirError,
     CacheDirInUse,
@@ -36,6 +37,7 @@ from cachefs.errors import (
 )
 
 __all__ = [
+    "AccessDenied",
     "BadKey",
     "Backend",
     "ContentInfo",
