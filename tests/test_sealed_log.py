@@ -60,9 +60,7 @@ def session(mount: MountFactory, tmp_path: Path, *options: object) -> str:
         (m / "alice-denied.txt").read_bytes()
     m.unmount()
     # The daemon's log (its stderr here: --foreground), and every file it left.
-    return m.log_text() + "".join(
-        p.read_text(errors="replace") for p in m.cache_dir.rglob("*.log")
-    )
+    return m.log_text() + "".join(p.read_text(errors="replace") for p in m.cache_dir.rglob("*.log"))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops root's file access rights with setpriv")
