@@ -27,11 +27,17 @@ Keys of a rule:
 
 Policy: real errors win over injected ones (if the wrapped backend fails a
 sub-request, its answer is returned).  CANCELED calls are never touched.
-The file is checked with one ``os.stat`` per call, on the trio loop, and
-re-read when its (mtime, size, inode) changes, so a running mount can be
-made to fail by rewriting it (write a temp file and rename it over).  A
-malformed or missing file at start is a RulesError; later, the last good
-rules stay in force and each distinct bad state is logged once.
+The file is checked with one ``os.stat`` per call and re-read when its
+(device, inode, size, mtime) changes, so a running mount can be made to
+fail by rewriting it (write a temp file and rename it over), and the next
+read sees the new rules.  Both happen on the trio loop, so that the wrapper
+adds no scheduling point to the calls it passes on; so the work is bounded
+and never waits: a rules file is a regular file of at most MAX_RULES_BYTES
+holding at most MAX_RULES rules, and anything else (a FIFO, a device, a
+directory, a bigger file) is refused on its stat, unopened and unread.
+Keep the file on a local filesystem (never inside the mount itself).  A
+bad file at start is a RulesError; later, the last good rules stay in
+force and each distinct bad state is logged once.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import fnmatch
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,11 @@ from cachefs.contract import Backend, ReadData, RWEvent, RWResult
 from cachefs.errors import RulesError
 
 log = logging.getLogger(__name__)
+
+#: A rules file holds a handful of rules: a bigger one is refused unread.
+MAX_RULES_BYTES = 1 << 20
+#: Every read is matched against the rules in turn: so many, and no more.
+MAX_RULES = 1000
 
 _KEYS = ("file", "result", "max_bytes", "eof", "corrupt", "count")
 # A corrupt call flips the first byte of every CORRUPT_STRIDE bytes it returned.
@@ -114,8 +126,12 @@ def parse_rules(text: str, origin: str) -> list[Rule]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise RulesError(f"faults file {origin}: invalid JSON: {e}") from None
+    except RecursionError:
+        raise RulesError(f"faults file {origin}: invalid JSON: nested too deeply") from None
     if not isinstance(data, list):
         raise RulesError(f"faults file {origin}: expected a JSON list of rules")
+    if len(data) > MAX_RULES:
+        raise RulesError(f"faults file {origin}: {len(data)} rules, more than {MAX_RULES}")
     rules = []
     for i, raw in enumerate(data, 1):
         try:
@@ -125,15 +141,98 @@ def parse_rules(text: str, origin: str) -> list[Rule]:
     return rules
 
 
-def load_rules(path: str | Path) -> list[Rule]:
-    """Read and check a rules file; RulesError if it is unreadable or bad."""
+# What identifies a version of the rules file cheaply (device, inode, size,
+# mtime), or why it cannot be looked at.
+_Identity = tuple[int, int, int, int] | str
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _refuse(path: Path, st: os.stat_result) -> RulesError | None:
+    """Why a file of this kind and size cannot be a rules file, if it cannot."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = "not a regular file"
+        if stat.S_ISFIFO(st.st_mode):
+            kind = "a FIFO"
+        elif stat.S_ISDIR(st.st_mode):
+            kind = "a directory"
+        return RulesError(f"faults file {path}: {kind}; a rules file must be a regular file")
+    if st.st_size > MAX_RULES_BYTES:
+        return RulesError(f"faults file {path}: {st.st_size} bytes, more than {MAX_RULES_BYTES}")
+    return None
+
+
+def _cannot_read(path: Path, e: OSError) -> tuple[str, RulesError]:
+    reason = f"cannot read: {e.strerror or e}"
+    return reason, RulesError(f"faults file {path}: {reason}")
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks = []
+    while limit > 0 and (chunk := os.read(fd, limit)):
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read(path: Path) -> tuple[_Identity, list[Rule] | RulesError]:
+    """The rules file's identity, and its rules or why it is no rules file.
+
+    Blocking, but bounded: a file that is not regular (or too big) is
+    refused on its stat and never opened, the file is opened without
+    waiting for a writer (should it have become a FIFO meanwhile), and at
+    most MAX_RULES_BYTES + 1 bytes are read.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        st = os.stat(path)
+        if (refused := _refuse(path, st)) is not None:
+            return _identity(st), refused
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
-        raise RulesError(f"faults file {path}: cannot read: {e.strerror or e}") from None
+        return _cannot_read(path, e)
+    try:
+        st = os.fstat(fd)
+        found = _identity(st)
+        if (refused := _refuse(path, st)) is not None:
+            return found, refused
+        data = _read_at_most(fd, MAX_RULES_BYTES + 1)
+    except OSError as e:
+        return _cannot_read(path, e)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RULES_BYTES:  # it grew since fstat
+        return found, RulesError(f"faults file {path}: more than {MAX_RULES_BYTES} bytes")
+    try:
+        return found, parse_rules(data.decode("utf-8"), str(path))
     except UnicodeDecodeError:
-        raise RulesError(f"faults file {path}: not UTF-8 text") from None
-    return parse_rules(text, str(path))
+        return found, RulesError(f"faults file {path}: not UTF-8 text")
+    except RulesError as e:
+        return found, e
+
+
+def load_rules(path: str | Path) -> list[Rule]:
+    """Read and check a rules file; RulesError if it is unreadable or bad.
+
+    Safe on any path a user gives: it never waits for a FIFO's writer, and
+    reads at most MAX_RULES_BYTES + 1 bytes of a regular file.
+    """
+    rules = _read(Path(path))[1]
+    if isinstance(rules, RulesError):
+        raise rules
+    return rules
+
+
+def _look(path: Path, seen: _Identity) -> tuple[_Identity, list[Rule] | RulesError] | None:
+    """The rules file's identity and rules (or why they are bad) if it is
+    no longer the version *seen*; else None.  A stat, and a bounded read
+    when the file changed (see _read)."""
+    try:
+        found: _Identity = _identity(os.stat(path))
+    except OSError as e:
+        found = _cannot_read(path, e)[0]
+    return None if found == seen else _read(path)
 
 
 def corrupt(buffer: memoryview, length: int) -> None:
@@ -142,40 +241,30 @@ def corrupt(buffer: memoryview, length: int) -> None:
         buffer[i] ^= 0xFF
 
 
-def _state(path: Path) -> tuple[int, int, int] | str:
-    """What identifies the file's content cheaply, or why it cannot be read."""
-    try:
-        s = os.stat(path)
-    except OSError as e:
-        return f"cannot stat: {e.strerror}"
-    return (s.st_mtime_ns, s.st_size, s.st_ino)
-
-
 class FaultyBackend(Wrapper):
     """Wrap *inner*, applying the rules of *rules_path* to ReadData calls."""
 
     def __init__(self, inner: Backend, rules_path: str | Path) -> None:
         super().__init__(inner)
         self.rules_path = Path(rules_path)
-        self._seen = _state(self.rules_path)
-        self.rules = load_rules(self.rules_path)
+        self._seen, rules = _read(self.rules_path)
+        if isinstance(rules, RulesError):
+            raise rules
+        self.rules = rules
 
     def __repr__(self) -> str:
         return f"FaultyBackend({self.inner!r}, {str(self.rules_path)!r})"
 
     def _refresh(self) -> None:
-        state = _state(self.rules_path)
-        if state == self._seen:
+        change = _look(self.rules_path, self._seen)
+        if change is None:
             return
-        self._seen = state
-        try:
-            if isinstance(state, str):
-                raise RulesError(f"faults file {self.rules_path}: {state}")
-            self.rules = load_rules(self.rules_path)
-        except RulesError as e:
-            log.error("%s; keeping the last good rules", e)
+        self._seen, rules = change
+        if isinstance(rules, RulesError):
+            log.error("%s; keeping the last good rules", rules)
         else:
-            log.info("faults file %s: %d rules loaded", self.rules_path, len(self.rules))
+            self.rules = rules
+            log.info("faults file %s: %d rules loaded", self.rules_path, len(rules))
 
     def _match(self, file_id: str) -> Rule | None:
         self._refresh()

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from backends.faulty import load_rules
 from backends.trace import open_trace
 from cachefs import s3options
 from cachefs.engine import CacheConfig
@@ -64,6 +65,9 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     key_file = Path(os.path.abspath(args.key_file)) if args.key_file else None
     if args.encrypt:
         read_key_material(None if key_file is None else str(key_file), os.environ)
+    faults = Path(os.path.abspath(args.faults)) if args.faults else None
+    if faults is not None:
+        load_rules(faults)  # RulesError: one line, exit 2, before a daemon starts
     config = CacheConfig(
         block_size=block_size,
         verify=args.verify,
@@ -81,7 +85,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         mountpoint=Path(os.path.realpath(args.mountpoint)),
         cache_dir=cache_dir,
         config=config,
-        faults=Path(os.path.abspath(args.faults)) if args.faults else None,
+        faults=faults,
         trace=Path(os.path.abspath(args.trace)) if args.trace else None,
         throttle=args.throttle,
         readahead_kb=args.readahead_kb,
