@@ -36,6 +36,7 @@ from cachefs.commands import ControlCommands
 from cachefs.contract import Backend
 from cachefs.control import SUBTYPE, MountEntry, fsname_for, mount_at, serve_control
 from cachefs.engine import CacheConfig, FileCache, open_file_cache
+from cachefs.engine.cachedir import check_cache_dir
 from cachefs.engine.crypto import read_key_material
 from cachefs.engine.fetch import first_error
 from cachefs.errors import CacheDirError, CacheFSError, ConfigError, MountFailed
@@ -94,15 +95,20 @@ def default_cache_dir(identity: str) -> Path:
 
 
 def prepare_cache_dir(path: Path) -> Path:
-    """Create *path* (mode 0700) if needed; its absolute form."""
+    """Create *path* (mode 0700) if needed; its absolute form.
+
+    CacheDirError unless it is a directory of this user's (check_cache_dir);
+    the mount makes it owner-only when it opens it.
+    """
     path = Path(os.path.abspath(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir(mode=0o700, exist_ok=True)
+    except FileExistsError:
+        pass  # a dangling symlink, or a file: check_cache_dir says which
     except OSError as e:
         raise CacheDirError(f"cannot create cache dir {path}: {e.strerror}") from None
-    if not path.is_dir():
-        raise CacheDirError(f"cache dir {path} is not a directory")
+    check_cache_dir(path)
     return path
 
 

@@ -5,6 +5,13 @@ Layout: ``lock`` (flock held by the live process, its pid inside),
 cannot be trusted is dropped, never served: an unreadable index is moved
 aside and the cache starts empty; a data file that does not match its row
 loses its bitmap; data files without a row are deleted.
+
+The cache dir and everything in it is its owner's alone (names, sizes and
+block hashes are in the index): a cache dir of another user is refused,
+one of ours is made 0700 whatever its mode was, and files or directories
+in it that others could read (made by older versions) are made owner-only
+when it is opened.  What cachefs creates there it creates 0600 / 0700;
+SQLite gives the index's -wal and -shm files the index's own mode.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +39,76 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "index.sqlite3"
 
 
-def lock_cache_dir(cache_dir: Path) -> int:
-    """Take the cache dir's lock; return the fd that holds it."""
-    if not cache_dir.exists():
-        raise CacheDirError(f"cache dir {cache_dir} does not exist")
-    if not cache_dir.is_dir():
+# Bits that let others (group, world) at a file or directory.
+_OTHERS = 0o077
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """CacheDirError unless *cache_dir* is a directory of this user's.
+
+    A symlink is followed only if it is this user's or root's: a link of
+    another user's could be pointed elsewhere by them at any time.
+    """
+    try:
+        link = os.lstat(cache_dir)
+        st = os.stat(cache_dir)
+    except FileNotFoundError:
+        raise CacheDirError(f"cache dir {cache_dir} does not exist") from None
+    except OSError as e:
+        raise CacheDirError(f"cache dir {cache_dir} is not usable: {e.strerror}") from None
+    me = os.geteuid()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
+        raise CacheDirError(
+            f"cache dir {cache_dir} is a symlink of another user (uid {link.st_uid}),"
+            " who could point it elsewhere: give the directory itself, or one of your own"
+        )
+    if not stat.S_ISDIR(st.st_mode):
         raise CacheDirError(f"cache dir {cache_dir} is not a directory")
+    if st.st_uid != me:
+        raise CacheDirError(
+            f"cache dir {cache_dir} belongs to another user (uid {st.st_uid}); the cache"
+            " must be readable by its owner only: use a cache dir of your own"
+        )
+
+
+def _make_owner_only(cache_dir: Path) -> None:
+    """Make the (checked) cache dir 0700 and take group and other bits off
+    its entries.  What is not this user's, and symlinks, are left alone."""
+    fd = os.open(cache_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():  # replaced since it was checked
+            raise CacheDirError(f"cache dir {cache_dir} belongs to another user")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & _OTHERS:
+            os.fchmod(fd, 0o700)
+            log.info("cache dir %s was mode %04o: made it 0700 (owner only)", cache_dir, mode)
+        loose = 0
+        for name in os.listdir(fd):
+            try:
+                entry = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                loose += _tighten(name, entry, dir_fd=fd)
+            except FileNotFoundError:  # removed meanwhile
+                pass
+        if loose:
+            log.info("cache dir %s: made %d entries owner-only", cache_dir, loose)
+    finally:
+        os.close(fd)
+
+
+def _tighten(path: str, st: os.stat_result, dir_fd: int | None = None) -> bool:
+    """Take group and other bits off a file or directory of ours; whether it had any."""
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or not mode & _OTHERS:
+        return False
+    os.chmod(path, mode & ~_OTHERS & 0o7777, dir_fd=dir_fd)
+    return True
+
+
+def lock_cache_dir(cache_dir: Path) -> int:
+    """Take the cache dir's lock, then make the dir and what is in it
+    owner-only; return the fd that holds the lock."""
+    check_cache_dir(cache_dir)
     try:
         fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
@@ -49,11 +121,18 @@ def lock_cache_dir(cache_dir: Path) -> int:
         raise CacheDirInUse(
             f"cache dir {cache_dir} is in use by another cachefs process (pid {pid})"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    if not os.access(cache_dir, os.W_OK):
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if not os.access(cache_dir, os.W_OK):
+            raise CacheDirError(f"cache dir {cache_dir} is not writable")
+        _make_owner_only(cache_dir)
+    except OSError as e:
         os.close(fd)
-        raise CacheDirError(f"cache dir {cache_dir} is not writable")
+        raise CacheDirError(f"cache dir {cache_dir} is not usable: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -197,13 +276,17 @@ def _repair(
     repaired = []
     rows = {str(cf.row_id) for cf in files}
     on_disk: dict[str, os.stat_result] = {}
+    loose = 0
     with os.scandir(data_dir) as it:
         for entry in it:
             if entry.name in rows:
-                on_disk[entry.name] = entry.stat()
+                on_disk[entry.name] = st = entry.stat(follow_symlinks=False)
+                loose += _tighten(entry.path, st)
             else:
                 log.info("removing orphan cache data file %s", entry.path)
                 _unlink(entry.path)
+    if loose:
+        log.info("made %d cache data files owner-only", loose)
     for cf in files:
         name = str(cf.row_id)
         path = f"{data_dir}/{name}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sqlite3
 from array import array
 from dataclasses import dataclass
@@ -146,12 +147,26 @@ def block_count(size: int, block_size: int) -> int:
     return (size + block_size - 1) // block_size
 
 
+def _create_owner_only(path: Path) -> None:
+    """Create the database file 0600 if it is missing (SQLite would make it
+    0644), and take group and other bits off it if it has them: SQLite
+    creates the -wal and -shm files with the database file's mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        mode = os.fstat(fd).st_mode & 0o7777
+        if mode & 0o077:
+            os.fchmod(fd, mode & ~0o077)
+    finally:
+        os.close(fd)
+
+
 class Index:
     """The SQLite side of the metadata.  Every method is blocking."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = trio.Lock()
+        _create_owner_only(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
