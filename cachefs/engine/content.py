@@ -119,6 +119,7 @@ class Content:
     def _adopt(self, cf: CachedFile, info: ContentInfo) -> None:
         cf.hashes = bytearray(b"".join(info.block_hashes))
         cf.content_hash = info.content_hash
+        cf.trusted = None  # the source's word replaces the owner's
         cf.verified = None  # what is cached is checked against it on its next read
         cf.unhashed = None  # nothing left to hash: the source's hashes are the authority
         cf.zero_from = None  # the backend's early EOF, if any, is not believed
@@ -139,6 +140,30 @@ class Content:
         compare them with: then nothing in this process needs their hash.
         """
         return self.verify == "once" and not self._encrypted and expected is None
+
+    def note_origin(self, cf: CachedFile, first: int, count: int, trusted: bool) -> None:
+        """Blocks first.. (count) were stored from the source, or from
+        add-data taken on trust (their hash then vouches for nothing)."""
+        if cf.content_hash is not None or (cf.trusted is None and not trusted):
+            return
+        if cf.trusted is None:
+            cf.trusted = bytearray(len(cf.present))
+        cf.trusted[first : first + count] = (b"\x01" if trusted else b"\x00") * count
+
+    def forget_trusted(self, cf: CachedFile) -> None:
+        """The hashes of trusted blocks no longer present are dropped (purge)."""
+        t, hashes = cf.trusted, cf.hashes
+        if t is None or hashes is None:
+            return
+        b = t.find(1)
+        while b >= 0:
+            if not cf.present[b]:
+                hashes[32 * b : 32 * b + 32] = NO_HASH
+                t[b] = 0
+            b = t.find(1, b + 1)
+        if t.find(1) < 0:
+            cf.trusted = None
+        self._catalog.dirty.add(cf)
 
     def record_unhashed(self, cf: CachedFile, first: int, count: int) -> None:
         """Blocks from *first* were stored from the source, hash to come: verified."""
@@ -213,3 +238,5 @@ class Content:
                 cf.verified[b] = 0
             if cf.content_hash is None and cf.hashes is not None:
                 cf.hashes[32 * b : 32 * b + 32] = NO_HASH
+                if cf.trusted is not None:
+                    cf.trusted[b] = 0

@@ -42,7 +42,7 @@ from cachefs.engine.hasher import Hasher
 from cachefs.engine.hits import HitReader
 from cachefs.engine.index import CachedFile, Index
 from cachefs.engine.readahead import Readahead
-from cachefs.engine.store import NO_HASH, DataFile
+from cachefs.engine.store import DataFile
 from cachefs.engine.supply import AddResult, Supplier
 from cachefs.engine.transfers import Kind, ReaderState, Transfer
 from cachefs.engine.uring import open_ring
@@ -511,21 +511,17 @@ class FileCache:
     async def purge(self, file_id: str) -> int:
         """Drop the cached data of *file_id* unless pinned or held whole
         (:meth:`hold_whole`), what a RANGE_BEYOND_EOF taught the cache about
-        it, and the hashes of the blocks dropped unless the source published
-        them (those recorded when blocks came in, from the backend or from
-        ``add-data --trust``, are not an authority the owner cannot undo);
-        returns the bytes freed."""
+        it, and the hashes that came with blocks taken on trust (add-data
+        --trust): the owner's way back from wrong bytes.  Hashes recorded
+        from the source stay (add-data checks against them); returns the
+        bytes freed."""
         cf = self.catalog.files.get(file_id)
         if cf is None or cf.pinned or cf.held:
             return 0
         freed = await self._drop_blocks(cf, 0)
         self._forget_eof(cf)
-        hashes = cf.hashes
-        if cf.content_hash is None and hashes is not None and not cf.retired:
-            for b in range(len(cf.present)):
-                if not cf.present[b]:
-                    hashes[32 * b : 32 * b + 32] = NO_HASH
-            self.catalog.dirty.add(cf)
+        if not cf.retired:
+            self.content.forget_trusted(cf)
         return freed
 
     async def _drop_blocks(self, cf: CachedFile, first: int) -> int:

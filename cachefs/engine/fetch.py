@@ -479,7 +479,9 @@ class FetchRunner:
             rc = RWResult.PARTIAL  # the rest is known zeros: the loop fills it
         return rc, n
 
-    async def store(self, cf: CachedFile, offset: int, data: memoryview) -> int:
+    async def store(
+        self, cf: CachedFile, offset: int, data: memoryview, trusted: bool = False
+    ) -> int:
         """Check and write whole blocks at *offset*, then mark them present.
 
         Returns where the stored bytes end: short of ``offset + len(data)``
@@ -491,11 +493,11 @@ class FetchRunner:
         if not c.disk.usable:
             raise c.disk.failure()
         try:
-            return await self._store(cf, offset, data)
+            return await self._store(cf, offset, data, trusted)
         except DiskError as e:
             raise c.disk.failed("storing fetched blocks", e) from None
 
-    async def _store(self, cf: CachedFile, offset: int, data: memoryview) -> int:
+    async def _store(self, cf: CachedFile, offset: int, data: memoryview, trusted: bool) -> int:
         c = self._cache
         cat = c.catalog
         bs = c.config.block_size
@@ -519,6 +521,7 @@ class FetchRunner:
                 defer = False  # the reservation is used
             else:
                 c.content.record(cf, first, hashes)
+            c.content.note_origin(cf, first, done, trusted)
             for b in range(first, first + done):
                 cat.mark(cf, b)
             if done and cf.present.find(0) < 0:

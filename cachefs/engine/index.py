@@ -63,6 +63,9 @@ class CachedFile:
     unknown): recorded as blocks arrive, or the source's content information
     when ``content_hash`` is set (then every block's hash is known and is
     the authority).  ``verified`` marks the blocks checked in this process.
+    ``trusted`` marks the blocks whose hash came with ``add-data --trust``
+    rather than from the source: purge drops those hashes with the blocks
+    (the others outlive them, so add-data can check against them).
     """
 
     row_id: int
@@ -77,6 +80,7 @@ class CachedFile:
     pinned: bool = False
     hashes: bytearray | None = None
     content_hash: bytes | None = None
+    trusted: bytearray | None = None
     # Bumped whenever a block stops being present: a read that left the loop
     # checks it to know its bytes were not evicted meanwhile.
     epoch: int = 0
@@ -274,6 +278,10 @@ def _file_of(row: tuple, key: CacheKey | None) -> CachedFile | None:
                 return None
     elif isinstance(file_id, bytes):
         file_id = file_id.decode("utf-8", "surrogateescape")
+    trusted = None
+    n = len(present)
+    if hashes is not None and content_hash is None and len(hashes) == 33 * n:
+        hashes, trusted = hashes[: 32 * n], bytearray(hashes[32 * n :])
     if content_hash is not None and (
         hashes is None or hashlib.sha256(hashes).digest() != content_hash
     ):
@@ -292,6 +300,7 @@ def _file_of(row: tuple, key: CacheKey | None) -> CachedFile | None:
         pinned=bool(pinned),
         hashes=None if hashes is None else bytearray(hashes),
         content_hash=content_hash,
+        trusted=trusted,
     )
 
 
@@ -311,6 +320,8 @@ def row_of(cf: CachedFile, synced_only: bool = False, key: CacheKey | None = Non
     file_id: str | bytes = cf.file_id
     name, content_hash = None, cf.content_hash
     hashes = None if cf.hashes is None else bytes(cf.hashes)
+    if hashes is not None and cf.trusted is not None and cf.content_hash is None:
+        hashes += bytes(cf.trusted)  # one byte a block after the hashes (33 per block)
     if key is not None:
         file_id = key.name_tag(cf.file_id)
         name = key.seal(_encode(cf.file_id), b"name:%d" % cf.row_id)

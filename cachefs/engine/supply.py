@@ -144,12 +144,15 @@ class Supplier:
                 return False
         elif not trust:
             return False
+        # Checked against a hash that itself came on trust, it is no better.
         if cf.present[b] or cf.busy(b) is not None or cf.retired:
             return True  # already there, or on its way from the backend
         hold = Fetch(b, b)
         cf.hold(b, b, hold)
         try:
-            stored = await c._runner.store(cf, b * c.config.block_size, memoryview(block))
+            stored = await c._runner.store(
+                cf, b * c.config.block_size, memoryview(block), trusted=_taken_on_trust(cf, b)
+            )
         except Replan:
             return True  # a new version appeared meanwhile: nothing to store
         finally:
@@ -166,3 +169,8 @@ class Supplier:
 
 def _sha256(data: bytes | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+def _taken_on_trust(cf: CachedFile, b: int) -> bool:
+    """Whether block *b* is vouched for by no hash from the source."""
+    return cf.hash_of(b) is None or (cf.trusted is not None and bool(cf.trusted[b]))
