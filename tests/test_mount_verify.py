@@ -196,6 +196,17 @@ def test_purge_undoes_trusted_add_data_that_was_wrong(
     assert (again / "f").read_bytes() == DATA
 
 
+def test_purge_drops_a_trusted_piece_of_a_block_still_held(mount: MountFactory, src: Path) -> None:
+    m = mount(src)
+    done = cli("add-data", m / "f", "--offset", 0, "--trust", stdin=b"\xff" * 1000)
+    assert one_line(done.stdout) == "blocks accepted 0, rejected 0, pending 1"
+    assert cli("purge", m / "f").returncode == 0
+    # The rest of the block, on its own, is not enough any more.
+    done = cli("add-data", m / "f", "--offset", 1000, "--trust", stdin=DATA[1000:KB64])
+    assert one_line(done.stdout) == "blocks accepted 0, rejected 0, pending 1"
+    assert (m / "f").read_bytes() == DATA
+
+
 # -- encryption -------------------------------------------------------------------------------
 
 

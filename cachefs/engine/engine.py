@@ -516,7 +516,11 @@ class FileCache:
         from the source stay (add-data checks against them); returns the
         bytes freed."""
         cf = self.catalog.files.get(file_id)
-        if cf is None or cf.pinned or cf.held:
+        if cf is None:
+            return 0
+        # Pieces of blocks held for add-data go too: the owner takes them back.
+        self._supplier.forget(cf)
+        if cf.pinned or cf.held:
             return 0
         freed = await self._drop_blocks(cf, 0)
         self._forget_eof(cf)

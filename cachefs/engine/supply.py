@@ -159,6 +159,13 @@ class Supplier:
             hold.finish(cf)
         return stored > b * c.config.block_size
 
+    def forget(self, cf: CachedFile) -> int:
+        """Drop the incomplete blocks held for *cf* (purge); how many."""
+        keys = [key for key in self._pending if key[0] == cf.row_id]
+        for key in keys:
+            del self._pending[key]
+        return len(keys)
+
     def _bound(self) -> None:
         held = sum(len(p.buf) for p in self._pending.values())
         while held > MAX_PENDING:
