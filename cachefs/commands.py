@@ -317,17 +317,28 @@ def _file_ids(request: dict[str, Any]) -> list[str]:
     return file_ids
 
 
-def _contains(root: str, file_id: str) -> bool:
-    return root == "" or file_id == root or file_id.startswith(root + "/")
+def _ancestors(file_id: str) -> Iterator[str]:
+    """*file_id* and every directory above it, up to the root ("")."""
+    yield file_id
+    while file_id:
+        file_id = file_id.rpartition("/")[0]
+        yield file_id
 
 
 def _below(roots: list[str], file_ids: Iterable[str]) -> list[str]:
-    """The file ids at or below any of *roots*, sorted."""
-    return sorted(f for f in file_ids if any(_contains(r, f) for r in roots))
+    """The file ids at or below any of *roots*, sorted.
+
+    Linear in the file ids times their depth, whatever the number of roots:
+    a request naming 100,000 paths must not hold the mount's loop.
+    """
+    wanted = set(roots)
+    return sorted(f for f in file_ids if not wanted.isdisjoint(_ancestors(f)))
 
 
 def _unmatched(roots: list[str], file_ids: list[str]) -> list[str]:
-    return [r for r in roots if not any(_contains(r, f) for f in file_ids)]
+    """The roots no file id lies at or below."""
+    matched = {a for f in file_ids for a in _ancestors(f)}
+    return [r for r in roots if r not in matched]
 
 
 def _failure(file_id: str, error: Exception) -> dict[str, Any]:
