@@ -86,6 +86,9 @@ class NameTags:
 
 
 def seal_log(tag: Callable[[str], str]) -> None:
-    """Seal what every handler of the root logger writes from now on."""
+    """Seal what every handler of the root logger writes from now on (with
+    *tag* in place of any tag given before)."""
     for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, SealNames)]:
+            handler.removeFilter(old)
         handler.addFilter(SealNames(tag))

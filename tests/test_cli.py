@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -341,3 +342,18 @@ async def test_a_client_that_leaves_cancels_its_request(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await cancelled.wait()
         nursery.cancel_scope.cancel()
+
+
+@needs_fuse
+def test_output_cut_short_by_its_reader_ends_quietly(mount: MountFactory, src: Path) -> None:
+    m = mount(src)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachefs", "stats", str(m.mountpoint)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # as `| head` does, before anything was written
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == ""

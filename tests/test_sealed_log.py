@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import run_cachefs
 
 if TYPE_CHECKING:
     from conftest import MountFactory
@@ -76,3 +77,27 @@ def test_an_encrypted_mount_logs_no_name(mount: MountFactory, tmp_path: Path) ->
     assert "[sealed:" in text
     for secret in SECRETS:
         assert secret not in text, [line for line in text.splitlines() if secret in line][:5]
+
+
+def test_a_daemon_that_fails_logs_the_kind_of_error_and_the_user_gets_its_message(
+    tmp_path: Path, mnt: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f\n")
+    cache = tmp_path / "cachefs-secret-cache"
+    key, wrong = tmp_path / "key", tmp_path / "wrong"
+    for path in (key, wrong):
+        path.write_bytes(os.urandom(32))
+        path.chmod(0o600)
+    options = ("--cache-dir", cache, "--encrypt")
+    done = run_cachefs("mount", src, mnt, *options, "--key-file", key)
+    assert done.returncode == 0, done.stderr
+    assert run_cachefs("unmount", mnt).returncode == 0
+    # Only the daemon, opening the cache, finds the key wrong.
+    done = run_cachefs("mount", src, mnt, *options, "--key-file", wrong)
+    assert done.returncode == 2
+    assert "cachefs-secret-cache" in done.stderr  # the user who asked is told
+    log = (cache / "cachefs.log").read_text()
+    assert "BadKey" in log
+    assert "secret" not in log
