@@ -176,6 +176,27 @@ def test_a_file_truncated_under_a_reader_gives_it_the_old_length_or_an_error(
     assert (m / "f").read_bytes() == a[: 2 * MIB]
 
 
+def test_a_file_appended_to_under_a_reader_gives_its_version_or_an_error_and_says_so(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    a = os.urandom(8 * MIB)
+    src = local_source(tmp_path, a)
+    m = mount(src, "--ttl", "0", "--max-readahead", "0")
+    reader = Reader(m / "f").read(2 * MIB)
+    with open(src / "f", "ab") as log:  # a log file growing
+        log.write(os.urandom(MIB))
+    reader.read()
+    reader.close()
+    # Never the grown length, never bytes past the old end: the version it
+    # opened, or a prefix of it and ESTALE (an append cannot be told from a
+    # longer rewrite in place, docs/SEMANTICS.md).
+    assert one_version(reader, a) == 0
+    assert reader.error is not None  # the 6 MiB not cached cannot be had
+    warnings = [line for line in m.log_text().splitlines() if " WARNING " in line]
+    assert any("changed at the source while open" in line for line in warnings), warnings
+    assert (m / "f").read_bytes() == (src / "f").read_bytes()
+
+
 def test_a_deleted_file_stays_readable_through_a_handle_that_read_it(
     mount: MountFactory, tmp_path: Path
 ) -> None:
