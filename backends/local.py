@@ -47,7 +47,6 @@ import logging
 import os
 import stat as st
 import threading
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -67,6 +66,7 @@ from cachefs.contract import (
 )
 from cachefs.errors import SourceError
 from cachefs.pagecache import PAGE, cached_pages, open_direct
+from cachefs.registry import local_path
 
 log = logging.getLogger(__name__)
 
@@ -427,18 +427,18 @@ def _pread_into(fd: int, buffer: memoryview, position: int, count: int) -> int:
 
 
 def _root_of(url: str) -> str:
-    if not url.startswith("file:"):
-        return url
-    parts = urllib.parse.urlsplit(url)
-    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-        raise SourceError(f"bad file URL {url!r}: expected file:///absolute/path")
-    return urllib.parse.unquote(parts.path)
+    root = local_path(url)  # the same reading as the mount's own checks
+    if root is None:
+        raise SourceError(f"{url!r} is not a local source: expected a path or file:///abs/path")
+    return root
 
 
 def open_backend(url: str, *, max_threads: int = 16) -> LocalBackend:
-    """Open a directory given as a plain path or ``file:///abs/path``.
+    """Open a directory given as a plain path or ``file:///abs/path``
+    (cachefs.registry.local_path: the scheme in any case).
 
-    Raises SourceError when it is missing or not a directory.
+    Raises SourceError when the URL is malformed, or the directory is
+    missing or not a directory.
     """
     root = _root_of(url)
     if not os.path.exists(root):

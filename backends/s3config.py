@@ -51,6 +51,8 @@ from cachefs.errors import SourceError
 log = logging.getLogger(__name__)
 
 _BUCKET = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# what of an endpoint an error may repeat: the scheme and authority, not the path or query
+_SCHEME_AND_HOST = re.compile(r"[^/?#]*(?://[^/?#]*)?")
 _NO_KEYS = "web identity, container or instance credentials"
 
 
@@ -214,14 +216,17 @@ def resolve(
 
 
 def _parse_endpoint(endpoint: str, origin: str) -> urllib.parse.SplitResult:
-    """*endpoint* split; SourceError naming *origin* unless ``http(s)://host[:port]``.
+    """*endpoint* split; SourceError naming *origin* unless ``http(s)://host[:port]``
+    (a trailing ``/`` aside).
 
-    An endpoint with credentials is refused without being repeated.
+    The error repeats at most the scheme, host and port: nothing of an
+    endpoint with credentials, never a path, query or fragment (a token).
     """
-    shown = "" if "@" in endpoint else f" {endpoint!r}"
+    endpoint = endpoint.strip()
+    shown = "" if "@" in endpoint else f" {_scheme_and_host(endpoint)!r}"
     bad = f"bad S3 endpoint{shown} (from {origin}): expected http(s)://host[:port]"
     try:
-        ep = urllib.parse.urlsplit(endpoint.strip())
+        ep = urllib.parse.urlsplit(endpoint)
         ep.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise SourceError(bad) from None
@@ -232,7 +237,14 @@ def _parse_endpoint(endpoint: str, origin: str) -> urllib.parse.SplitResult:
         )
     if ep.scheme not in ("http", "https") or not ep.hostname:
         raise SourceError(bad)
+    if ep.path not in ("", "/") or "?" in endpoint or "#" in endpoint:
+        raise SourceError(f"{bad}, without a path, query or fragment")
     return ep
+
+
+def _scheme_and_host(url: str) -> str:
+    match = _SCHEME_AND_HOST.match(url)
+    return match[0] if match else ""
 
 
 def check(target: Target, timeout: float) -> None:

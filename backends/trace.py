@@ -11,8 +11,13 @@ The file is opened (created mode 0600) to append, never through a symlink,
 and only if it is a regular file of the running user that no other user can
 read or write and that has no other hard links: a trace names the files
 read, and a path planted by another user must not make cachefs write into
-a file of theirs (or of root's).  Anything else is a ConfigError naming the
-file and the reason.  With ``name``, what is written as ``file_id`` is
+a file of theirs (or of root's).  Nor may it lie on a filesystem that is a
+kernel interface (procfs, sysfs, debugfs, cgroup, ...: KERNEL_FILESYSTEMS),
+where a root-owned 0200 file such as ``/proc/sys/vm/drop_caches`` passes
+those checks and every write acts on the kernel.  The filesystem is asked
+of the open fd itself (fstatfs), which needs no /proc and cannot be fooled
+by a path changed after the open.  Anything else is a ConfigError naming
+the file and the reason.  With ``name``, what is written as ``file_id`` is
 ``name(file_id)`` (the mount passes the cache key's name tags when the cache
 is encrypted, so the trace holds no file names either).
 
@@ -21,14 +26,22 @@ raises, the line says ``"result": "EXCEPTION"`` and the exception goes on.
 The lines are written on the trio loop (a small buffered write): this
 wrapper is for tests and diagnosis, not for production mounts.  Everything
 but ``read_data`` is passed through unrecorded.
+
+A trace never fails a read.  When a line cannot be written (the disk is
+full, an I/O error) one warning is logged and tracing stops for the rest of
+the mount: the trace then ends, and read_trace leaves out a last line cut
+short, rather than having gaps no one can see.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import json
 import logging
 import os
+import platform
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -42,9 +55,10 @@ log = logging.getLogger(__name__)
 
 
 def read_trace(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a trace file, oldest first."""
+    """The records of a trace file, oldest first; a last line without its
+    newline (cut short by a full disk, or still being written) is left out."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
 
 
 _OPEN_FLAGS = (
@@ -73,7 +87,7 @@ def open_trace(path: str | Path) -> TextIO:
         reason = _REASONS.get(e.errno or 0, f"cannot be opened: {e.strerror}")
         raise ConfigError(f"trace file {path} {reason}") from None
     try:
-        problem = _problem(os.fstat(fd))
+        problem = _filesystem_problem(fd) or _problem(os.fstat(fd))
         if problem is None:
             os.lseek(fd, 0, os.SEEK_END)  # as appending does: fails on /proc files and the like
     except OSError as e:
@@ -98,6 +112,45 @@ def _problem(st: os.stat_result) -> str | None:
     return None
 
 
+#: f_type (linux/magic.h) of the filesystems that are kernel interfaces, not storage.
+KERNEL_FILESYSTEMS = {
+    0x9FA0: "procfs",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x62656570: "configfs",
+    0x0027E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0xCAFE4A11: "bpf",
+    0xDE5E81E4: "efivarfs",
+    0x6165676C: "pstore",
+    0x42494E4D: "binfmt_misc",
+    0x65735543: "fusectl",
+    0xF97CFF8C: "selinuxfs",
+    0x43415D53: "smackfs",
+}
+_fstatfs = ctypes.CDLL(None, use_errno=True).fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+# struct statfs begins with f_type: a long (__fsword_t), but an unsigned int on s390x.
+_F_TYPE = ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_long
+_STATFS_SIZE = 256  # struct statfs is 120 bytes on 64-bit Linux: room to spare
+
+
+def _filesystem_problem(fd: int) -> str | None:
+    """Why the filesystem of *fd* must not take a trace; None if it may."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    f_type = _F_TYPE.from_buffer(buf).value & 0xFFFFFFFF
+    name = KERNEL_FILESYSTEMS.get(f_type)
+    if name is None:
+        return None
+    return f"is on {name}, a kernel interface, not storage: give a file on a disk or tmpfs"
+
+
 def _as_is(file_id: str) -> str:
     return file_id
 
@@ -118,12 +171,14 @@ class TraceBackend(Wrapper):
         super().__init__(inner)
         self.trace_path = Path(trace_path)
         self._name = name
-        self._out = open_trace(self.trace_path)
+        self._out: TextIO | None = open_trace(self.trace_path)
 
     def __repr__(self) -> str:
         return f"TraceBackend({self.inner!r}, {str(self.trace_path)!r})"
 
     def _write(self, req: ReadData, result: str) -> None:
+        if self._out is None:
+            return  # stopped after a failed write
         record = {
             "file_id": self._name(req.file_id),
             "size": req.size,
@@ -133,7 +188,21 @@ class TraceBackend(Wrapper):
             "result": result,
             "bytes_read": req.bytes_read,
         }
-        self._out.write(json.dumps(record) + "\n")
+        try:
+            self._out.write(json.dumps(record) + "\n")
+        except OSError as e:
+            log.warning(
+                "trace file %s cannot be written (%s): tracing stopped, reads go on",
+                self.trace_path,
+                e.strerror or e,
+            )
+            self._close_trace()
+
+    def _close_trace(self) -> None:
+        out, self._out = self._out, None
+        if out is not None:
+            with contextlib.suppress(OSError):  # what a failed write left in the buffer
+                out.close()
 
     async def read_data(self, req: ReadData) -> None:
         try:
@@ -149,5 +218,5 @@ class TraceBackend(Wrapper):
 
     async def aclose(self) -> None:
         """Close the trace file, then the wrapped backend."""
-        self._out.close()
+        self._close_trace()
         await self.inner.aclose()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,15 @@ from cachefs.mount import (
     spawn_daemon,
 )
 from cachefs.publish import run_publish
-from cachefs.registry import open_backend, source_scheme
+from cachefs.registry import local_path, open_backend
 from cachefs.sizes import format_size
 
 READY_TIMEOUT = 60.0
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
-    """Check and complete the mount options; creates the cache dir."""
+    """Check and complete the mount options; creates nothing (cmd_mount makes the
+    cache dir, once everything that can be refused has been checked)."""
     block_size = args.block_size
     if args.cache_size is not None and args.cache_size < block_size:
         raise ConfigError(
@@ -52,13 +52,14 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         )
     source = normalize_source(args.source)
     backend_options = s3options.from_args(args, source)
-    cache_dir = args.cache_dir or default_cache_dir(
-        s3options.cache_identity(source, backend_options)
+    cache_dir = Path(
+        os.path.abspath(
+            args.cache_dir or default_cache_dir(s3options.cache_identity(source, backend_options))
+        )
     )
-    cache_dir = prepare_cache_dir(Path(cache_dir))
     min_free = args.min_free
     if isinstance(min_free, float):
-        st = os.statvfs(cache_dir)
+        st = _statvfs_where(cache_dir)
         min_free = int(st.f_blocks * st.f_frsize * min_free)
     if args.key_file is not None and not args.encrypt:
         raise ConfigError("--key-file is only used with --encrypt")
@@ -94,6 +95,16 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         key_file=key_file,
         passthrough=args.passthrough,
     )
+
+
+def _statvfs_where(path: Path) -> os.statvfs_result:
+    """statvfs of *path*, or else of its nearest ancestor there is: where it will be made."""
+    for where in (path, *path.parents):
+        try:
+            return os.statvfs(where)
+        except OSError:
+            continue
+    return os.statvfs("/")
 
 
 def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
@@ -142,7 +153,7 @@ def check_apart(source: str, mountpoint: Path, cache_dir: Path | None = None) ->
     local sources have a path: an ``s3://`` source is never refused here.
     """
     mountpoint = Path(os.path.realpath(mountpoint))
-    root = _local_root(source)
+    root = local_path(source)  # SourceError if malformed: as the backend reads it
     if root is not None:
         src = Path(os.path.realpath(root))
         if _at_or_below(mountpoint, src):
@@ -155,18 +166,6 @@ def check_apart(source: str, mountpoint: Path, cache_dir: Path | None = None) ->
             raise ConfigError(f"source {src} is inside the mount point {mountpoint}")
     if cache_dir is not None and _at_or_below(Path(os.path.realpath(cache_dir)), mountpoint):
         raise ConfigError(f"cache dir {cache_dir} is inside the mount point {mountpoint}")
-
-
-def _local_root(source: str) -> str | None:
-    """The directory a local source names (a path or ``file://`` URL); None for the others."""
-    if source_scheme(source) != "file":
-        return None
-    if "://" not in source:
-        return source
-    try:
-        return urllib.parse.unquote(urllib.parse.urlsplit(source).path)
-    except ValueError:
-        return None  # malformed: the backend refuses it, naming the problem
 
 
 def _at_or_below(path: Path, top: Path) -> bool:
@@ -208,11 +207,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
             _check_before_cache_dir(args)
         opts = mount_options(args)
         check_apart(opts.source, opts.mountpoint, opts.cache_dir)
+        if opts.trace is not None:
+            open_trace(opts.trace).close()  # the mount opens it again, the same way
+        prepare_cache_dir(opts.cache_dir)  # only now: a refused mount leaves nothing behind
         if args.foreground:
             run_mount(opts, on_ready=readiness.ready)
         else:
-            if opts.trace is not None:
-                open_trace(opts.trace).close()  # the daemon opens it again, the same way
             log_path = opts.cache_dir / LOG_NAME
             spawn_daemon(_daemon_argv(opts, args.log_level or "info"), log_path, READY_TIMEOUT)
     except CacheFSError as e:

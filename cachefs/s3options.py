@@ -30,16 +30,19 @@ FLAGS = {
 
 _CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
 _REGION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SCHEME_AND_HOST = re.compile(r"[^/?#]*(?://[^/?#]*)?")
 
 
 def endpoint_problem(url: str) -> str | None:
     """Why *url* is no S3 endpoint (``http(s)://host[:port]``), or None if it is one.
 
-    User info (``user:secret@``) is refused, and a URL holding an ``@`` is
-    never repeated in the answer: it may hold a secret.
+    User info (``user:secret@``), a path (but ``/``), a query and a fragment
+    are refused.  The answer shows at most the scheme, host and port: never
+    what follows them, and nothing of a URL holding an ``@``, which may be a
+    secret (``?token=``, ``user:secret@``).
     """
     url = url.strip()
-    shown = "" if "@" in url else f" {url!r}"
+    shown = "" if "@" in url else f" {_scheme_and_host(url)!r}"
     expected = "expected http(s)://host[:port]"
     if any(c.isspace() or not c.isprintable() for c in url):
         return f"bad S3 endpoint{shown}: it holds spaces or control characters"
@@ -53,7 +56,24 @@ def endpoint_problem(url: str) -> str | None:
         return f"credentials in the S3 endpoint are not accepted: give them in {_CREDENTIALS}"
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return f"bad S3 endpoint{shown}: {expected}"
+    extra = [
+        name
+        for name, given in (
+            ("a path", parts.path not in ("", "/")),
+            ("a query", "?" in url),
+            ("a fragment", "#" in url),
+        )
+        if given
+    ]
+    if extra:
+        return f"bad S3 endpoint{shown}: it has {', '.join(extra)}; {expected}"
     return None
+
+
+def _scheme_and_host(url: str) -> str:
+    """What of *url* may be repeated: its scheme and authority, never its path or query."""
+    match = _SCHEME_AND_HOST.match(url)
+    return match[0] if match else ""
 
 
 def _endpoint(text: str) -> str:

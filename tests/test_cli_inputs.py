@@ -11,6 +11,7 @@ process (the daemon is not started: its command line is parsed instead).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -25,16 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, assert_one_line_error, lazy_unmount
+from conftest import REPO, MountFactory, assert_one_line_error, lazy_unmount
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cachefs.mountcmd
-from backends.trace import read_trace
+from backends import local
+from backends.trace import open_trace, read_trace
 from cachefs.cli import build_parser, main, mount_options
 from cachefs.control import cachefs_mounts
 from cachefs.engine.crypto import CacheKey
-from cachefs.errors import ConfigError
+from cachefs.errors import ConfigError, SourceError
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 #: What the CLI of a refused mount may take; on bad input it answers at once.
@@ -183,6 +185,18 @@ def test_cache_dir_is_the_mount_point(tmp_path: Path, src: Path, mnt: Path) -> N
     refused(done, tmp_path, f"cache dir {mnt} is inside the mount point {mnt}")
 
 
+@needs_fuse
+@pytest.mark.parametrize("foreground", [False, True])
+def test_cache_dir_inside_the_mount_point_is_not_made(
+    tmp_path: Path, src: Path, mnt: Path, foreground: bool
+) -> None:
+    args = ["--foreground"] if foreground else []
+    done = run("mount", src, mnt, "--cache-dir", mnt / "c", *args)
+    refused(done, tmp_path, f"cache dir {mnt / 'c'} is inside the mount point {mnt}")
+    assert list(mnt.iterdir()) == []  # nothing made: the mount point is still empty
+    _mount_read_unmount(tmp_path, src, mnt)
+
+
 def test_source_inside_the_mount_point_is_refused(tmp_path: Path) -> None:
     # Through the command line the mount point is "not empty" first; the
     # check itself also stands alone (the daemon runs it too).
@@ -190,6 +204,69 @@ def test_source_inside_the_mount_point_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inside the mount point"):
         cachefs.mountcmd.check_apart(str(tmp_path / "mnt" / "src"), tmp_path / "mnt")
     cachefs.mountcmd.check_apart("s3://bucket", tmp_path / "mnt")  # no local path: not refused
+
+
+@pytest.mark.parametrize(
+    "url", ["FILE://{src}", "File://{src}", "file://LOCALHOST{src}", "fIlE://localhost{src}"]
+)
+def test_file_url_scheme_in_any_case(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    # The backend and the check that a mount stays out of its source read a
+    # URL alike: not as the relative path "FILE:/...", planted here in the cwd.
+    source = url.format(src=src)
+    cwd = tmp_path / "cwd"
+    (cwd / source).mkdir(parents=True)  # "FILE:/tmp/...": the URL read as a relative path
+    (src / "mnt").mkdir()
+    monkeypatch.chdir(cwd)
+    backend = local.open_backend(source)
+    assert backend.root == str(src)
+    with pytest.raises(ConfigError, match="inside the source"):
+        cachefs.mountcmd.check_apart(source, src / "mnt")
+
+
+@needs_fuse
+@pytest.mark.parametrize("scheme", ["FILE", "File"])
+def test_mount_a_file_url_in_capitals(tmp_path: Path, src: Path, mnt: Path, scheme: str) -> None:
+    cwd = tmp_path / "cwd"
+    planted = cwd / f"{scheme}:{src}"  # what "FILE:///..." named before: not served
+    planted.mkdir(parents=True)
+    (planted / "hello.txt").write_text("planted\n")
+    done = run("mount", f"{scheme}://{src}", mnt, "--cache-dir", tmp_path / "c", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    try:
+        assert (mnt / "hello.txt").read_text() == "hello\n"
+    finally:
+        assert run("unmount", mnt).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["mount", "publish"])
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("file:///tmp/x%00y", ["bad file URL", "NUL byte"]),
+        ("file://[::1/x", ["bad file URL", "malformed", "Invalid IPv6 URL"]),
+        ("FILE://[::1/x", ["bad file URL", "malformed"]),
+        ("file:///tmp/x?y", ["bad file URL", "no query or fragment"]),
+        ("file:///tmp/x#y", ["bad file URL", "no query or fragment"]),
+        ("file://host/tmp/x", ["bad file URL", "expected file:///absolute/path"]),
+    ],
+)
+def test_malformed_file_url(
+    tmp_path: Path, mnt: Path, command: str, url: str, words: list[str]
+) -> None:
+    if command == "mount" and not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    extra = [mnt, "--cache-dir", tmp_path / "c"] if command == "mount" else []
+    done = run(command, url, *extra)
+    refused(done, tmp_path, *words)
+    assert not (tmp_path / "c").exists()
+
+
+def test_malformed_file_url_in_the_mount_check() -> None:
+    # the daemon runs check_apart on its own command line: the same one-line error
+    with pytest.raises(SourceError, match="NUL byte"):
+        cachefs.mountcmd.check_apart("file:///tmp/x%00y", Path("/tmp/mnt"))
 
 
 @needs_fuse
@@ -237,7 +314,7 @@ def test_key_file_that_is_no_key(
     cache = tmp_path / "c"
     done = run("mount", src, mnt, "--cache-dir", cache, "--encrypt", "--key-file", key_file)
     refused(done, tmp_path, *words)
-    assert not (cache / "cachefs.log").exists()  # refused before the daemon was started
+    assert not cache.exists()  # refused before anything was made
 
 
 @needs_fuse
@@ -257,6 +334,21 @@ def test_huge_key_in_the_environment(tmp_path: Path, src: Path, mnt: Path) -> No
         env={"CACHEFS_KEY": "k" * 5000},
     )  # fmt: skip
     refused(done, tmp_path, "CACHEFS_KEY holds more than 4096 bytes")
+
+
+@needs_fuse
+@pytest.mark.parametrize("content", [b"", b"\n", b"\r\n"])
+def test_empty_key_file_open_to_others(
+    tmp_path: Path, src: Path, mnt: Path, content: bytes
+) -> None:
+    # the error alone: no warning about the mode of a key that is not used
+    key_file = tmp_path / "key"
+    key_file.write_bytes(content)
+    key_file.chmod(0o644)
+    cache = tmp_path / "c"
+    done = run("mount", src, mnt, "--cache-dir", cache, "--encrypt", "--key-file", key_file)
+    refused(done, tmp_path, f"key file {key_file} is empty")
+    assert not cache.exists()
 
 
 # -- 5: numbers ------------------------------------------------------------------------------
@@ -371,7 +463,84 @@ def test_unusable_trace_file(
     cache = tmp_path / "c"
     done = run("mount", src, mnt, "--cache-dir", cache, "--trace", tmp_path / where)
     refused(done, tmp_path, "trace file", *words)
-    assert not (cache / "cachefs.log").exists()  # refused before the daemon was started
+    assert not cache.exists()  # refused before anything was made
+
+
+@needs_fuse
+@pytest.mark.parametrize("trace", ["/proc/self/clear_refs", "/proc/sys/vm/drop_caches"])
+def test_trace_file_on_procfs(tmp_path: Path, src: Path, mnt: Path, trace: str) -> None:
+    # /proc/sys/vm/drop_caches is root's, mode 200, one link: only its filesystem tells
+    if trace == "/proc/sys/vm/drop_caches" and os.geteuid() != 0:
+        pytest.skip("only root may open it for writing")
+    done = run("mount", src, mnt, "--cache-dir", tmp_path / "c", "--trace", trace)
+    refused(done, tmp_path, f"trace file {trace} is on procfs", "kernel interface")
+
+
+@pytest.mark.parametrize(
+    ("trace", "filesystem"),
+    [
+        ("/sys/bus/pci/rescan", "sysfs"),
+        ("/sys/fs/cgroup/cgroup.procs", "cgroup2"),
+        ("/sys/fs/cgroup/unified/cgroup.procs", "cgroup2"),
+        ("/sys/fs/cgroup/pids/cgroup.procs", "cgroup"),
+        ("/sys/kernel/debug/clear_warn_once", "debugfs"),
+    ],
+)
+def test_trace_file_on_a_kernel_filesystem(trace: str, filesystem: str) -> None:
+    if not os.path.isfile(trace):  # only files that exist: nothing is created there
+        pytest.skip(f"no {trace} here")
+    with pytest.raises(ConfigError, match=f"is on {filesystem}, a kernel interface"):
+        open_trace(trace).close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 16 KiB tmpfs, full but for what a test writes before filling it (fill())."""
+    path = tmp_path / "small"
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:  # lazily: a daemon that failed to stop may still hold the trace open
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write into the filesystem of *path* until it is full."""
+    fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with pytest.raises(OSError) as info:
+            while True:
+                os.write(fd, bytes(4096))
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_a_full_trace_disk_never_fails_a_read(
+    tmp_path: Path, src: Path, small_tmpfs: Path, mount: MountFactory
+) -> None:
+    trace = small_tmpfs / "trace.jsonl"
+    first = json.dumps({"note": "a page, to the byte"})
+    trace.write_text(first + " " * (4096 - len(first) - 1) + "\n")  # the next line needs a page
+    trace.chmod(0o600)
+    fill(small_tmpfs)
+    files = {f"f{i}.bin": os.urandom(100_000 + i) for i in range(3)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    m = mount(src, "--trace", trace)
+    assert (m / "hello.txt").read_text() == "hello\n"
+    for name, data in files.items():
+        assert (m / name).read_bytes() == data
+    m.unmount()
+    assert m.log_text().count("tracing stopped") == 1, m.log_text()
+    assert read_trace(trace) == [{"note": "a page, to the byte"}]
 
 
 def _mount_read_unmount(tmp_path: Path, src: Path, mnt: Path, *args: object) -> None:
@@ -438,6 +607,49 @@ def test_malformed_endpoint(capsys: pytest.CaptureFixture[str], endpoint: str, w
         assert word in line
     if "@" in endpoint:  # it may hold a secret: never repeated
         assert endpoint not in line
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "what"),
+    [
+        ("http://h:9000/?token=sekrit", "a query"),
+        ("http://h:9000?token=sekrit", "a query"),
+        ("http://h:9000?", "a query"),
+        ("http://h:9000/sekrit", "a path"),
+        ("https://h/sekrit/", "a path"),
+        ("http://h:9000#sekrit", "a fragment"),
+        ("http://h:9000/#sekrit", "a fragment"),
+        ("http://h/sekrit?token=sekrit", "a path, a query"),
+    ],
+)
+def test_endpoint_with_a_path_query_or_fragment(
+    capsys: pytest.CaptureFixture[str], endpoint: str, what: str
+) -> None:
+    line = parse_error(capsys, "mount", "s3://bucket", "mnt", "--s3-endpoint", endpoint)
+    assert "argument --s3-endpoint:" in line and f"it has {what}" in line
+    assert "expected http(s)://host[:port]" in line and "sekrit" not in line
+
+
+@pytest.mark.parametrize("endpoint", ["http://h:9000", "http://h:9000/", "HTTPS://h"])
+def test_endpoint_with_a_slash(endpoint: str) -> None:
+    args = build_parser().parse_args(["mount", "s3://b", "m", "--s3-endpoint", endpoint])
+    assert args.s3_endpoint == endpoint
+
+
+@pytest.mark.parametrize("command", ["mount", "publish"])
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+def test_endpoint_environment_with_a_path_or_query(
+    tmp_path: Path, mnt: Path, variable: str, command: str
+) -> None:
+    if command == "mount" and not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    env = {"AWS_ENDPOINT_URL": "", "AWS_ENDPOINT_URL_S3": ""}
+    env[variable] = "http://127.0.0.1:1/sekrit?token=sekrit"
+    extra = [mnt, "--cache-dir", tmp_path / "c"] if command == "mount" else []
+    done = run(command, "s3://some-bucket", *extra, "--s3-anonymous", env=env)
+    refused(done, tmp_path, variable, "bad S3 endpoint 'http://127.0.0.1:1'", "path, query")
+    assert "sekrit" not in done.stderr
+    assert not (tmp_path / "c").exists()
 
 
 @needs_fuse

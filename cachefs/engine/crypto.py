@@ -120,20 +120,20 @@ def _read_key_file(key_file: str) -> bytes:
             f"key file {key_file} holds more than {MAX_KEY_MATERIAL} bytes: it is not a key "
             "(32 raw bytes, 64 hex digits or a passphrase)"
         )
+    if not is_raw_key(material):
+        if material.endswith(b"\r\n"):
+            material = material[:-2]
+        elif material.endswith(b"\n"):
+            material = material[:-1]
+        if not material:
+            raise BadKey(f"key file {key_file} is empty")
+    # Only a key that is used gets the warning: a refusal stays one line.
     if mode & 0o077:
         log.warning(
             "key file %s can be read by other users (mode %o); chmod 600 it",
             key_file,
             stat.S_IMODE(mode),
         )
-    if is_raw_key(material):
-        return material
-    if material.endswith(b"\r\n"):
-        material = material[:-2]
-    elif material.endswith(b"\n"):
-        material = material[:-1]
-    if not material:
-        raise BadKey(f"key file {key_file} is empty")
     return material
 
 
