@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import pwd
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 from cachefs.control import (
     MountEntry,
     abort_connection,
+    attached,
     daemon_pid,
     find_mount,
     lazy_unmount,
@@ -31,14 +33,15 @@ from cachefs.control import (
     request,
     wait_for_exit,
 )
-from cachefs.errors import CacheFSError, ConfigError, MountUnreachable, NotInMount
+from cachefs.errors import CacheFSError, ConfigError, MountBusy, MountUnreachable, NotInMount
 from cachefs.progress import ProgressBar, summary
 from cachefs.sizes import format_size
 
 log = logging.getLogger("cachefs")
 
 
-#: How long the daemon has to answer its control socket before unmount aborts it.
+#: How long the daemon has to answer its control socket before unmount aborts it,
+#: and to exit once aborted and told to.
 ANSWER_DEADLINE = 5.0
 
 
@@ -49,40 +52,82 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         raise NotInMount(
             f"{args.mountpoint} is not a mount point (the mount is {inside.mountpoint})"
         )
-    started = time.monotonic()
-    try:
-        pid = request(entry, "stats", timeout=min(ANSWER_DEADLINE, args.timeout))["pid"]
-        request(entry, "unmount", timeout=args.timeout)
-    except MountUnreachable as e:
-        return _force_unmount(entry, f"{e}", args.timeout - (time.monotonic() - started))
-    left = max(0.0, args.timeout - (time.monotonic() - started))
-    if not wait_for_exit(pid, left):
-        abort_connection(entry)
-        lazy_unmount(entry.mountpoint)
+    uid = os.geteuid()
+    if uid != 0 and entry.owner is not None and entry.owner != uid:
         raise CacheFSError(
-            f"the daemon (pid {pid}) did not exit within {args.timeout:g} s; "
-            "its FUSE connection was aborted and the mount detached"
+            f"permission denied: the mount at {entry.mountpoint} is {_user(entry.owner)}'s; "
+            "only its owner and root may unmount it"
         )
-    return 0
+    deadline = time.monotonic() + args.timeout
+    try:
+        pid = _ask_to_unmount(entry)
+    except MountUnreachable as e:
+        return _force_unmount(entry, str(e), deadline)
+    if wait_for_exit(pid, max(0.0, deadline - time.monotonic())):
+        return 0
+    return _force_unmount(
+        entry, f"the daemon (pid {pid}) did not exit within {args.timeout:g} s", deadline, pid
+    )
 
 
-def _force_unmount(entry: MountEntry, why: str, left: float) -> int:
-    """The daemon does not answer (stopped, hung, or dead): free the kernel
-    (abort its FUSE connection: blocked readers get an error at once), detach
-    the mount, and tell a live daemon to exit; 0 once it has."""
-    pid = daemon_pid(entry.cache_dir)
-    aborted = abort_connection(entry)
-    lazy_unmount(entry.mountpoint)
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _ask_to_unmount(entry: MountEntry) -> int:
+    """Ask the daemon to unmount; its pid.  MountUnreachable if it cannot be asked.
+
+    A mount busy with other requests is asked by SIGTERM, which stops it as
+    the request does (its reserved control places are all taken too).
+    """
+    try:
+        result = request(entry, "unmount", timeout=ANSWER_DEADLINE)
+    except MountBusy:
+        pid = daemon_pid(entry.cache_dir)
+        if pid is None:
+            raise
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            raise MountUnreachable(f"the mount at {entry.mountpoint} has no daemon") from None
+        log.info("the mount is busy: asked its daemon (pid %d) to unmount by SIGTERM", pid)
+        return pid
+    pid = result.get("pid") if isinstance(result, dict) else None
+    if type(pid) is not int:
+        raise MountUnreachable(
+            f"the mount at {entry.mountpoint} answered unmount with {str(result)[:100]}"
+        )
+    return pid
+
+
+def _force_unmount(entry: MountEntry, why: str, deadline: float, asked: int | None = None) -> int:
+    """The daemon does not answer (stopped, hung, or dead), or did not exit
+    in time: free the kernel (abort its FUSE connection: blocked readers get
+    an error at once), detach the mount, and tell a live daemon to exit; 0
+    once it has.
+
+    *asked*: the pid of a daemon that was asked to unmount already.  A mount
+    gone by the time it is to be detached was detached by its daemon, which
+    finishes by itself: 0 at once, and nothing to say.
+    """
+    pid = asked or daemon_pid(entry.cache_dir)
+    aborted = attached(entry) and abort_connection(entry)
+    if not lazy_unmount(entry):
+        return 0
     done = "aborted its FUSE connection and detached" if aborted else "detached"
     if pid is None:
         log.warning("%s; %s the mount", why, done)
         return 0
-    for sig in (signal.SIGTERM, signal.SIGCONT):  # a stopped daemon wakes up to exit
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            break
-    if not wait_for_exit(pid, max(left, ANSWER_DEADLINE)):
+    if asked is None:
+        for sig in (signal.SIGTERM, signal.SIGCONT):  # a stopped daemon wakes up to exit
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+    if not wait_for_exit(pid, max(deadline - time.monotonic(), ANSWER_DEADLINE)):
         raise CacheFSError(f"{why}; {done} the mount, but its daemon (pid {pid}) did not exit")
     log.warning("%s; %s the mount, and its daemon (pid %d) exited", why, done, pid)
     return 0

@@ -23,10 +23,20 @@ way the connection stays open.  The
 mount closes a connection, after one last ``{"ok": false, ...}`` line that
 says why, when its line runs past MAX_LINE bytes, when it sends no complete
 request within IDLE_DEADLINE of connecting or of its last answer, or when
-MAX_CLIENTS connections are open and it is the one idle longest.  A
-connection that finds MAX_CLIENTS others all in a request is told that the
-mount is busy.  A client that does not take a line within SEND_DEADLINE
-is dropped, and its request cancelled.
+MAX_CLIENTS connections are open and it is the one idle longest.  A client
+that does not take a line within SEND_DEADLINE is dropped, and its request
+cancelled.
+
+The mount can always be inspected and stopped: a connection that finds
+MAX_CLIENTS others all in a request takes one of RESERVED_CLIENTS reserved
+places (the one idle longest there makes room), where it may make only the
+RESERVED_COMMANDS, answered at once.  Any other request there, or a
+connection that finds the reserved places all in a request too, is told
+``{"ok": false, "error": "the mount is busy ...", "exit_code": 1, "busy":
+true}`` and closed.
+
+The client trusts its mount: it takes answers of up to MAX_REPLY bytes, and
+an answer it cannot read is a MountUnreachable, never a crash.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -54,6 +64,7 @@ import trio
 from cachefs.errors import (
     CacheDirInUse,
     CacheFSError,
+    MountBusy,
     MountUnreachable,
     NotInMount,
     RemoteError,
@@ -74,11 +85,20 @@ MAX_DEPTH = 32
 #: Connections open at once.  When all are taken, the one idle longest
 #: makes room for a new one.
 MAX_CLIENTS = 64
+#: Connections beyond MAX_CLIENTS, for the RESERVED_COMMANDS only.
+RESERVED_CLIENTS = 8
+#: What a reserved connection may ask: commands answered at once, from
+#: memory, so that a mount busy with MAX_CLIENTS requests can still be
+#: inspected and stopped.
+RESERVED_COMMANDS = frozenset({"stats", "unmount"})
 #: Seconds a client has to send a whole request line, after connecting and
 #: after each answer.  The local clients send theirs at once.
 IDLE_DEADLINE = 10.0
 #: Seconds a client has to take each line sent to it (progress or answer).
 SEND_DEADLINE = 10.0
+#: Bytes in one answer line the client takes (the mount's answers may list
+#: thousands of files).
+MAX_REPLY = 256 << 20
 
 Handler = Callable[[dict[str, Any], "Progress"], Awaitable[Any]]
 
@@ -92,6 +112,8 @@ class MountEntry:
     major: int
     minor: int
     cache_dir: Path | None
+    #: The uid that made the mount (FUSE's ``user_id``): only it, and root, may unmount it.
+    owner: int | None = field(default=None, compare=False)
 
     @property
     def socket_path(self) -> Path | None:
@@ -114,8 +136,16 @@ def _cache_dir_from_fsname(fsname: str) -> Path | None:
     return Path(os.fsdecode(unquote_to_bytes(fsname[len(_FSNAME_PREFIX) :])))
 
 
-def _unescape(field: bytes) -> str:
-    return os.fsdecode(_MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), field))
+def _unescape(raw: bytes) -> str:
+    return os.fsdecode(_MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), raw))
+
+
+def _owner(super_options: bytes) -> int | None:
+    for option in super_options.split(b","):
+        name, _, value = option.partition(b"=")
+        if name == b"user_id" and value.isdigit():
+            return int(value)
+    return None
 
 
 def cachefs_mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[MountEntry]:
@@ -136,6 +166,7 @@ def cachefs_mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Mount
                 major=major,
                 minor=minor,
                 cache_dir=_cache_dir_from_fsname(_unescape(fields[sep + 2])),
+                owner=_owner(fields[sep + 3]) if len(fields) > sep + 3 else None,
             )
         )
     return mounts
@@ -161,6 +192,14 @@ def mount_at(mountpoint: str | Path) -> MountEntry | None:
     target = Path(os.path.abspath(mountpoint))
     matching = [m for m in cachefs_mounts() if m.mountpoint == target]
     return matching[-1] if matching else None
+
+
+def attached(mount: MountEntry) -> bool:
+    """Whether *mount* (this mount, not a later one on its mount point) is still mounted."""
+    return any(
+        (m.mountpoint, m.major, m.minor) == (mount.mountpoint, mount.major, mount.minor)
+        for m in cachefs_mounts()
+    )
 
 
 # -- the socket -----------------------------------------------------------------
@@ -232,7 +271,7 @@ async def serve_control(
     except BaseException:
         sock.close()
         raise
-    clients = _Clients(MAX_CLIENTS)
+    clients = _Clients()
     try:
         task_status.started()
         await trio.serve_listeners(
@@ -288,33 +327,36 @@ async def _send(stream: trio.SocketStream, data: bytes) -> bool:
 
 
 class _Client:
-    """One connection: ``evicted`` once it had to make room for a newer one."""
+    """One connection: ``evicted`` once it had to make room for a newer one;
+    ``reserved`` if it holds a reserved place (RESERVED_COMMANDS only)."""
 
-    __slots__ = ("evicted",)
+    __slots__ = ("evicted", "reserved")
 
-    def __init__(self) -> None:
+    def __init__(self, reserved: bool) -> None:
         self.evicted = False
+        self.reserved = reserved
 
 
-class _Clients:
-    """The open connections, at most *limit*; the one idle longest makes room."""
+class _Places:
+    """At most *limit* connections; the one idle longest makes room."""
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
+    def __init__(self, limit: int, reserved: bool) -> None:
+        self.limit = limit
+        self._reserved = reserved
         self._open: set[_Client] = set()
         # Waiting for a request, in the order they started to wait.
         self._idle: dict[_Client, trio.CancelScope] = {}
 
     def admit(self) -> _Client | None:
         """A new connection, or None when every one open is in a request."""
-        if len(self._open) >= self._limit:
+        if len(self._open) >= self.limit:
             if not self._idle:
                 return None
             oldest = next(iter(self._idle))
             oldest.evicted = True
             self._idle.pop(oldest).cancel()
             self._open.discard(oldest)
-        client = _Client()
+        client = _Client(self._reserved)
         self._open.add(client)
         return client
 
@@ -333,6 +375,21 @@ class _Clients:
                 self._idle.pop(client, None)
 
 
+class _Clients:
+    """The MAX_CLIENTS places for any request, then the RESERVED_CLIENTS ones."""
+
+    def __init__(self) -> None:
+        self._any = _Places(MAX_CLIENTS, reserved=False)
+        self._reserved = _Places(RESERVED_CLIENTS, reserved=True)
+
+    def admit(self) -> _Client | None:
+        """A new connection, or None when every place is in a request."""
+        return self._any.admit() or self._reserved.admit()
+
+    def places(self, client: _Client) -> _Places:
+        return self._reserved if client.reserved else self._any
+
+
 class _Goodbye(Exception):
     """The connection is over; *farewell*, if any, tells the client why."""
 
@@ -341,17 +398,22 @@ class _Goodbye(Exception):
         self.farewell = farewell
 
 
+def _busy() -> dict[str, Any]:
+    busy = f"the mount is busy with {MAX_CLIENTS} control requests: try again later"
+    return {**_failure(busy), "busy": True}
+
+
 async def _serve_client(stream: trio.SocketStream, handle: Handler, clients: _Clients) -> None:
     """Serve one connection.  Nothing it does ends the others or the mount."""
     async with stream:
         client = clients.admit()
         if client is None:
             log.info("%d control requests at once: a new client is told to retry", MAX_CLIENTS)
-            busy = f"the mount is busy with {MAX_CLIENTS} control requests: try again later"
-            await _send(stream, _encode(_failure(busy)))
+            await _send(stream, _encode(_busy()))
             return
+        places = clients.places(client)
         try:
-            await _serve_requests(stream, handle, clients, client)
+            await _serve_requests(stream, handle, places, client)
             return
         except _Goodbye as e:
             farewell = e.farewell
@@ -359,33 +421,42 @@ async def _serve_client(stream: trio.SocketStream, handle: Handler, clients: _Cl
             log.exception("a control connection failed")
             farewell = _failure(f"internal error: {e!r}")
         finally:
-            clients.leave(client)
+            places.leave(client)
         if farewell is not None:
             await _send(stream, _encode(farewell))
 
 
 async def _serve_requests(
-    stream: trio.SocketStream, handle: Handler, clients: _Clients, client: _Client
+    stream: trio.SocketStream, handle: Handler, places: _Places, client: _Client
 ) -> None:
     """Answer *client*'s requests until it leaves; _Goodbye when the mount ends it."""
     lines = _Lines(stream)
     while True:
-        with clients.idle(client) as idle:
+        with places.idle(client) as idle:
             line = await lines.next()
         if idle.cancelled_caught or client.evicted:
             if client.evicted:
-                log.info("%d control connections: closed the one idle longest", MAX_CLIENTS)
-                why = f"{MAX_CLIENTS} control connections are open and this one was idle longest"
+                log.info("%d control connections: closed the one idle longest", places.limit)
+                why = f"{places.limit} control connections are open and this one was idle longest"
             else:
                 why = f"no complete request within {IDLE_DEADLINE:g} s"
             raise _Goodbye(_failure(f"closed: {why}"))
         if line is None:
             return
-        with trio.CancelScope() as scope:
-            answer = await _answer(line, handle, Progress(stream, scope))
-        if scope.cancelled_caught:
-            log.info("a control client left before its answer: its request was cancelled")
-            return
+        try:
+            request = _decode_request(line)
+        except ValueError as e:
+            log.debug("bad control request: %s", e)
+            answer = _encode(_bad_request(str(e)))
+        else:
+            if client.reserved and request["command"] not in RESERVED_COMMANDS:
+                log.info("%d control requests at once: a new request is told to retry", MAX_CLIENTS)
+                raise _Goodbye(_busy())
+            with trio.CancelScope() as scope:
+                answer = await _answer(request, handle, Progress(stream, scope))
+            if scope.cancelled_caught:
+                log.info("a control client left before its answer: its request was cancelled")
+                return
         if not await _send(stream, answer):
             return
 
@@ -428,13 +499,8 @@ def _bad_request(why: str) -> dict[str, Any]:
     return _failure(f"bad request: {why}", 2)
 
 
-async def _answer(line: bytes, handle: Handler, progress: Progress) -> bytes:
-    """The answer line to request *line*."""
-    try:
-        request = _decode_request(line)
-    except ValueError as e:
-        log.debug("bad control request: %s", e)
-        return _encode(_bad_request(str(e)))
+async def _answer(request: dict[str, Any], handle: Handler, progress: Progress) -> bytes:
+    """The answer line to *request*."""
     try:
         return _encode({"ok": True, "result": await handle(request, progress)})
     except CacheFSError as e:
@@ -525,8 +591,10 @@ def request(
 ) -> Any:
     """Send one request to *mount* and return its result; raises on errors.
 
-    Progress lines go to *on_progress*.  *timeout* bounds each wait for a
-    line, so a long request that keeps reporting progress never times out.
+    Progress lines go to *on_progress*.  *timeout* (> 0) bounds each wait
+    for a line, so a long request that keeps reporting progress never times
+    out.  RemoteError for an error answer, MountBusy when turned away,
+    MountUnreachable when the mount cannot be reached or its answer read.
     """
     path = mount.socket_path
     if path is None:
@@ -543,17 +611,54 @@ def request(
     with sock, sock.makefile("rb") as replies:
         _talk(mount, sock.sendall, _encode({"command": command, **args}))
         while True:
-            line = _talk(mount, replies.readline, MAX_LINE)
-            if not line:
-                raise MountUnreachable(f"the mount at {mount.mountpoint} closed the connection")
-            answer = json.loads(line)
+            answer = _reply(mount, _talk(mount, replies.readline, MAX_REPLY + 1))
             if "progress" not in answer:
                 break
             if on_progress is not None:
                 on_progress(answer["progress"])
-    if not answer.get("ok"):
-        raise RemoteError(answer.get("error", "request failed"), int(answer.get("exit_code", 1)))
-    return answer.get("result")
+    if answer["ok"]:
+        return answer.get("result")
+    if answer.get("busy") is True:
+        raise MountBusy(answer["error"])
+    raise RemoteError(answer["error"], answer["exit_code"])
+
+
+def _reply(mount: MountEntry, line: bytes) -> dict[str, Any]:
+    """The answer or progress line *line*, checked; MountUnreachable if it is neither."""
+    if not line.endswith(b"\n"):
+        if len(line) > MAX_REPLY:
+            why = f"an answer longer than {MAX_REPLY} bytes"
+        else:
+            raise MountUnreachable(f"the mount at {mount.mountpoint} closed the connection")
+    else:
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            why = f"an answer that is not JSON ({e})"
+        else:
+            why = _malformed(message)
+            if why is None:
+                return message
+    raise MountUnreachable(f"the mount at {mount.mountpoint} sent {why}")
+
+
+def _malformed(message: Any) -> str | None:
+    """What is wrong with answer or progress line *message*; None if nothing."""
+    if not isinstance(message, dict):
+        return f"an answer that is not an object: {str(message)[:100]}"
+    if "progress" in message:
+        return None if isinstance(message["progress"], dict) else "a malformed progress line"
+    ok = message.get("ok")
+    if ok is True:
+        return None
+    if (
+        ok is False
+        and isinstance(message.get("error"), str)
+        and type(message.get("exit_code")) is int
+        and 0 < message["exit_code"] < 256
+    ):
+        return None
+    return f"a malformed answer: {json.dumps(message)[:100]}"
 
 
 def _talk(mount: MountEntry, io: Callable[[Any], Any], arg: Any) -> Any:
@@ -567,15 +672,32 @@ def _talk(mount: MountEntry, io: Callable[[Any], Any], arg: Any) -> Any:
 # -- stopping a mount --------------------------------------------------------------
 
 
-def lazy_unmount(mountpoint: Path) -> None:
-    """Detach *mountpoint* now (``fusermount3 -u -z``); the kernel lets go when it is idle."""
+#: fusermount3 answers at once; this bounds a wedged one.
+UNMOUNT_DEADLINE = 30.0
+
+
+def lazy_unmount(mount: MountEntry) -> bool:
+    """Detach *mount* now (``fusermount3 -u -z``); the kernel lets go when it is idle.
+
+    False if it was gone already (its daemon got there first): not an error.
+    """
+    if not attached(mount):
+        return False
     if shutil.which("fusermount3"):
-        cmd = ["fusermount3", "-u", "-z", str(mountpoint)]
+        cmd = ["fusermount3", "-u", "-z", str(mount.mountpoint)]
     else:
-        cmd = ["umount", "-l", str(mountpoint)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise CacheFSError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+        cmd = ["umount", "-l", str(mount.mountpoint)]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=UNMOUNT_DEADLINE
+        )
+    except subprocess.TimeoutExpired:
+        raise CacheFSError(f"{cmd[0]} did not finish within {UNMOUNT_DEADLINE:g} s") from None
+    if done.returncode == 0:
+        return True
+    if not attached(mount):
+        return False
+    raise CacheFSError(f"{' '.join(cmd)} failed: {' '.join(done.stderr.split())}")
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")
@@ -586,7 +708,8 @@ def abort_connection(mount: MountEntry, fusectl: Path = FUSECTL) -> bool:
     daemon, and every later one, fails at once (ECONNABORTED, ENOTCONN).
 
     Through fusectl's ``abort`` file (mounted here if it is not, as root).
-    False, with the reason logged, where that cannot be done.
+    False, with the reason logged, where that cannot be done; False, and
+    nothing logged, once the connection has ended.
     """
     # fusectl names a connection by its device number as the kernel encodes it.
     path = fusectl / str((mount.major << 20) | mount.minor) / "abort"
@@ -600,6 +723,11 @@ def abort_connection(mount: MountEntry, fusectl: Path = FUSECTL) -> bool:
             )
     try:
         path.write_text("1")
+    except FileNotFoundError as e:
+        if os.path.ismount(fusectl) and not attached(mount):
+            return False  # the connection has ended: nothing to abort
+        log.warning("cannot abort the FUSE connection of %s (%s): %s", mount.mountpoint, path, e)
+        return False
     except OSError as e:
         log.warning("cannot abort the FUSE connection of %s (%s): %s", mount.mountpoint, path, e)
         return False

@@ -143,6 +143,10 @@ class MountUnreachable(CacheFSError):
     """The mount's daemon does not answer on its control socket."""
 
 
+class MountBusy(MountUnreachable):
+    """Every control connection of the mount is in a request: this one was turned away."""
+
+
 class RemoteError(CacheFSError):
     """The mount answered a request with an error."""
 

@@ -156,6 +156,23 @@ def test_prefetch_names_the_files_that_failed(
     assert errors[1].startswith("cachefs: error: b: backend failed")
 
 
+def test_an_answer_over_a_mebibyte_reaches_the_command(
+    mount: MountFactory, tmp_path: Path, cachefs: Cachefs
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, {"a": 1000})
+    m = mount(src)
+    # Each missing name comes back in the answer with its error: over 1 MiB.
+    names = [f"{i:04d}-" + "n" * 195 for i in range(4500)]
+    done = cachefs("prefetch", m / "a", *(m / name for name in names), timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert one_line(done.stdout).endswith(f"; {len(names)} failed")
+    errors = done.stderr.splitlines()
+    assert len(errors) == len(names), done.stderr[-2000:]
+    for name, error in zip(names, errors, strict=True):
+        assert error.startswith(f"cachefs: error: {name}: no such file"), error
+
+
 def test_prefetch_shows_a_progress_bar_on_a_terminal(mount: MountFactory, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_tree(src, {f"f{i}": 100_000 for i in range(4)})

@@ -3,17 +3,25 @@
 In process: serve_control with a fake handler (and once with the mount's
 real one over a local source), clients on trio sockets.  Every line gets
 exactly one answer (after any progress lines), a bad line a ``bad
-request`` one; no client takes the server down or holds it.  Then once
-through a real mount: it keeps serving reads and ``cachefs stats``.
+request`` one; no client takes the server down or holds it, and a mount
+busy with requests can still be inspected and stopped.  The client takes
+any answer its mount sends, and one it cannot read is a one-line error.
+Then through real mounts: the mount keeps serving reads, ``cachefs stats``
+and ``cachefs unmount`` under a flood of requests; unmount with no time to
+wait, and by another user.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,14 +29,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 import trio.testing
+from conftest import EXIT_DEADLINE, REPO, lazy_unmount, run_cachefs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.local import LocalBackend
 from cachefs import CacheConfig, open_file_cache
+from cachefs import client as cachefs_client
 from cachefs import control as ctl
+from cachefs.cliparser import build_parser
 from cachefs.commands import ControlCommands
-from cachefs.control import SOCKET_NAME, Progress, serve_control
+from cachefs.control import SOCKET_NAME, Progress, mount_at, serve_control
 from cachefs.errors import ConfigError
 from cachefs.namespace import Namespace
 
@@ -46,6 +57,7 @@ class FakeCommands:
     def __init__(self) -> None:
         self.release = trio.Event()
         self.waiting = 0
+        self.hold_reserved = False  # whether stats and unmount wait, as "wait" does
         self.cancelled = trio.Event()
 
     async def __call__(self, request: dict[str, Any], progress: Progress) -> Any:
@@ -60,10 +72,14 @@ class FakeCommands:
         if command == "quiet":  # a long request without progress
             await trio.sleep(request["seconds"])
             return "done"
-        if command == "wait":
+        if command == "wait" or (command in ctl.RESERVED_COMMANDS and self.hold_reserved):
             self.waiting += 1
             await self.release.wait()
             return "released"
+        if command in ctl.RESERVED_COMMANDS:
+            return command
+        if command == "big":  # an answer of n bytes and a bit
+            return "x" * request["n"]
         if command == "flood":  # progress as fast as the client takes it
             try:
                 while True:
@@ -313,20 +329,45 @@ async def test_long_requests_are_not_idle(
     assert (await client.ask({"command": "quiet", "seconds": quiet}))["result"] == "done"
 
 
-async def test_when_every_connection_is_in_a_request_a_new_one_is_told_busy(
+async def wait_until_waiting(fake: FakeCommands, n: int) -> None:
+    """Until *n* requests are waiting in the handler."""
+    with trio.fail_after(WAIT):
+        while fake.waiting < n:
+            await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_mount_busy_with_requests_still_answers_stats_and_unmount(
     tmp_path: Path, fake: FakeCommands
 ) -> None:
     busy = [await Client.connect(tmp_path) for _ in range(ctl.MAX_CLIENTS)]
     for client in busy:
-        await client.send(b'{"command": "wait"}\n')
-    with trio.fail_after(WAIT):
-        while fake.waiting < ctl.MAX_CLIENTS:
-            await trio.testing.wait_all_tasks_blocked()
+        await client.send(b'{"command": "wait"}\n')  # and never read
+    await wait_until_waiting(fake, ctl.MAX_CLIENTS)
+    # A reserved place: the commands that see and stop the mount, and no others.
     late = await Client.connect(tmp_path)
-    farewell = await late.farewell()
-    assert farewell["ok"] is False and "busy" in farewell["error"], farewell
+    assert (await late.ask({"command": "stats"}))["result"] == "stats"
+    assert (await late.ask({"command": "unmount"}))["result"] == "unmount"
+    for command in ("echo", "wait"):
+        refused = await Client.connect(tmp_path)
+        await refused.send(json.dumps({"command": command}).encode() + b"\n")
+        farewell = await refused.farewell()
+        assert farewell["ok"] is False and farewell.get("busy") is True, farewell
+        assert "busy" in farewell["error"], farewell
+    # Idle reserved connections make room as the others do.
+    idle = [await Client.connect(tmp_path) for _ in range(ctl.RESERVED_CLIENTS)]
+    await trio.testing.wait_all_tasks_blocked()
+    assert "idle longest" in (await late.farewell())["error"]
+    assert (await idle[-1].ask({"command": "stats"}))["result"] == "stats"
+    # Only when every reserved place is in a request too is a new client told busy.
+    fake.hold_reserved = True
+    for i, client in enumerate(idle):
+        await client.send(json.dumps({"command": ("stats", "unmount")[i % 2]}).encode() + b"\n")
+    await wait_until_waiting(fake, ctl.MAX_CLIENTS + ctl.RESERVED_CLIENTS)
+    turned_away = await Client.connect(tmp_path)
+    farewell = await turned_away.farewell()
+    assert farewell["ok"] is False and farewell.get("busy") is True, farewell
     fake.release.set()
-    for client in busy:
+    for client in [*busy, *idle]:
         assert (await client.answer())["result"] == "released"
     assert (await (await Client.connect(tmp_path)).ask({"command": "echo"}))["ok"] is True
 
@@ -339,6 +380,91 @@ async def test_a_client_that_takes_no_lines_is_dropped_and_its_request_cancelled
     with trio.fail_after(WAIT):
         await fake.cancelled.wait()
     assert (await (await Client.connect(tmp_path)).ask({"command": "echo"}))["ok"] is True
+
+
+# -- the client ------------------------------------------------------------------------
+
+
+def entry_for(cache_dir: Path) -> ctl.MountEntry:
+    return ctl.MountEntry(Path("/mnt"), 0, 1, cache_dir)
+
+
+async def test_the_client_takes_answers_far_over_a_mebibyte(
+    tmp_path: Path, fake: FakeCommands
+) -> None:
+    n = 5 * ctl.MAX_LINE
+    with trio.fail_after(WAIT):
+        answer = await trio.to_thread.run_sync(
+            lambda: ctl.request(entry_for(tmp_path), "big", timeout=WAIT, n=n)
+        )
+    assert answer == "x" * n
+
+
+async def serve_replies(
+    cache_dir: Path, replies: bytes, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """A broken mount: every request is answered *replies*, then the connection closed."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(cache_dir / SOCKET_NAME))
+    sock.listen()
+    task_status.started()
+    with sock:
+        while True:
+            conn, _ = await sock.accept()
+            async with trio.SocketStream(conn) as stream:
+                with trio.fail_after(WAIT):
+                    request = b""
+                    while not request.endswith(b"\n"):
+                        if not (data := await stream.receive_some(65536)):
+                            break
+                        request += data
+                    await stream.send_all(replies)
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        b"",
+        b'{"ok": true, "result": 1}',
+        b"not json\n",
+        b"\xff\xfe\n",
+        b'{"ok": true, "result": "' + b"x" * 100 + b"\n",
+        b"[" * 100_000 + b"\n",
+        b"[1, 2]\n",
+        b"null\n",
+        b'{"result": 1}\n',
+        b'{"ok": "yes"}\n',
+        b'{"ok": false}\n',
+        b'{"ok": false, "error": ["a"], "exit_code": 1}\n',
+        b'{"ok": false, "error": "e", "exit_code": "1"}\n',
+        b'{"ok": false, "error": "e", "exit_code": 1e9}\n',
+        b'{"progress": 5}\n{"ok": true}\n',
+        b'{"progress": {}}\n',
+    ],
+)
+async def test_an_answer_the_client_cannot_read_is_a_one_line_error(
+    tmp_path: Path, nursery: trio.Nursery, replies: bytes
+) -> None:
+    await nursery.start(serve_replies, tmp_path, replies)
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(WAIT), pytest.raises(ctl.MountUnreachable) as info:
+        await trio.to_thread.run_sync(
+            lambda: ctl.request(entry_for(tmp_path), "stats", timeout=WAIT, on_progress=seen.append)
+        )
+    message = str(info.value)
+    assert message.startswith("the mount at /mnt ") and "\n" not in message, message
+    assert len(message) < 300, message
+
+
+def test_mountinfo_tells_who_made_a_mount(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    fsname = ctl.fsname_for(tmp_path / "cache")
+    mountinfo.write_text(
+        f"42 27 0:39 / /mnt/a rw - fuse.cachefs {fsname} rw,user_id=1000,group_id=100\n"
+        f"43 27 0:40 / /mnt/b rw - fuse.cachefs {fsname} rw,user_id=0,group_id=0\n"
+        f"44 27 0:41 / /mnt/c rw - fuse.cachefs {fsname} rw\n"
+    )
+    assert [m.owner for m in ctl.cachefs_mounts(mountinfo)] == [1000, 0, None]
 
 
 # -- fuzzing ---------------------------------------------------------------------------
@@ -463,6 +589,8 @@ async def test_fuzz_every_line_gets_one_answer(tmp_path: Path, fake: FakeCommand
             request = strict_request(line)
             if request is None or not finite(request):
                 assert_bad_request(answer)
+            elif answer["ok"] and request["command"] in ctl.RESERVED_COMMANDS:
+                assert answer["result"] == request["command"]
             elif answer["ok"]:
                 assert request["command"] == "echo"
                 assert answer["result"] == request.get("value")
@@ -569,3 +697,140 @@ def test_a_mount_survives_nested_json_and_idle_connections(
             s.close()
     m.unmount()  # a clean exit: the daemon committed its index
     assert "Traceback" not in m.log_text()
+
+
+def source_with_a_file(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data" * 1000)
+    return src
+
+
+@needs_fuse
+def test_a_mount_flooded_with_requests_still_answers_stats_and_unmount(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * (1 << 20))
+    m = mount(src, "--throttle", "0,0.001")  # a prefetch of f takes 1000 s
+    flood = []
+    try:
+        for _ in range(ctl.MAX_CLIENTS):
+            sock = socket.socket(socket.AF_UNIX)
+            flood.append(sock)
+            sock.settimeout(WAIT)
+            sock.connect(str(m.cache_dir / SOCKET_NAME))
+            sock.sendall(b'{"command": "prefetch", "file_ids": ["f"]}\n')
+        for sock in flood:  # each in its request once it reports progress; never read again
+            assert "progress" in json.loads(sock.makefile("rb").readline())
+        assert m.stats()["source"] == str(src)
+        with socket.socket(socket.AF_UNIX) as sock:  # other commands are turned away
+            sock.settimeout(WAIT)
+            sock.connect(str(m.cache_dir / SOCKET_NAME))
+            sock.sendall(b'{"command": "purge", "file_ids": ["f"]}\n')
+            assert json.loads(sock.makefile("rb").readline()).get("busy") is True
+        done = run_cachefs("unmount", m.mountpoint, "--timeout", EXIT_DEADLINE)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""  # asked, not forced
+        assert m.proc.wait(timeout=EXIT_DEADLINE) == 0, m.log_text()
+        assert mount_at(m.mountpoint) is None
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+@needs_fuse
+def test_unmount_with_a_busy_mount_asks_its_daemon_by_signal(
+    mount: MountFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When even the reserved control places are taken (by stats answers
+    nobody reads), unmount stops the daemon with SIGTERM, as gently."""
+    m = mount(source_with_a_file(tmp_path))
+
+    def busy(*args: Any, **kwargs: Any) -> Any:
+        raise ctl.MountBusy("the mount is busy")
+
+    monkeypatch.setattr(cachefs_client, "request", busy)
+    args = build_parser().parse_args(["unmount", str(m.mountpoint), "--timeout", str(WAIT)])
+    assert args.run(args) == 0
+    assert m.proc.wait(timeout=EXIT_DEADLINE) == 0, m.log_text()
+    assert "SIGTERM: unmounting" in m.log_text()
+    assert mount_at(m.mountpoint) is None
+
+
+@needs_fuse
+@pytest.mark.parametrize("timeout", ["0", "0.001", "0.01"])
+def test_unmount_with_no_time_to_wait_detaches_and_exits_0(
+    mount: MountFactory, tmp_path: Path, timeout: str
+) -> None:
+    m = mount(source_with_a_file(tmp_path))
+    assert (m / "f").read_bytes() == b"data" * 1000
+    done = run_cachefs("unmount", m.mountpoint, "--timeout", timeout)
+    assert done.returncode == 0, done.stderr
+    assert m.proc.wait(timeout=EXIT_DEADLINE) == 0, m.log_text()  # and committed
+    assert mount_at(m.mountpoint) is None
+    # Nothing to say when the daemon detached its mount itself; one warning
+    # when the command had to abort the connection and detach it first.
+    warnings = done.stderr.splitlines()
+    assert len(warnings) <= 1, done.stderr
+    for line in warnings:
+        assert line.startswith("cachefs: WARNING: ") and "aborted its FUSE connection" in line
+
+
+@needs_fuse
+def test_a_mount_its_daemon_has_detached_needs_no_abort_and_no_detaching(
+    mount: MountFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = mount(source_with_a_file(tmp_path))
+    entry = mount_at(m.mountpoint)
+    assert entry is not None
+    subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True, timeout=WAIT)
+    assert m.proc.wait(timeout=EXIT_DEADLINE) == 0, m.log_text()
+    assert not ctl.attached(entry)
+    assert ctl.abort_connection(entry) is False
+    assert ctl.lazy_unmount(entry) is False
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+NOBODY = 65534
+
+
+@needs_fuse
+def test_another_user_may_not_unmount_a_mount(tmp_path: Path) -> None:
+    top = Path(tempfile.mkdtemp(prefix="cachefs-test-", dir="/tmp"))
+    top.chmod(0o755)  # the mount point is in reach of everyone, its cache dir of root only
+    mnt = top / "mnt"
+    mnt.mkdir()
+    try:
+        src = source_with_a_file(tmp_path)
+        done = run_cachefs("mount", src, mnt, "--cache-dir", tmp_path / "cache")
+        assert done.returncode == 0, done.stderr
+        entry = mount_at(mnt)
+        assert entry is not None
+        nobody = subprocess.run(
+            ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
+            + [sys.executable, "-m", "cachefs", "unmount", str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+        )
+        assert nobody.returncode == 1, nobody.stderr
+        lines = nobody.stderr.splitlines()
+        assert len(lines) == 1, nobody.stderr
+        assert lines[0].startswith("cachefs: error: permission denied: "), lines[0]
+        assert str(mnt) in lines[0] and "root" in lines[0], lines[0]
+        # Untouched: still mounted, still served, and its owner unmounts it.
+        assert mount_at(mnt) == entry
+        assert (mnt / "f").read_bytes() == b"data" * 1000
+        done = run_cachefs("unmount", mnt)
+        assert done.returncode == 0, done.stderr
+        assert mount_at(mnt) is None
+    finally:
+        if mount_at(mnt) is not None:
+            run_cachefs("unmount", mnt, "--timeout", EXIT_DEADLINE)
+            lazy_unmount(mnt)
+        mnt.rmdir()
+        top.rmdir()
