@@ -278,7 +278,7 @@ class FileCache:
             try:
                 unstored = await self._runner.ensure(cf, first, last, transfer)
             except trio.Cancelled:
-                await self._abandon(fh, cf, transfer)
+                self._abandon(fh, cf, transfer)
                 raise
             except (Modified, Replan) as e:
                 await self._stop_transfer(fh, cf, transfer)
@@ -319,7 +319,7 @@ class FileCache:
             try:
                 await self._runner.fetch_uncached(cf, transfer, memoryview(buf), start)
             except trio.Cancelled:
-                await self._abandon(fh, cf, transfer)
+                self._abandon(fh, cf, transfer)
                 raise
             except (Modified, Replan) as e:
                 await self._stop_transfer(fh, cf, transfer)
@@ -381,12 +381,20 @@ class FileCache:
         elif transfer.open:
             await self.cancel_transfer(cf, transfer)
 
-    async def _abandon(self, fh: OpenFile, cf: CachedFile, transfer: Transfer) -> None:
+    def _abandon(self, fh: OpenFile, cf: CachedFile, transfer: Transfer) -> None:
         """The reader stopped waiting (its request was interrupted): the
-        backend call it waited for is abandoned and its transfer ends with
-        a CANCELED call, made within CANCEL_DEADLINE."""
-        with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_DEADLINE):
-            await self._stop_transfer(fh, cf, transfer)
+        backend call it waited for is abandoned, and its transfer ends with
+        a CANCELED call made in the background (the reader is answered at
+        once), within CANCEL_DEADLINE."""
+
+        async def cancel() -> None:
+            with trio.move_on_after(CANCEL_DEADLINE):
+                await self._stop_transfer(fh, cf, transfer)
+
+        try:
+            self._nursery.start_soon(cancel)
+        except RuntimeError:  # the cache is closing: it cancels open transfers itself
+            pass
 
     async def cancel_transfer(self, cf: CachedFile, transfer: Transfer) -> None:
         """Tell the backend a transfer with calls made ended early."""

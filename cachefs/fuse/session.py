@@ -9,9 +9,14 @@ queued is read without a trip through the event loop.
 Every request that expects an answer gets exactly one: the operation's, its
 FUSEError's errno, or EIO (logged) for anything else.
 
-INTERRUPT (the reader got a signal, ``kill -9`` included) cancels the
-request it names, if it is one of the read-only waits in INTERRUPTIBLE and
-still running: its operation is cancelled and the request answered EINTR.
+INTERRUPT (the kernel's word that the process waiting on a request got a
+signal) cancels the request it names when that process is dying (a fatal
+signal: ``kill -9``, or one it does not catch), the request is one of the
+read-only waits in INTERRUPTIBLE and it is still running: its operation is
+cancelled and the request answered EINTR, which nobody will read.  A
+signal the process handles (SIGCHLD, SIGWINCH, a timer) does not cancel:
+the kernel would hand EINTR to the program as the call's result, and
+programs expect open, stat and read of a file not to fail that way.
 Those operations change nothing before their last wait, so a cancelled one
 leaves no trace.  An INTERRUPT for a request already answered is dropped.
 """
@@ -60,6 +65,9 @@ INTERRUPTIBLE = frozenset(
 )
 
 Payload = bytes | bytearray | memoryview
+Request = tuple[int, int, int, int, bytes]  # opcode, unique, nodeid, pid, body
+#: SIGKILL's bit in /proc/<tid>/status's pending masks: set for every fatal signal.
+_SIGKILL_BIT = 1 << (9 - 1)
 
 
 class FUSEError(Exception):
@@ -111,8 +119,9 @@ class Session:
         self._idle = 0
         self._stopping = False
         self._nursery: trio.Nursery | None = None
-        # The INTERRUPTIBLE requests being answered, by unique.
-        self._running: dict[int, trio.CancelScope] = {}
+        # The INTERRUPTIBLE requests being answered, by unique: the scope
+        # that cancels it and the thread that waits for it.
+        self._running: dict[int, tuple[trio.CancelScope, int]] = {}
         self.interrupted = 0
         self._handlers: dict[int, Callable[[int, bytes], Awaitable[Payload]]] = {
             abi.LOOKUP: self._lookup,
@@ -184,8 +193,8 @@ class Session:
         finally:
             self._workers -= 1
 
-    async def _next_request(self) -> tuple[int, int, int, bytes] | None:
-        """(opcode, unique, nodeid, body) of the next request; None to stop."""
+    async def _next_request(self) -> Request | None:
+        """(opcode, unique, nodeid, pid, body) of the next request; None to stop."""
         self._idle += 1
         try:
             while self._reading and not self._stopping:
@@ -201,7 +210,7 @@ class Session:
         finally:
             self._idle -= 1
 
-    async def _read_request(self) -> tuple[int, int, int, bytes] | None:
+    async def _read_request(self) -> Request | None:
         buf = self._buf
         while True:
             try:
@@ -219,11 +228,17 @@ class Session:
                     log.debug("the kernel ended the connection")
                     return None
                 raise
-            _, opcode, unique, nodeid, *_ = abi.IN_HEADER.unpack_from(buf)
-            return opcode, unique, nodeid, bytes(buf[abi.IN_HEADER.size : n])
+            _, opcode, unique, nodeid, _, _, pid, _, _ = abi.IN_HEADER.unpack_from(buf)
+            return opcode, unique, nodeid, pid, bytes(buf[abi.IN_HEADER.size : n])
 
     async def _answer(
-        self, opcode: int, unique: int, nodeid: int, body: bytes, scope: trio.CancelScope
+        self,
+        opcode: int,
+        unique: int,
+        nodeid: int,
+        pid: int,
+        body: bytes,
+        scope: trio.CancelScope,
     ) -> None:
         if opcode in abi.NO_REPLY:
             if opcode == abi.FORGET:
@@ -245,7 +260,7 @@ class Session:
         # Cancelled, the handler's Cancelled reaches the worker's scope,
         # which answers EINTR.
         if opcode in INTERRUPTIBLE:
-            self._running[unique] = scope
+            self._running[unique] = (scope, pid)
         try:
             if handler is not None:
                 payload = await handler(nodeid, body)
@@ -265,11 +280,16 @@ class Session:
             self._running.pop(unique, None)
 
     def _interrupt(self, unique: int) -> None:
-        scope = self._running.get(unique)
-        if scope is not None:
-            self.interrupted += 1
-            log.debug("request %d interrupted", unique)
-            scope.cancel()
+        running = self._running.get(unique)
+        if running is None:
+            return
+        scope, pid = running
+        if not dying(pid):
+            log.debug("request %d: interrupted by a signal its process handles: answered", unique)
+            return
+        self.interrupted += 1
+        log.debug("request %d interrupted: its process is dying", unique)
+        scope.cancel()
 
     def _send(self, unique: int, error: int, payload: Payload) -> None:
         header = abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), error, unique)
@@ -396,6 +416,24 @@ class Session:
 
     async def _destroy(self, nodeid: int, body: bytes) -> Payload:
         return b""
+
+
+def dying(tid: int) -> bool:
+    """Whether thread *tid* has a fatal signal pending (the kernel marks every
+    fatal signal as SIGKILL), or is gone.  A thread of another PID namespace
+    (pid 0 in the request) cannot be looked at: it is taken as living, so a
+    program never gets EINTR from a read; kill -9 of it waits for the source."""
+    if tid <= 0:
+        return False
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            status = f.read()
+    except OSError:
+        return True
+    for line in status.splitlines():
+        if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & _SIGKILL_BIT:
+            return True
+    return False
 
 
 def _sized(value: bytes, size: int) -> Payload:
