@@ -8,18 +8,23 @@ a file name, so an owner holding the key can tell which file a line is
 about: ``cachefs`` computes it for a path); an exception keeps its type and
 errno, not its message; a traceback keeps its frames, not its message.
 Policy: what is sealed may hide a detail an operator wanted, never a name.
-Upper-case words (result codes such as ``FILE_FAILURE``) and numbers stay.
+Numbers, enum members and the contract's own words (result codes such as
+``FILE_FAILURE``, flags) stay: a file may well be called ``README``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-_WORD = re.compile(r"[A-Z][A-Z0-9_]*")
+from cachefs.contract import RWEvent, RWResult
+
+# The words a log line may show in clear: result codes and flags.
+_VOCABULARY = frozenset(
+    {r.name for r in RWResult} | {f.name for f in RWEvent if f.name is not None}
+)
 
 
 class SealedMessage(Exception):
@@ -66,7 +71,7 @@ class SealNames(logging.Filter):
         if isinstance(value, dict):
             return {k: self._arg(v) for k, v in value.items()}
         text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
-        if _WORD.fullmatch(text):
+        if text in _VOCABULARY:
             return text
         return f"[sealed:{self._tag(text)[:16]}]"
 

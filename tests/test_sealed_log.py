@@ -20,14 +20,14 @@ from conftest import run_cachefs
 if TYPE_CHECKING:
     from conftest import MountFactory
 
-SECRETS = ("alice", "zeta", "cachefs-secret-src")
+SECRETS = ("alice", "zeta", "cachefs-secret-src", "ALICE_MOVED")
 
 
 def source(tmp_path: Path) -> Path:
     root = tmp_path / "cachefs-secret-src"
     (root / "clinic-zeta").mkdir(parents=True)
     (root / "clinic-zeta" / "patient-alice.txt").write_bytes(b"alice\n" * 50_000)
-    (root / "alice-moved.bin").write_bytes(os.urandom(300_000))
+    (root / "ALICE_MOVED").write_bytes(os.urandom(300_000))
     (root / "alice-denied.txt").write_bytes(b"no\n")
     (root / "alice-denied.txt").chmod(0o000)
     ci = root / ".cachefs-ci" / "clinic-zeta"
@@ -39,7 +39,7 @@ def source(tmp_path: Path) -> Path:
 def session(mount: MountFactory, tmp_path: Path, *options: object) -> str:
     src = source(tmp_path)
     rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps([{"file": "alice-moved.bin", "result": "FAILURE", "count": 2}]))
+    rules.write_text(json.dumps([{"file": "ALICE_MOVED", "result": "FAILURE", "count": 2}]))
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
@@ -51,9 +51,9 @@ def session(mount: MountFactory, tmp_path: Path, *options: object) -> str:
         prefix=("setpriv", "--bounding-set=-dac_override,-dac_read_search"),
     )
     assert (m / "clinic-zeta" / "patient-alice.txt").read_bytes() == b"alice\n" * 50_000
-    with open(m / "alice-moved.bin", "rb", buffering=0) as f:
+    with open(m / "ALICE_MOVED", "rb", buffering=0) as f:
         f.read(65536)
-        (src / "alice-moved.bin").write_bytes(os.urandom(300_000))
+        (src / "ALICE_MOVED").write_bytes(os.urandom(300_000))
         with pytest.raises(OSError):
             while f.read(1 << 20):
                 pass
