@@ -36,7 +36,7 @@ from cachefs.commands import ControlCommands
 from cachefs.contract import Backend
 from cachefs.control import SUBTYPE, MountEntry, fsname_for, mount_at, serve_control
 from cachefs.engine import CacheConfig, FileCache, open_file_cache
-from cachefs.engine.cachedir import check_cache_dir
+from cachefs.engine.cachedir import check_cache_dir, open_own_file
 from cachefs.engine.crypto import read_key_material
 from cachefs.engine.fetch import first_error
 from cachefs.errors import CacheDirError, CacheFSError, ConfigError, MountFailed
@@ -350,7 +350,7 @@ def spawn_daemon(argv: list[str], log_path: Path, timeout: float) -> int:
     package_root = str(Path(cachefs.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     try:
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        log_fd = open_own_file(log_path, os.O_WRONLY | os.O_APPEND)
         with open(log_fd, "ab") as log_file:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cachefs", *argv, "--ready-fd", str(write_end)],

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import assert_one_line_error, pread_direct
+from conftest import assert_one_line_error, pread_direct, run_cachefs
 from enginerig import BS, Rig, read_sequential
 
 from cachefs import CacheDirError
@@ -164,3 +164,28 @@ async def test_the_engine_refuses_a_cache_dir_of_another_user(tmp_path: Path) ->
         async with rig.engine():
             pass
     assert os.listdir(rig.cache_dir) == []
+
+
+@pytest.mark.parametrize("name", ["cachefs.log", "lock"])
+def test_a_link_planted_in_the_cache_dir_is_never_written_through(
+    tmp_path: Path, mnt: Path, name: str
+) -> None:
+    """In a cache dir others could write to, a symlink or hard link at the log
+    or the lock would make the mount append to or truncate another file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f\n")
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o777)
+    cache.chmod(0o777)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    (cache / name).symlink_to(victim)
+    done = run_cachefs("mount", src, mnt, "--cache-dir", cache)
+    assert_one_line_error(done, name, "symlink")
+    (cache / name).unlink()
+    os.link(victim, cache / name)
+    done = run_cachefs("mount", src, mnt, "--cache-dir", cache)
+    assert_one_line_error(done, name, "one link")
+    assert victim.read_bytes() == b"precious\n"
+    assert not os.path.ismount(mnt)

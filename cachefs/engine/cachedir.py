@@ -105,14 +105,31 @@ def _tighten(path: str, st: os.stat_result, dir_fd: int | None = None) -> bool:
     return True
 
 
+def open_own_file(path: Path, flags: int) -> int:
+    """Open (creating it 0600) a file cachefs keeps in its cache dir, never
+    through a symlink, and only if it is a regular file of this user with no
+    other link: in a cache dir others could write to, a planted link must
+    not make cachefs truncate or append to another file."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        why = "it is a symlink" if e.errno == errno.ELOOP else e.strerror
+        raise CacheDirError(f"cache dir file {path} is not usable: {why}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise CacheDirError(
+            f"cache dir file {path} is not a regular file of this user with one link:"
+            " remove it, or use another cache dir"
+        )
+    return fd
+
+
 def lock_cache_dir(cache_dir: Path) -> int:
     """Take the cache dir's lock, then make the dir and what is in it
     owner-only; return the fd that holds the lock."""
     check_cache_dir(cache_dir)
-    try:
-        fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise CacheDirError(f"cache dir {cache_dir} is not usable: {e.strerror}") from None
+    fd = open_own_file(cache_dir / "lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
