@@ -127,9 +127,13 @@ class OpenFile:
 
     A re-open after an external change replaces ``fd``; the old fd may still
     be in use by another worker thread, so it is closed only by ``close``.
+    A read holds the context (``enter``/``leave``): ``close`` while one runs
+    (its caller abandoned it) leaves the fds to the last read to close, so
+    no thread ever reads an fd number that was closed and given to another
+    file meanwhile.
     """
 
-    __slots__ = ("file_id", "fd", "direct", "_retired", "_lock")
+    __slots__ = ("file_id", "fd", "direct", "_retired", "_lock", "_users", "_closed")
 
     def __init__(self, file_id: str, fd: int) -> None:
         self.file_id = file_id
@@ -137,12 +141,23 @@ class OpenFile:
         self.direct = _UNOPENED  # the same file opened O_DIRECT, once asked for
         self._retired: list[int] = []
         self._lock = threading.Lock()
+        self._users = 0
+        self._closed = False
+
+    def enter(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if not self._closed or self._users:
+                return
+            fds = self._take_fds()
+        _close_all(fds)
 
     def replace(self, fd: int) -> None:
         with self._lock:
-            if self.fd < 0:  # closed meanwhile (a call its caller abandoned)
-                os.close(fd)
-                return
             self._retired.append(self.fd)
             if self.direct >= 0:
                 self._retired.append(self.direct)
@@ -152,7 +167,7 @@ class OpenFile:
     def direct_fd(self, fd: int) -> int:
         """The file of *fd* opened again with O_DIRECT (the same inode); negative if refused."""
         with self._lock:
-            if self.fd != fd:  # replaced meanwhile: read through fd
+            if self.fd != fd or self._closed:  # replaced meanwhile: read through fd
                 return _REFUSED
             if self.direct == _UNOPENED:
                 try:
@@ -171,11 +186,22 @@ class OpenFile:
 
     def close(self) -> None:
         with self._lock:
-            fds, self._retired = [self.fd, self.direct, *self._retired], []
-            self.fd = self.direct = -1
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+            self._closed = True
+            if self._users:  # the last read closes them
+                return
+            fds = self._take_fds()
+        _close_all(fds)
+
+    def _take_fds(self) -> list[int]:
+        fds, self._retired = [self.fd, self.direct, *self._retired], []
+        self.fd = self.direct = -1
+        return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
 
 
 class LocalBackend:
@@ -293,6 +319,8 @@ class LocalBackend:
     def _read_sync(self, req: ReadData) -> None:
         ctx: OpenFile | None = req.file_context
         own = ctx is None
+        if ctx is not None:
+            ctx.enter()
         try:
             if own:
                 ctx = OpenFile(req.file_id, self._open_sync(req.file_id))
@@ -324,6 +352,8 @@ class LocalBackend:
         finally:
             if own and ctx is not None:
                 ctx.close()
+            elif ctx is not None:
+                ctx.leave()
 
     async def read_data(self, req: ReadData) -> None:
         """Fill ``req.buffer`` straight from the file; see the module policy."""

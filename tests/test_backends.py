@@ -17,7 +17,7 @@ from conftest import cached_pages, evict_page_cache
 from enginerig import read_request
 
 from backends.faulty import FaultyBackend
-from backends.local import LocalBackend
+from backends.local import LocalBackend, OpenFile
 from backends.local import open_backend as open_local
 from backends.memory import MemoryBackend
 from backends.trace import TraceBackend, read_trace
@@ -648,3 +648,21 @@ def test_registry_memory_and_unknown() -> None:
     assert str(info.value) == (
         "unknown source scheme 'xyz' in 'xyz://bucket/key': known schemes are file, memory, s3"
     )
+
+
+def test_a_context_closed_during_a_read_keeps_its_fds_until_the_read_leaves(
+    tmp_path: Path,
+) -> None:
+    """A read whose caller gave up (an interrupted reader) may still be in its
+    thread when the context is closed: its fd must not be closed under it
+    (the number could be given to another file it would then read)."""
+    (tmp_path / "f").write_bytes(b"data")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    ctx = OpenFile("f", fd)
+    ctx.enter()
+    ctx.close()
+    assert os.pread(fd, 4, 0) == b"data"  # still this file's
+    ctx.leave()
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF
