@@ -77,6 +77,23 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _daemon_of(entry: MountEntry) -> int | None:
+    """The pid the cache dir's lock file names, if that process runs as the
+    mount's owner: a pid written there by someone else must not make
+    unmount signal another process."""
+    pid = daemon_pid(entry.cache_dir)
+    if pid is None:
+        return None
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+    if entry.owner is not None and uid != entry.owner:
+        log.debug("pid %d in the lock file runs as uid %d, not the mount's owner", pid, uid)
+        return None
+    return pid
+
+
 def _ask_to_unmount(entry: MountEntry) -> int:
     """Ask the daemon to unmount; its pid.  MountUnreachable if it cannot be asked.
 
@@ -86,7 +103,7 @@ def _ask_to_unmount(entry: MountEntry) -> int:
     try:
         result = request(entry, "unmount", timeout=ANSWER_DEADLINE)
     except MountBusy:
-        pid = daemon_pid(entry.cache_dir)
+        pid = _daemon_of(entry)
         if pid is None:
             raise
         try:
@@ -113,7 +130,7 @@ def _force_unmount(entry: MountEntry, why: str, deadline: float, asked: int | No
     gone by the time it is to be detached was detached by its daemon, which
     finishes by itself: 0 at once, and nothing to say.
     """
-    pid = asked or daemon_pid(entry.cache_dir)
+    pid = asked or _daemon_of(entry)
     aborted = attached(entry) and abort_connection(entry)
     if not lazy_unmount(entry):
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
@@ -17,7 +18,7 @@ import trio
 from conftest import assert_one_line_error
 
 from cachefs.cli import _daemon_argv, build_parser, mount_options
-from cachefs.client import format_stats
+from cachefs.client import _daemon_of, format_stats
 from cachefs.control import (
     MountEntry,
     Progress,
@@ -357,3 +358,23 @@ def test_output_cut_short_by_its_reader_ends_quietly(mount: MountFactory, src: P
     proc.stdout.close()  # as `| head` does, before anything was written
     assert proc.wait(timeout=60) == 141
     assert proc.stderr.read() == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a process as uid 65534")
+def test_unmount_signals_only_a_daemon_of_the_mounts_owner(tmp_path: Path) -> None:
+    """The lock file names the daemon's pid; whoever can write there must not
+    make root's unmount signal another process."""
+    # Popen returns once sleep runs, as uid 65534 already (user= acts before exec).
+    other = subprocess.Popen(["sleep", "600"], user=65534, group=65534, extra_groups=[])
+    try:
+        lock = tmp_path / "lock"
+        lock.write_text(f"{other.pid}\n")
+        with open(lock) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # as a live daemon holds it
+            entry = MountEntry(tmp_path / "mnt", 0, 0, tmp_path, owner=0)
+            assert _daemon_of(entry) is None
+            entry = MountEntry(tmp_path / "mnt", 0, 0, tmp_path, owner=65534)
+            assert _daemon_of(entry) == other.pid
+    finally:
+        other.kill()
+        other.wait()
