@@ -125,8 +125,9 @@ def describe(e: BaseException) -> str:
 
 
 def os_error(e: BaseException, what: str) -> OSError:
-    """A one-line OSError for metadata calls: the engine logs it and serves the cache."""
-    rc, reason = result_for(e)
-    if rc is RWResult.FILE_FAILURE:
-        return PermissionError(f"{what}: {reason}")
+    """A one-line OSError for metadata calls: the engine logs it and serves
+    what it has cached.  Never a PermissionError, even for a 403: the engine
+    takes that as the source's final word (EACCES, nothing stale served),
+    which is right for a file's mode, not for credentials that may expire."""
+    _, reason = result_for(e)
     return OSError(f"{what}: {reason}")

@@ -18,7 +18,7 @@ import pytest
 from obstore.exceptions import GenericError, PermissionDeniedError, PreconditionError
 
 from backends.s3 import open_backend
-from backends.s3errors import describe, result_for
+from backends.s3errors import describe, os_error, result_for
 from cachefs.contract import ReadData, RWEvent, RWResult
 
 BODY = b"x" * 1000
@@ -164,3 +164,11 @@ def test_the_mapping_table(error: Exception, expected: str) -> None:
     rc, reason = result_for(error)
     assert rc.name == expected
     assert "\n" not in reason and reason == describe(error)
+
+
+def test_a_403_on_a_stat_or_listing_lets_the_cache_serve_what_it_has() -> None:
+    """The engine answers a PermissionError with EACCES and serves nothing
+    stale (a local file's mode); a 403 from S3 may be credentials that expire:
+    the cache keeps serving its cached version (README: What each S3 answer does)."""
+    e = os_error(obstore_error(403, "AccessDenied", PermissionDeniedError), "HEAD f")
+    assert type(e) is OSError and "AccessDenied" in str(e)
