@@ -135,6 +135,15 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -
 
 
 @pytest.fixture
+def src(tmp_path: Path) -> Path:
+    """A source directory holding hello.txt (modules that need more define their own)."""
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "hello.txt").write_text("hello\n")
+    return root
+
+
+@pytest.fixture
 def mnt(tmp_path: Path) -> Iterator[Path]:
     """A mount point for ``cachefs mount`` run as users do; unmounted whatever happens."""
     path = tmp_path / "mnt"

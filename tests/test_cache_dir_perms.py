@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import assert_one_line_error, pread_direct, run_cachefs
+from conftest import assert_one_line_error, pread_direct
 from enginerig import BS, Rig, read_sequential
 
 from cachefs import CacheDirError
@@ -168,7 +168,7 @@ async def test_the_engine_refuses_a_cache_dir_of_another_user(tmp_path: Path) ->
 
 @pytest.mark.parametrize("name", ["cachefs.log", "lock"])
 def test_a_link_planted_in_the_cache_dir_is_never_written_through(
-    tmp_path: Path, mnt: Path, name: str
+    cachefs: Cachefs, tmp_path: Path, mnt: Path, name: str
 ) -> None:
     """In a cache dir others could write to, a symlink or hard link at the log
     or the lock would make the mount append to or truncate another file."""
@@ -181,11 +181,11 @@ def test_a_link_planted_in_the_cache_dir_is_never_written_through(
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious\n")
     (cache / name).symlink_to(victim)
-    done = run_cachefs("mount", src, mnt, "--cache-dir", cache)
+    done = cachefs("mount", src, mnt, "--cache-dir", cache)
     assert_one_line_error(done, name, "symlink")
     (cache / name).unlink()
     os.link(victim, cache / name)
-    done = run_cachefs("mount", src, mnt, "--cache-dir", cache)
+    done = cachefs("mount", src, mnt, "--cache-dir", cache)
     assert_one_line_error(done, name, "one link")
     assert victim.read_bytes() == b"precious\n"
     assert not os.path.ismount(mnt)

@@ -50,14 +50,6 @@ COMMANDS = [
 ]
 
 
-@pytest.fixture
-def src(tmp_path: Path) -> Path:
-    root = tmp_path / "src"
-    root.mkdir()
-    (root / "hello.txt").write_text("hello\n")
-    return root
-
-
 @pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_help_on_every_command(cachefs: Cachefs, command: str | None) -> None:
     done = cachefs(*([command] if command else []), "--help")

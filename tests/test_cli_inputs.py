@@ -117,14 +117,6 @@ def refused(done: subprocess.CompletedProcess[str], tmp_path: Path, *words: str)
 
 
 @pytest.fixture
-def src(tmp_path: Path) -> Path:
-    root = tmp_path / "src"
-    root.mkdir()
-    (root / "hello.txt").write_text("hello\n")
-    return root
-
-
-@pytest.fixture
 def mnt(tmp_path: Path) -> Path:
     path = tmp_path / "mnt"
     path.mkdir()

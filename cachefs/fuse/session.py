@@ -122,7 +122,6 @@ class Session:
         # The INTERRUPTIBLE requests being answered, by unique: the scope
         # that cancels it and the thread that waits for it.
         self._running: dict[int, tuple[trio.CancelScope, int]] = {}
-        self.interrupted = 0
         self._handlers: dict[int, Callable[[int, bytes], Awaitable[Payload]]] = {
             abi.LOOKUP: self._lookup,
             abi.GETATTR: self._getattr,
@@ -287,7 +286,6 @@ class Session:
         if not dying(pid):
             log.debug("request %d: interrupted by a signal its process handles: answered", unique)
             return
-        self.interrupted += 1
         log.debug("request %d interrupted: its process is dying", unique)
         scope.cancel()
 
