@@ -55,6 +55,7 @@ import trio
 
 from backends import localci
 from backends.localci import CI_DIR
+from cachefs._linux.pagecache import PAGE, cached_pages, open_direct
 from cachefs.contract import (
     ContentInfo,
     DirEntry,
@@ -65,7 +66,6 @@ from cachefs.contract import (
     RWResult,
 )
 from cachefs.errors import SourceError
-from cachefs.pagecache import PAGE, cached_pages, open_direct
 from cachefs.registry import local_path
 
 log = logging.getLogger(__name__)

@@ -47,8 +47,8 @@ trio.run(main)
 
 def build(cache_dir: Path, files: int, blocks: int) -> None:
     """A cache dir whose index says every block of every file is present."""
-    from cachefs.engine.cachedir import lock_cache_dir, open_index
-    from cachefs.engine.index import CachedFile, row_of
+    from cachefs.engine.state.cachedir import lock_cache_dir, open_index
+    from cachefs.engine.state.index import CachedFile, row_of
 
     per_file = blocks // files
     size = per_file * BLOCK

@@ -125,7 +125,7 @@ class CachefsTarget(Target):
         return []
 
     def counters(self) -> dict[str, Any]:
-        from cachefs.control import mount_at, request
+        from cachefs.control.protocol import mount_at, request
 
         entry = mount_at(self.root)
         return request(entry, "stats", timeout=10.0) if entry is not None else {}

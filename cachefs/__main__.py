@@ -1,5 +1,5 @@
 """``python -m cachefs``: the same as the ``cachefs`` command."""
 
-from cachefs.cli import main
+from cachefs.cli.main import main
 
 raise SystemExit(main())

@@ -39,7 +39,7 @@ from cachefs.contract import Backend, ContentInfo, FileAttrs, FileKind, ReadData
 from cachefs.engine import CacheConfig
 from cachefs.errors import ConfigError, SourceError
 from cachefs.registry import open_backend
-from cachefs.sizes import format_size
+from cachefs.units import format_size
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,28 @@ from typing import Any
 
 import pytest
 
-from cachefs import pagecache
-from cachefs.control import abort_connection, mount_at
+from cachefs._linux import pagecache
+from cachefs.control.protocol import abort_connection, mount_at
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_DEADLINE = 20.0
 EXIT_DEADLINE = 30.0
+
+
+TIERS = {"unit": "no mount: engine, fs, cli, backends", "mount": "real FUSE mounts"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier, what in TIERS.items():
+        config.addinivalue_line("markers", f"{tier}: {what} (tests/{tier}/)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, the directory it lives in: ``pytest -m unit``."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier in TIERS:
+            item.add_marker(tier)
 
 
 def run_cachefs(*args: object, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

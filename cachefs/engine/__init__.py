@@ -1,6 +1,6 @@
 """The cache engine: no FUSE, no CLI, testable alone."""
 
 from cachefs.engine.config import CacheConfig
-from cachefs.engine.engine import FileCache, OpenFile, open_file_cache
+from cachefs.engine.filecache import FileCache, OpenFile, open_file_cache
 
 __all__ = ["CacheConfig", "FileCache", "OpenFile", "open_file_cache"]

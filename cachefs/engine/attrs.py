@@ -15,8 +15,8 @@ from typing import Any
 import trio
 
 from cachefs.contract import Backend, DirEntry, FileAttrs, FileKind
-from cachefs.engine.catalog import Catalog
-from cachefs.engine.index import CachedFile
+from cachefs.engine.state.catalog import Catalog
+from cachefs.engine.state.index import CachedFile
 from cachefs.errors import (
     AccessDenied,
     NotFound,

@@ -5,9 +5,9 @@ hand the kernel a cache file to read by itself (passthrough, Linux 6.9+),
 and needs no C library or compiler to install.
 """
 
-from cachefs.fuse.abi import DirReply, Entry, Opened, Statfs
-from cachefs.fuse.device import Connection, MountError
-from cachefs.fuse.session import FUSEError, Operations, Session, mount
+from cachefs.fuse.native.abi import DirReply, Entry, Opened, Statfs
+from cachefs.fuse.native.device import Connection, MountError
+from cachefs.fuse.native.session import FUSEError, Operations, Session, mount
 
 __all__ = [
     "Connection",

@@ -1,0 +1,358 @@
+"""The mount's side of the control commands.
+
+Policy:
+
+* Paths arrive as file ids (relative to the mount, "" for the root).  A
+  directory means every regular file below it; symlinks are not followed.
+* ``prefetch`` and ``pin`` fetch whole files (WHOLE_FILE transfers), at most
+  FETCH_CONCURRENCY files at a time over all requests, and report progress
+  every PROGRESS_INTERVAL seconds.  A file that fails does not stop the
+  others: the answer lists the failures.  A client that leaves cancels its
+  request.
+* Pinning several files is refused as a whole (PinLimitExceeded, nothing
+  pinned) when they would not fit under the cache limit together.
+* ``unpin`` and ``purge`` act on what the cache holds, without asking the
+  source: they work while the source is offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cachefs.contract import FileKind
+from cachefs.control.protocol import Progress
+from cachefs.engine import FileCache
+from cachefs.errors import CacheFSError, ConfigError, NotFound, PinLimitExceeded
+from cachefs.fs.inodes import Namespace, child_id
+from cachefs.units import format_size
+
+log = logging.getLogger(__name__)
+
+FETCH_CONCURRENCY = 4
+PROGRESS_INTERVAL = 0.25
+
+Command = Callable[[dict[str, Any], Progress], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One prefetch or pin request: its files and how far it got."""
+
+    files: list[tuple[str, int]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    total: int = 0
+    scanning: bool = True
+    finished: int = 0
+    finished_bytes: int = 0
+    succeeded: int = 0
+    fetched: int = 0
+    active: set[str] = field(default_factory=set)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, file_id: str, size: int) -> None:
+        if file_id not in self.seen:
+            self.seen.add(file_id)
+            self.files.append((file_id, size))
+            self.total += size
+
+
+class ControlCommands:
+    """Answers control requests for one mount: ``await commands(request, progress)``."""
+
+    def __init__(
+        self,
+        cache: FileCache,
+        namespace: Namespace,
+        *,
+        source: str,
+        mountpoint: Path,
+        stop: Callable[[], None],
+        invalidate: Callable[[str], None],
+    ) -> None:
+        self._cache = cache
+        self._namespace = namespace
+        self._source = source
+        self._mountpoint = mountpoint
+        self._stop = stop
+        self._invalidate = invalidate
+        self._fetch_limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
+        self._commands: dict[str, Command] = {
+            "stats": self.stats,
+            "prefetch": self.prefetch,
+            "pin": self.pin,
+            "unpin": self.unpin,
+            "purge": self.purge,
+            "add-data": self.add_data,
+            "reset-file-errors": self.reset_file_errors,
+            "reset-external-error": self.reset_external_error,
+            "unmount": self.unmount,
+        }
+
+    async def __call__(self, request: dict[str, Any], progress: Progress) -> Any:
+        command = self._commands.get(request["command"])
+        if command is None:
+            raise ConfigError(f"unknown control command {request['command']!r}")
+        return await command(request, progress)
+
+    # -- simple commands ------------------------------------------------------------
+
+    async def stats(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        cache = self._cache
+        return {
+            **cache.statistics(),
+            "pinned_files": len(cache.pinned()),
+            "max_readahead": cache.config.max_readahead,
+            "max_fetches": cache.config.max_fetches,
+            "source": self._source,
+            "mountpoint": str(self._mountpoint),
+            "pid": os.getpid(),
+            "inodes": len(self._namespace),
+        }
+
+    async def reset_file_errors(self, request: dict[str, Any], progress: Progress) -> list[str]:
+        """Reset the latched and the short files below the given file ids."""
+        file_ids = _file_ids(request)
+        if "" in file_ids:
+            reset = await self._cache.reset_file_errors(None)
+        else:
+            known = {*self._cache.file_errors(), *self._cache.short_files()}
+            reset = await self._cache.reset_file_errors(set(_below(file_ids, known)))
+        for file_id in reset:
+            self._invalidate(file_id)  # the kernel's pages of the zeros go too
+        return reset
+
+    async def add_data(self, request: dict[str, Any], progress: Progress) -> dict[str, int]:
+        """Supply bytes of one file (base64 in ``data``) at ``offset``; see FileCache.add_data."""
+        try:
+            file_id, offset = request["file_id"], request["offset"]
+            data = base64.b64decode(request["data"], validate=True)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"malformed add-data request: {e}") from None
+        if not isinstance(file_id, str) or type(offset) is not int:
+            raise ConfigError("malformed add-data request: bad file_id or offset")
+        got = await self._cache.add_data(file_id, offset, data, trust=bool(request.get("trust")))
+        return {"accepted": got.accepted, "rejected": got.rejected, "pending": got.pending}
+
+    async def reset_external_error(self, request: dict[str, Any], progress: Progress) -> None:
+        await self._cache.reset_external_error()
+
+    async def unmount(self, request: dict[str, Any], progress: Progress) -> dict[str, int]:
+        log.info("unmount requested")
+        self._stop()
+        return {"pid": os.getpid()}
+
+    async def unpin(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Unpin every pinned file below the given file ids."""
+        file_ids = _file_ids(request)
+        pinned = self._cache.pinned()
+        unpinned = [f for f in _below(file_ids, pinned) if await self._cache.unpin(f)]
+        return {"unpinned": unpinned, "not_pinned": _unmatched(file_ids, unpinned)}
+
+    async def purge(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        """Drop the cached data of every unpinned file below the given file ids.
+
+        Files open for the kernel to read by itself (passthrough) are kept too.
+        """
+        file_ids = _file_ids(request)
+        pinned = set(self._cache.pinned())
+        held = set(self._cache.held_whole())
+        purged, kept, in_use, freed = [], [], [], 0
+        for file_id in _below(file_ids, self._cached_files()):
+            if file_id in pinned:
+                kept.append(file_id)
+                continue
+            if file_id in held:
+                in_use.append(file_id)
+                continue
+            n = await self._cache.purge(file_id)
+            if n:
+                purged.append(file_id)
+                freed += n
+                self._invalidate(file_id)  # the kernel's pages of it go too
+        return {"purged": len(purged), "freed": freed, "pinned": kept, "in_use": in_use}
+
+    # -- whole files --------------------------------------------------------------
+
+    async def prefetch(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        batch = await self._whole_files(request, progress, self._cache.prefetch)
+        result = _summary(batch)
+        limit = self._cache.statistics()["cache_limit"]
+        if result["bytes"] > limit:
+            result["warning"] = (
+                f"the files hold {format_size(result['bytes'])}, more than the cache limit of "
+                f"{format_size(limit)}: only the most recently fetched part stays cached"
+            )
+        return result
+
+    async def pin(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+        return _summary(await self._whole_files(request, progress, self._cache.pin, self._fits))
+
+    def _fits(self, batch: _Batch) -> CacheFSError | None:
+        """Refuse to pin several files that would not fit together."""
+        stats = self._cache.statistics()
+        pinned = set(self._cache.pinned())
+        new = [size for f, size in batch.files if f not in pinned]
+        total = stats["pinned_bytes"] + sum(new)
+        if len(new) > 1 and total > stats["cache_limit"]:
+            return PinLimitExceeded(
+                f"cannot pin {len(new)} files: pinned files would hold {total} bytes,"
+                f" more than the cache limit of {stats['cache_limit']} bytes"
+            )
+        return None
+
+    async def _whole_files(
+        self,
+        request: dict[str, Any],
+        progress: Progress,
+        action: Callable[[str], Awaitable[None]],
+        check: Callable[[_Batch], CacheFSError | None] = lambda batch: None,
+    ) -> _Batch:
+        """Find the files, check them, run *action* on each; progress all along."""
+        file_ids = _file_ids(request)
+        batch = _Batch()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report, batch, progress)
+            for root in file_ids:
+                try:
+                    await self._walk(root, batch)
+                except CacheFSError as e:
+                    batch.failed.append(_failure(root or "/", e))
+            batch.scanning = False
+            await self._send_progress(batch, progress)
+            error = check(batch)
+            if error is None:
+                todo = iter(batch.files)
+                async with trio.open_nursery() as workers:
+                    for _ in range(min(FETCH_CONCURRENCY, len(batch.files))):
+                        workers.start_soon(self._work, batch, todo, action)
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        await self._send_progress(batch, progress)
+        return batch
+
+    async def _work(
+        self,
+        batch: _Batch,
+        todo: Iterator[tuple[str, int]],
+        action: Callable[[str], Awaitable[None]],
+    ) -> None:
+        for file_id, size in todo:
+            async with self._fetch_limiter:
+                before = self._cached_bytes(file_id)
+                batch.active.add(file_id)
+                try:
+                    await action(file_id)
+                    batch.succeeded += 1
+                except CacheFSError as e:
+                    batch.failed.append(_failure(file_id, e))
+                except Exception as e:
+                    log.exception("%s of %s failed", action.__name__, file_id)
+                    batch.failed.append(_failure(file_id, e))
+                finally:
+                    batch.active.discard(file_id)
+                batch.fetched += max(0, self._cached_bytes(file_id) - before)
+                batch.finished += 1
+                batch.finished_bytes += size
+
+    async def _report(self, batch: _Batch, progress: Progress) -> None:
+        while True:
+            await self._send_progress(batch, progress)
+            await trio.sleep(PROGRESS_INTERVAL)
+
+    async def _send_progress(self, batch: _Batch, progress: Progress) -> None:
+        done = batch.finished_bytes + sum(self._cached_bytes(f) for f in batch.active)
+        await progress.send(
+            {
+                "scanning": batch.scanning,
+                "done": done,
+                "total": batch.total,
+                "files_done": batch.finished,
+                "files": len(batch.files),
+                "failed": len(batch.failed),
+            }
+        )
+
+    async def _walk(self, root: str, batch: _Batch) -> None:
+        """Add the regular files at or below *root* to *batch*."""
+        attrs = await self._cache.getattr(root)
+        if attrs.kind is FileKind.FILE:
+            batch.add(root, attrs.size)
+            return
+        if attrs.kind is not FileKind.DIR:
+            raise NotFound(f"{root}: not a regular file or a directory")
+        dirs = [root]
+        while dirs:
+            dir_id = dirs.pop()
+            for entry in sorted(await self._cache.list_dir(dir_id), key=lambda e: e.name):
+                file_id = child_id(dir_id, entry.name)
+                if entry.attrs.kind is FileKind.FILE:
+                    batch.add(file_id, entry.attrs.size)
+                elif entry.attrs.kind is FileKind.DIR:
+                    dirs.append(file_id)
+
+    # FileCache has no public per-file view of what it holds; these read its catalog.
+
+    def _cached_files(self) -> list[str]:
+        return list(self._cache.catalog.files)
+
+    def _cached_bytes(self, file_id: str) -> int:
+        catalog = self._cache.catalog
+        cf = catalog.files.get(file_id)
+        return 0 if cf is None else catalog.present_bytes(cf)
+
+
+def _file_ids(request: dict[str, Any]) -> list[str]:
+    file_ids = request.get("file_ids")
+    if not isinstance(file_ids, list) or not all(isinstance(f, str) for f in file_ids):
+        raise ConfigError(f"{request['command']} needs a list of file ids")
+    return file_ids
+
+
+def _ancestors(file_id: str) -> Iterator[str]:
+    """*file_id* and every directory above it, up to the root ("")."""
+    yield file_id
+    while file_id:
+        file_id = file_id.rpartition("/")[0]
+        yield file_id
+
+
+def _below(roots: list[str], file_ids: Iterable[str]) -> list[str]:
+    """The file ids at or below any of *roots*, sorted.
+
+    Linear in the file ids times their depth, whatever the number of roots:
+    a request naming 100,000 paths must not hold the mount's loop.
+    """
+    wanted = set(roots)
+    return sorted(f for f in file_ids if not wanted.isdisjoint(_ancestors(f)))
+
+
+def _unmatched(roots: list[str], file_ids: list[str]) -> list[str]:
+    """The roots no file id lies at or below."""
+    matched = {a for f in file_ids for a in _ancestors(f)}
+    return [r for r in roots if r not in matched]
+
+
+def _failure(file_id: str, error: Exception) -> dict[str, Any]:
+    message = " ".join(str(error).split()) or type(error).__name__
+    if file_id not in message:
+        message = f"{file_id}: {message}"
+    return {"file": file_id, "error": message, "exit_code": getattr(error, "exit_code", 1)}
+
+
+def _summary(batch: _Batch) -> dict[str, Any]:
+    return {
+        "files": len(batch.files),
+        "succeeded": batch.succeeded,
+        "bytes": batch.total,
+        "fetched": batch.fetched,
+        "failed": batch.failed,
+    }

@@ -1,0 +1,1 @@
+"""Policy: eviction and the size cap, verify-before-serve of content information."""

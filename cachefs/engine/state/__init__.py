@@ -1,0 +1,4 @@
+"""Disk state of the cache.
+
+The directory, its index, data files, encryption at rest, the disk's health.
+"""

@@ -1,0 +1,295 @@
+"""What the cache holds, in memory, and how it reaches the index.
+
+The catalog is the in-memory mirror the hit path reads (one CachedFile per
+file, a byte per block) and the only writer of the index.  Its rule: data
+first, metadata second.  ``flush`` syncs every data file written since the
+last commit before it commits the bitmaps, so a block marked present on disk
+always has its bytes.  Eviction runs the other way round (clear, commit, then
+punch), which the evictor does through ``unmark`` and ``flush``.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from cachefs.contract import FileAttrs, FileKind
+from cachefs.engine.state.index import CachedFile, Index, block_count, row_of
+from cachefs.engine.state.store import DataFile
+
+if TYPE_CHECKING:
+    from cachefs.engine.state.crypto import CacheKey
+
+log = logging.getLogger(__name__)
+
+
+class Catalog:
+    def __init__(
+        self,
+        index: Index,
+        data_dir: Path,
+        block_size: int,
+        files: list[CachedFile],
+        external_error: str | None,
+        on_invalidate: Callable[[str], None] | None,
+        key: CacheKey | None = None,
+        next_row: int = 1,
+    ) -> None:
+        self.index = index
+        self.key = key
+        self.data_dir = data_dir
+        self.block_size = block_size
+        self.files: dict[str, CachedFile] = {cf.file_id: cf for cf in files}
+        self.other: dict[str, tuple[FileAttrs, float]] = {}
+        # What a file's next version inherits from its last (error, pinned),
+        # for files whose version was retired before the next was learned.
+        self._carry: dict[str, tuple[str | None, bool]] = {}
+        self.external_error = external_error
+        self.dirty: set[CachedFile] = set()
+        self._unsynced: set[DataFile] = set()
+        self._deleted: list[int] = []
+        # Row ids are never reused: a sealed block is bound to its row.
+        self._next_row = max(next_row, max((cf.row_id for cf in files), default=0) + 1)
+        self._on_invalidate = on_invalidate
+        self._flush_lock = trio.Lock()
+        self.cached_bytes = sum(self.present_bytes(cf) for cf in files)
+        self.pinned_bytes = sum(cf.size for cf in files if cf.pinned)
+        self.tick = 1  # LRU clock: one step per read
+
+    # -- versions -------------------------------------------------------------------
+
+    def learn(self, file_id: str, attrs: FileAttrs, now: float) -> FileAttrs:
+        """Record what the backend says *file_id* is; a new version drops the old one."""
+        cf = self.files.get(file_id)
+        if attrs.kind is not FileKind.FILE:
+            if cf is not None:
+                self.retire(cf)
+            self.other[file_id] = (attrs, now)
+            return attrs
+        self.other.pop(file_id, None)
+        if cf is None or cf.version != attrs.version or cf.size != attrs.size:
+            if cf is not None:
+                self.retire(cf)
+            error, pinned = self._carry.pop(file_id, (None, False))
+            cf = self._new_file(file_id, attrs, error, pinned)
+        else:
+            cf.mtime, cf.mode = attrs.mtime, attrs.mode
+        cf.validated_at = now
+        return cf.attrs
+
+    def forget(self, file_id: str) -> None:
+        """The path is gone from the source."""
+        self.other.pop(file_id, None)
+        cf = self.files.get(file_id)
+        if cf is not None:
+            self.retire(cf)
+        self._carry.pop(file_id, None)
+
+    def _new_file(
+        self, file_id: str, attrs: FileAttrs, error: str | None, pinned: bool
+    ) -> CachedFile:
+        row_id, self._next_row = self._next_row, self._next_row + 1
+        n = block_count(attrs.size, self.block_size)
+        cf = CachedFile(
+            row_id=row_id,
+            file_id=file_id,
+            version=attrs.version,
+            size=attrs.size,
+            mtime=attrs.mtime,
+            mode=attrs.mode,
+            present=bytearray(n),
+            error=error,
+            pinned=pinned,
+        )
+        cf.data = self.data_file(cf)
+        self.files[file_id] = cf
+        if pinned:
+            self.pinned_bytes += cf.size
+        if error is not None or pinned:
+            self.dirty.add(cf)
+        return cf
+
+    def data_file(self, cf: CachedFile) -> DataFile:
+        return DataFile(
+            f"{self.data_dir}/{cf.row_id}",
+            cf.size,
+            self.block_size,
+            self.key,
+            cf.row_id,
+            cf.version,
+        )
+
+    def retire(self, cf: CachedFile) -> None:
+        """Drop this version (the source has another, or none): its row goes
+        and its data file is unlinked; handles holding the file keep reading
+        the blocks it has.  Its latch and pin pass to the next version."""
+        if cf.retired:
+            return
+        cf.retired = True
+        self.cached_bytes -= self.present_bytes(cf)
+        if cf.pinned:
+            self.pinned_bytes -= cf.size
+        assert cf.data is not None
+        cf.data.retire()
+        if not cf.handles:  # else the last handle to close removes it
+            cf.data.unlink()
+        self._deleted.append(cf.row_id)
+        self.dirty.discard(cf)
+        if self.files.get(cf.file_id) is cf:
+            del self.files[cf.file_id]
+            if cf.error is not None or cf.pinned:
+                self._carry[cf.file_id] = (cf.error, cf.pinned)
+        if self._on_invalidate is not None:
+            self._on_invalidate(cf.file_id)
+
+    def set_pinned(self, cf: CachedFile, pinned: bool) -> None:
+        if cf.pinned != pinned:
+            cf.pinned = pinned
+            self.pinned_bytes += cf.size if pinned else -cf.size
+            self.dirty.add(cf)
+
+    # -- blocks ---------------------------------------------------------------------
+
+    def mark(self, cf: CachedFile, b: int) -> None:
+        if not cf.present[b]:
+            cf.present[b] = 1
+            self.touch(cf, b, b)  # a fresh block is recent: evict older ones first
+            if cf.unsynced is None:
+                cf.unsynced = set()
+            cf.unsynced.add(b)
+            self.cached_bytes += self.block_len(cf, b)
+            self.dirty.add(cf)
+
+    def unmark(self, cf: CachedFile, b: int) -> None:
+        if cf.present[b]:
+            cf.present[b] = 0
+            cf.epoch += 1
+            if cf.unsynced:
+                cf.unsynced.discard(b)
+            if cf.unhashed:
+                cf.unhashed.pop(b, None)
+            if not cf.retired:  # a retired version's bytes were counted out already
+                self.cached_bytes -= self.block_len(cf, b)
+                self.dirty.add(cf)
+
+    def forget_blocks(self, cf: CachedFile, first: int, last: int) -> None:
+        """Blocks first..last of *cf* cannot be read back: fetch them again."""
+        for b in range(first, last + 1):
+            self.unmark(cf, b)
+
+    def lost(self, cf: CachedFile, offset: int, end: int, why: str = "is short") -> None:
+        """The data file cannot give bytes [offset, end) it should hold:
+        forget their blocks (the next read fetches them again)."""
+        log.warning("cache data of %s %s: fetching it again", cf.file_id, why)
+        self.forget_blocks(cf, offset // self.block_size, (end - 1) // self.block_size)
+
+    def hold_data(self, cf: CachedFile) -> int:
+        """Acquire *cf*'s data file (release it with ``cf.data.release()``).
+
+        A data file that was gone or cut short (someone else's doing) loses
+        every block it was said to hold, so none is read back as zeros.
+        Raises what opening it raises.
+        """
+        data = cf.data
+        assert data is not None
+        fd = data.acquire()
+        if data.remade is not None:
+            cut, data.remade = data.remade, None
+            first = cut // self.block_size
+            if cf.present.find(1, first) >= 0:
+                self.lost(cf, first * self.block_size, cf.size, "was gone or cut short")
+        return fd
+
+    def untrust_unsynced(self) -> None:
+        """The cache disk may have lost what it was given since the last sync:
+        forget those blocks, and check every other one again before serving it."""
+        for cf in list(self.files.values()):
+            for b in sorted(cf.unsynced or ()):
+                self.unmark(cf, b)
+            cf.verified = None
+
+    def touch(self, cf: CachedFile, first: int, last: int) -> None:
+        """Note a read of blocks first..last for LRU."""
+        tick, self.tick = self.tick, self.tick + 1
+        atime = cf.atime
+        if atime is None:
+            atime = cf.atime = array("Q", bytes(8 * len(cf.present)))
+        if first == last:
+            atime[first] = tick
+        else:
+            atime[first : last + 1] = array("Q", [tick]) * (last - first + 1)
+
+    def block_len(self, cf: CachedFile, b: int) -> int:
+        return min(self.block_size, cf.size - b * self.block_size)
+
+    def present_bytes(self, cf: CachedFile) -> int:
+        n = cf.present.count(1) * self.block_size
+        if cf.present and cf.present[-1]:
+            n -= len(cf.present) * self.block_size - cf.size
+        return n
+
+    def note_written(self, cf: CachedFile) -> None:
+        assert cf.data is not None
+        self._unsynced.add(cf.data)
+
+    def file_errors(self) -> list[str]:
+        return sorted(cf.file_id for cf in self.files.values() if cf.error is not None)
+
+    # -- commits --------------------------------------------------------------------
+
+    @property
+    def needs_flush(self) -> bool:
+        return bool(self.dirty or self._deleted)
+
+    async def flush(self, disk_limiter: trio.CapacityLimiter) -> None:
+        """Commit metadata: sync written data files first, then one SQLite batch."""
+        async with self._flush_lock:
+            dirty, self.dirty = self.dirty, set()
+            unsynced, self._unsynced = self._unsynced, set()
+            deleted, self._deleted = self._deleted, []
+            rows = [row_of(cf, key=self.key) for cf in dirty if not cf.retired]
+            # Everything marked so far was written before this sync starts.
+            unsynced_blocks = {cf: cf.unsynced for cf in dirty}
+            for cf in dirty:
+                cf.unsynced = None
+            synced: set[DataFile] = set()
+            try:
+                for data in unsynced:
+                    await data.sync(disk_limiter)
+                    synced.add(data)
+                async with self.index.lock:
+                    await trio.to_thread.run_sync(self._write, rows, deleted, self.external_error)
+            except BaseException:
+                # What was synced is on disk; the rest is still to be trusted
+                # only once synced (CacheDisk: a failed sync may have lost it).
+                for cf, blocks in unsynced_blocks.items():
+                    if blocks and cf.data not in synced:
+                        cf.unsynced = blocks | (cf.unsynced or set())
+                self.dirty |= {cf for cf in dirty if not cf.retired}
+                self._unsynced |= unsynced - synced
+                self._deleted += deleted
+                raise
+
+    async def commit_cleared(self, files: list[CachedFile]) -> None:
+        """Commit the bitmaps of *files* now, without syncing data.
+
+        For eviction: bits it cleared reach the index before the holes are
+        punched; blocks not yet synced are written as absent (the next flush
+        commits them properly).
+        """
+        async with self._flush_lock:
+            rows = [row_of(cf, True, self.key) for cf in files if not cf.retired]
+            async with self.index.lock:
+                await trio.to_thread.run_sync(self._write, rows, [], self.external_error)
+
+    def _write(self, rows: list[tuple], deleted: list[int], external: str | None) -> None:
+        self.index.write_batch(rows, deleted)
+        if external is not None and self.key is not None:  # it may name a file
+            external = "sealed:" + self.key.seal(external.encode(), b"external_error").hex()
+        self.index.set_meta("external_error", external)
+        self.index.set_meta("next_row", str(self._next_row))

@@ -1,0 +1,1 @@
+"""cachefs's own FUSE transport: the kernel protocol over /dev/fuse, served with trio."""

@@ -1,0 +1,272 @@
+"""The benchmark suite: its rounds and report (fake targets), its arguments,
+and one short real run of ``python -m bench --quick`` over a cachefs mount."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import kernel_has_passthrough
+
+from bench.dataset import QUICK
+from bench.jobs import JOBS, Job
+from bench.report import check_goals, markdown, ratios
+from bench.suite import Rounds, Run, run_jobs, typical
+from bench.system import BenchError
+
+REPO = Path(__file__).resolve().parents[2]
+TTFB = next(j for j in JOBS if j.key == "ttfb")
+
+
+class FakeTarget:
+    """A target whose figures come from a list, one entry per mount, in order:
+    ``{condition: value}``, or a BenchError that the mount raises."""
+
+    def __init__(self, name: str, mounts: list[Any], log: list[str]) -> None:
+        self.name = name
+        self.root = Path("/fake") / name
+        self.pid = None
+        self._mounts = iter(mounts)
+        self._log = log
+        self._values: dict[str, float] = {}
+        self._filled = False
+        TARGETS_BY_ROOT[self.root] = self
+
+    @contextmanager
+    def fresh(self) -> Iterator[None]:
+        mount = next(self._mounts)
+        if isinstance(mount, Exception):
+            raise mount
+        self._values, self._filled = mount, False
+        yield
+
+    def measures(self, job: str, condition: str) -> bool:
+        return True
+
+    def counters(self) -> dict[str, Any]:
+        return {}
+
+    def settle(self) -> None:
+        pass
+
+    def fill(self) -> None:
+        self._filled = True
+
+    def take(self, warm: bool) -> dict[str, Any]:
+        condition = "warm" if warm else "cache-hit" if self._filled else "cold"
+        self._log.append(f"{self.name} {condition}")
+        return {"value": self._values[condition]}
+
+
+TARGETS_BY_ROOT: dict[Path, FakeTarget] = {}
+FAKE_SEQ = Job(
+    "seq1m_j1",
+    "seq",
+    "MiB/s",
+    True,
+    lambda root, sizes, warm: TARGETS_BY_ROOT[root].take(warm),
+    lambda root, sizes: TARGETS_BY_ROOT[root].fill(),
+    lambda sizes: 0,
+)
+
+
+def _run(targets: list[FakeTarget], rounds: Rounds, count: int) -> tuple[Any, list[str]]:
+    said: list[str] = []
+    sizes = replace(QUICK, rounds=count)
+    run = Run([FAKE_SEQ], targets, sizes, False, said.append, {"seq1m_j1": rounds})  # type: ignore[arg-type]
+    return run_jobs(run), said
+
+
+def _shown(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in figures.items() if k in ("value", "rounds", "error")}
+
+
+def _mount(v: float) -> dict[str, float]:
+    return {"cold": v, "cache-hit": v + 1, "warm": v + 2}
+
+
+def test_rounds_alternate_the_named_targets_and_keep_the_median() -> None:
+    log: list[str] = []
+    raw = FakeTarget("raw", [_mount(100), _mount(300), _mount(200)], log)
+    cachefs = FakeTarget("cachefs", [_mount(50), _mount(70), _mount(60)], log)
+    rclone = FakeTarget("rclone", [_mount(10)], log)
+    rounds = Rounds(frozenset({"raw", "cachefs"}), frozenset({"cold", "warm"}))
+
+    results, said = _run([raw, cachefs, rclone], rounds, 3)
+
+    # round 1: every target, every condition; then only the named ones, alternating
+    assert log == [
+        "raw cold", "raw cache-hit", "raw warm",
+        "cachefs cold", "cachefs cache-hit", "cachefs warm",
+        "rclone cold", "rclone cache-hit", "rclone warm",
+        "raw cold", "raw warm", "cachefs cold", "cachefs warm",
+        "raw cold", "raw warm", "cachefs cold", "cachefs warm",
+    ]  # fmt: skip
+    assert sum("(round 3 of 3)" in line for line in said) == 4
+    r = results["seq1m_j1"]
+    assert _shown(r["cold"]["raw"]) == {"value": 200, "rounds": [100, 300, 200]}
+    assert _shown(r["warm"]["cachefs"]) == {"value": 62, "rounds": [52, 72, 62]}
+    assert _shown(r["cache-hit"]["raw"]) == {"value": 101}  # measured once: no rounds
+    assert _shown(r["cold"]["rclone"]) == {"value": 10}
+    table = {row["condition"]: row for row in ratios(results)}
+    assert table["cold"]["cachefs/raw"] == 0.3  # medians: 60 / 200
+
+
+def test_a_target_that_fails_is_not_measured_again() -> None:
+    log: list[str] = []
+    raw = FakeTarget("raw", [_mount(100), _mount(300)], log)
+    broken = FakeTarget("cachefs", [BenchError("mount failed"), _mount(1)], log)
+    rounds = Rounds(frozenset({"raw", "cachefs"}), frozenset({"cold"}))
+
+    results, said = _run([raw, broken], rounds, 2)
+
+    for condition in ("cold", "cache-hit", "warm"):
+        assert results["seq1m_j1"][condition]["cachefs"] == {"error": "mount failed"}
+    assert results["seq1m_j1"]["cold"]["raw"]["rounds"] == [100, 300]
+    failures = [line for line in said if "FAILED" in line]
+    assert failures == ["seq1m_j1   cachefs: FAILED: mount failed"]
+    assert not any(entry.startswith("cachefs") for entry in log)
+
+
+def test_typical_takes_the_median_or_the_worse_of_two() -> None:
+    faster = next(j for j in JOBS if j.higher_is_better)
+    assert typical(faster, [{"value": 3}, {"value": 1}, {"value": 2}])["value"] == 2
+    assert typical(faster, [{"value": 3}, {"value": 1}])["value"] == 1
+    # for a time, the worse is the longer
+    assert typical(TTFB, [{"value": 3.0}, {"value": 1.0}])["value"] == 3.0
+    # a failed round leaves the others, and is counted
+    got = typical(faster, [{"value": 5}, {"error": "boom"}, {"value": 7}])
+    assert got == {"value": 5, "rounds": [5, 7], "round_errors": ["boom"]}
+    assert typical(faster, [{"error": "a"}, {"error": "b"}]) == {"error": "a"}
+
+
+def _report(results: dict[str, Any]) -> dict[str, Any]:
+    table = ratios(results)
+    return {
+        "started": "2026-11-21 10:00:00",
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "memory_gib": 24,
+            "kernel": "6.18",
+            "disk": "vda",
+            "fio": "fio-3.33",
+            "rclone": "rclone v1.60",
+        },
+        "load_average": {"before": 0.1, "after": 0.2},
+        "caches_dropped": True,
+        "sizes": {"mode": "quick"},
+        "results": results,
+        "ratios": table,
+        "goals": check_goals(table, None),
+    }
+
+
+def test_the_report_shows_each_round_and_judges_the_goals_on_the_median() -> None:
+    results = {
+        "seq1m_j1": {
+            "cold": {"raw": {"value": 1000}, "cachefs": {"value": 600}},
+            "cache-hit": {
+                "raw": {"value": 1000, "rounds": [1200, 1000, 800]},
+                "cachefs": {"value": 850, "rounds": [700, 850, 900]},
+            },
+            "warm": {"raw": {"value": 5000}, "cachefs": {"value": 4400}},
+        }
+    }
+    report = _report(results)
+    goals = {g["goal"]: g for g in report["goals"]}
+    hit = goals["cache-hit seq 1M >= 0.9 x raw"]
+    assert (hit["ratio"], hit["verdict"]) == (0.85, "MISS")
+    assert goals["warm seq 1M >= 0.9 x raw"]["verdict"] == "MISS"  # 0.88
+    assert goals["cold seq 1M >= 0.5 x raw"]["verdict"] == "PASS"
+    assert "known_limit" not in goals["cold seq 1M >= 0.5 x raw"]
+    assert goals["cold seq 1M >= 3 x rclone"]["verdict"] == "n/a"
+    md = markdown(report)
+    assert "Measured 3 times, the targets alternating" in md
+    assert "| seq read 1M, 1 job (MiB/s) | cache-hit | raw | 1,200 / 1,000 / 800 | 1,000 |" in md
+    assert "| seq read 1M, 1 job (MiB/s) | cache-hit | cachefs | 700 / 850 / 900 | 850 |" in md
+    # a miss says what is known to stop it on this machine
+    assert "| warm seq 1M >= 0.9 x raw | 0.88 | MISS: with passthrough the kernel reads" in md
+
+
+def _bench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--targets", "raw,nfs"], "bench: error: unknown targets nfs: choose from raw,"),
+        (["--jobs", "seq9"], "bench: error: unknown jobs seq9: choose from seq1m_j1,"),
+        (["--targets", ","], "bench: error: unknown targets : choose from"),
+    ],
+)
+def test_a_wrong_target_or_job_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    done = _bench(*args, "--workdir", "/nonexistent/never-made")
+    assert done.returncode == 2
+    assert done.stderr.startswith(message)
+    assert done.stderr.count("\n") == 1
+    assert not os.path.exists("/nonexistent/never-made")
+
+
+def test_a_bad_round_count_is_refused() -> None:
+    done = _bench("--rounds", "0", "--workdir", "/nonexistent/never-made")
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "python -m bench: error: argument --rounds: expected a whole number from 1 to 9"
+
+
+def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -> None:
+    """The real thing, small: data made, cachefs mounted and unmounted, fio run,
+    two rounds of seq 1M, the JSON, Markdown and PNG written.  It needs fio and
+    matplotlib, which .ci/setup installs; without them the suite names them."""
+    results = tmp_path / "results"
+    args = ["--quick", "--workdir", str(tmp_path / "work"), "--results", str(results)]
+    args += ["--targets", "raw,cachefs", "--jobs", "seq1m_j1,ttfb", "--no-throttled", "--no-moto"]
+    args += ["--rounds", "2"]
+    if os.geteuid() != 0:
+        args.append("--no-drop-caches")
+    done = _bench(*args)
+    assert done.returncode == 0, done.stderr + done.stdout[-2000:]
+    assert "(round 2 of 2)" in done.stdout
+    report = json.loads((results / "latest-quick.json").read_text())
+    seq = report["results"]["seq1m_j1"]
+    for condition in ("cold", "cache-hit", "warm"):
+        for target in ("raw", "cachefs"):
+            figures = seq[condition][target]
+            assert figures["value"] > 0
+            assert len(figures["rounds"]) == 2
+        counters = seq[condition]["cachefs"]["cachefs_counters"]
+        assert counters["corrupt_from_backend"] == counters["corrupt_in_cache"] == 0
+    # cold reads came from the backend, cache hits from the cache alone
+    assert seq["cold"]["cachefs"]["cachefs_counters"]["bytes_from_backend"] > 0
+    assert seq["cache-hit"]["cachefs"]["cachefs_counters"]["bytes_from_backend"] == 0
+    assert "rounds" not in report["results"]["ttfb"]["cold"]["cachefs"]
+    # Cached whole, the file is read by the kernel itself (as root): never when cold.
+    opens = {c: seq[c]["cachefs"]["cachefs_counters"]["passthrough_opens"] for c in seq}
+    assert opens["cold"] == 0
+    if os.geteuid() == 0 and kernel_has_passthrough():
+        assert opens["cache-hit"] + opens["warm"] > 0
+        assert "Passthrough: in " in (results / "latest-quick.md").read_text()
+    assert (results / "latest-quick.png").stat().st_size > 0
+    md = (results / "latest-quick.md").read_text()
+    assert "| seq read 1M, 1 job (MiB/s) | cold | raw |" in md
+    # nothing left mounted
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(tmp_path) not in mounts

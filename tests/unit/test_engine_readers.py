@@ -1,0 +1,38 @@
+"""The reader threads that serve cache hits from disk."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import trio
+
+from cachefs.engine.hit.threads import ReaderPool
+
+
+async def test_calls_run_off_the_loop_and_return_or_raise():
+    pool = ReaderPool(threads=2)
+    try:
+        assert await pool.run(threading.current_thread) is not threading.current_thread()
+        assert await pool.run(sum, [1, 2, 3]) == 6
+        with pytest.raises(FileNotFoundError):
+            await pool.run(os.stat, "/nonexistent/path")
+    finally:
+        pool.close()
+
+
+async def test_many_concurrent_calls_each_get_their_own_answer():
+    pool = ReaderPool(threads=3)
+    results: dict[int, int] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await pool.run(lambda x: x * x, i)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(one, i)
+    finally:
+        pool.close()
+    assert results == {i: i * i for i in range(50)}
