@@ -19,18 +19,10 @@ import trio
 from backends.faulty import load_rules
 from backends.trace import open_trace
 from cachefs.cli import s3options
-from cachefs.daemon.serve import (
-    LOG_NAME,
-    MountOptions,
-    Readiness,
-    check_fuse,
-    check_mountpoint,
-    default_cache_dir,
-    normalize_source,
-    prepare_cache_dir,
-    run_mount,
-    spawn_daemon,
-)
+from cachefs.daemon.checks import check_fuse, check_mountpoint, prepare_cache_dir
+from cachefs.daemon.options import MountOptions, default_cache_dir, normalize_source
+from cachefs.daemon.serve import LOG_NAME, run_mount
+from cachefs.daemon.spawn import Readiness, spawn_daemon
 from cachefs.engine import CacheConfig
 from cachefs.engine.state.crypto import read_key_material
 from cachefs.errors import CacheFSError, ConfigError

@@ -28,7 +28,8 @@ from cachefs.control.protocol import (
     request,
     serve_control,
 )
-from cachefs.daemon.serve import check_fuse, default_cache_dir
+from cachefs.daemon.checks import check_fuse
+from cachefs.daemon.options import default_cache_dir
 from cachefs.errors import CacheDirInUse, ConfigError, RemoteError
 
 if TYPE_CHECKING:

@@ -19,7 +19,9 @@ import pytest
 import trio
 
 from cachefs.control.protocol import mount_at
-from cachefs.daemon.serve import MountOptions, prepare_cache_dir, run_mount
+from cachefs.daemon.checks import prepare_cache_dir
+from cachefs.daemon.options import MountOptions
+from cachefs.daemon.serve import run_mount
 from cachefs.engine import CacheConfig
 from cachefs.fuse import (
     DirReply,

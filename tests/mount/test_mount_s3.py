@@ -22,7 +22,7 @@ from conftest import assert_one_line_error, pread_direct, sha256, wait_for
 from backends.trace import read_trace
 from cachefs.cli.main import _daemon_argv, build_parser, mount_options
 from cachefs.cli.s3options import cache_identity
-from cachefs.daemon.serve import default_cache_dir
+from cachefs.daemon.options import default_cache_dir
 
 if TYPE_CHECKING:
     from conftest import MountFactory

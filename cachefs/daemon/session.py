@@ -1,0 +1,99 @@
+"""The FUSE session's life in the daemon: mounted, served, stopped gently, then by cancellation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+import trio
+
+from cachefs import fuse
+from cachefs.control.protocol import SUBTYPE, fsname_for, serve_control
+from cachefs.daemon.commands import ControlCommands
+from cachefs.daemon.options import MountOptions
+from cachefs.daemon.tuning import tune_when_initialized
+from cachefs.engine import FileCache
+from cachefs.fs.inodes import Namespace
+from cachefs.fs.operations import KernelInvalidator, Operations
+
+log = logging.getLogger(__name__)
+
+#: Requests in flight get this long to finish after an unmount was asked for.
+UNMOUNT_GRACE = 10.0
+
+
+class _Session:
+    """The FUSE session's life: mounting, and stopping gently, then by cancellation."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.fuse: fuse.Session | None = None
+        self.stopping = False
+
+    def serve(self, session: fuse.Session) -> None:
+        self.fuse = session
+        self._nursery.start_soon(self._run_fuse, session)
+
+    def stop(self) -> None:
+        if self.stopping or self.fuse is None:
+            self._nursery.cancel_scope.cancel()
+            return
+        self.stopping = True
+        self.fuse.stop()
+        self._nursery.start_soon(self._cancel_after_grace)
+
+    async def _cancel_after_grace(self) -> None:
+        await trio.sleep(UNMOUNT_GRACE)
+        log.warning("requests still running %.0f s after unmount: cancelling them", UNMOUNT_GRACE)
+        self._nursery.cancel_scope.cancel()
+
+    async def _run_fuse(self, session: fuse.Session) -> None:
+        await session.serve()
+        log.info("file system loop ended")
+        self._nursery.cancel_scope.cancel()
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                self.stop()
+
+
+async def serve_fuse(
+    opts: MountOptions,
+    cache: FileCache,
+    namespace: Namespace,
+    invalidator: KernelInvalidator,
+    on_ready: Callable[[], None],
+) -> None:
+    connection: fuse.Connection | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            session = _Session(nursery)
+            nursery.start_soon(session.watch_signals)
+            commands = ControlCommands(
+                cache,
+                namespace,
+                source=opts.source,
+                mountpoint=opts.mountpoint,
+                stop=session.stop,
+                invalidate=invalidator.drop_pages,
+            )
+            # The control socket first: once the mount is visible, it answers.
+            await nursery.start(serve_control, opts.cache_dir, commands)
+            initialized = trio.Event()
+            connection = await fuse.mount(opts.mountpoint, fsname_for(opts.cache_dir), SUBTYPE)
+            ops = Operations(namespace, cache, connection, on_init=initialized.set)
+            # Registering a backing file needs CAP_SYS_ADMIN: offered as root only.
+            passthrough = opts.passthrough and os.geteuid() == 0
+            session.serve(fuse.Session(ops, connection, passthrough=passthrough))
+            await nursery.start(invalidator.serve, namespace, connection.invalidate_inode)
+            await tune_when_initialized(opts, initialized)
+            log.info("mounted %s on %s (cache %s)", opts.source, opts.mountpoint, opts.cache_dir)
+            on_ready()
+    finally:
+        if connection is not None:
+            connection.close()
+            log.info("unmounted %s", opts.mountpoint)
