@@ -29,6 +29,8 @@ class MountOptions:
     key_file: Path | None = None
     #: let the kernel read whole cached files by itself (FUSE passthrough)
     passthrough: bool = True
+    #: the FUSE transport: "native" (cachefs's own, with passthrough) or "pyfuse3"
+    fuse: str = "native"
 
 
 def normalize_source(source: str) -> str:
