@@ -1,8 +1,30 @@
-"""cachefs: a FUSE mount served from a persistent block cache over pluggable backends."""
+"""cachefs: a FUSE mount served from a persistent block cache over pluggable backends.
+
+The public API: the ReadData contract a backend implements (``Backend``,
+``ReadData``, ``RWEvent``, ``RWResult``, ...), the cache engine
+(``FileCache``, ``open_file_cache``) and the errors.  The layers below it,
+each importing only the ones after it (checked by ``lint-imports``):
+
+- ``cachefs.cli``: the ``cachefs`` command, one module per command family
+- ``cachefs.daemon``: the mount daemon, the one place that wires the rest
+- ``cachefs.control``: a mount's control socket (protocol, server, client)
+- ``cachefs.fs``: the file system over the engine; knows no FUSE transport
+- ``cachefs.fuse``: transports that drive fs (``native``, ``pyfuse3``)
+- ``cachefs.engine``: the block cache (disk state, hit path, miss path, policy)
+- ``cachefs.contract``: what backends implement (``backends/`` holds them)
+- ``cachefs._linux``: syscall helpers
+
+The engine is imported on first use of its names, so that a backend importing
+``cachefs.contract`` loads neither the engine nor ``cryptography``.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from cachefs.contract import (
     Backend,
     ContentInfo,
+    ContentInfoSource,
+    ContentInfoStore,
     DirEntry,
     FileAttrs,
     FileKind,
@@ -10,7 +32,6 @@ from cachefs.contract import (
     RWEvent,
     RWResult,
 )
-from cachefs.engine import CacheConfig, FileCache, OpenFile, open_file_cache
 from cachefs.errors import (
     AccessDenied,
     BadKey,
@@ -41,6 +62,8 @@ __all__ = [
     "BadKey",
     "Backend",
     "ContentInfo",
+    "ContentInfoSource",
+    "ContentInfoStore",
     "CorruptData",
     "CacheConfig",
     "CacheDirError",
@@ -72,3 +95,18 @@ __all__ = [
     "VersionGone",
     "open_file_cache",
 ]
+
+if TYPE_CHECKING:
+    from cachefs.engine import CacheConfig, FileCache, OpenFile, open_file_cache
+
+_ENGINE = frozenset({"CacheConfig", "FileCache", "OpenFile", "open_file_cache"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ENGINE:
+        import cachefs.engine
+
+        value = getattr(cachefs.engine, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cachefs' has no attribute {name!r}")

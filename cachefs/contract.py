@@ -198,12 +198,9 @@ class Backend(Protocol):
     through ``result_code`` and should not raise; if it does, the call is
     treated as FAILURE.
 
-    Optional: ``content_info(file_id) -> ContentInfo | None`` (what the
-    source publishes for the file; None if nothing), and for ``cachefs
-    publish``: ``put_content_info(file_id, info)``,
-    ``delete_content_info(file_id)`` and ``content_info_ids()`` (the file
-    ids that have a record).  The cache checks every block against the
-    content information before serving it.
+    Optional capabilities are the Protocols below (:class:`ContentInfoSource`,
+    :class:`ContentInfoStore`): a backend has one when it has its methods,
+    and the cache checks that once, when it opens the backend.
     """
 
     async def stat(self, file_id: str) -> FileAttrs | None: ...
@@ -217,3 +214,29 @@ class Backend(Protocol):
     async def read_data(self, req: ReadData) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ContentInfoSource(Protocol):
+    """A backend that publishes content information beside its files.
+
+    ``content_info`` returns what the source holds for *file_id* (None if
+    nothing).  The cache checks every block against it before serving it,
+    and ignores it for any other version or block size.
+    """
+
+    async def content_info(self, file_id: str) -> ContentInfo | None: ...
+
+
+@runtime_checkable
+class ContentInfoStore(ContentInfoSource, Protocol):
+    """A backend ``cachefs publish`` can write content information to.
+
+    ``content_info_ids`` lists the file ids that have a record.
+    """
+
+    async def put_content_info(self, file_id: str, info: ContentInfo) -> None: ...
+
+    async def delete_content_info(self, file_id: str) -> None: ...
+
+    async def content_info_ids(self) -> list[str]: ...
