@@ -142,6 +142,21 @@ class Rig:
             yield cache
 
 
+def record_made(monkeypatch: Any, module: object, name: str) -> list[Any]:
+    """What the factory ``module.name`` makes from now on, as it makes it:
+    how a test gets hold of one of the engine's parts without reaching
+    into the engine."""
+    made: list[Any] = []
+    real = getattr(module, name)
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(module, name, make)
+    return made
+
+
 def read_request(
     file_id: str,
     position: int,

@@ -4,10 +4,8 @@ A direct read is handed to the disk as one segment per physically
 contiguous piece of its buffer: in 4 KiB pages a 1 MiB read is 256 of
 them.  A virtio disk without indirect descriptors (the Firecracker VMs the
 benchmarks run on have none) then holds one such request at a time and
-requeues the next until it is done (ftrace: every block request issued
-twice, queue depth 1.0-1.3).  In 2 MiB pages the same read is one segment
-and several are in flight (queue depth 2.5-3); cold sequential reads went
-from 0.89-1.08 to 1.19-1.30 GB/s, A/B in the same minutes.
+requeues the next until it is done (every block request issued twice).
+In 2 MiB pages the same read is one segment and several are in flight.
 
 MADV_HUGEPAGE asks for them where transparent huge pages are "madvise" or
 "always".  Where they are "never", or no 2 MiB page is free, the kernel

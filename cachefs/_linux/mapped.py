@@ -4,8 +4,8 @@ A large hit of plain, already checked blocks whose pages are all in the
 page cache is handed to the FUSE session as a memoryview of a read-only shared
 mapping of the data file: the reply's writev copies from the page cache
 straight into the kernel's FUSE pages.  That saves copying into a Python
-buffer and zeroing that buffer first, about a third of the daemon's CPU on
-1 MiB cache hits (perf: 25% in the copy, 5% in memset).
+buffer and zeroing that buffer first, a large share of the daemon's CPU on
+large cache hits.
 
 Whether every page is resident is asked of cachestat(2) (Linux 6.5) by
 the hit path, so the reply never waits for the disk on the loop; where the
@@ -23,8 +23,8 @@ Why a view is safe to hand out:
   cache file under a mounted cache would kill the daemon with SIGBUS).
 * A retired (unlinked) data file stays mapped until its last view is gone.
 * Each view maps only its own bytes and is unmapped when dropped, so the
-  daemon's resident set stays small (one mapping of the whole file kept
-  1 GiB of page cache counted as the daemon's RSS after one pass).
+  daemon's resident set stays small (one mapping of the whole file would
+  count every page cache page it served as the daemon's).
 """
 
 from __future__ import annotations

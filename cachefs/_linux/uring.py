@@ -3,13 +3,11 @@
 A hit whose bytes are not in the page cache waits for the disk.  Through a
 reader thread that wait costs two cross-thread wake-ups and a GIL hand-off
 each way; through io_uring the loop submits the read itself and the ring's
-eventfd wakes it when the read is done.  Measured on 4 KiB random reads of
-a 1 GiB file, page cache dropped, four concurrent readers: 94 us of CPU
-per read through the thread pool, 25 us through the ring.
+eventfd wakes it when the read is done, at a fraction of the CPU per read.
 
 Where the ring is not to be had (no liburing wheel, an old kernel, a
 sandbox that refuses io_uring, ``kernel.io_uring_disabled``) :func:`open_ring`
-returns None and hits keep using the :class:`~cachefs.engine.hit.threads.ReaderPool`.
+returns None and hits keep using reader threads.
 
 Policy: a read in flight is not cancelled (a pread is short, as in the
 pool); its buffer stays referenced until the kernel has answered, so the

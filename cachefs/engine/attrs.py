@@ -10,13 +10,13 @@ the caller gets the error.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import trio
 
 from cachefs.contract import Backend, DirEntry, FileAttrs, FileKind
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.index import CachedFile
+from cachefs.engine.stats import Stats
 from cachefs.errors import (
     AccessDenied,
     NotFound,
@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 
 
 class Attributes:
-    def __init__(
-        self, backend: Backend, catalog: Catalog, ttl: float, counters: dict[str, Any]
-    ) -> None:
+    """What the backend says the source holds, kept for ``ttl`` seconds."""
+
+    def __init__(self, backend: Backend, catalog: Catalog, ttl: float, stats: Stats) -> None:
         self._backend = backend
         self._catalog = catalog
         self._ttl = ttl
-        self._counters = counters
+        self._stats = stats
         self._listings: dict[str, list[DirEntry]] = {}
 
     async def getattr(self, file_id: str) -> FileAttrs:
@@ -67,7 +67,7 @@ class Attributes:
             if known is None:
                 raise TransientFailure(f"{file_id or '/'}: stat failed: {e}") from None
             log.warning("stat of %s failed (%s): serving the cached version", file_id, e)
-            self._counters["stale_served"] += 1
+            self._stats.stale_served += 1
             return known
         if attrs is None:
             cat.forget(file_id)
@@ -98,7 +98,7 @@ class Attributes:
         except ReadFailed:
             if dir_id not in self._listings:
                 raise
-            self._counters["stale_served"] += 1
+            self._stats.stale_served += 1
             return self._listings[dir_id]
         self._listings[dir_id] = entries
         prefix = f"{dir_id}/" if dir_id else ""
@@ -110,6 +110,7 @@ class Attributes:
         return entries
 
     async def current(self, file_id: str) -> CachedFile:
+        """The version of *file_id* the cache serves now (revalidated past the TTL)."""
         attrs = await self.getattr(file_id)
         cf = self._catalog.files.get(file_id)
         if cf is None or attrs.kind is not FileKind.FILE:

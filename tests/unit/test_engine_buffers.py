@@ -7,7 +7,8 @@ import ctypes
 from dataclasses import replace
 from pathlib import Path
 
-from enginerig import BS, CONFIG, Rig, read_sequential
+import pytest
+from enginerig import BS, CONFIG, Rig, read_sequential, record_made
 
 from backends.memory import MemoryBackend
 from backends.wrapper import Wrapper
@@ -15,7 +16,8 @@ from cachefs import open_file_cache
 from cachefs._linux import hugepages
 from cachefs._linux.pagecache import PAGE
 from cachefs.contract import ReadData
-from cachefs.engine.miss.fetch import Buffers
+from cachefs.engine.miss import fetch
+from cachefs.engine.miss.buffers import Buffers
 
 FILES = {f"f{i}.bin": bytes([i]) * (16 * BS) for i in range(3)}
 
@@ -33,7 +35,10 @@ class Recording(Wrapper):
         await self.inner.read_data(req)
 
 
-async def test_fetch_buffers_are_aligned_reused_bounded_and_let_go(tmp_path: Path) -> None:
+async def test_fetch_buffers_are_aligned_reused_bounded_and_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = record_made(monkeypatch, fetch, "Buffers")
     backend = Recording(MemoryBackend(FILES))
     config = replace(CONFIG, max_fetches=2, max_fetch=2 * BS, max_readahead=8 * BS)
     async with open_file_cache(backend, tmp_path, config) as cache:
@@ -42,7 +47,7 @@ async def test_fetch_buffers_are_aligned_reused_bounded_and_let_go(tmp_path: Pat
         assert len(backend.starts) >= 3 * 8  # 16 blocks a file, 2 a call
         assert all(start % PAGE == 0 for start in backend.starts)
         assert len(set(backend.starts)) <= 2  # one buffer per fetch in flight, reused
-        buffers = cache._runner.buffers
+        [buffers] = made
         assert 1 <= buffers.kept <= 2
         buffers.trim()  # a fetch since the last trim: kept
         assert buffers.kept >= 1

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import cached_pages, evict_page_cache
-from enginerig import BS, Rig, read_at, read_sequential
+from enginerig import BS, Rig, read_at, read_sequential, record_made
 
+from cachefs._linux import fileio
 from cachefs._linux.hugepages import Slots
 from cachefs._linux.uring import Ring
 from cachefs.engine import FileCache, OpenFile
@@ -89,7 +90,7 @@ async def test_a_chunk_tampered_with_on_disk_is_never_served_from_a_direct_read(
         await cached_cold(rig, cache)
         path = data_file(rig)
         # One byte of block 3's ciphertext, or of its nonce and tag in the table after the data.
-        at = 3 * BS + 17 if where == "ciphertext" else store.page_end(len(DATA)) + 3 * 28 + 20
+        at = 3 * BS + 17 if where == "ciphertext" else fileio.page_end(len(DATA)) + 3 * 28 + 20
         with open(path, "r+b") as f:
             f.seek(at)
             byte = f.read(1)
@@ -118,10 +119,11 @@ async def test_a_sequential_reader_finds_its_next_bytes_already_read(
         return await real(ring, fd, view, offset)
 
     monkeypatch.setattr(Ring, "read_into", read_into)
+    made = record_made(monkeypatch, direct, "Slots")
     rig = Rig(tmp_path, FILES)
     async with rig.engine(key) as cache:
         await cached_cold(rig, cache)
-        slots = cache._hits.direct.slots
+        [slots] = made
         fh = await cache.open("big.bin")
         try:
             got = [await cache.read(fh, 0, 2 * BS)]
@@ -162,9 +164,10 @@ async def test_reads_of_whole_pages_only_are_read_ahead(tmp_path: Path) -> None:
 
 @KEYS
 async def test_bytes_read_ahead_of_a_replaced_version_go_to_its_handle_only(
-    tmp_path: Path, key: bytes | None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: bytes | None
 ) -> None:
     new = bytes(b ^ 0x5A for b in DATA)
+    made = record_made(monkeypatch, direct, "Slots")
     rig = Rig(tmp_path, FILES)
     async with rig.engine(key, ttl=0) as cache:
         await cached_cold(rig, cache)
@@ -181,7 +184,8 @@ async def test_bytes_read_ahead_of_a_replaced_version_go_to_its_handle_only(
             assert await read_sequential(cache, "big.bin") == new
         finally:
             await cache.close(fh)
-        assert cache._hits.direct.slots.out == 0
+        [slots] = made
+        assert slots.out == 0
 
 
 async def read_sequential_from(cache: FileCache, fh: OpenFile, offset: int) -> bytes:
@@ -195,10 +199,11 @@ async def test_a_buffer_is_reused_only_once_every_view_of_it_is_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(direct, "SLOTS", 2)
+    made = record_made(monkeypatch, direct, "Slots")
     rig = Rig(tmp_path, FILES)
     async with rig.engine() as cache:
         await cached_cold(rig, cache)
-        slots = cache._hits.direct.slots
+        [slots] = made
         # Each read on a fresh handle, away from 0: none is sequential, none reads ahead.
         first = await read_at(cache, "big.bin", BS, 2 * BS)
         assert isinstance(first, memoryview)

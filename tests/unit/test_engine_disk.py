@@ -18,6 +18,7 @@ import trio
 from enginerig import BS, Rig, read_at, read_sequential
 
 from cachefs import CacheDiskFailed
+from cachefs._linux import fileio
 from cachefs.engine.hit import reader as hits
 from cachefs.engine.state import catalog, store
 from cachefs.engine.state.disk import CacheDisk
@@ -41,7 +42,7 @@ async def test_a_full_cache_disk_serves_the_fetched_bytes_and_recovers(
     rig = Rig(tmp_path, {"f": DATA, "g": OTHER})
     async with rig.engine(disk_probe_interval=PROBE) as cache:
         with monkeypatch.context() as patch:
-            patch.setattr(store, "_pwrite_all", failing(errno.ENOSPC))
+            patch.setattr(fileio, "pwrite_all", failing(errno.ENOSPC))
             with caplog.at_level(logging.WARNING, logger="cachefs"):
                 assert await read_sequential(cache, "f") == DATA
             stats = cache.statistics()
@@ -75,7 +76,7 @@ async def test_a_cache_disk_that_fails_to_read_falls_back_to_the_source(tmp_path
         with monkeypatch.context() as patch:
             for name in ("read_nowait", "pread_into"):
                 patch.setattr(hits, name, failing(errno.EIO))
-            patch.setattr(store, "_pwrite_all", failing(errno.EIO))
+            patch.setattr(fileio, "pwrite_all", failing(errno.EIO))
             assert await read_sequential(cache, "f") == DATA
             assert "Input/output error" in cache.statistics()["cache_disk_error"]
             assert rig.reads()  # from the source

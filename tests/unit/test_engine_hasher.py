@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.engine.hit.threads import ReaderPool
 from cachefs.engine.miss import hasher
+from cachefs.engine.state.threads import ReaderPool
 from tests.enginerig import BS, Rig, read_at, read_sequential
 
 DATA = random.Random(23).randbytes(6 * BS + 321)
@@ -62,7 +62,7 @@ async def test_blocks_not_yet_hashed_are_committed_as_absent_and_fetched_again(
     async with rig.engine(flush_interval=3600) as cache:
         assert await read_sequential(cache, "f") == DATA
         assert cache.statistics()["unhashed_blocks"] == 7
-        await cache.catalog.flush(cache.disk_limiter)  # the periodic flush: no waiting
+        await cache.commit()  # the periodic flush: no waiting for the hasher
         assert present_in_index(rig.cache_dir, "f") == b"\x00" * 7
     assert stalled
     rig.reads()

@@ -10,7 +10,7 @@ from enginerig import Rig
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachefs.engine.filecache import MAX_REPLANS
+from cachefs.engine.miss.reads import MAX_REPLANS
 
 BS = 4096
 

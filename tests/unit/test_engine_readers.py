@@ -8,7 +8,7 @@ import threading
 import pytest
 import trio
 
-from cachefs.engine.hit.threads import ReaderPool
+from cachefs.engine.state.threads import ReaderPool
 
 
 async def test_calls_run_off_the_loop_and_return_or_raise():

@@ -21,7 +21,8 @@ from conftest import evict_page_cache
 
 from cachefs._linux import mapped, pagecache, uring
 from cachefs._linux.uring import Ring, open_ring
-from tests.enginerig import BS, Rig, read_at, read_sequential
+from cachefs.engine import wiring
+from tests.enginerig import BS, Rig, read_at, read_sequential, record_made
 
 FILES = {"a.bin": random.Random(7).randbytes(5 * BS + 123), "b.bin": b"x" * (2 * BS)}
 
@@ -176,11 +177,12 @@ async def test_a_ring_that_fails_to_submit_hands_over_to_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rig = Rig(tmp_path, FILES)
+    rings = record_made(monkeypatch, wiring, "open_ring")
     async with rig.engine() as cache:
         assert await read_sequential(cache, "a.bin") == FILES["a.bin"]
         await cache.flush()
         evict_page_cache(rig.cache_dir / "data")
-        ring = cache._ring
+        [ring] = rings
         assert ring is not None
 
         class Failing:

@@ -3,25 +3,23 @@
 Why they bypass the page cache: the kernel keeps what it replies in the
 FUSE file's own pages, so the data file's pages would be a second copy of
 the same bytes, filled by a copy of its own, in fresh memory.  And the data
-file's readahead is not the reader's: reading 1 MiB requests through it
-kept the disk at queue depth 1.0-1.5.  Read direct, each request is a disk
-read of its own into a huge-page buffer (:mod:`cachefs._linux.hugepages`)
-lent to the reply, and comes back when the reply is done with it.
+file's readahead is not the reader's: it keeps the disk at a low queue
+depth.  Read direct, each request is a disk read of its own into a
+huge-page buffer (:mod:`cachefs._linux.hugepages`) lent to the reply, and
+comes back when the reply is done with it.
 
 Why ahead: the kernel asks for a sequential reader's next window only once
 the reader is into the current one, so the disk, which answers a window's
-requests together, would sit idle while they are replied to and copied
-(ftrace: 48% busy against 59% for the raw file).  A handle reading
-sequentially therefore keeps AHEAD bytes past the furthest request read
-too; a request for bytes already on their way waits for that read.
+requests together, would sit idle while they are replied to and copied.  A
+handle reading sequentially therefore keeps AHEAD bytes past the furthest
+request read too; a request for bytes already on their way waits for that
+read.
 
 Encrypted, the same reads bring the ciphertext, and the chunks' nonces and
 tags come from the table after the data (through the page cache: 28 bytes
 per 64 KiB); the chunks are opened in place, on the loop, as soon as the
-disk is done (AES-GCM holds the GIL whatever thread runs it, and a copy and
-an open cost about 0.2 ms per MiB).  A chunk that does not open fails its
-block, which is fetched again.  Encrypted cache-hit seq 1 MiB went from
-0.8-1.05 to 1.05-1.35 GB/s, and from 1.0-1.4 to 0.6 s of CPU per GiB.
+disk is done (AES-GCM holds the GIL whatever thread runs it).  A chunk that
+does not open fails its block, which is fetched again.
 
 Every direct read of a handle, asked for or ahead, is a :class:`_Read` in
 its stream until a request claims it; one that no request will claim
@@ -36,21 +34,19 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Final, Protocol
 
 import trio
 
+from cachefs._linux.fileio import page_end
 from cachefs._linux.hugepages import Slots
 from cachefs._linux.pagecache import PAGE, cached_pages
 from cachefs._linux.uring import Ring
-from cachefs.engine.hit.threads import ReaderPool
 from cachefs.engine.policy.content import Content
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.index import CachedFile
-from cachefs.engine.state.store import DataFile, page_end
-
-if TYPE_CHECKING:
-    from cachefs.engine.filecache import OpenFile
+from cachefs.engine.state.store import DataFile
+from cachefs.engine.state.threads import ReaderPool
 
 # Hits from this size up (page-aligned, none of their pages cached) are read
 # O_DIRECT: sequential readers' requests (the kernel's FUSE readahead sends
@@ -62,8 +58,13 @@ AHEAD = 8 << 20
 # read_ahead_kb out), AHEAD, and replies being sent; each as large as a
 # FUSE request gets.
 SLOTS, SLOT_SIZE = 32, 1 << 20
-# What serve answers when a read cannot go this way: serve it another way.
-NOT_DIRECT = object()
+
+
+class NotDirect:
+    """What serve answers when a read cannot go this way: serve it another way."""
+
+
+NOT_DIRECT: Final = NotDirect()
 
 
 class _Read:
@@ -98,6 +99,15 @@ class Stream:
         self.frontier = 0
 
 
+class Handle(Protocol):
+    """What the hit path keeps in an open handle (engine.OpenFile)."""
+
+    #: The version's data file, held from the handle's first hit on.
+    data: DataFile | None
+    #: Its direct reads, once it made one.
+    direct: Stream | None
+
+
 class DirectReader:
     def __init__(
         self,
@@ -127,8 +137,8 @@ class DirectReader:
         return data.key is None or end % data.chunk == 0 or end == data.size
 
     async def serve(
-        self, fh: OpenFile, cf: CachedFile, offset: int, end: int, sequential: bool
-    ) -> memoryview | None | object:
+        self, fh: Handle, cf: CachedFile, offset: int, end: int, sequential: bool
+    ) -> memoryview | NotDirect | None:
         """Bytes [offset, end) in a lent buffer; None as for HitReader.serve;
         NOT_DIRECT when this read cannot go this way (no free buffer, no O_DIRECT)."""
         data = fh.data
@@ -173,7 +183,7 @@ class DirectReader:
             if not lent:
                 self._drop(read)  # cancelled while the disk reads: not given back yet
 
-    def forget(self, fh: OpenFile) -> None:
+    def forget(self, fh: Handle) -> None:
         """Drop what *fh* read ahead (closed, or reading elsewhere)."""
         stream = fh.direct
         if stream is not None:
@@ -183,7 +193,7 @@ class DirectReader:
             stream.frontier = 0
 
     def _read_ahead(
-        self, fh: OpenFile, stream: Stream, cf: CachedFile, data: DataFile, end: int, n: int
+        self, fh: Handle, stream: Stream, cf: CachedFile, data: DataFile, end: int, n: int
     ) -> None:
         """Start reads of n bytes each from the stream's frontier to AHEAD past *end*."""
         if n % _align(data):

@@ -17,26 +17,23 @@ chunks opened in the buffer they were read into.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import trio
 
+from cachefs._linux.fileio import pread_into, read_nowait
 from cachefs._linux.mapped import MAP_MIN, map_range
 from cachefs._linux.pagecache import cached_pages, pages_in
 from cachefs._linux.uring import Ring
-from cachefs.engine.hit.direct import DIRECT_MIN, NOT_DIRECT, DirectReader
-from cachefs.engine.hit.threads import ReaderPool
+from cachefs.engine.hit.direct import DIRECT_MIN, DirectReader, Handle, NotDirect
 from cachefs.engine.policy.content import Content
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.disk import CacheDisk
 from cachefs.engine.state.index import CachedFile
-from cachefs.engine.state.store import pread_into, read_nowait
-
-if TYPE_CHECKING:
-    from cachefs.engine.filecache import OpenFile
+from cachefs.engine.state.threads import ReaderPool
 
 
 class HitReader:
+    """Serves present blocks; :meth:`close` when the cache closes (its threads)."""
+
     def __init__(
         self,
         catalog: Catalog,
@@ -71,11 +68,11 @@ class HitReader:
         """Let the direct-read buffers go if a whole period went by without one."""
         self.direct.slots.trim()
 
-    def forget(self, fh: OpenFile) -> None:
+    def forget(self, fh: Handle) -> None:
         """*fh* is closed: drop what was read ahead for it."""
         self.direct.forget(fh)
 
-    def _fd(self, fh: OpenFile, cf: CachedFile) -> int | None:
+    def _fd(self, fh: Handle, cf: CachedFile) -> int | None:
         """The fd of *fh*'s data file, held by the handle from its first hit
         on; None if the file lost what it held (its blocks are fetched again)."""
         data = fh.data
@@ -90,7 +87,7 @@ class HitReader:
         return data.fd
 
     async def serve(
-        self, fh: OpenFile, cf: CachedFile, offset: int, end: int, sequential: bool = False
+        self, fh: Handle, cf: CachedFile, offset: int, end: int, sequential: bool = False
     ) -> bytearray | memoryview | None:
         """Bytes [offset, end) of present blocks from the data file, or None.
 
@@ -112,7 +109,7 @@ class HitReader:
             return None
 
     async def _serve(
-        self, fh: OpenFile, cf: CachedFile, offset: int, end: int, sequential: bool
+        self, fh: Handle, cf: CachedFile, offset: int, end: int, sequential: bool
     ) -> bytearray | memoryview | None:
         bs = self._block_size
         first, last = offset // bs, (end - 1) // bs
@@ -134,14 +131,14 @@ class HitReader:
             elif self.direct.wants(data, n, offset, cached):
                 if not await self._synced(cf, first, last):
                     return None
-                got = await self.direct.serve(fh, cf, offset, end, sequential)
-                if got is not NOT_DIRECT:
-                    return got  # type: ignore[return-value]
+                lent = await self.direct.serve(fh, cf, offset, end, sequential)
+                if not isinstance(lent, NotDirect):
+                    return lent
         buf = bytearray(n)
         # With disk reads already in flight, the page cache is likely cold:
         # straight to the ring's kernel workers, keeping the disk's submission
-        # cost off the loop (+20-27% IOPS, 4 random readers).  Alone, a read
-        # tries the page cache first and is issued inline: lower latency.
+        # cost off the loop.  Alone, a read tries the page cache first and is
+        # issued inline: lower latency.
         ring = self._ring
         offload = ring is not None and ring.usable and ring.in_flight > 0
         got = 0 if offload else read_nowait(fd, buf, offset)
@@ -204,7 +201,7 @@ class HitReader:
         return got
 
     async def _serve_checked(
-        self, fh: OpenFile, cf: CachedFile, offset: int, end: int, sequential: bool
+        self, fh: Handle, cf: CachedFile, offset: int, end: int, sequential: bool
     ) -> bytearray | memoryview | None:
         """Like serve, reading whole blocks: opened (encrypted) and checked, or None.
 
@@ -224,9 +221,9 @@ class HitReader:
             if self.direct.wants(data, n, offset, cached_pages(fd, offset, n)):
                 if not await self._synced(cf, first, last):
                     return None
-                got = await self.direct.serve(fh, cf, offset, end, sequential)
-                if got is not NOT_DIRECT:
-                    return got  # type: ignore[return-value]
+                lent = await self.direct.serve(fh, cf, offset, end, sequential)
+                if not isinstance(lent, NotDirect):
+                    return lent
         if not await self._synced(cf, first, last):
             return None
         data.acquire()

@@ -17,22 +17,35 @@ opened, as readers of a local file replaced by rename do.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from cachefs.contract import FileAttrs
 from cachefs.engine.policy.content import Content
 from cachefs.engine.state.catalog import Catalog
+from cachefs.engine.state.disk import CacheDisk
 from cachefs.engine.state.index import CachedFile
+from cachefs.engine.stats import Stats
 
-if TYPE_CHECKING:
-    from cachefs.engine.filecache import OpenFile
+
+class Handle(Protocol):
+    """What a hold on a whole file needs of an open handle (engine.OpenFile)."""
+
+    #: The version the handle reads, and its attributes at open.
+    cf: CachedFile
+    attrs: FileAttrs
+    #: The file held whole for the handle, if it is.
+    whole: CachedFile | None
 
 
 class WholeFiles:
-    """Holds on whole files; ``held`` counts the handles holding one now."""
+    """Holds on whole files; ``held`` counts the handles holding one now
+    (``Stats.passthrough_opens`` those that the kernel was given)."""
 
-    def __init__(self, catalog: Catalog, content: Content) -> None:
+    def __init__(self, catalog: Catalog, content: Content, disk: CacheDisk, stats: Stats) -> None:
         self._catalog = catalog
         self._content = content
+        self._disk = disk
+        self._stats = stats
         self.held = 0
 
     def qualifies(self, cf: CachedFile | None, version: str) -> bool:
@@ -44,7 +57,27 @@ class WholeFiles:
             return False
         return not self._content.must_check(cf, 0, len(cf.present) - 1)
 
-    def hold(self, fh: OpenFile) -> int | None:
+    def open_for_kernel(self, fh: Handle) -> int | None:
+        """Like :meth:`hold`, counted in ``passthrough_opens``; None while the
+        cache disk is latched (the kernel would meet its errors) or fails now."""
+        if not self._disk.usable:
+            return None
+        try:
+            fd = self.hold(fh)
+        except OSError as e:
+            self._disk.failed("opening a cache data file", e)
+            return None
+        if fd is not None:
+            self._stats.passthrough_opens += 1
+        return fd
+
+    def let_go(self, fh: Handle) -> None:
+        """Give back what :meth:`open_for_kernel` held for *fh* (unused)."""
+        if fh.whole is not None:
+            self.release(fh)
+            self._stats.passthrough_opens -= 1
+
+    def hold(self, fh: Handle) -> int | None:
         """The fd of the data file holding all of *fh*'s version, held until
         :meth:`release`; None if the file does not qualify."""
         if fh.whole is not None:
@@ -65,7 +98,7 @@ class WholeFiles:
         self._catalog.touch(cf, 0, len(cf.present) - 1)
         return fd
 
-    def release(self, fh: OpenFile) -> None:
+    def release(self, fh: Handle) -> None:
         cf = fh.whole
         if cf is None:
             return

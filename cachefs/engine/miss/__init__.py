@@ -1,5 +1,5 @@
 """The miss path.
 
-ReadData transfers, readahead, hashing fetched blocks, data supplied from
-elsewhere.
+Reads that miss, ReadData transfers and calls, storing blocks, readahead,
+hashing fetched blocks, data supplied from elsewhere.
 """

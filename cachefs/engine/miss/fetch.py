@@ -10,39 +10,30 @@ FILE_FAILURE latches the file; PERMANENT_FAILURE latches the storage.
 Bytes that do not match the file's content information are not stored and
 count as a FAILURE (retried, then EIO).
 
-Every call is pinned to one version (``ReadData.version``) and made through
-that version's own backend context, so a context opened on one version
-(a local file's inode) is never moved to another.  A version no longer
+Calls go through :class:`~cachefs.engine.miss.source.Source` (one backend
+context per version), blocks into the cache through
+:class:`~cachefs.engine.miss.writer.BlockWriter`.  A version no longer
 current (retired) is read without storing: into the reader's buffer only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import mmap
-from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cachefs._linux.hugepages import anonymous
 from cachefs.contract import ReadData, RWResult
 from cachefs.engine.attrs import denied
+from cachefs.engine.config import CacheConfig
+from cachefs.engine.miss.buffers import Buffers
+from cachefs.engine.miss.source import Source
 from cachefs.engine.miss.transfers import Kind, Transfer
-from cachefs.engine.state.disk import DiskError
+from cachefs.engine.miss.writer import BlockWriter
+from cachefs.engine.policy.content import Content
 from cachefs.engine.state.index import CachedFile
-from cachefs.engine.state.store import NO_HASH
-from cachefs.errors import (
-    CacheDiskFailed,
-    CorruptData,
-    FileQuarantined,
-    ReadFailed,
-    StorageQuarantined,
-    TransientFailure,
-)
-
-if TYPE_CHECKING:
-    from cachefs.engine.filecache import FileCache
+from cachefs.engine.state.inflight import Fetch, Replan
+from cachefs.engine.stats import Stats
+from cachefs.errors import CacheDiskFailed, CorruptData, TransientFailure
 
 log = logging.getLogger(__name__)
 
@@ -54,178 +45,29 @@ class Modified(Exception):
     """The backend no longer has this version: drop it; its readers fail."""
 
 
-class Replan(Exception):
-    """Stop this transfer and plan the read again against the current view."""
-
-
-class Fetch:
-    """Blocks first..last being fetched by one reader; others wait on ``done``.
-
-    ``data`` holds the bytes from ``data_at`` to the end of the run when
-    they could not be stored (the cache disk failed): its readers are
-    served from it.
-    """
-
-    __slots__ = ("first", "last", "done", "error", "data", "data_at")
-
-    def __init__(self, first: int, last: int) -> None:
-        self.first = first
-        self.last = last
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-        self.data: bytes | None = None
-        self.data_at = 0
-
-    def serves(self, offset: int, end: int) -> memoryview | None:
-        """Bytes [offset, end) from ``data``, if it holds all of them."""
-        data = self.data
-        if data is None or offset < self.data_at or end > self.data_at + len(data):
-            return None
-        return memoryview(data)[offset - self.data_at : end - self.data_at]
-
-    def finish(self, cf: CachedFile) -> None:
-        cf.unhold(self.first, self.last, self)
-        self.done.set()
-
-    def raise_error(self) -> None:
-        """In a waiter: fail like the fetcher did, or re-plan."""
-        e = self.error
-        if isinstance(e, ReadFailed):
-            raise type(e)(str(e))
-        if e is not None:
-            raise Replan
-
-
-class Buffers:
-    """The fetch buffers: page-aligned, *size* bytes each, reused.
-
-    A fresh buffer per fetch cost more than its bytes were worth: zeroed
-    memory the kernel must find and clear for every byte read (cold seq 1
-    MiB, A/B in the same minutes: 600-720 MiB/s and 2.0-2.4 s of CPU per GiB
-    with a fresh mapping per fetch, 760-1,080 MiB/s and 1.3-1.8 s reused).
-    Page alignment lets a local source read straight into them (O_DIRECT),
-    and huge pages let the disk take such a read in few segments (see
-    :mod:`cachefs._linux.hugepages`).
-
-    At most one buffer per fetch in flight is kept (fetches are bounded by
-    the fetch limiter); :meth:`trim`, called periodically, gives them all
-    back once a whole period went by without a fetch.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._free: list[mmap.mmap] = []
-        self._taken = False
-
-    def take(self) -> mmap.mmap:
-        self._taken = True
-        if self._free:
-            return self._free.pop()
-        return anonymous(self.size)
-
-    def give(self, buf: mmap.mmap) -> None:
-        """Only once nothing can write into *buf* any more."""
-        self._free.append(buf)
-
-    def trim(self) -> None:
-        """Let the kept buffers go if none was taken since the last trim.
-
-        Dropped, not closed: a view of one that a backend kept (a trace, a
-        test) keeps it mapped until that view goes too.
-        """
-        if not self._taken:
-            self._free.clear()
-        self._taken = False
-
-    @property
-    def kept(self) -> int:
-        return len(self._free)
-
-
 class FetchRunner:
-    """Runs ReadData calls for the engine; owns the backend's file contexts,
-    one per (file id, version)."""
+    """Fetches runs of missing blocks: at most ``max_fetches`` runs in flight
+    (*fetch_limiter*), each of at most *max_fetch* bytes, one buffer each."""
 
-    def __init__(self, cache: FileCache) -> None:
-        self._cache = cache
-        self._contexts: dict[tuple[str, str], Any] = {}
-        self.buffers = Buffers(cache.max_fetch)
-
-    def check_latches(self, cf: CachedFile) -> None:
-        external = self._cache.catalog.external_error
-        if external is not None:
-            raise StorageQuarantined(f"{cf.file_id}: storage is offline: {external}")
-        if cf.error is not None:
-            raise FileQuarantined(
-                f"{cf.file_id}: quarantined after {cf.error} (cachefs reset-file-errors lifts it)"
-            )
-
-    async def call(self, req: ReadData) -> tuple[RWResult, int]:
-        """One ReadData call; a raising or lying backend answers FAILURE, 0 bytes."""
-        c = self._cache
-        c.counters["read_data_calls"] += 1
-        try:
-            await c.backend.read_data(req)
-        except Exception:
-            log.exception(
-                "backend raised on ReadData(%s, position %d, %d bytes): treated as FAILURE",
-                req.file_id,
-                req.position,
-                req.bytes_to_read,
-            )
-            return RWResult.FAILURE, 0
-        n = req.bytes_read
-        try:
-            rc = RWResult(req.result_code)
-        except ValueError:
-            log.error("backend set unknown result code %r: treated as FAILURE", req.result_code)
-            return RWResult.FAILURE, 0
-        if type(n) is not int or not 0 <= n <= req.bytes_to_read:
-            log.error(
-                "backend bug: bytes_read %r for bytes_to_read %d on %s: treated as FAILURE",
-                n,
-                req.bytes_to_read,
-                req.file_id,
-            )
-            return RWResult.FAILURE, 0
-        if rc in (RWResult.SUCCESS, RWResult.PARTIAL, RWResult.RANGE_BEYOND_EOF):
-            c.counters["bytes_from_backend"] += n
-            return rc, n
-        return rc, 0
-
-    def context_of(self, cf: CachedFile) -> tuple[Any] | None:
-        """(context,) when the backend has *cf*'s version open, else None."""
-        key = (cf.file_id, cf.version)
-        if key in self._contexts:
-            return (self._contexts[key],)
-        return None
-
-    async def _context(self, cf: CachedFile) -> Any:
-        contexts, key = self._contexts, (cf.file_id, cf.version)
-        if key in contexts:
-            return contexts[key]
-        ctx = await self._cache.backend.open_file(cf.file_id)
-        if key in contexts:  # another reader opened it meanwhile
-            await self._close(cf.file_id, ctx)
-        else:
-            contexts[key] = ctx
-        return contexts[key]
-
-    async def close_context(self, file_id: str, version: str) -> None:
-        contexts = self._contexts
-        if (file_id, version) in contexts:
-            await self._close(file_id, contexts.pop((file_id, version)))
-
-    async def close_all_contexts(self) -> None:
-        for file_id, version in list(self._contexts):
-            with trio.move_on_after(5):
-                await self.close_context(file_id, version)
-
-    async def _close(self, file_id: str, ctx: Any) -> None:
-        try:
-            await self._cache.backend.close_file(file_id, ctx)
-        except Exception as e:
-            log.warning("backend close_file(%s) failed: %s", file_id, e)
+    def __init__(
+        self,
+        source: Source,
+        writer: BlockWriter,
+        content: Content,
+        config: CacheConfig,
+        max_fetch: int,
+        fetch_limiter: trio.CapacityLimiter,
+        stats: Stats,
+    ) -> None:
+        self._source = source
+        self._writer = writer
+        self._content = content
+        self._config = config
+        self._block_size = config.block_size
+        self.max_fetch = max_fetch
+        self._fetch_limiter = fetch_limiter
+        self._stats = stats
+        self.buffers = Buffers(max_fetch)
 
     async def ensure(
         self, cf: CachedFile, first: int, last: int, transfer: Transfer
@@ -237,15 +79,15 @@ class FetchRunner:
         present.  Raises Modified / Replan for the caller to re-plan,
         ReadFailed to fail.
         """
-        bs = self._cache.config.block_size
-        limit = max(1, self._cache.max_fetch // bs)
+        bs = self._block_size
+        limit = max(1, self.max_fetch // bs)
         while True:
             if cf.retired:
                 raise Replan
             b = cf.present.find(0, first, last + 1)
             if b < 0:
                 return []
-            self.check_latches(cf)
+            self._source.check_latches(cf)
             runs: list[tuple[int, int]] = []
             waits: list[Fetch] = []
             while b <= last:
@@ -269,7 +111,7 @@ class FetchRunner:
                     transfer.last_block = max(runs[-1][1], cf.present.rfind(0, first))
             fetches = [Fetch(s, e) for s, e in runs]
             for f in fetches:
-                cf.hold(f.first, f.last, f)
+                cf.hold(f)
             # Held until the whole range is in: a reader's blocks are not
             # evicted between two of its runs (that could go on forever).
             try:
@@ -277,7 +119,7 @@ class FetchRunner:
                     await self.run(cf, f, transfer)
             finally:
                 for f in fetches:
-                    f.finish(cf)
+                    cf.finish(f)
             for f in waits:
                 await f.done.wait()
                 f.raise_error()
@@ -287,8 +129,7 @@ class FetchRunner:
 
     async def fetch_whole(self, cf: CachedFile, transfer: Transfer) -> None:
         """One pass over every missing block of *cf*, max_fetches runs at a time."""
-        c = self._cache
-        per = max(1, c.max_fetch // c.config.block_size)
+        per = max(1, self.max_fetch // self._block_size)
         last = len(cf.present) - 1
         chunks = iter(
             (a, min(last, a + per - 1))
@@ -299,11 +140,11 @@ class FetchRunner:
         async def worker() -> None:
             for first, end in chunks:  # shared: each chunk goes to one worker
                 if await self.ensure(cf, first, end, transfer):
-                    raise c.disk.failure()  # fetched, but it cannot be kept
+                    raise self._writer.refused()  # fetched, but it cannot be kept
 
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(c.config.max_fetches):
+                for _ in range(self._config.max_fetches):
                     nursery.start_soon(worker)
         except BaseExceptionGroup as group:
             raise first_error(group) from None
@@ -311,7 +152,7 @@ class FetchRunner:
     async def run(self, cf: CachedFile, fetch: Fetch, transfer: Transfer) -> None:
         """Fetch blocks fetch.first..fetch.last; at most max_fetches runs at once."""
         try:
-            async with self._cache.fetch_limiter:
+            async with self._fetch_limiter:
                 await self._run(cf, fetch, transfer)
         except trio.Cancelled:
             raise
@@ -320,9 +161,8 @@ class FetchRunner:
             raise
 
     async def _run(self, cf: CachedFile, fetch: Fetch, transfer: Transfer) -> None:
-        c = self._cache
-        await c.content.ensure_info(cf)
-        bs = c.config.block_size
+        await self._content.ensure_info(cf)
+        bs = self._block_size
         start = fetch.first * bs
         stop = min((fetch.last + 1) * bs, cf.size)
         buf = self.buffers.take()
@@ -339,7 +179,7 @@ class FetchRunner:
         """Fetch [start, start + len(view)) of *cf* into *view*, storing nothing
         (a retired version, or a cache disk that failed).  Checked against
         content information where the range holds whole blocks."""
-        async with self._cache.fetch_limiter:
+        async with self._fetch_limiter:
             await self._fill(cf, transfer, view, start, start + len(view), store=False)
 
     async def _fill(
@@ -355,15 +195,14 @@ class FetchRunner:
         each block unless *store* is False.  Returns where the stored bytes
         end: *stop*, or less when the cache disk failed (the rest is in
         *view*, checked like what is not stored)."""
-        c = self._cache
-        cat = c.catalog
-        cfg = c.config
-        bs = cfg.block_size
+        source = self._source
+        cfg = self._config
+        bs = self._block_size
         pos = written = start
         unstored = stop if store else start
         failures = empty = corrupt = 0
         while pos < stop:
-            self.check_latches(cf)
+            source.check_latches(cf)
             if store and cf.retired:
                 raise Replan
             if cf.zero_from is not None and pos >= cf.zero_from:
@@ -394,22 +233,16 @@ class FetchRunner:
                 rc = RWResult.FAILURE
             if rc is RWResult.RANGE_BEYOND_EOF:
                 view[pos - start :] = bytes(stop - pos)
-                cf.zero_from = pos if cf.zero_from is None else min(cf.zero_from, pos)
-                cat.dirty.add(cf)
+                source.note_eof(cf, pos)
                 pos = stop
             elif rc is RWResult.FILE_MODIFIED_EXTERNALLY:
                 raise Modified
             elif rc is RWResult.FILE_MODIFIED_LOCALLY:
                 raise Replan
             elif rc is RWResult.FILE_FAILURE:
-                cf.error = f"FILE_FAILURE at offset {pos}"
-                cat.dirty.add(cf)
-                await c.commit_if_usable()
-                self.check_latches(cf)
+                await source.latch_file(cf, pos)
             elif rc is RWResult.PERMANENT_FAILURE:
-                cat.external_error = f"PERMANENT_FAILURE reading {cf.file_id} at offset {pos}"
-                await c.commit_if_usable()
-                self.check_latches(cf)
+                await source.latch_storage(cf, pos)
             elif rc is RWResult.FAILURE:
                 failures += 1
                 if failures > cfg.retries:
@@ -422,15 +255,15 @@ class FetchRunner:
                 chunk = view[written - start : complete - start]
                 if store:
                     try:
-                        stored = await self.store(cf, written, chunk)
+                        stored = await self._writer.store(cf, written, chunk)
                     except CacheDiskFailed:
                         # The bytes are in hand: checked, they serve this
                         # fetch's readers from its buffer (Fetch.data).
                         store, unstored = False, written
                 if not store:
-                    stored = await self._check(cf, written, chunk)
+                    stored = await self._writer.check(cf, written, chunk)
                 if stored < complete:
-                    c.counters["corrupt_from_backend"] += 1
+                    self._stats.corrupt_from_backend += 1
                     corrupt += 1
                     log.warning(
                         "block %d of %s from the backend does not match its content information",
@@ -451,11 +284,11 @@ class FetchRunner:
         self, cf: CachedFile, transfer: Transfer, buffer: memoryview, pos: int, stop: int
     ) -> tuple[RWResult, int]:
         """One ReadData call for [pos, stop) (stopping short of known zeros)."""
-        bs = self._cache.config.block_size
+        bs = self._block_size
         if cf.zero_from is not None:
             stop = min(stop, cf.zero_from)
         try:
-            ctx = await self._context(cf)
+            ctx = await self._source.context(cf)
         except FileNotFoundError:
             raise Modified from None
         except PermissionError as e:  # its mode or owner: retrying will not help
@@ -474,87 +307,10 @@ class FetchRunner:
             file_context=ctx,
             version=cf.version,
         )
-        rc, n = await self.call(req)
+        rc, n = await self._source.call(req)
         if rc is RWResult.SUCCESS and n == stop - pos and len(buffer) > n:
             rc = RWResult.PARTIAL  # the rest is known zeros: the loop fills it
         return rc, n
-
-    async def store(
-        self, cf: CachedFile, offset: int, data: memoryview, trusted: bool = False
-    ) -> int:
-        """Check and write whole blocks at *offset*, then mark them present.
-
-        Returns where the stored bytes end: short of ``offset + len(data)``
-        when a block did not match the content information (it and the
-        blocks after it are not stored).  CacheDiskFailed when the cache
-        disk fails (or failed before): nothing more is marked.
-        """
-        c = self._cache
-        if not c.disk.usable:
-            raise c.disk.failure()
-        try:
-            return await self._store(cf, offset, data, trusted)
-        except DiskError as e:
-            raise c.disk.failed("storing fetched blocks", e) from None
-
-    async def _store(self, cf: CachedFile, offset: int, data: memoryview, trusted: bool) -> int:
-        c = self._cache
-        cat = c.catalog
-        bs = c.config.block_size
-        first, last = offset // bs, (offset + len(data) - 1) // bs
-        assert cf.data is not None
-        await c.evictor.make_room(len(data))
-        expected = c.content.expected(cf, first, last)
-        # Hashed later, off this path, when nothing here needs the hash and
-        # the hasher has room (engine/hasher.py).
-        defer = c.content.hashing and c.content.may_defer(expected) and c.hasher.reserve()
-        try:
-            hashes, n = await cf.data.write_blocks(
-                first, data, expected, c.content.hashing and not defer, c.disk_limiter
-            )
-            if cf.retired:
-                raise Replan
-            done = -(-n // bs)
-            if defer:
-                c.content.record_unhashed(cf, first, done)
-                c.hasher.submit(cf, first, done)
-                defer = False  # the reservation is used
-            else:
-                c.content.record(cf, first, hashes)
-            c.content.note_origin(cf, first, done, trusted)
-            for b in range(first, first + done):
-                cat.mark(cf, b)
-            if done and cf.present.find(0) < 0:
-                c.commit_soon()  # synced, it may be read by the kernel itself
-        finally:
-            if defer:
-                c.hasher.release()
-            c.evictor.settle(len(data))
-        cat.note_written(cf)
-        return offset + n
-
-    async def _check(self, cf: CachedFile, offset: int, data: memoryview) -> int:
-        """Like :meth:`store` for bytes that are not stored: where the blocks
-        that match the content information end (all of them without it)."""
-        c = self._cache
-        bs = c.config.block_size
-        expected = c.content.expected(cf, offset // bs, (offset + len(data) - 1) // bs)
-        if expected is None:
-            return offset + len(data)
-        good = await trio.to_thread.run_sync(
-            matching_prefix, data, expected, bs, limiter=c.disk_limiter
-        )
-        return offset + good
-
-
-def matching_prefix(data: memoryview, expected: bytes, block_size: int) -> int:
-    """How many bytes of *data*, block by block, match the SHA-256 hashes in
-    *expected* (32 bytes per block; zeros: unknown, taken as matching)."""
-    for i, at in enumerate(range(0, len(data), block_size)):
-        want = expected[32 * i : 32 * i + 32]
-        if want != NO_HASH and hashlib.sha256(data[at : at + block_size]).digest() != want:
-            return at
-    return len(data)
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

@@ -2,10 +2,9 @@
 
 With ``--verify once``, a block fetched from a source that publishes no
 content information needs its SHA-256 only for later mounts (this process
-trusts what it has just fetched).  Hashing it inline cost the cold read
-path about a fifth of the daemon's CPU (perf: 21% in libcrypto for a cold
-1 GiB read), so such blocks are hashed afterwards, by one thread at nice
-19 that mostly runs while the cores would otherwise wait.
+trusts what it has just fetched).  Hashing it inline is a large share of
+the cold read path's CPU, so such blocks are hashed afterwards, by one
+thread at nice 19 that mostly runs while the cores would otherwise wait.
 
 Until its hash is known a block is written to the index as absent
 (``CachedFile.unhashed``): if the process ends first, a later mount fetches
@@ -36,11 +35,12 @@ from dataclasses import dataclass
 
 import trio
 
-from cachefs.engine.hit.threads import ReaderPool
+from cachefs._linux.fileio import pread_into
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.disk import CacheDisk
 from cachefs.engine.state.index import CachedFile
-from cachefs.engine.state.store import DataFile, pread_into
+from cachefs.engine.state.store import DataFile
+from cachefs.engine.state.threads import ReaderPool
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,8 @@ blocks up to ``window`` bytes past the reader fetched or in flight.  The
 window starts at 1 MiB (or one block) and doubles each time it is topped
 up, up to ``max_readahead``.  It is topped up in whole calls of ``max_fetch``
 bytes (half a window while the window is smaller) as soon as one fits, so
-calls stay large and some are always in flight: refilling half a window at
-once left the pipeline empty between refills, four calls of 1-4 MiB in
-flight on average instead of eight (cold seq 1 MiB from a local disk:
-660-810 MiB/s before, 910-1,020 after, A/B in the same minutes).  Fetches
+calls stay large and some are always in flight (refilling half a window at
+once leaves the pipeline empty between refills).  Fetches
 run as background tasks of the engine; the engine's fetch limiter allows at
 most ``max_fetches`` calls in flight, each with one buffer of at most
 ``max_fetch`` bytes: that bounds the memory readahead uses.  When the
@@ -32,7 +30,7 @@ FIRST_WINDOW = 1 << 20
 # How long stopping waits for cancelled fetches to come back from the backend.
 STOP_DEADLINE = 10.0
 
-EnsureFn = Callable[[CachedFile, int, int, Transfer], Awaitable[None]]
+EnsureFn = Callable[[CachedFile, int, int, Transfer], Awaitable[object]]
 
 
 class Readahead:

@@ -14,17 +14,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
-from cachefs.contract import FileKind
-from cachefs.engine.miss.fetch import Fetch, Replan
+from cachefs.contract import FileAttrs, FileKind
+from cachefs.engine.miss.hasher import Hasher
+from cachefs.engine.miss.writer import BlockWriter
+from cachefs.engine.policy.content import Content
 from cachefs.engine.state.index import CachedFile
+from cachefs.engine.state.inflight import Fetch, Replan
+from cachefs.engine.stats import Stats
 from cachefs.errors import NoContentInfo, NotAFile, OutOfBounds
-
-if TYPE_CHECKING:
-    from cachefs.engine.filecache import FileCache
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +66,53 @@ class _Partial:
         return self.covered == [(0, len(self.buf))]
 
 
+class Versions(Protocol):
+    """Which version of a file the cache serves now (engine/attrs.py)."""
+
+    async def getattr(self, file_id: str) -> FileAttrs: ...
+
+    async def current(self, file_id: str) -> CachedFile: ...
+
+
 class Supplier:
-    def __init__(self, cache: FileCache) -> None:
-        self._cache = cache
+    """Takes blocks supplied with add_data into the cache once they check out."""
+
+    def __init__(
+        self,
+        versions: Versions,
+        content: Content,
+        hasher: Hasher,
+        writer: BlockWriter,
+        disk_limiter: trio.CapacityLimiter,
+        stats: Stats,
+    ) -> None:
+        self._versions = versions
+        self._content = content
+        self._hasher = hasher
+        self._writer = writer
+        self._disk_limiter = disk_limiter
+        self._stats = stats
+        self._block_size = writer.block_size
         # (row id, block) -> block being assembled, oldest first.
         self._pending: dict[tuple[int, int], _Partial] = {}
-        cache.counters.setdefault("add_data_accepted", 0)
-        cache.counters.setdefault("add_data_rejected", 0)
 
     async def add(
         self, file_id: str, offset: int, data: bytes | memoryview, trust: bool
     ) -> AddResult:
-        c = self._cache
-        attrs = await c.getattr(file_id)
+        attrs = await self._versions.getattr(file_id)
         if attrs.kind is not FileKind.FILE:
             raise NotAFile(f"{file_id or '/'}: not a regular file")
-        cf = await c._attrs.current(file_id)
+        cf = await self._versions.current(file_id)
         data = memoryview(data).cast("B")
         if offset < 0 or offset > cf.size or offset + len(data) > cf.size:
             raise OutOfBounds(
                 f"{file_id}: {len(data)} bytes at offset {offset} reach beyond the end"
                 f" of the file ({cf.size} bytes)"
             )
-        await c.content.ensure_info(cf)
+        await self._content.ensure_info(cf)
         if cf.unhashed:  # hashes of blocks fetched lately count too: take them first
-            await c.hasher.drain()
-        bs = c.config.block_size
+            await self._hasher.drain()
+        bs = self._block_size
         result = AddResult()
         if data:
             first, last = offset // bs, (offset + len(data) - 1) // bs
@@ -109,16 +131,16 @@ class Supplier:
                     else:
                         result.rejected += 1
         self._bound()
-        c.counters["add_data_accepted"] += result.accepted
-        c.counters["add_data_rejected"] += result.rejected
+        self._stats.add_data_accepted += result.accepted
+        self._stats.add_data_rejected += result.rejected
         result.pending = sum(1 for row, _ in self._pending if row == cf.row_id)
         return result
 
     def _assemble(
         self, cf: CachedFile, b: int, offset: int, data: memoryview
-    ) -> bytes | memoryview | None:
+    ) -> bytes | bytearray | memoryview | None:
         """Block *b* whole, from this call and what was held; None while incomplete."""
-        bs = self._cache.config.block_size
+        bs = self._block_size
         start = b * bs
         length = min(bs, cf.size - start)
         lo, hi = max(offset, start), min(offset + len(data), start + length)
@@ -133,12 +155,13 @@ class Supplier:
         self._pending[(cf.row_id, b)] = partial  # now the newest
         return None
 
-    async def _offer(self, cf: CachedFile, b: int, block: bytes | memoryview, trust: bool) -> bool:
+    async def _offer(
+        self, cf: CachedFile, b: int, block: bytes | bytearray | memoryview, trust: bool
+    ) -> bool:
         """Check one whole block; store it if it is missing.  False: it does not match."""
-        c = self._cache
         want = cf.hash_of(b)
         if want is not None:
-            got = await trio.to_thread.run_sync(_sha256, block, limiter=c.disk_limiter)
+            got = await trio.to_thread.run_sync(_sha256, block, limiter=self._disk_limiter)
             if got != want:
                 log.warning("add-data: block %d of %s does not match its hash", b, cf.file_id)
                 return False
@@ -148,16 +171,17 @@ class Supplier:
         if cf.present[b] or cf.busy(b) is not None or cf.retired:
             return True  # already there, or on its way from the backend
         hold = Fetch(b, b)
-        cf.hold(b, b, hold)
+        cf.hold(hold)
+        at = b * self._block_size
         try:
-            stored = await c._runner.store(
-                cf, b * c.config.block_size, memoryview(block), trusted=_taken_on_trust(cf, b)
+            stored = await self._writer.store(
+                cf, at, memoryview(block), trusted=_taken_on_trust(cf, b)
             )
         except Replan:
             return True  # a new version appeared meanwhile: nothing to store
         finally:
-            hold.finish(cf)
-        return stored > b * c.config.block_size
+            cf.finish(hold)
+        return stored > at
 
     def forget(self, cf: CachedFile) -> int:
         """Drop the incomplete blocks held for *cf* (purge); how many."""
@@ -174,7 +198,7 @@ class Supplier:
             log.info("add-data: dropped an incomplete block held too long (block %d)", key[1])
 
 
-def _sha256(data: bytes | memoryview) -> bytes:
+def _sha256(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 

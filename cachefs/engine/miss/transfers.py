@@ -19,9 +19,10 @@ Policy (documented in README):
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Protocol
 
 from cachefs.contract import RWEvent
+from cachefs.engine.state.index import CachedFile
 
 
 class Kind(enum.Enum):
@@ -85,6 +86,18 @@ class Transfer:
         return flags
 
 
+class Ahead(Protocol):
+    """A run's readahead (miss/readahead.py), as the reader's state sees it."""
+
+    def extend(self, cf: CachedFile, end: int) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+#: What a run left behind when it ended: its transfer and its readahead.
+Ended = tuple["Transfer | None", "Ahead | None"]
+
+
 class ReaderState:
     """Sequential detection for one open handle, and its current run."""
 
@@ -95,9 +108,9 @@ class ReaderState:
         self.run_start = 0
         self.run_reads = 0
         self.continuous: Transfer | None = None
-        self.readahead: Any = None
+        self.readahead: Ahead | None = None
 
-    def observe(self, offset: int, end: int) -> tuple[bool, tuple[Transfer | None, Any] | None]:
+    def observe(self, offset: int, end: int) -> tuple[bool, Ended | None]:
         """Record a read of [offset, end).
 
         Returns whether it is sequential, and the (transfer, readahead) of a
@@ -113,8 +126,9 @@ class ReaderState:
         self.run_start, self.run_reads = offset, 1
         return sequential, self.detach()
 
-    def detach(self) -> tuple[Transfer | None, Any] | None:
+    def detach(self) -> Ended | None:
         """Take the current run's transfer and readahead away, if any."""
         old = (self.continuous, self.readahead)
-        self.continuous = self.readahead = None
+        self.continuous = None
+        self.readahead = None
         return old if old != (None, None) else None

@@ -1,1 +1,2 @@
-"""Policy: eviction and the size cap, verify-before-serve of content information."""
+"""Policy: eviction and the size cap, verify-before-serve of content
+information, periodic commits and the probe of a latched disk."""

@@ -23,17 +23,15 @@ Policy:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from cachefs.contract import ContentInfo
+from cachefs.contract import Backend, ContentInfo, ContentInfoSource
+from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.index import CachedFile
 from cachefs.engine.state.store import NO_HASH
-
-if TYPE_CHECKING:
-    from cachefs.engine.state.catalog import Catalog
+from cachefs.engine.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +40,24 @@ UNKNOWN = b"\xff" * 32  # no block hashes to this (as good as never)
 
 
 class Content:
+    """What is known of the blocks' hashes, and when a block must be checked.
+
+    *backend* is asked for content information only if it offers it
+    (:class:`~cachefs.contract.ContentInfoSource`, checked once here).
+    """
+
     def __init__(
-        self,
-        backend: object,
-        catalog: Catalog,
-        verify: str,
-        encrypted: bool,
-        counters: dict[str, int],
+        self, backend: Backend, catalog: Catalog, verify: str, encrypted: bool, stats: Stats
     ) -> None:
-        self._backend = backend
+        self._source: Callable[[str], Awaitable[ContentInfo | None]] | None = (
+            backend.content_info if isinstance(backend, ContentInfoSource) else None
+        )
         self._catalog = catalog
         self.verify = verify
         self.hashing = verify != "off"
         self._encrypted = encrypted
-        self._counters = counters
-        self._asking: dict[str, trio.Event] = {}
-        for name in ("corrupt_from_backend", "corrupt_in_cache"):
-            counters.setdefault(name, 0)
+        self._stats = stats
+        self._asking: dict[int, trio.Event] = {}
 
     # -- content information ------------------------------------------------------------
 
@@ -83,7 +82,7 @@ class Content:
 
     async def _ask(self, cf: CachedFile) -> ContentInfo | None:
         """The usable content information of *cf*; info_asked once there is an answer."""
-        ask = getattr(self._backend, "content_info", None)
+        ask = self._source
         if ask is None:
             cf.info_asked = True
             return None
@@ -229,7 +228,7 @@ class Content:
     def failed(self, cf: CachedFile, blocks: Iterable[int]) -> None:
         """Blocks read back from the cache disk did not check out: drop them."""
         for b in blocks:
-            self._counters["corrupt_in_cache"] += 1
+            self._stats.corrupt_in_cache += 1
             log.warning(
                 "cached block %d of %s is damaged: dropped, fetching it again", b, cf.file_id
             )

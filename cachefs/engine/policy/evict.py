@@ -24,11 +24,11 @@ from pathlib import Path
 
 import trio
 
-from cachefs.engine.miss.fetch import Fetch
+from cachefs._linux.fileio import page_end
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.disk import CacheDisk, DiskError
 from cachefs.engine.state.index import CachedFile
-from cachefs.engine.state.store import page_end
+from cachefs.engine.state.inflight import Fetch
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,19 @@ class Evictor:
             freed += self._catalog.block_len(cf, b)
         return out
 
+    async def drop_from(self, cf: CachedFile, first: int) -> int:
+        """Drop the cached blocks of *cf* from block *first* on (a purge, not
+        counted as evicted); the bytes freed.  CacheDiskFailed if the disk fails."""
+        if cf.retired:  # dropped meanwhile: nothing of it is counted any more
+            return 0
+        victims = [(cf, b) for b in evictable(cf) if b >= first]
+        before = self._catalog.cached_bytes
+        try:
+            await self.drop(victims, count=False)
+        except DiskError as e:
+            raise self._disk.failed("dropping cached blocks", e) from None
+        return before - self._catalog.cached_bytes
+
     async def drop(self, victims: list[tuple[CachedFile, int]], *, count: bool = True) -> None:
         """Evict these blocks: clear, commit, punch; readers wait meanwhile.
 
@@ -141,7 +154,7 @@ class Evictor:
                     if count:
                         self.evicted_bytes += cat.block_len(cf, b)
                     cat.unmark(cf, b)
-                cf.hold(first, last, hold)
+                cf.hold(hold)
                 holds.append((cf, hold))
         pending = sum(cat.block_len(cf, b) for cf, b in victims)
         self._punching += pending
@@ -155,7 +168,7 @@ class Evictor:
         finally:
             self._punching -= pending
             for cf, hold in holds:
-                hold.finish(cf)
+                cf.finish(hold)
 
 
 def evictable(cf: CachedFile) -> Iterator[int]:

@@ -29,9 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachefs._linux.fileio import page_end, punch_holes
 from cachefs.engine.state.crypto import CacheKey, new_salt
 from cachefs.engine.state.index import SCHEMA_VERSION, CachedFile, Index, block_count
-from cachefs.engine.state.store import DataFile, page_end, punch_holes
+from cachefs.engine.state.store import DataFile
 from cachefs.errors import BadKey, CacheDirError, CacheDirInUse
 
 log = logging.getLogger(__name__)
@@ -310,10 +311,10 @@ def _repair(
         cf.data = DataFile(path, cf.size, block_size, key, cf.row_id, cf.version)
         cf.data.written = 1 in cf.present
         n = block_count(cf.size, block_size)
-        st = on_disk.get(name)
+        found = on_disk.get(name)
         sane = len(cf.present) == n and not cf.present.translate(None, b"\x00\x01")
         if 1 in cf.present:
-            sane = sane and st is not None and st.st_size == cf.data.disk_size
+            sane = sane and found is not None and found.st_size == cf.data.disk_size
         if not sane:
             log.warning("cache data of %s does not match its index: dropping it", cf.file_id)
             cf.present = bytearray(n)
@@ -321,8 +322,8 @@ def _repair(
             _unlink(path)
             repaired.append(cf)
         elif (
-            st is not None
-            and st.st_blocks * 512
+            found is not None
+            and found.st_blocks * 512
             > cf.present.count(1) * block_size + (cf.data.disk_size - cf.size) + 8192
         ):
             _punch_unmarked(cf.data, cf)

@@ -177,6 +177,12 @@ class Catalog:
                 self.cached_bytes -= self.block_len(cf, b)
                 self.dirty.add(cf)
 
+    def forget_eof(self, cf: CachedFile) -> None:
+        """Forget where a RANGE_BEYOND_EOF said *cf* ends (its zeros are dropped)."""
+        if cf.zero_from is not None:
+            cf.zero_from = None
+            self.dirty.add(cf)
+
     def forget_blocks(self, cf: CachedFile, first: int, last: int) -> None:
         """Blocks first..last of *cf* cannot be read back: fetch them again."""
         for b in range(first, last + 1):

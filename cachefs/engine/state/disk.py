@@ -29,6 +29,7 @@ from pathlib import Path
 
 import trio
 
+from cachefs._linux import fileio
 from cachefs.engine.state import store
 from cachefs.errors import CacheDiskFailed
 
@@ -151,7 +152,7 @@ def write_probe(directory: Path) -> None:
     path = directory / PROBE_NAME
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        store._pwrite_all(fd, memoryview(bytes(PROBE_SIZE)), 0)
+        fileio.pwrite_all(fd, memoryview(bytes(PROBE_SIZE)), 0)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -16,11 +16,12 @@ import sqlite3
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from cachefs.contract import FileAttrs, FileKind
+from cachefs.engine.state.inflight import Fetch
 from cachefs.engine.state.store import NO_HASH, DataFile
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ class CachedFile:
     data: DataFile | None = None
     # Made on first use, dropped when empty: a cache may know 100,000s of files.
     # Blocks being fetched or evicted -> the Fetch to wait for.
-    inflight: dict[int, Any] | None = None
+    inflight: dict[int, Fetch] | None = None
     # Last read of each block, in ticks of the catalog's LRU clock.
     atime: array | None = None
     # Blocks marked present since the data file was last synced.
@@ -107,32 +108,34 @@ class CachedFile:
     # Blocks stored whose hash is still to be taken, each with the hasher's
     # run that will take it (engine/hasher.py): the index shows them as
     # absent until it is.
-    unhashed: dict[int, Any] | None = None
+    unhashed: dict[int, object] | None = None
     # The backend was asked for content information in this process.
     info_asked: bool = False
     # Handles the kernel reads by itself from the data file (engine/whole.py):
     # while any is open, no block of this file is evicted or purged.
     held: int = 0
 
-    def busy(self, b: int) -> Any:
+    def busy(self, b: int) -> Fetch | None:
         """The Fetch holding block *b*, or None."""
         return None if self.inflight is None else self.inflight.get(b)
 
-    def hold(self, first: int, last: int, fetch: Any) -> None:
+    def hold(self, fetch: Fetch) -> None:
+        """Blocks fetch.first..fetch.last are being fetched or evicted: readers wait."""
         if self.inflight is None:
             self.inflight = {}
-        for b in range(first, last + 1):
+        for b in range(fetch.first, fetch.last + 1):
             self.inflight[b] = fetch
 
-    def unhold(self, first: int, last: int, fetch: Any) -> None:
+    def finish(self, fetch: Fetch) -> None:
+        """Let go of what *fetch* held and wake its waiters."""
         inflight = self.inflight
-        if inflight is None:
-            return
-        for b in range(first, last + 1):
-            if inflight.get(b) is fetch:
-                del inflight[b]
-        if not inflight:
-            self.inflight = None
+        if inflight is not None:
+            for b in range(fetch.first, fetch.last + 1):
+                if inflight.get(b) is fetch:
+                    del inflight[b]
+            if not inflight:
+                self.inflight = None
+        fetch.done.set()
 
     def hash_of(self, b: int) -> bytes | None:
         """The known SHA-256 of block *b*, or None."""

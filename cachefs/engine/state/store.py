@@ -15,7 +15,6 @@ never reused under a writer.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -23,7 +22,9 @@ import os
 
 import trio
 
-from cachefs._linux.pagecache import PAGE, open_direct
+from cachefs._linux import fileio
+from cachefs._linux.fileio import page_end, pread_into, punch_holes
+from cachefs._linux.pagecache import open_direct
 from cachefs.engine.state.crypto import NONCE_SIZE, OVERHEAD, TAG_SIZE, CacheKey
 
 # What sealing adds to a chunk (nonce, then GCM tag): kept in the tag table.
@@ -228,13 +229,12 @@ class DataFile:
                 hashes.append(h)
         key = self.key
         if key is None:
-            _pwrite_all(fd, data[:good], first * bs)
+            fileio.pwrite_all(fd, data[:good], first * bs)
         else:
             # Sealed chunk by chunk; the ciphertext is written a SEAL_RUN at a
-            # time, then the nonces and tags in one write.  A buffer as large
-            # as the whole fetch stayed in the allocator's arenas, one per
-            # writer thread: after a cold read of 1 GiB the daemon held 188
-            # MiB against 108 for a plain cache; 140 with runs of 1 MiB.
+            # time, then the nonces and tags in one write: a buffer as large
+            # as the whole fetch would stay in the allocator's arenas, one per
+            # writer thread.
             chunk = self.chunk
             run = max(chunk, SEAL_RUN // chunk * chunk)
             cipher = bytearray(min(run, good))
@@ -251,8 +251,8 @@ class DataFile:
                     cipher[at - start : at - start + len(plain)] = sealed[NONCE:-TAG]
                     tags[i * OVERHEAD : i * OVERHEAD + NONCE] = sealed[:NONCE]
                     tags[i * OVERHEAD + NONCE : (i + 1) * OVERHEAD] = sealed[-TAG:]
-                _pwrite_all(fd, memoryview(cipher)[: stop - start], first * bs + start)
-            _pwrite_all(fd, memoryview(tags), self.tags_at + first_chunk * OVERHEAD)
+                fileio.pwrite_all(fd, memoryview(cipher)[: stop - start], first * bs + start)
+            fileio.pwrite_all(fd, memoryview(tags), self.tags_at + first_chunk * OVERHEAD)
         return hashes, good
 
     def read_blocks(
@@ -376,70 +376,3 @@ class SyncFailed(OSError):
     """A data file's sync failed: whatever errno (ENOSPC too, on thin
     storage), writes since the last good sync may be lost (the kernel
     reports a failed writeback once, then forgets it)."""
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-_fallocate.restype = ctypes.c_int
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    # Allocating the range first makes ext4 fill a sparse file several times
-    # cheaper in CPU (measured: 0.15 s instead of 1-2 s per GiB); it is the
-    # space the write takes anyway.  Where it is not supported, just write.
-    _fallocate(fd, 0, offset, len(data))
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
-
-
-def page_end(offset: int) -> int:
-    """*offset* rounded up to a 4 KiB page, so a partial last page is freed too."""
-    return -(-offset // PAGE) * PAGE
-
-
-def punch_holes(fd: int, ranges: list[tuple[int, int]]) -> None:
-    """Deallocate byte ranges of *fd*; they read as zeros afterwards.
-
-    Where the filesystem cannot punch holes, the ranges are overwritten with
-    zeros (correct, though the space is not returned) and a warning is logged.
-    """
-    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    for offset, length in ranges:
-        if _fallocate(fd, mode, offset, length) == 0:
-            continue
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise OSError(err, os.strerror(err))
-        log.warning("the cache filesystem cannot punch holes: evicted space is not returned")
-        _pwrite_all(fd, memoryview(bytes(length)), offset)
-
-
-def read_nowait(fd: int, buf: bytearray, offset: int) -> int:
-    """Read what the page cache holds at *offset* into *buf*, without blocking."""
-    try:
-        return os.preadv(fd, [buf], offset, _NOWAIT)
-    except BlockingIOError:
-        return 0
-    except OSError as e:
-        if e.errno != errno.EOPNOTSUPP:
-            raise
-        return 0  # this filesystem cannot say: read in a thread
-
-
-def pread_into(fd: int, buf: memoryview, offset: int) -> int:
-    """Fill *buf* from *offset*; fewer bytes only at the end of the file."""
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
-_NOWAIT = getattr(os, "RWF_NOWAIT", 0)

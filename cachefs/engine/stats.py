@@ -1,0 +1,74 @@
+"""The engine's counters, and the shape of :meth:`FileCache.statistics`.
+
+Each collaborator is handed the one :class:`Stats` of its cache and counts
+into it (``stats.hits += 1``); nothing else writes the counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TypedDict, cast
+
+
+class Counters(TypedDict):
+    read_data_calls: int
+    bytes_from_backend: int
+    hit_bytes: int
+    miss_bytes: int
+    stale_served: int
+    passthrough_opens: int
+    version_gone_reads: int
+    corrupt_from_backend: int
+    corrupt_in_cache: int
+    add_data_accepted: int
+    add_data_rejected: int
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters since the mount started (``passthrough_opens``: a gauge of
+    the handles the kernel reads by itself)."""
+
+    read_data_calls: int = 0
+    bytes_from_backend: int = 0
+    hit_bytes: int = 0
+    miss_bytes: int = 0
+    #: What was last known, served while the source failed or was offline.
+    stale_served: int = 0
+    passthrough_opens: int = 0
+    version_gone_reads: int = 0
+    #: Blocks from the backend that did not match the content information.
+    corrupt_from_backend: int = 0
+    #: Blocks read back from the cache disk that failed their check.
+    corrupt_in_cache: int = 0
+    add_data_accepted: int = 0
+    add_data_rejected: int = 0
+
+    def as_dict(self) -> Counters:
+        """The counters by name, in declaration order."""
+        return cast(Counters, {f.name: getattr(self, f.name) for f in fields(self)})
+
+
+class CacheStatistics(Counters):
+    """What :meth:`FileCache.statistics` returns: the counters, then gauges."""
+
+    hit_ratio: float | None
+    cached_bytes: int
+    cache_limit: int
+    min_free: int
+    pinned_bytes: int
+    evicted_bytes: int
+    files_in_error: int
+    file_errors: list[str]
+    short_files: list[str]
+    external_error: str | None
+    block_size: int
+    verify: str
+    encrypted: bool
+    disk_reads: str
+    passthrough_files: int
+    cache_disk_error: str | None
+    cache_disk_failures: int
+    unhashed_blocks: int
+    ttl: float
+    cache_dir: str
