@@ -33,7 +33,7 @@ class CacheConfig:
     cache_size: int | None = None
     min_free: int | None = None
     flush_interval: float = 5.0
-    #: How often a cache disk that failed is tried again (engine/disk.py).
+    #: How often a cache disk that failed is tried again (engine/state/disk.py).
     disk_probe_interval: float = 2.0
     verify: str = "once"
     io_uring: bool = True

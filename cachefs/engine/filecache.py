@@ -56,7 +56,8 @@ class FileCache:
     :func:`~cachefs.engine.opening.open_file_cache`.
 
     Its background work (commits, trims, the disk probe, the hasher) runs
-    in *nursery* from construction on; :meth:`aclose` ends it.
+    in *nursery* from construction on, until that nursery is cancelled; call
+    :meth:`aclose` first, which closes handles and commits.
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """The engine's counters, and the shape of :meth:`FileCache.statistics`.
 
 Each collaborator is handed the one :class:`Stats` of its cache and counts
-into it (``stats.hits += 1``); nothing else writes the counters.
+into it (``stats.hit_bytes += n``); nothing else writes the counters.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class Counters(TypedDict):
 
 @dataclass(slots=True)
 class Stats:
-    """Counters since the mount started (``passthrough_opens``: a gauge of
-    the handles the kernel reads by itself)."""
+    """Counters since the mount started (``passthrough_opens``: opens
+    handed to the kernel to read by itself, less those given back unused)."""
 
     read_data_calls: int = 0
     bytes_from_backend: int = 0

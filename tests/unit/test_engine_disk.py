@@ -1,4 +1,4 @@
-"""A failing cache disk is not a failing source (engine/disk.py), in process.
+"""A failing cache disk is not a failing source (engine/state/disk.py), in process.
 
 The cache disk is made to fail where the engine meets it (block writes, reads
 of cached blocks, index commits) and made to work again; readers must get the

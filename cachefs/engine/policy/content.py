@@ -133,7 +133,7 @@ class Content:
         return bytes(cf.hashes[32 * first : 32 * (last + 1)])
 
     def may_defer(self, expected: bytes | None) -> bool:
-        """Whether blocks arriving may be hashed later (engine/hasher.py).
+        """Whether blocks arriving may be hashed later (engine/miss/hasher.py).
 
         Only with ``verify once``, plain, and no content information to
         compare them with: then nothing in this process needs their hash.

@@ -89,7 +89,7 @@ class Evictor:
     async def serve_trimmer(self) -> None:
         while True:
             await trio.sleep(TRIM_INTERVAL)
-            # A latched cache disk is trimmed by its probe (engine/disk.py).
+            # A latched cache disk is trimmed by its probe (engine/state/disk.py).
             if self._disk.usable and self._catalog.cached_bytes > self.allowed():
                 try:
                     async with self._lock:

@@ -116,9 +116,6 @@ class CacheDisk:
         """Return once the disk is not latched."""
         await self._working.wait()
 
-    def statistics(self) -> dict[str, object]:
-        return {"cache_disk_error": self.error, "cache_disk_failures": self.failures}
-
     async def serve_probe(
         self,
         probe: Callable[[], Awaitable[None]],

@@ -106,12 +106,12 @@ class CachedFile:
     # Blocks whose bytes were checked against their hash in this process.
     verified: bytearray | None = None
     # Blocks stored whose hash is still to be taken, each with the hasher's
-    # run that will take it (engine/hasher.py): the index shows them as
+    # run that will take it (engine/miss/hasher.py): the index shows them as
     # absent until it is.
     unhashed: dict[int, object] | None = None
     # The backend was asked for content information in this process.
     info_asked: bool = False
-    # Handles the kernel reads by itself from the data file (engine/whole.py):
+    # Handles the kernel reads by itself from the data file (engine/hit/whole.py):
     # while any is open, no block of this file is evicted or purged.
     held: int = 0
 
