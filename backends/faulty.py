@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,19 @@ class FaultyBackend(Wrapper):
         req.bytes_read = sub.bytes_read
         if sub.result_code != RWResult.SUCCESS:
             req.result_code = sub.result_code
+
+
+class FaultsPlugin:
+    """The mount's ``--faults FILE`` (entry point ``faults`` of ``cachefs.wrappers``)."""
+
+    def check(self, value: str) -> str:
+        """The rules file's absolute path; RulesError (one line) if it is unreadable or bad."""
+        path = os.path.abspath(value)
+        load_rules(path)
+        return path
+
+    def wrap(self, inner: Backend, value: str, names: Callable[[str], str]) -> Backend:
+        return FaultyBackend(inner, value)
+
+
+plugin = FaultsPlugin()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -159,3 +160,29 @@ def throttle(inner: Backend, spec: str = "30,90", **options: Any) -> ThrottledBa
     """Wrap *inner* as *spec* (``"LATENCY_MS,MIBPS"``) says; the mount's factory."""
     latency, bandwidth = parse_throttle(spec)
     return ThrottledBackend(inner, latency=latency, bandwidth=bandwidth, **options)
+
+
+# What a mount may simulate: finite, and wide enough for any real store.
+MAX_LATENCY_MS = 60_000
+MIN_MIBPS, MAX_MIBPS = 0.001, 1_000_000
+
+
+class ThrottlePlugin:
+    """The mount's ``--throttle LATENCY_MS,MIBPS`` (entry point ``throttle`` of
+    ``cachefs.wrappers``)."""
+
+    def check(self, value: str) -> str:
+        """*value* as written, once it parses and lies in range; ConfigError if not."""
+        latency, bandwidth = parse_throttle(value)
+        if latency * 1000 > MAX_LATENCY_MS or not MIN_MIBPS <= bandwidth / MiB <= MAX_MIBPS:
+            raise ConfigError(
+                f"throttle {value!r}: latency must be from 0 to {MAX_LATENCY_MS} ms and "
+                f"bandwidth from {MIN_MIBPS} to {MAX_MIBPS} MiB/s"
+            )
+        return value
+
+    def wrap(self, inner: Backend, value: str, names: Callable[[str], str]) -> Backend:
+        return throttle(inner, value)
+
+
+plugin = ThrottlePlugin()

@@ -220,3 +220,20 @@ class TraceBackend(Wrapper):
         """Close the trace file, then the wrapped backend."""
         self._close_trace()
         await self.inner.aclose()
+
+
+class TracePlugin:
+    """The mount's ``--trace FILE`` (entry point ``trace`` of ``cachefs.wrappers``)."""
+
+    def check(self, value: str) -> str:
+        """The trace file's absolute path, opened once as the mount opens it
+        (so it exists, private, from here on); ConfigError naming why not."""
+        path = os.path.abspath(value)
+        open_trace(path).close()
+        return path
+
+    def wrap(self, inner: Backend, value: str, names: Callable[[str], str]) -> Backend:
+        return TraceBackend(inner, value, name=names)
+
+
+plugin = TracePlugin()

@@ -10,8 +10,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from cachefs.errors import SourceError
 
 
 class RWEvent(enum.IntFlag):
@@ -240,3 +244,52 @@ class ContentInfoStore(ContentInfoSource, Protocol):
     async def delete_content_info(self, file_id: str) -> None: ...
 
     async def content_info_ids(self) -> list[str]: ...
+
+
+# -- source URLs ------------------------------------------------------------------
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def source_scheme(source: str) -> str:
+    """The URL scheme of *source*, lower-cased; ``file`` for a plain path.
+
+    A source is a URL only when its scheme is followed by ``//``: ``file:/x``
+    is the relative path ``file:/x``.
+    """
+    match = _SCHEME.match(source)
+    return match.group(1).lower() if match else "file"
+
+
+def local_path(source: str) -> str | None:
+    """The directory a ``file`` source names; None for a source of another scheme.
+
+    A plain path is returned as written; ``file:///abs/path`` (or
+    ``file://localhost/abs/path``, the scheme in any case) as its
+    percent-decoded path, bytes that are not UTF-8 kept as os.fsdecode keeps
+    them.  SourceError, naming the problem, for a file URL that is malformed,
+    names another host, has a query or fragment, or holds a NUL byte.  The
+    local backend and the mount's checks both read a source through this.
+    """
+    if source_scheme(source) != "file":
+        return None
+    if "\0" in source:
+        raise SourceError("bad source: it holds a NUL byte")
+    if "://" not in source:
+        return source
+    expected = "expected file:///absolute/path"
+    try:
+        parts = urllib.parse.urlsplit(source)
+    except ValueError as e:
+        raise SourceError(f"bad file URL {source!r}: malformed ({e}); {expected}") from None
+    if parts.netloc.lower() not in ("", "localhost") or not parts.path.startswith("/"):
+        raise SourceError(f"bad file URL {source!r}: {expected}")
+    if "?" in source or "#" in source:
+        raise SourceError(
+            f"bad file URL {source!r}: no query or fragment is allowed "
+            "(write a '?' or '#' in a name as %3F or %23)"
+        )
+    path = urllib.parse.unquote(parts.path, errors="surrogateescape")
+    if "\0" in path:
+        raise SourceError(f"bad file URL {source!r}: it holds a NUL byte (%00)")
+    return path

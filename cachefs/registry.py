@@ -1,78 +1,73 @@
-"""Find the backend for a source URL.
+"""Find the backend for a source URL, and the wrappers a mount stacks on it.
 
 Backends are plugins: each is an entry point of the group
 ``cachefs.backends`` named after its URL scheme, pointing at a factory
-``open_backend(url: str, **options) -> Backend``.  The core never imports a
-backend module by name.  A source without a scheme (``/srv/data``,
-``./data``) is a local directory, i.e. scheme ``file``.
+``open_backend(url: str, **options) -> Backend``.  A source without a scheme
+(``/srv/data``, ``./data``) is a local directory, i.e. scheme ``file``
+(cachefs.contract.source_scheme and local_path read the URL forms).
 
-Schemes are case-insensitive (``FILE:///srv/data`` is ``file:///srv/data``).
-A source is a URL only when its scheme is followed by ``//``: ``file:/x``
-is the relative path ``file:/x``, the same for every part of cachefs that
-reads it (the local backend, the check that a mount does not reach into
-itself).
+Wrappers are plugins too: each is an entry point of the group
+``cachefs.wrappers`` named after the mount option that turns it on
+(``faults``, ``trace``, ``throttle``), pointing at an object with the
+:class:`Wrapper` methods: ``check`` runs in the user's process, before a
+daemon starts, and ``wrap`` in the daemon.  The core never imports a
+backend or a wrapper module by name.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import urllib.parse
-from importlib.metadata import entry_points
-from typing import Any
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Protocol
 
-from cachefs.contract import Backend
-from cachefs.errors import SourceError, UnknownBackend
+from cachefs.contract import Backend, local_path, source_scheme
+from cachefs.errors import ConfigError, UnknownBackend
+
+__all__ = [
+    "GROUP",
+    "WRAPPER_GROUP",
+    "Wrapper",
+    "known_schemes",
+    "local_path",
+    "open_backend",
+    "source_scheme",
+    "wrapper",
+]
 
 log = logging.getLogger(__name__)
 
 GROUP = "cachefs.backends"
-
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def source_scheme(source: str) -> str:
-    """The URL scheme of *source*, lower-cased; ``file`` for a plain path."""
-    match = _SCHEME.match(source)
-    return match.group(1).lower() if match else "file"
+WRAPPER_GROUP = "cachefs.wrappers"
 
 
-def local_path(source: str) -> str | None:
-    """The directory a ``file`` source names; None for a source of another scheme.
+class Wrapper(Protocol):
+    """A wrapper plugin: one mount option's value, checked, then a backend wrapped.
 
-    A plain path is returned as written; ``file:///abs/path`` (or
-    ``file://localhost/abs/path``) as its percent-decoded path, bytes that
-    are not UTF-8 kept as os.fsdecode keeps them.  SourceError, naming the
-    problem, for a file URL that is malformed, names another host, has a
-    query or fragment, or holds a NUL byte.
+    The value is a string as the user gave it; ``check`` returns it in the
+    form the daemon is handed (a path made absolute, say), and is what
+    refuses it: ConfigError (one line, exit 2).  ``wrap`` gets that form
+    again and may still fail the same way (a file changed meanwhile).
     """
-    if source_scheme(source) != "file":
-        return None
-    if "\0" in source:
-        raise SourceError("bad source: it holds a NUL byte")
-    if "://" not in source:
-        return source
-    expected = "expected file:///absolute/path"
-    try:
-        parts = urllib.parse.urlsplit(source)
-    except ValueError as e:
-        raise SourceError(f"bad file URL {source!r}: malformed ({e}); {expected}") from None
-    if parts.netloc.lower() not in ("", "localhost") or not parts.path.startswith("/"):
-        raise SourceError(f"bad file URL {source!r}: {expected}")
-    if "?" in source or "#" in source:
-        raise SourceError(
-            f"bad file URL {source!r}: no query or fragment is allowed "
-            "(write a '?' or '#' in a name as %3F or %23)"
-        )
-    path = urllib.parse.unquote(parts.path, errors="surrogateescape")
-    if "\0" in path:
-        raise SourceError(f"bad file URL {source!r}: it holds a NUL byte (%00)")
-    return path
+
+    def check(self, value: str) -> str:
+        """*value* checked, in the form ``wrap`` takes; ConfigError if refused."""
+        ...
+
+    def wrap(self, inner: Backend, value: str, names: Callable[[str], str]) -> Backend:
+        """*inner* wrapped as *value* says.  *names* shows a file id as the
+        mount may write it (the cache's name tags when it is encrypted)."""
+        ...
 
 
 def known_schemes() -> list[str]:
     """The schemes of the installed backends, sorted."""
     return sorted({ep.name for ep in entry_points(group=GROUP)})
+
+
+def _entry_point(group: str, name: str) -> EntryPoint | None:
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
+    return found[0] if found else None
 
 
 def open_backend(source: str, **options: Any) -> Backend:
@@ -83,12 +78,26 @@ def open_backend(source: str, **options: Any) -> Backend:
     factory's own errors (SourceError, …) pass through.
     """
     scheme = source_scheme(source)
-    found = [ep for ep in entry_points(group=GROUP) if ep.name == scheme]
-    if not found:
+    found = _entry_point(GROUP, scheme)
+    if found is None:
         known = ", ".join(known_schemes()) or "none (is cachefs installed?)"
         raise UnknownBackend(
             f"unknown source scheme {scheme!r} in {source!r}: known schemes are {known}"
         )
-    factory = found[0].load()
-    log.debug("opening the %s source with %s", scheme, found[0].value)  # a URL may hold secrets
-    return factory(source, **options)
+    factory = found.load()
+    log.debug("opening the %s source with %s", scheme, found.value)  # a URL may hold secrets
+    backend: Backend = factory(source, **options)
+    return backend
+
+
+def wrapper(name: str) -> Wrapper:
+    """The installed wrapper plugin *name*; ConfigError if there is none."""
+    found = _entry_point(WRAPPER_GROUP, name)
+    if found is None:
+        known = ", ".join(sorted({ep.name for ep in entry_points(group=WRAPPER_GROUP)}))
+        raise ConfigError(
+            f"no wrapper {name!r} is installed (installed: {known or 'none'}): "
+            "is cachefs installed?"
+        )
+    plugin: Wrapper = found.load()
+    return plugin

@@ -1,10 +1,13 @@
-"""``cachefs mount`` and ``cachefs publish``: options checked, then the daemon started.
+"""``cachefs mount`` and ``cachefs publish``: their options, checked once, then the
+mount started (in this process with ``--foreground``, else as a daemon).
 
-Bad options fail here, in the user's process, as one line and exit 2; what
-only the daemon can find (a wrong key, a busy cache dir) comes back through
-its readiness pipe.  The daemon (``mount --foreground``) checks its own
-command line again: the parser, mount_options and check_apart here, the
-rest where it mounts.
+Each option is declared once, here, with its type, range and help; what
+the parser cannot see alone (sizes against each other, the key, a faults
+or trace file) ``mount_options`` checks, turning the parsed command line
+into the MountOptions the mount runs with.  Bad options fail in the user's
+process, as one line and exit 2; the daemon is handed the checked options
+as data (cachefs.daemon.spawn), and what only it can find (a wrong key, a
+busy cache dir) comes back through its readiness pipe.
 """
 
 from __future__ import annotations
@@ -16,26 +19,239 @@ from typing import Any
 
 import trio
 
-from backends.faulty import load_rules
-from backends.trace import open_trace
 from cachefs.cli import s3options
-from cachefs.daemon.checks import check_fuse, check_mountpoint, prepare_cache_dir
+from cachefs.cli.options import (
+    MAX_FETCHES,
+    MAX_READAHEAD_KB,
+    MAX_RETRIES,
+    MAX_TTL,
+    AddCommand,
+    block_size,
+    checked_by,
+    non_empty,
+    number,
+    size,
+    size_or_percent,
+)
+from cachefs.daemon.checks import check_apart, check_fuse, check_mountpoint, prepare_cache_dir
 from cachefs.daemon.options import MountOptions, default_cache_dir, normalize_source
 from cachefs.daemon.serve import LOG_NAME, run_mount
-from cachefs.daemon.spawn import Readiness, spawn_daemon
+from cachefs.daemon.spawn import Orders, spawn_daemon
 from cachefs.engine import CacheConfig
 from cachefs.engine.state.crypto import read_key_material
-from cachefs.errors import CacheFSError, ConfigError
+from cachefs.errors import ConfigError
+from cachefs.fuse import TRANSPORTS, check_transport
 from cachefs.publish import run_publish
-from cachefs.registry import local_path, open_backend
+from cachefs.registry import open_backend, wrapper
 from cachefs.units import format_size
 
 READY_TIMEOUT = 60.0
+DEFAULTS = CacheConfig()
+
+
+def _throttle(text: str) -> str:
+    return wrapper("throttle").check(text)
+
+
+def add_mount(add: AddCommand) -> None:
+    mount = add(
+        "mount",
+        "mount SOURCE on MOUNTPOINT",
+        "Mount SOURCE (a directory, file:///abs/path or s3://BUCKET[/PREFIX]) read-only "
+        "on MOUNTPOINT. "
+        "Returns once the mount is ready, or with the reason it failed; "
+        "the daemon logs to cachefs.log in the cache dir.",
+    )
+    option = mount.add_argument
+    option(
+        "source",
+        metavar="SOURCE",
+        type=non_empty,
+        help="directory path, file:///abs/path or s3://BUCKET[/PREFIX]",
+    )
+    option(
+        "mountpoint",
+        metavar="MOUNTPOINT",
+        type=non_empty,
+        help="an empty directory, outside SOURCE",
+    )
+    option(
+        "--cache-dir",
+        metavar="DIR",
+        type=non_empty,
+        help="where cached blocks and metadata live (default: "
+        "$XDG_CACHE_HOME/cachefs/<hash of SOURCE and S3 endpoint>, "
+        "as root /var/cache/cachefs/<hash>)",
+    )
+    _block_size_option(
+        mount,
+        "cache block size, a power of two from 4K to 64M (default: 1M); "
+        "fixed for the life of a cache dir",
+    )
+    option(
+        "--ttl",
+        metavar="SECONDS",
+        type=number(float, 0, MAX_TTL),
+        default=60.0,
+        help="how long attributes and listings are trusted before asking SOURCE again, "
+        f"0 to {MAX_TTL} (a year) (default: 60)",
+    )
+    option(
+        "--retries",
+        metavar="N",
+        type=number(int, 0, MAX_RETRIES),
+        default=3,
+        help="retries of a failing read, with backoff, before the reader gets EIO, "
+        f"0 to {MAX_RETRIES} (default: 3)",
+    )
+    option(
+        "--cache-size",
+        metavar="SIZE",
+        type=size,
+        help="most bytes of cached blocks to keep; the least recently read go first "
+        "(default: 10G or 80%% of the cache filesystem's free space, whichever is smaller)",
+    )
+    option(
+        "--min-free",
+        metavar="SIZE|N%",
+        type=size_or_percent,
+        help="free space to leave on the cache filesystem, evicting to keep it: a size, or a "
+        "percentage of the filesystem like 5%% (default: 5%%)",
+    )
+    option(
+        "--max-readahead",
+        metavar="SIZE",
+        type=size,
+        default=DEFAULTS.max_readahead,
+        help="how far ahead of a sequential reader to fetch, in windows growing from 1M "
+        f"(default: {DEFAULTS.max_readahead >> 20}M; 0 disables)",
+    )
+    option(
+        "--max-fetches",
+        metavar="N",
+        type=number(int, 1, MAX_FETCHES),
+        default=DEFAULTS.max_fetches,
+        help=f"ReadData calls in flight at once (default: {DEFAULTS.max_fetches}), "
+        f"at most {MAX_FETCHES}",
+    )
+    option(
+        "--verify",
+        choices=("once", "always", "off"),
+        default=DEFAULTS.verify,
+        help="check blocks read from the cache disk against their SHA-256: once per block "
+        "per mount, always, or off (no hashing, no content information; fastest). Blocks "
+        "from the source are checked against its published content information either way "
+        "unless off (default: once)",
+    )
+    option(
+        "--no-io-uring",
+        dest="io_uring",
+        action="store_false",
+        help="read cache hits that are not in the page cache through a pool of threads "
+        "instead of io_uring. By default io_uring is used where the kernel allows it "
+        "(`cachefs stats` shows which: disk reads); it costs about a quarter of the CPU "
+        "per read",
+    )
+    option(
+        "--no-passthrough",
+        dest="passthrough",
+        action="store_false",
+        help="answer every read of the mount in cachefs. By default a file the cache holds "
+        "whole (every block, checked) is opened for the kernel to read from the cache file "
+        "itself, at the disk's speed (FUSE passthrough: Linux 6.9 or later, as root; plain "
+        "caches only). Reads of such opens then do not show in `cachefs stats` hits",
+    )
+    option(
+        "--fuse",
+        choices=TRANSPORTS,
+        default=TRANSPORTS[0],
+        help="the FUSE transport: native is cachefs's own, with passthrough; pyfuse3 runs "
+        "on libfuse through pyfuse3, without passthrough, and needs the extra "
+        "cachefs[pyfuse3] (default: native)",
+    )
+    option(
+        "--encrypt",
+        action="store_true",
+        help="keep the cache encrypted at rest (AES-256-GCM per block; file names sealed). "
+        "The key comes from --key-file or the CACHEFS_KEY environment variable: 32 random "
+        "bytes, 64 hex digits, or a passphrase (stretched with scrypt). A cache dir made with "
+        "a key refuses any other key, and refuses to mount without one",
+    )
+    option(
+        "--key-file",
+        metavar="FILE",
+        type=non_empty,
+        help="the --encrypt key (raw 32 bytes, hex, or a passphrase); chmod 600 it",
+    )
+    option(
+        "--faults",
+        metavar="FILE",
+        type=non_empty,
+        help="inject read failures from a JSON rules file, re-read while mounted (testing)",
+    )
+    option(
+        "--trace",
+        metavar="FILE",
+        type=non_empty,
+        help="append one JSON line per backend ReadData call to FILE (testing, diagnosis)",
+    )
+    option(
+        "--throttle",
+        metavar="LATENCY_MS,MIBPS",
+        type=checked_by(_throttle),
+        help="simulate a remote store: per-request first-byte latency in ms and "
+        "per-connection bandwidth in MiB/s (benchmarks, testing)",
+    )
+    option(
+        "--readahead-kb",
+        metavar="N",
+        type=number(int, 0, MAX_READAHEAD_KB),
+        default=1024,
+        help=f"kernel readahead of the mount in KiB, 0 to {MAX_READAHEAD_KB} (default: 1024)",
+    )
+    option("--foreground", action="store_true", help="serve in this process, logging to stderr")
+    s3options.add_arguments(mount)
+    mount.set_defaults(run=cmd_mount)
+
+
+def add_publish(add: AddCommand) -> None:
+    publish = add(
+        "publish",
+        "store content information for every file of a source",
+        "Read every file of SOURCE and store the SHA-256 of each of its blocks beside it "
+        "(in SOURCE/.cachefs-ci/, which mounts never show), so that mounts of SOURCE check "
+        "every block they fetch against it. Needs write access to SOURCE. Files whose "
+        "information is already up to date are not read again; files that change while "
+        "being read are skipped; the information of files gone from SOURCE is removed. "
+        "Prints one summary line; exits with 1 if any file failed.",
+    )
+    publish.add_argument(
+        "source",
+        metavar="SOURCE",
+        type=non_empty,
+        help="directory path, file:///abs/path or s3://BUCKET[/PREFIX]",
+    )
+    _block_size_option(
+        publish,
+        "block size of the hashes; must equal the --block-size of the mounts that use "
+        "them, which ignore information of any other block size (default: 1M, the mount's "
+        "default)",
+    )
+    s3options.add_arguments(publish)
+    publish.set_defaults(run=cmd_publish)
+
+
+def _block_size_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--block-size", metavar="SIZE", type=block_size, default="1M", help=help)
+
+
+# -- from the command line to MountOptions ---------------------------------------------------
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
-    """Check and complete the mount options; creates nothing (cmd_mount makes the
-    cache dir, once everything that can be refused has been checked)."""
+    """The mount options *args* give, checked and completed; ConfigError (one line,
+    exit 2) if they are refused.  Creates nothing but a new trace file: cmd_mount
+    makes the cache dir once everything that can be refused has been checked."""
     block_size = args.block_size
     if args.cache_size is not None and args.cache_size < block_size:
         raise ConfigError(
@@ -58,9 +274,10 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     key_file = Path(os.path.abspath(args.key_file)) if args.key_file else None
     if args.encrypt:
         read_key_material(None if key_file is None else str(key_file), os.environ)
-    faults = Path(os.path.abspath(args.faults)) if args.faults else None
-    if faults is not None:
-        load_rules(faults)  # RulesError: one line, exit 2, before a daemon starts
+    # Innermost first: trace(faults(throttle(source))).
+    wrappers = [("throttle", args.throttle)] if args.throttle else []
+    if args.faults:
+        wrappers.append(("faults", wrapper("faults").check(args.faults)))  # RulesError
     config = CacheConfig(
         block_size=block_size,
         verify=args.verify,
@@ -73,19 +290,22 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         max_fetches=args.max_fetches,
     )
     config.validate()
+    mountpoint = Path(os.path.realpath(args.mountpoint))
+    check_apart(source, mountpoint, cache_dir)
+    if args.trace:
+        wrappers.append(("trace", wrapper("trace").check(args.trace)))  # opened as the mount will
     return MountOptions(
         source=source,
-        mountpoint=Path(os.path.realpath(args.mountpoint)),
+        mountpoint=mountpoint,
         cache_dir=cache_dir,
         config=config,
-        faults=faults,
-        trace=Path(os.path.abspath(args.trace)) if args.trace else None,
-        throttle=args.throttle,
+        wrappers=tuple(wrappers),
         readahead_kb=args.readahead_kb,
         backend_options=backend_options,
         encrypt=args.encrypt,
         key_file=key_file,
         passthrough=args.passthrough,
+        fuse=args.fuse,
     )
 
 
@@ -99,84 +319,8 @@ def _statvfs_where(path: Path) -> os.statvfs_result:
     return os.statvfs("/")
 
 
-def _daemon_argv(opts: MountOptions, log_level: str) -> list[str]:
-    argv = [
-        "mount",
-        opts.source,
-        str(opts.mountpoint),
-        "--foreground",
-        f"--cache-dir={opts.cache_dir}",
-        f"--block-size={opts.config.block_size}",
-        f"--ttl={opts.config.ttl!r}",
-        f"--retries={opts.config.retries}",
-        f"--max-readahead={opts.config.max_readahead}",
-        f"--max-fetches={opts.config.max_fetches}",
-        f"--readahead-kb={opts.readahead_kb}",
-        f"--verify={opts.config.verify}",
-        f"--log-level={log_level}",
-    ]
-    if opts.config.cache_size is not None:
-        argv.append(f"--cache-size={opts.config.cache_size}")
-    if opts.config.min_free is not None:
-        argv.append(f"--min-free={opts.config.min_free}")
-    if not opts.config.io_uring:
-        argv.append("--no-io-uring")
-    if not opts.passthrough:
-        argv.append("--no-passthrough")
-    if opts.encrypt:
-        argv.append("--encrypt")  # CACHEFS_KEY, if that is the key, is inherited
-    if opts.key_file:
-        argv.append(f"--key-file={opts.key_file}")
-    if opts.faults:
-        argv.append(f"--faults={opts.faults}")
-    if opts.trace:
-        argv.append(f"--trace={opts.trace}")
-    if opts.throttle:
-        argv.append(f"--throttle={opts.throttle}")
-    return argv + s3options.to_argv(opts.backend_options)
-
-
-def check_apart(source: str, mountpoint: Path, cache_dir: Path | None = None) -> None:
-    """ConfigError if the mount would reach into itself, which deadlocks it.
-
-    Refused: MOUNTPOINT is SOURCE, lies below it, or holds it; the cache dir
-    lies at or below MOUNTPOINT.  Paths are compared with symlinks resolved,
-    and as (device, inode), so a bind mount of SOURCE counts as SOURCE.  Only
-    local sources have a path: an ``s3://`` source is never refused here.
-    """
-    mountpoint = Path(os.path.realpath(mountpoint))
-    root = local_path(source)  # SourceError if malformed: as the backend reads it
-    if root is not None:
-        src = Path(os.path.realpath(root))
-        if _at_or_below(mountpoint, src):
-            where = "the source itself" if _same(mountpoint, src) else f"inside the source {src}"
-            raise ConfigError(
-                f"mount point {mountpoint} is {where}: the mount would read itself; "
-                "choose a mount point outside the source"
-            )
-        if _at_or_below(src, mountpoint):
-            raise ConfigError(f"source {src} is inside the mount point {mountpoint}")
-    if cache_dir is not None and _at_or_below(Path(os.path.realpath(cache_dir)), mountpoint):
-        raise ConfigError(f"cache dir {cache_dir} is inside the mount point {mountpoint}")
-
-
-def _at_or_below(path: Path, top: Path) -> bool:
-    """Whether real path *path* is *top* or below it."""
-    return any(_same(p, top) for p in (path, *path.parents))
-
-
-def _same(a: Path, b: Path) -> bool:
-    if a == b:
-        return True
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
 def _check_source(source: str, options: dict[str, Any]) -> None:
-    """Open and close the source (an S3 bucket: one listing, at most ~15 s)."""
+    """Open and close the source (an S3 bucket: one listing, within its own deadline)."""
     backend = open_backend(source, **options)
     trio.run(backend.aclose)
 
@@ -193,26 +337,16 @@ def _check_before_cache_dir(args: argparse.Namespace) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    readiness = Readiness(args.ready_fd)
-    try:
-        if not args.foreground:
-            _check_before_cache_dir(args)
-        opts = mount_options(args)
-        check_apart(opts.source, opts.mountpoint, opts.cache_dir)
-        if opts.trace is not None:
-            open_trace(opts.trace).close()  # the mount opens it again, the same way
-        prepare_cache_dir(opts.cache_dir)  # only now: a refused mount leaves nothing behind
-        if args.foreground:
-            run_mount(opts, on_ready=readiness.ready)
-        else:
-            log_path = opts.cache_dir / LOG_NAME
-            spawn_daemon(_daemon_argv(opts, args.log_level or "info"), log_path, READY_TIMEOUT)
-    except CacheFSError as e:
-        readiness.failed(e.exit_code, str(e))
-        raise
-    except BaseException as e:
-        readiness.failed(1, f"internal error: {e!r}")
-        raise
+    check_transport(args.fuse)
+    if not args.foreground:
+        _check_before_cache_dir(args)
+    opts = mount_options(args)
+    prepare_cache_dir(opts.cache_dir)  # only now: a refused mount leaves nothing behind
+    if args.foreground:
+        run_mount(opts)
+    else:
+        orders = Orders(opts, args.log_level or "info")
+        spawn_daemon(orders, opts.cache_dir / LOG_NAME, READY_TIMEOUT)
     return 0
 
 

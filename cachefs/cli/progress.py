@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from cachefs.control.protocol import WholeFilesReply
 from cachefs.units import format_size
 
 RATE_WINDOW = 5.0
@@ -91,7 +92,7 @@ class ProgressBar:
             self._shown = 0
 
 
-def summary(verb_past: str, result: dict[str, Any], seconds: float) -> str:
+def summary(verb_past: str, result: WholeFilesReply, seconds: float) -> str:
     """``prefetched 40 files, 2.5 GiB (1.3 GiB from the source) in 30.1 s``."""
     files, ok, failed = result["files"], result["succeeded"], len(result["failed"])
     count = f"{ok} of {files} files" if ok != files else f"{files} file{'s' * (files != 1)}"

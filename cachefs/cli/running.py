@@ -1,43 +1,96 @@
-"""The cachefs commands that act on a running mount, through its control socket.
+"""The commands on a running mount's life: ``unmount``, ``stats`` and the resets.
 
-unmount, stats, prefetch, pin, unpin, purge, add-data and the resets.  A PATH names
-its mount (found in /proc/self/mountinfo, no request to the file system)
-and a file id within it; errors are raised as CacheFSError for the
-command line to print as one line.
+A PATH names its mount (found in /proc/self/mountinfo, no request to the
+file system) and a file id within it; the mount is asked through its
+control socket with the protocol's typed requests; errors are raised as
+CacheFSError for the command line to print as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import itertools
 import json
 import logging
 import os
 import pwd
 import signal
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cachefs.cli.progress import ProgressBar, summary
-from cachefs.control.protocol import (
+from cachefs.cli.options import MAX_TIMEOUT, AddCommand, non_empty, number, paths_argument
+from cachefs.control.client import request
+from cachefs.control.mounts import (
     MountEntry,
-    abort_connection,
     attached,
     daemon_pid,
     find_mount,
     lazy_unmount,
     mount_at,
-    request,
     wait_for_exit,
 )
-from cachefs.errors import CacheFSError, ConfigError, MountBusy, MountUnreachable, NotInMount
+from cachefs.control.protocol import ResetExternalError, ResetFileErrors, Stats, Unmount
+from cachefs.daemon.tuning import abort_connection
+from cachefs.errors import CacheFSError, MountBusy, MountUnreachable, NotInMount
 from cachefs.units import format_size
 
 log = logging.getLogger("cachefs")
+
+
+def add_unmount(add: AddCommand) -> None:
+    unmount = add(
+        "unmount",
+        "unmount a cachefs mount cleanly",
+        "Ask the mount's daemon to unmount, commit the cache metadata and exit; "
+        "returns when it has. A daemon that does not answer within 5 s (stopped, hung "
+        "or gone) or does not exit in time has its FUSE connection aborted, so processes "
+        "blocked on the mount get an error at once; the mount is detached and the daemon "
+        "told to exit.",
+    )
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=non_empty)
+    unmount.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=number(float, 0, MAX_TIMEOUT),
+        default=30.0,
+        help="how long to wait for the daemon to exit before aborting its connection and "
+        f"detaching the mount, 0 to {MAX_TIMEOUT} (default: 30)",
+    )
+    unmount.set_defaults(run=cmd_unmount)
+
+
+def add_stats_and_resets(add: AddCommand) -> None:
+    stats = add(
+        "stats",
+        "show a mount's counters",
+        "Show the counters of the mount containing PATH: backend calls and bytes, cache hits "
+        "and misses, hit ratio, cached, pinned and evicted bytes, the cache limit and free "
+        "space floor, latched file errors and the external error.",
+    )
+    stats.add_argument("path", metavar="PATH", type=non_empty, help="any path inside the mount")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(run=cmd_stats)
+
+    reset_files = add(
+        "reset-file-errors",
+        "serve files again after FILE_FAILURE or an early end of file",
+        "Lift the FILE_FAILURE latch of each PATH (a directory: of every file below it; "
+        "the mount point: of all files), so reads ask the source again, and forget where "
+        "a RANGE_BEYOND_EOF answer said such a file ends (the zeros cached for it go).",
+    )
+    paths_argument(reset_files)
+    reset_files.set_defaults(run=cmd_reset_file_errors)
+
+    reset_external = add(
+        "reset-external-error",
+        "use the source again after PERMANENT_FAILURE",
+        "Lift the PERMANENT_FAILURE latch of the mount containing PATH: reads that miss the "
+        "cache ask the source again.",
+    )
+    reset_external.add_argument(
+        "path", metavar="PATH", type=non_empty, help="any path inside the mount"
+    )
+    reset_external.set_defaults(run=cmd_reset_external_error)
 
 
 #: How long the daemon has to answer its control socket before unmount aborts it,
@@ -101,7 +154,7 @@ def _ask_to_unmount(entry: MountEntry) -> int:
     the request does (its reserved control places are all taken too).
     """
     try:
-        result = request(entry, "unmount", timeout=ANSWER_DEADLINE)
+        return request(entry, Unmount(), timeout=ANSWER_DEADLINE)["pid"]
     except MountBusy:
         pid = _daemon_of(entry)
         if pid is None:
@@ -112,12 +165,6 @@ def _ask_to_unmount(entry: MountEntry) -> int:
             raise MountUnreachable(f"the mount at {entry.mountpoint} has no daemon") from None
         log.info("the mount is busy: asked its daemon (pid %d) to unmount by SIGTERM", pid)
         return pid
-    pid = result.get("pid") if isinstance(result, dict) else None
-    if type(pid) is not int:
-        raise MountUnreachable(
-            f"the mount at {entry.mountpoint} answered unmount with {str(result)[:100]}"
-        )
-    return pid
 
 
 def _force_unmount(entry: MountEntry, why: str, deadline: float, asked: int | None = None) -> int:
@@ -191,145 +238,8 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = request(find_mount(args.path), "stats")
+    stats = request(find_mount(args.path), Stats())
     print(json.dumps(stats, indent=2, sort_keys=True) if args.json else format_stats(stats))
-    return 0
-
-
-def _by_mount(paths: list[str]) -> dict[MountEntry, list[str]]:
-    """The file ids of *paths* (symlinks resolved), grouped by the mount holding them."""
-    by_mount: dict[MountEntry, list[str]] = {}
-    for path in paths:
-        real = Path(os.path.realpath(path))
-        entry = find_mount(real)
-        by_mount.setdefault(entry, []).append(entry.file_id(real))
-    return by_mount
-
-
-def _whole_files(args: argparse.Namespace, verb_past: str) -> int:
-    """prefetch and pin: progress on a terminal, a summary, the failures; exit 1 on any."""
-    status = 0
-    for entry, file_ids in _by_mount(args.paths).items():
-        bar = ProgressBar(args.command, sys.stderr) if sys.stderr.isatty() else None
-        started = time.monotonic()
-        try:
-            on_progress = bar.update if bar is not None else None
-            result = request(entry, args.command, on_progress=on_progress, file_ids=file_ids)
-        finally:
-            if bar is not None:
-                bar.close()
-        if result["succeeded"] or not result["failed"]:
-            print(summary(verb_past, result, time.monotonic() - started), flush=True)
-        if "warning" in result:
-            print(f"cachefs: warning: {result['warning']}", file=sys.stderr)
-        for failure in result["failed"]:
-            print(f"cachefs: error: {failure['error']}", file=sys.stderr)
-            status = max(status, int(failure["exit_code"]))
-    return status
-
-
-def cmd_prefetch(args: argparse.Namespace) -> int:
-    return _whole_files(args, "prefetched")
-
-
-def cmd_pin(args: argparse.Namespace) -> int:
-    return _whole_files(args, "pinned")
-
-
-def cmd_unpin(args: argparse.Namespace) -> int:
-    for entry, file_ids in _by_mount(args.paths).items():
-        result = request(entry, "unpin", file_ids=file_ids)
-        n = len(result["unpinned"])
-        print(f"unpinned {n} file{'s' * (n != 1)}")
-        for file_id in result["not_pinned"]:
-            print(
-                f"cachefs: warning: nothing pinned at {entry.mountpoint / file_id}", file=sys.stderr
-            )
-    return 0
-
-
-def cmd_purge(args: argparse.Namespace) -> int:
-    for entry, file_ids in _by_mount(args.paths).items():
-        result = request(entry, "purge", file_ids=file_ids)
-        n, kept = result["purged"], len(result["pinned"])
-        line = f"purged {n} file{'s' * (n != 1)}, freed {format_size(result['freed'])}"
-        if kept:
-            line += f"; kept {kept} pinned file{'s' * (kept != 1)}"
-        in_use = len(result.get("in_use", []))
-        if in_use:
-            line += f"; kept {in_use} file{'s' * (in_use != 1)} open with passthrough"
-        print(line)
-    return 0
-
-
-#: Bytes per add-data request (base64 keeps a request line under 1 MiB).
-ADD_DATA_CHUNK = 512 << 10
-
-
-def _chunks_from(source: str) -> list[bytes] | Iterator[bytes]:
-    """The bytes of *source* in request-sized chunks; [] if it is empty."""
-    chunks = _read_chunks(source)
-    first = next(chunks, None)
-    return [] if first is None else itertools.chain([first], chunks)
-
-
-def _read_chunks(source: str) -> Iterator[bytes]:
-    try:
-        f = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
-    except OSError as e:
-        raise ConfigError(f"--from {source}: {e.strerror}") from None
-    with f:
-        while True:
-            try:
-                chunk = f.read(ADD_DATA_CHUNK)
-            except OSError as e:
-                raise ConfigError(f"--from {source}: {e.strerror}") from None
-            if not chunk:
-                return
-            yield chunk
-
-
-def cmd_add_data(args: argparse.Namespace) -> int:
-    real = Path(os.path.realpath(args.path))
-    entry = find_mount(real)
-    file_id = entry.file_id(real)
-    accepted = rejected = pending = 0
-    offset = args.offset
-    try:
-        # Empty input still asks once: an offset past the end is an error.
-        for chunk in _chunks_from(args.source) or [b""]:
-            got = request(
-                entry,
-                "add-data",
-                file_id=file_id,
-                offset=offset,
-                data=base64.b64encode(chunk).decode(),
-                trust=args.trust,
-            )
-            accepted, rejected, pending = (
-                accepted + got["accepted"],
-                rejected + got["rejected"],
-                got["pending"],
-            )
-            offset += len(chunk)
-    except CacheFSError:
-        if accepted or rejected:  # what was done before the error still counts
-            print(f"blocks accepted {accepted}, rejected {rejected}, pending {pending}")
-        raise
-    print(f"blocks accepted {accepted}, rejected {rejected}, pending {pending}")
-    if pending:
-        print(
-            f"cachefs: warning: {pending} incomplete block{'s' * (pending != 1)} held until "
-            "the rest is added (kept in memory only)",
-            file=sys.stderr,
-        )
-    if rejected:
-        print(
-            f"cachefs: error: {rejected} block{'s' * (rejected != 1)} did not match "
-            f"{'their hashes' if rejected != 1 else 'its hash'}: not stored",
-            file=sys.stderr,
-        )
-        return 1
     return 0
 
 
@@ -339,7 +249,7 @@ def cmd_reset_file_errors(args: argparse.Namespace) -> int:
         entry = find_mount(path)
         by_mount.setdefault(entry, []).append(entry.file_id(Path(os.path.abspath(path))))
     for entry, file_ids in by_mount.items():
-        reset = request(entry, "reset-file-errors", file_ids=file_ids)
+        reset = request(entry, ResetFileErrors(tuple(file_ids)))
         for file_id in reset:
             print(f"reset {entry.mountpoint / file_id}")
         if not reset:
@@ -348,5 +258,5 @@ def cmd_reset_file_errors(args: argparse.Namespace) -> int:
 
 
 def cmd_reset_external_error(args: argparse.Namespace) -> int:
-    request(find_mount(args.path), "reset-external-error")
+    request(find_mount(args.path), ResetExternalError())
     return 0

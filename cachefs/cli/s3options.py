@@ -1,4 +1,4 @@
-"""The ``--s3-*`` options of ``cachefs mount``: parsed, checked, forwarded.
+"""The ``--s3-*`` options of ``cachefs mount`` and ``publish``: parsed, checked, forwarded.
 
 They become the keyword options of the s3 backend's factory
 (``open_backend(url, endpoint=, region=, anonymous=, path_style=)``); this
@@ -153,18 +153,6 @@ def _flag(name: str, value: Any) -> str:
     if name == "path_style" and value is False:
         return "--s3-virtual-hosted"
     return FLAGS[name]
-
-
-def to_argv(options: dict[str, Any]) -> list[str]:
-    """The flags that give *options* again (for the daemon's command line)."""
-    argv = []
-    for name, value in options.items():
-        if isinstance(value, bool):
-            if value or name == "path_style":
-                argv.append(_flag(name, value))
-        else:
-            argv.append(f"{FLAGS[name]}={value}")
-    return argv
 
 
 def cache_identity(source: str, options: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""Checks before mounting: the FUSE device, the mount point, the cache dir."""
+"""Checks before mounting: the FUSE device, the mount point, the cache dir, and
+that the mount does not reach into itself."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
-from cachefs.control.protocol import mount_at
+from cachefs.contract import local_path
+from cachefs.control.mounts import mount_at
 from cachefs.engine.state.cachedir import check_cache_dir
 from cachefs.errors import CacheDirError, ConfigError
 
@@ -59,3 +61,42 @@ def check_mountpoint(path: Path) -> None:
         ) from None
     if entries:
         raise ConfigError(f"mount point {path} is not empty")
+
+
+def check_apart(source: str, mountpoint: Path, cache_dir: Path | None = None) -> None:
+    """ConfigError if the mount would reach into itself, which deadlocks it.
+
+    Refused: MOUNTPOINT is SOURCE, lies below it, or holds it; the cache dir
+    lies at or below MOUNTPOINT.  Paths are compared with symlinks resolved,
+    and as (device, inode), so a bind mount of SOURCE counts as SOURCE.  Only
+    local sources have a path: an ``s3://`` source is never refused here.
+    """
+    mountpoint = Path(os.path.realpath(mountpoint))
+    root = local_path(source)  # SourceError if malformed: as the backend reads it
+    if root is not None:
+        src = Path(os.path.realpath(root))
+        if _at_or_below(mountpoint, src):
+            where = "the source itself" if _same(mountpoint, src) else f"inside the source {src}"
+            raise ConfigError(
+                f"mount point {mountpoint} is {where}: the mount would read itself; "
+                "choose a mount point outside the source"
+            )
+        if _at_or_below(src, mountpoint):
+            raise ConfigError(f"source {src} is inside the mount point {mountpoint}")
+    if cache_dir is not None and _at_or_below(Path(os.path.realpath(cache_dir)), mountpoint):
+        raise ConfigError(f"cache dir {cache_dir} is inside the mount point {mountpoint}")
+
+
+def _at_or_below(path: Path, top: Path) -> bool:
+    """Whether real path *path* is *top* or below it."""
+    return any(_same(p, top) for p in (path, *path.parents))
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

@@ -17,20 +17,39 @@ Policy:
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from cachefs.contract import FileKind
-from cachefs.control.protocol import Progress
+from cachefs.control.protocol import (
+    AddData,
+    AddDataReply,
+    Failure,
+    Message,
+    Pin,
+    Prefetch,
+    Purge,
+    PurgeReply,
+    ResetExternalError,
+    ResetFileErrors,
+    Stats,
+    StatsReply,
+    Unmount,
+    UnmountReply,
+    Unpin,
+    UnpinReply,
+    WholeFilesProgress,
+    WholeFilesReply,
+    decode_request,
+)
+from cachefs.control.server import Progress
 from cachefs.engine import FileCache
-from cachefs.errors import CacheFSError, ConfigError, NotFound, PinLimitExceeded
+from cachefs.errors import CacheFSError, NotFound, PinLimitExceeded
 from cachefs.fs.inodes import Namespace, child_id
 from cachefs.units import format_size
 
@@ -38,8 +57,6 @@ log = logging.getLogger(__name__)
 
 FETCH_CONCURRENCY = 4
 PROGRESS_INTERVAL = 0.25
-
-Command = Callable[[dict[str, Any], Progress], Awaitable[Any]]
 
 
 @dataclass(slots=True)
@@ -55,7 +72,7 @@ class _Batch:
     succeeded: int = 0
     fetched: int = 0
     active: set[str] = field(default_factory=set)
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
 
     def add(self, file_id: str, size: int) -> None:
         if file_id not in self.seen:
@@ -84,27 +101,34 @@ class ControlCommands:
         self._stop = stop
         self._invalidate = invalidate
         self._fetch_limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
-        self._commands: dict[str, Command] = {
-            "stats": self.stats,
-            "prefetch": self.prefetch,
-            "pin": self.pin,
-            "unpin": self.unpin,
-            "purge": self.purge,
-            "add-data": self.add_data,
-            "reset-file-errors": self.reset_file_errors,
-            "reset-external-error": self.reset_external_error,
-            "unmount": self.unmount,
-        }
 
-    async def __call__(self, request: dict[str, Any], progress: Progress) -> Any:
-        command = self._commands.get(request["command"])
-        if command is None:
-            raise ConfigError(f"unknown control command {request['command']!r}")
-        return await command(request, progress)
+    async def __call__(self, message: Message, progress: Progress) -> object:
+        """Answer one request, as the control server decoded it."""
+        request = decode_request(message)  # ConfigError: unknown, or arguments missing
+        match request:
+            case Stats():
+                return await self.stats()
+            case Prefetch(file_ids):
+                return await self.prefetch(file_ids, progress)
+            case Pin(file_ids):
+                return await self.pin(file_ids, progress)
+            case Unpin(file_ids):
+                return await self.unpin(file_ids)
+            case Purge(file_ids):
+                return await self.purge(file_ids)
+            case AddData():
+                return await self.add_data(request)
+            case ResetFileErrors(file_ids):
+                return await self.reset_file_errors(file_ids)
+            case ResetExternalError():
+                await self.reset_external_error()
+                return None
+            case Unmount():
+                return await self.unmount()
 
     # -- simple commands ------------------------------------------------------------
 
-    async def stats(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    async def stats(self) -> StatsReply:
         cache = self._cache
         return {
             **cache.statistics(),
@@ -117,9 +141,8 @@ class ControlCommands:
             "inodes": len(self._namespace),
         }
 
-    async def reset_file_errors(self, request: dict[str, Any], progress: Progress) -> list[str]:
+    async def reset_file_errors(self, file_ids: tuple[str, ...]) -> list[str]:
         """Reset the latched and the short files below the given file ids."""
-        file_ids = _file_ids(request)
         if "" in file_ids:
             reset = await self._cache.reset_file_errors(None)
         else:
@@ -129,42 +152,38 @@ class ControlCommands:
             self._invalidate(file_id)  # the kernel's pages of the zeros go too
         return reset
 
-    async def add_data(self, request: dict[str, Any], progress: Progress) -> dict[str, int]:
-        """Supply bytes of one file (base64 in ``data``) at ``offset``; see FileCache.add_data."""
-        try:
-            file_id, offset = request["file_id"], request["offset"]
-            data = base64.b64decode(request["data"], validate=True)
-        except (KeyError, ValueError, TypeError) as e:
-            raise ConfigError(f"malformed add-data request: {e}") from None
-        if not isinstance(file_id, str) or type(offset) is not int:
-            raise ConfigError("malformed add-data request: bad file_id or offset")
-        got = await self._cache.add_data(file_id, offset, data, trust=bool(request.get("trust")))
+    async def add_data(self, request: AddData) -> AddDataReply:
+        """Supply bytes of one file at an offset; see FileCache.add_data."""
+        got = await self._cache.add_data(
+            request.file_id, request.offset, request.data, trust=request.trust
+        )
         return {"accepted": got.accepted, "rejected": got.rejected, "pending": got.pending}
 
-    async def reset_external_error(self, request: dict[str, Any], progress: Progress) -> None:
+    async def reset_external_error(self) -> None:
         await self._cache.reset_external_error()
 
-    async def unmount(self, request: dict[str, Any], progress: Progress) -> dict[str, int]:
+    async def unmount(self) -> UnmountReply:
         log.info("unmount requested")
         self._stop()
         return {"pid": os.getpid()}
 
-    async def unpin(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    async def unpin(self, file_ids: tuple[str, ...]) -> UnpinReply:
         """Unpin every pinned file below the given file ids."""
-        file_ids = _file_ids(request)
         pinned = self._cache.pinned()
         unpinned = [f for f in _below(file_ids, pinned) if await self._cache.unpin(f)]
         return {"unpinned": unpinned, "not_pinned": _unmatched(file_ids, unpinned)}
 
-    async def purge(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    async def purge(self, file_ids: tuple[str, ...]) -> PurgeReply:
         """Drop the cached data of every unpinned file below the given file ids.
 
         Files open for the kernel to read by itself (passthrough) are kept too.
         """
-        file_ids = _file_ids(request)
         pinned = set(self._cache.pinned())
         held = set(self._cache.held_whole())
-        purged, kept, in_use, freed = [], [], [], 0
+        purged: list[str] = []
+        kept: list[str] = []
+        in_use: list[str] = []
+        freed = 0
         for file_id in _below(file_ids, self._cached_files()):
             if file_id in pinned:
                 kept.append(file_id)
@@ -181,8 +200,8 @@ class ControlCommands:
 
     # -- whole files --------------------------------------------------------------
 
-    async def prefetch(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        batch = await self._whole_files(request, progress, self._cache.prefetch)
+    async def prefetch(self, file_ids: tuple[str, ...], progress: Progress) -> WholeFilesReply:
+        batch = await self._whole_files(file_ids, progress, self._cache.prefetch)
         result = _summary(batch)
         limit = self._cache.statistics()["cache_limit"]
         if result["bytes"] > limit:
@@ -192,8 +211,8 @@ class ControlCommands:
             )
         return result
 
-    async def pin(self, request: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        return _summary(await self._whole_files(request, progress, self._cache.pin, self._fits))
+    async def pin(self, file_ids: tuple[str, ...], progress: Progress) -> WholeFilesReply:
+        return _summary(await self._whole_files(file_ids, progress, self._cache.pin, self._fits))
 
     def _fits(self, batch: _Batch) -> CacheFSError | None:
         """Refuse to pin several files that would not fit together."""
@@ -210,13 +229,12 @@ class ControlCommands:
 
     async def _whole_files(
         self,
-        request: dict[str, Any],
+        file_ids: tuple[str, ...],
         progress: Progress,
         action: Callable[[str], Awaitable[None]],
         check: Callable[[_Batch], CacheFSError | None] = lambda batch: None,
     ) -> _Batch:
         """Find the files, check them, run *action* on each; progress all along."""
-        file_ids = _file_ids(request)
         batch = _Batch()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._report, batch, progress)
@@ -270,16 +288,15 @@ class ControlCommands:
 
     async def _send_progress(self, batch: _Batch, progress: Progress) -> None:
         done = batch.finished_bytes + sum(self._cached_bytes(f) for f in batch.active)
-        await progress.send(
-            {
-                "scanning": batch.scanning,
-                "done": done,
-                "total": batch.total,
-                "files_done": batch.finished,
-                "files": len(batch.files),
-                "failed": len(batch.failed),
-            }
-        )
+        report: WholeFilesProgress = {
+            "scanning": batch.scanning,
+            "done": done,
+            "total": batch.total,
+            "files_done": batch.finished,
+            "files": len(batch.files),
+            "failed": len(batch.failed),
+        }
+        await progress.send(dict(report))
 
     async def _walk(self, root: str, batch: _Batch) -> None:
         """Add the regular files at or below *root* to *batch*."""
@@ -310,13 +327,6 @@ class ControlCommands:
         return 0 if cf is None else catalog.present_bytes(cf)
 
 
-def _file_ids(request: dict[str, Any]) -> list[str]:
-    file_ids = request.get("file_ids")
-    if not isinstance(file_ids, list) or not all(isinstance(f, str) for f in file_ids):
-        raise ConfigError(f"{request['command']} needs a list of file ids")
-    return file_ids
-
-
 def _ancestors(file_id: str) -> Iterator[str]:
     """*file_id* and every directory above it, up to the root ("")."""
     yield file_id
@@ -325,7 +335,7 @@ def _ancestors(file_id: str) -> Iterator[str]:
         yield file_id
 
 
-def _below(roots: list[str], file_ids: Iterable[str]) -> list[str]:
+def _below(roots: Iterable[str], file_ids: Iterable[str]) -> list[str]:
     """The file ids at or below any of *roots*, sorted.
 
     Linear in the file ids times their depth, whatever the number of roots:
@@ -335,20 +345,20 @@ def _below(roots: list[str], file_ids: Iterable[str]) -> list[str]:
     return sorted(f for f in file_ids if not wanted.isdisjoint(_ancestors(f)))
 
 
-def _unmatched(roots: list[str], file_ids: list[str]) -> list[str]:
+def _unmatched(roots: Iterable[str], file_ids: list[str]) -> list[str]:
     """The roots no file id lies at or below."""
     matched = {a for f in file_ids for a in _ancestors(f)}
     return [r for r in roots if r not in matched]
 
 
-def _failure(file_id: str, error: Exception) -> dict[str, Any]:
+def _failure(file_id: str, error: Exception) -> Failure:
     message = " ".join(str(error).split()) or type(error).__name__
     if file_id not in message:
         message = f"{file_id}: {message}"
     return {"file": file_id, "error": message, "exit_code": getattr(error, "exit_code", 1)}
 
 
-def _summary(batch: _Batch) -> dict[str, Any]:
+def _summary(batch: _Batch) -> WholeFilesReply:
     return {
         "files": len(batch.files),
         "succeeded": batch.succeeded,

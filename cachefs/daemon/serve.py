@@ -3,9 +3,8 @@
 ``serve_mount`` runs a mount in this process until it is unmounted (by
 ``cachefs unmount``, SIGTERM/SIGINT/SIGHUP, or ``fusermount3 -u``); on every
 way out the FUSE session is closed, the engine commits its metadata and the
-backend is closed.  ``spawn_daemon`` starts the same thing as a detached
-process and returns once the mount is ready, or raises with the reason it
-failed.
+backend is closed.  ``cachefs.daemon.spawn`` runs the same thing as a
+detached process.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ from functools import partial
 
 import trio
 
-from backends.faulty import FaultyBackend
-from backends.throttled import throttle
-from backends.trace import TraceBackend
 from cachefs.contract import Backend
 from cachefs.daemon.checks import check_fuse, check_mountpoint
 from cachefs.daemon.options import MountOptions
@@ -31,7 +27,7 @@ from cachefs.engine.state.crypto import read_key_material
 from cachefs.errors import CacheFSError
 from cachefs.fs.inodes import Namespace
 from cachefs.fs.operations import KernelInvalidator
-from cachefs.registry import open_backend
+from cachefs.registry import open_backend, wrapper
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +64,13 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
     backend: Backend = await trio.to_thread.run_sync(
         partial(open_backend, opts.source, **opts.backend_options)
     )
-    # trace(faulty(throttled(source))): the throttle slows the source down as a
-    # remote store would, and the trace records what the faults returned.
+    # The wrappers in the order given, innermost first (the command line
+    # stacks trace(faults(throttle(source))): the throttle slows the source
+    # down as a remote store would, and the trace records what the faults
+    # returned).  Encrypted, a wrapper shows file ids as name tags only.
     try:
-        if opts.throttle is not None:
-            backend = throttle(backend, opts.throttle)
-        if opts.faults is not None:
-            backend = FaultyBackend(backend, opts.faults)
-        if opts.trace is not None:
-            backend = TraceBackend(backend, opts.trace, name=tags if opts.encrypt else str)
+        for name, value in opts.wrappers:
+            backend = wrapper(name).wrap(backend, value, tags if opts.encrypt else str)
         log.info("backend: %r", backend)
         invalidator = KernelInvalidator()
         key = None

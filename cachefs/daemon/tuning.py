@@ -1,13 +1,18 @@
-"""Kernel tuning of a mount once FUSE INIT is done: the bdi's readahead."""
+"""The kernel's side of a mount: its bdi's readahead, tuned once FUSE INIT is
+done, and its FUSE connection, aborted through fusectl when its daemon does
+not answer."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import trio
 
-from cachefs.control.protocol import MountEntry, mount_at
+from cachefs.control.mounts import MountEntry, attached, mount_at
 from cachefs.daemon.options import MountOptions
 
 log = logging.getLogger(__name__)
@@ -49,3 +54,37 @@ def tune(entry: MountEntry, readahead_kb: int) -> None:
         log.warning("cannot set readahead (%s): %s", bdi, e.strerror)
     else:
         log.debug("%s: %s", bdi, bdi.read_text().strip())
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_connection(mount: MountEntry, fusectl: Path = FUSECTL) -> bool:
+    """Abort the mount's FUSE connection: every request waiting on its
+    daemon, and every later one, fails at once (ECONNABORTED, ENOTCONN).
+
+    Through fusectl's ``abort`` file (mounted here if it is not, as root).
+    False, with the reason logged, where that cannot be done; False, and
+    nothing logged, once the connection has ended.
+    """
+    # fusectl names a connection by its device number as the kernel encodes it.
+    path = fusectl / str((mount.major << 20) | mount.minor) / "abort"
+    if fusectl.is_dir() and not any(fusectl.iterdir()):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["mount", "-t", "fusectl", "fusectl", str(fusectl)],
+                capture_output=True,
+                check=False,
+                timeout=10,
+            )
+    try:
+        path.write_text("1")
+    except FileNotFoundError as e:
+        if os.path.ismount(fusectl) and not attached(mount):
+            return False  # the connection has ended: nothing to abort
+        log.warning("cannot abort the FUSE connection of %s (%s): %s", mount.mountpoint, path, e)
+        return False
+    except OSError as e:
+        log.warning("cannot abort the FUSE connection of %s (%s): %s", mount.mountpoint, path, e)
+        return False
+    return True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import socket
 import stat
@@ -17,19 +19,16 @@ import pytest
 import trio
 from conftest import assert_one_line_error
 
-from cachefs.cli.main import _daemon_argv, build_parser, mount_options
+from cachefs.cli.main import build_parser
+from cachefs.cli.mount import mount_options
 from cachefs.cli.running import _daemon_of, format_stats
-from cachefs.control.protocol import (
-    MountEntry,
-    Progress,
-    cachefs_mounts,
-    fsname_for,
-    mount_at,
-    request,
-    serve_control,
-)
+from cachefs.control.client import call
+from cachefs.control.mounts import MountEntry, cachefs_mounts, fsname_for, mount_at
+from cachefs.control.server import Progress, serve_control
 from cachefs.daemon.checks import check_fuse
-from cachefs.daemon.options import default_cache_dir
+from cachefs.daemon.options import MountOptions, default_cache_dir
+from cachefs.daemon.spawn import Orders
+from cachefs.engine import CacheConfig
 from cachefs.errors import CacheDirInUse, ConfigError, RemoteError
 
 if TYPE_CHECKING:
@@ -120,24 +119,98 @@ def test_bad_throttle(cachefs: Cachefs, tmp_path: Path, src: Path, spec: str) ->
     assert mount_at(tmp_path / "mnt") is None
 
 
-def test_mount_options_reach_the_daemon(tmp_path: Path, src: Path) -> None:
-    given = ["mount", str(src), str(tmp_path), "--cache-dir", str(tmp_path / "c")]
-    given += ["--throttle", "30,90", "--trace", "t.jsonl", "--readahead-kb", "2048"]
-    opts = mount_options(build_parser().parse_args(given))
-    assert opts.throttle == "30,90" and opts.readahead_kb == 2048
-    again = mount_options(build_parser().parse_args(_daemon_argv(opts, "info")))
-    assert again == opts
+def handed_over(opts: MountOptions) -> MountOptions:
+    """What the daemon reads of *opts*: the orders cachefs mount writes to it."""
+    orders = Orders.from_json(Orders(opts, "debug").to_json())
+    assert orders.log_level == "debug"
+    return orders.options
 
 
-@pytest.mark.parametrize("flag, expected", [([], True), (["--no-io-uring"], False)])
-def test_io_uring_choice_reaches_the_daemon(
-    tmp_path: Path, src: Path, flag: list[str], expected: bool
+def test_mount_options_reach_the_daemon(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    given = ["mount", str(src), str(tmp_path), "--cache-dir", str(tmp_path / "c"), *flag]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rules.json").write_text('[{"file": "*", "result": "FAILURE"}]')
+    given = ["mount", str(src), "mnt", "--cache-dir", "c", "--faults", "rules.json"]
+    given += ["--throttle", "30,90", "--trace", "t.jsonl", "--readahead-kb", "2048"]
+    given += ["--ttl", "0.1", "--min-free", "7M", "--no-passthrough", "--verify", "always"]
     opts = mount_options(build_parser().parse_args(given))
-    assert opts.config.io_uring is expected
-    again = mount_options(build_parser().parse_args(_daemon_argv(opts, "info")))
-    assert again.config.io_uring is expected
+    assert opts.wrappers == (
+        ("throttle", "30,90"),
+        ("faults", str(tmp_path / "rules.json")),
+        ("trace", str(tmp_path / "t.jsonl")),
+    )
+    assert opts.readahead_kb == 2048 and opts.cache_dir == tmp_path / "c"
+    assert opts.mountpoint == tmp_path / "mnt"
+    assert opts.config.ttl == 0.1 and opts.config.min_free == 7 << 20
+    assert handed_over(opts) == opts
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--no-io-uring"], ["--fuse", "pyfuse3", "--cache-size", "1G", "--retries", "0"]],
+)
+def test_every_choice_reaches_the_daemon(tmp_path: Path, src: Path, flags: list[str]) -> None:
+    given = ["mount", str(src), str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"), *flags]
+    opts = mount_options(build_parser().parse_args(given))
+    assert opts.config.io_uring is ("--no-io-uring" not in flags)
+    assert opts.fuse == ("pyfuse3" if "pyfuse3" in flags else "native")
+    again = handed_over(opts)
+    assert again == opts and type(again.config.ttl) is float
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["options"].pop("source"),
+        lambda d: d["options"].update(mountpoint=7),
+        lambda d: d["options"]["config"].update(block_size=3000),
+        lambda d: d["options"]["config"].update(retries=True),
+        lambda d: d["options"].update(wrappers=[["trace"]]),
+        lambda d: d["options"].update(surprise=1),
+        lambda d: d.update(log_level="loud"),
+    ],
+)
+def test_the_daemon_takes_only_orders(tmp_path: Path, damage: Callable[[dict], object]) -> None:
+    opts = MountOptions("/src", tmp_path / "mnt", tmp_path / "c", CacheConfig())
+    doc = json.loads(Orders(opts).to_json())
+    damage(doc)
+    with pytest.raises((ValueError, ConfigError)):
+        Orders.from_json(json.dumps(doc).encode())
+
+
+def test_a_daemon_without_orders_says_so_on_its_readiness_pipe(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "cachefs.daemon", str(tmp_path), "--ready-fd", str(write_end)],
+            input=b"not json",
+            capture_output=True,
+            pass_fds=(write_end,),
+            timeout=60,
+        )
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as ready:
+            line = ready.read().decode()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(write_end)
+    assert done.returncode == 1
+    assert line.startswith("error 1 internal error: the mount daemon got no options"), line
+    assert line.count("\n") == 1 and "Traceback" not in done.stderr.decode()
+
+
+@pytest.mark.parametrize("fd", ["1", "-1", "x", "2000"])
+def test_a_daemon_needs_its_readiness_pipe(tmp_path: Path, fd: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cachefs.daemon", str(tmp_path), "--ready-fd", fd],
+        input=b"",
+        capture_output=True,
+        text=False,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert b"--ready-fd" in done.stderr and b"Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -243,9 +316,9 @@ async def test_control_socket_with_a_long_path(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, cache, _handler)
         assert stat.S_IMODE((cache / "control.sock").stat().st_mode) == 0o600
-        assert await trio.to_thread.run_sync(lambda: request(entry, "echo", value=[1])) == [1]
+        assert await trio.to_thread.run_sync(lambda: call(entry, "echo", value=[1])) == [1]
         with pytest.raises(RemoteError) as info:
-            await trio.to_thread.run_sync(request, entry, "nope")
+            await trio.to_thread.run_sync(call, entry, "nope")
         assert info.value.exit_code == 2
         # A second server on the same cache dir refuses to start.
         with pytest.raises(CacheDirInUse):
@@ -261,7 +334,7 @@ async def test_stale_control_socket_is_replaced(tmp_path: Path) -> None:
     entry = MountEntry(Path("/mnt"), 0, 1, tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, tmp_path, _handler)
-        assert await trio.to_thread.run_sync(lambda: request(entry, "echo", value="x")) == "x"
+        assert await trio.to_thread.run_sync(lambda: call(entry, "echo", value="x")) == "x"
         nursery.cancel_scope.cancel()
 
 
@@ -303,12 +376,12 @@ async def test_progress_lines_come_before_the_answer(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, tmp_path, _handler)
         answer = await trio.to_thread.run_sync(
-            lambda: request(entry, "count", to=3, on_progress=seen.append)
+            lambda: call(entry, "count", to=3, on_progress=seen.append)
         )
         assert answer == "counted"
         assert seen == [{"done": 0}, {"done": 1}, {"done": 2}]
         # A client that does not listen for progress gets just the answer.
-        assert await trio.to_thread.run_sync(lambda: request(entry, "count", to=2)) == "counted"
+        assert await trio.to_thread.run_sync(lambda: call(entry, "count", to=2)) == "counted"
         nursery.cancel_scope.cancel()
 
 

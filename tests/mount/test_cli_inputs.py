@@ -5,7 +5,8 @@ and source nested in each other, key files that are devices, FIFOs or
 huge, numbers that are not finite or out of range, trace files planted as
 symlinks or in missing directories, S3 endpoints with credentials or
 malformed.  At the end every option of every command is fuzzed in this
-process (the daemon is not started: its command line is parsed instead).
+process (the daemon is not started: the orders it would be handed are
+read back instead).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from hypothesis import strategies as st
 import cachefs.cli.mount
 from backends import local
 from backends.trace import open_trace, read_trace
-from cachefs.cli.main import build_parser, main, mount_options
-from cachefs.control.protocol import cachefs_mounts
+from cachefs.cli.main import build_parser, main
+from cachefs.control.mounts import cachefs_mounts
+from cachefs.daemon.checks import check_apart
+from cachefs.daemon.spawn import Orders
 from cachefs.engine.state.crypto import CacheKey
 from cachefs.errors import ConfigError, SourceError
 
@@ -191,11 +194,11 @@ def test_cache_dir_inside_the_mount_point_is_not_made(
 
 def test_source_inside_the_mount_point_is_refused(tmp_path: Path) -> None:
     # Through the command line the mount point is "not empty" first; the
-    # check itself also stands alone (the daemon runs it too).
+    # check itself also stands alone (a foreground mount runs only it).
     (tmp_path / "mnt" / "src").mkdir(parents=True)
     with pytest.raises(ConfigError, match="inside the mount point"):
-        cachefs.cli.mount.check_apart(str(tmp_path / "mnt" / "src"), tmp_path / "mnt")
-    cachefs.cli.mount.check_apart("s3://bucket", tmp_path / "mnt")  # no local path: not refused
+        check_apart(str(tmp_path / "mnt" / "src"), tmp_path / "mnt")
+    check_apart("s3://bucket", tmp_path / "mnt")  # no local path: not refused
 
 
 @pytest.mark.parametrize(
@@ -214,7 +217,7 @@ def test_file_url_scheme_in_any_case(
     backend = local.open_backend(source)
     assert backend.root == str(src)
     with pytest.raises(ConfigError, match="inside the source"):
-        cachefs.cli.mount.check_apart(source, src / "mnt")
+        check_apart(source, src / "mnt")
 
 
 @needs_fuse
@@ -256,9 +259,9 @@ def test_malformed_file_url(
 
 
 def test_malformed_file_url_in_the_mount_check() -> None:
-    # the daemon runs check_apart on its own command line: the same one-line error
+    # the check reads a file URL as the backend does: the same one-line error
     with pytest.raises(SourceError, match="NUL byte"):
-        cachefs.cli.mount.check_apart("file:///tmp/x%00y", Path("/tmp/mnt"))
+        check_apart("file:///tmp/x%00y", Path("/tmp/mnt"))
 
 
 @needs_fuse
@@ -359,8 +362,6 @@ BAD_NUMBERS = [
     (["--block-size", "3K"], "--block-size", "power of two from 4K to 64M"),
     (["--throttle", "1e9,90"], "--throttle", "from 0 to 60000 ms"),
     (["--throttle", "30,1e-300"], "--throttle", "from 0.001 to 1000000 MiB/s"),
-    (["--ready-fd", "-1"], "--ready-fd", "from 3"),
-    (["--ready-fd", "1"], "--ready-fd", "from 3"),
 ]
 
 
@@ -819,14 +820,15 @@ def test_fuzz_every_option(
     joined: bool,
 ) -> None:
     """Exit 0 or 2, no traceback, an answer in time; a mount the CLI accepts is one the
-    daemon accepts too (its command line is parsed and checked instead of started)."""
+    daemon is handed as it was checked (its orders are read back instead of started)."""
     daemon_errors: list[str] = []
 
-    def spawn(argv: list[str], log_path: Path, timeout: float) -> int:
+    def spawn(orders: Orders, log_path: Path, timeout: float) -> int:
         try:
-            mount_options(build_parser().parse_args(argv))
+            if Orders.from_json(orders.to_json()) != orders:
+                daemon_errors.append(f"{orders}: not handed over as checked")
         except BaseException as e:
-            daemon_errors.append(f"{argv}: {e!r}")
+            daemon_errors.append(f"{orders}: {e!r}")
         return 0
 
     monkeypatch.setattr(cachefs.cli.mount, "spawn_daemon", spawn)
@@ -836,9 +838,7 @@ def test_fuzz_every_option(
             CHECK_SOURCE(source, options)
 
     monkeypatch.setattr(cachefs.cli.mount, "_check_source", check_local_source)
-    if option == "--ready-fd":  # an fd of this process would be written to and closed
-        value = data.draw(st.sampled_from(["", "x", "-1", "0", "2", "nan", str(2**40), "1e3"]))
-    elif (command, option) == ("publish", "source"):
+    if (command, option) == ("publish", "source"):
         value = data.draw(_publish_sources(fuzz_dir))
     else:
         value = data.draw(_values(fuzz_dir))
@@ -851,3 +851,21 @@ def test_fuzz_every_option(
         assert len(lines) == 1 and "error:" in lines[0], (argv, err)
     assert daemon_errors == []
     assert mounts_below(fuzz_dir) == []
+
+
+@pytest.mark.parametrize("foreground", [False, True])
+def test_fuse_pyfuse3_without_the_extra_is_refused_before_anything(
+    tmp_path: Path,
+    src: Path,
+    mnt: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    foreground: bool,
+) -> None:
+    monkeypatch.setitem(sys.modules, "pyfuse3", None)  # import pyfuse3 fails, as uninstalled
+    args = ["--foreground"] if foreground else []
+    argv = ["mount", str(src), str(mnt), "--cache-dir", str(tmp_path / "c"), "--fuse", "pyfuse3"]
+    assert main([*argv, *args]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "pip install 'cachefs[pyfuse3]'" in lines[0], lines
+    assert not (tmp_path / "c").exists() and mounts_below(tmp_path) == []

@@ -37,10 +37,15 @@ from backends.local import LocalBackend
 from cachefs import CacheConfig, open_file_cache
 from cachefs.cli import running as cachefs_client
 from cachefs.cli.parser import build_parser
-from cachefs.control import protocol as ctl
-from cachefs.control.protocol import SOCKET_NAME, Progress, mount_at, serve_control
+from cachefs.control import client as control_client
+from cachefs.control import mounts, protocol
+from cachefs.control import server as ctl
+from cachefs.control.mounts import SOCKET_NAME, MountEntry, mount_at
+from cachefs.control.protocol import MAX_DEPTH, MAX_LINE, RESERVED_COMMANDS
+from cachefs.control.server import Progress, serve_control
 from cachefs.daemon.commands import ControlCommands
-from cachefs.errors import ConfigError
+from cachefs.daemon.tuning import abort_connection
+from cachefs.errors import ConfigError, MountBusy, MountUnreachable
 from cachefs.fs.inodes import Namespace
 
 if TYPE_CHECKING:
@@ -72,11 +77,11 @@ class FakeCommands:
         if command == "quiet":  # a long request without progress
             await trio.sleep(request["seconds"])
             return "done"
-        if command == "wait" or (command in ctl.RESERVED_COMMANDS and self.hold_reserved):
+        if command == "wait" or (command in RESERVED_COMMANDS and self.hold_reserved):
             self.waiting += 1
             await self.release.wait()
             return "released"
-        if command in ctl.RESERVED_COMMANDS:
+        if command in RESERVED_COMMANDS:
             return command
         if command == "big":  # an answer of n bytes and a bit
             return "x" * request["n"]
@@ -202,7 +207,7 @@ def nested(depth: int) -> bytes:
 
 @pytest.mark.parametrize(
     "line",
-    [b"[" * 100_000, b'{"a": ' * 50_000, nested(ctl.MAX_DEPTH + 1)],
+    [b"[" * 100_000, b'{"a": ' * 50_000, nested(MAX_DEPTH + 1)],
     ids=["100000 [", "50000 objects", "one too deep"],
 )
 async def test_deep_nesting_is_a_bad_request_and_the_server_goes_on(
@@ -210,7 +215,7 @@ async def test_deep_nesting_is_a_bad_request_and_the_server_goes_on(
 ) -> None:
     client = await Client.connect(tmp_path)
     assert_bad_request(await client.ask(line), "nested deeper than")
-    assert (await client.ask(nested(ctl.MAX_DEPTH)))["ok"] is True
+    assert (await client.ask(nested(MAX_DEPTH)))["ok"] is True
     other = await Client.connect(tmp_path)
     assert await other.ask({"command": "echo", "value": "still here"}) == {
         "ok": True,
@@ -249,14 +254,14 @@ async def test_each_malformed_line_gets_one_bad_request_answer(
 async def test_a_line_over_the_limit_is_answered_then_closed(
     tmp_path: Path, fake: FakeCommands
 ) -> None:
-    for line in (b"x" * (ctl.MAX_LINE + 1), b" " * (ctl.MAX_LINE + 1) + b"\n"):
+    for line in (b"x" * (MAX_LINE + 1), b" " * (MAX_LINE + 1) + b"\n"):
         client = await Client.connect(tmp_path)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.send_until_closed, line)
-            assert_bad_request(await client.farewell(), f"longer than {ctl.MAX_LINE} bytes")
+            assert_bad_request(await client.farewell(), f"longer than {MAX_LINE} bytes")
     client = await Client.connect(tmp_path)
-    line = b'{"command": "echo", "value": "' + b"x" * (ctl.MAX_LINE - 40) + b'"}'
-    assert len(line) <= ctl.MAX_LINE and (await client.ask(line))["ok"] is True
+    line = b'{"command": "echo", "value": "' + b"x" * (MAX_LINE - 40) + b'"}'
+    assert len(line) <= MAX_LINE and (await client.ask(line))["ok"] is True
 
 
 async def test_a_last_line_without_its_newline_is_answered(
@@ -277,7 +282,7 @@ async def test_a_handler_bug_is_an_internal_error_and_the_server_goes_on(
         assert answer["ok"] is False and answer["exit_code"] == 1, answer
         assert answer["error"].startswith("internal error: "), answer
     assert (await client.ask({"command": "echo", "value": 1}))["result"] == 1
-    failed = [r for r in caplog.records if r.name == "cachefs.control.protocol" and r.exc_info]
+    failed = [r for r in caplog.records if r.name == "cachefs.control.server" and r.exc_info]
     assert len(failed) == 2, caplog.text
 
 
@@ -385,17 +390,17 @@ async def test_a_client_that_takes_no_lines_is_dropped_and_its_request_cancelled
 # -- the client ------------------------------------------------------------------------
 
 
-def entry_for(cache_dir: Path) -> ctl.MountEntry:
-    return ctl.MountEntry(Path("/mnt"), 0, 1, cache_dir)
+def entry_for(cache_dir: Path) -> MountEntry:
+    return MountEntry(Path("/mnt"), 0, 1, cache_dir)
 
 
 async def test_the_client_takes_answers_far_over_a_mebibyte(
     tmp_path: Path, fake: FakeCommands
 ) -> None:
-    n = 5 * ctl.MAX_LINE
+    n = 5 * MAX_LINE
     with trio.fail_after(WAIT):
         answer = await trio.to_thread.run_sync(
-            lambda: ctl.request(entry_for(tmp_path), "big", timeout=WAIT, n=n)
+            lambda: control_client.call(entry_for(tmp_path), "big", timeout=WAIT, n=n)
         )
     assert answer == "x" * n
 
@@ -447,9 +452,11 @@ async def test_an_answer_the_client_cannot_read_is_a_one_line_error(
 ) -> None:
     await nursery.start(serve_replies, tmp_path, replies)
     seen: list[dict[str, Any]] = []
-    with trio.fail_after(WAIT), pytest.raises(ctl.MountUnreachable) as info:
+    with trio.fail_after(WAIT), pytest.raises(MountUnreachable) as info:
         await trio.to_thread.run_sync(
-            lambda: ctl.request(entry_for(tmp_path), "stats", timeout=WAIT, on_progress=seen.append)
+            lambda: control_client.request(
+                entry_for(tmp_path), protocol.Stats(), timeout=WAIT, on_progress=seen.append
+            )
         )
     message = str(info.value)
     assert message.startswith("the mount at /mnt ") and "\n" not in message, message
@@ -458,13 +465,13 @@ async def test_an_answer_the_client_cannot_read_is_a_one_line_error(
 
 def test_mountinfo_tells_who_made_a_mount(tmp_path: Path) -> None:
     mountinfo = tmp_path / "mountinfo"
-    fsname = ctl.fsname_for(tmp_path / "cache")
+    fsname = mounts.fsname_for(tmp_path / "cache")
     mountinfo.write_text(
         f"42 27 0:39 / /mnt/a rw - fuse.cachefs {fsname} rw,user_id=1000,group_id=100\n"
         f"43 27 0:40 / /mnt/b rw - fuse.cachefs {fsname} rw,user_id=0,group_id=0\n"
         f"44 27 0:41 / /mnt/c rw - fuse.cachefs {fsname} rw\n"
     )
-    assert [m.owner for m in ctl.cachefs_mounts(mountinfo)] == [1000, 0, None]
+    assert [m.owner for m in mounts.cachefs_mounts(mountinfo)] == [1000, 0, None]
 
 
 # -- fuzzing ---------------------------------------------------------------------------
@@ -526,9 +533,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=30,
 )
-deep = st.sampled_from([2, ctl.MAX_DEPTH, ctl.MAX_DEPTH + 1, 10_000]).map(
-    lambda n: b"[" * n + b"]" * n
-)
+deep = st.sampled_from([2, MAX_DEPTH, MAX_DEPTH + 1, 10_000]).map(lambda n: b"[" * n + b"]" * n)
 raw_lines = st.binary(max_size=300).map(lambda b: b.replace(b"\n", b""))
 
 
@@ -589,7 +594,7 @@ async def test_fuzz_every_line_gets_one_answer(tmp_path: Path, fake: FakeCommand
             request = strict_request(line)
             if request is None or not finite(request):
                 assert_bad_request(answer)
-            elif answer["ok"] and request["command"] in ctl.RESERVED_COMMANDS:
+            elif answer["ok"] and request["command"] in RESERVED_COMMANDS:
                 assert answer["result"] == request["command"]
             elif answer["ok"]:
                 assert request["command"] == "echo"
@@ -749,7 +754,7 @@ def test_unmount_with_a_busy_mount_asks_its_daemon_by_signal(
     m = mount(source_with_a_file(tmp_path))
 
     def busy(*args: Any, **kwargs: Any) -> Any:
-        raise ctl.MountBusy("the mount is busy")
+        raise MountBusy("the mount is busy")
 
     monkeypatch.setattr(cachefs_client, "request", busy)
     args = build_parser().parse_args(["unmount", str(m.mountpoint), "--timeout", str(WAIT)])
@@ -787,9 +792,9 @@ def test_a_mount_its_daemon_has_detached_needs_no_abort_and_no_detaching(
     assert entry is not None
     subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True, timeout=WAIT)
     assert m.proc.wait(timeout=EXIT_DEADLINE) == 0, m.log_text()
-    assert not ctl.attached(entry)
-    assert ctl.abort_connection(entry) is False
-    assert ctl.lazy_unmount(entry) is False
+    assert not mounts.attached(entry)
+    assert abort_connection(entry) is False
+    assert mounts.lazy_unmount(entry) is False
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
