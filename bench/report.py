@@ -3,7 +3,9 @@
 A ratio is always "how many times as fast as": for a time (time to first
 byte) the other target's time is divided by cachefs's, so > 1 means cachefs
 is faster everywhere.  ``cachefs-enc/cachefs`` is the encrypted cache against
-the plain one (> 1: encrypted faster), where the encrypted one was measured.
+the plain one (> 1: encrypted faster), where the encrypted one was measured;
+``cachefs-pyfuse3/cachefs`` the pyfuse3 transport against the native one
+(> 1: pyfuse3 faster).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from bench.suite import CONDITIONS
 PEERS = ("raw", "rclone")
 ENCRYPTED = "cachefs-enc"
 ENC_RATIO = f"{ENCRYPTED}/cachefs"
+PYFUSE3 = "cachefs-pyfuse3"
+PYFUSE3_RATIO = f"{PYFUSE3}/cachefs"
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,9 @@ def _speed_ratio(job: Job, ours: Any, theirs: Any) -> float | None:
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """cachefs/raw, cachefs/rclone, rclone/raw and cachefs-enc/cachefs for every job
-    and condition measured (None where either side is missing)."""
+    """cachefs/raw, cachefs/rclone, rclone/raw, cachefs-enc/cachefs and
+    cachefs-pyfuse3/cachefs for every job and condition measured (None where
+    either side is missing)."""
     out = []
     for job in JOBS:
         if job.key not in results:
@@ -117,6 +122,7 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 job, row.get("rclone", {}).get("value"), row.get("raw", {}).get("value")
             )
             entry[ENC_RATIO] = _speed_ratio(job, row.get(ENCRYPTED, {}).get("value"), ours)
+            entry[PYFUSE3_RATIO] = _speed_ratio(job, row.get(PYFUSE3, {}).get("value"), ours)
             out.append(entry)
     return out
 
@@ -256,6 +262,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"**{_fmt(moto['ratio'])} x**.",
         ]
     lines += _encrypted_lines(report)
+    lines += _transport_lines(report)
     lines += ["", "| goal | ratio | verdict |", "|---|---:|---|"]
     for g in report["goals"]:
         limit = f": {g['known_limit']}" if g.get("known_limit") else ""
@@ -329,6 +336,39 @@ def _encrypted_lines(report: dict[str, Any]) -> list[str]:
         "| job | condition | cachefs | cachefs-enc | enc/plain | cachefs CPU s "
         "| cachefs-enc CPU s | cachefs RSS MiB | cachefs-enc RSS MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
+def _transport_lines(report: dict[str, Any]) -> list[str]:
+    """The two FUSE transports side by side, where pyfuse3 was measured."""
+    by_key = {(r["job"], r["condition"]): r for r in report["ratios"]}
+    rows = []
+    for job in JOBS:
+        for condition in CONDITIONS:
+            row = report["results"].get(job.key, {}).get(condition, {})
+            if PYFUSE3 not in row:
+                continue
+            native, pyfuse3 = row.get("cachefs", {}), row[PYFUSE3]
+            cells = [
+                f"{job.title} ({job.unit})",
+                condition,
+                _cell(native),
+                _cell(pyfuse3),
+                _fmt(by_key[(job.key, condition)][PYFUSE3_RATIO]),
+                _fmt(native.get("daemon_cpu_s")),
+                _fmt(pyfuse3.get("daemon_cpu_s")),
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "FUSE transports: `--fuse native` (the default, with passthrough) against "
+        "`--fuse pyfuse3` (libfuse, no passthrough); ratio > 1: pyfuse3 faster.",
+        "",
+        "| job | condition | native | pyfuse3 | pyfuse3/native | native CPU s | pyfuse3 CPU s |",
+        "|---|---|---:|---:|---:|---:|---:|",
         *rows,
     ]
 

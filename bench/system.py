@@ -42,6 +42,11 @@ def missing_tools(targets: list[str]) -> list[str]:
         import matplotlib  # noqa: F401
     except ImportError:
         missing.append("matplotlib (pip install -e '.[bench]')")
+    if "cachefs-pyfuse3" in targets:
+        try:
+            import pyfuse3  # noqa: F401
+        except ImportError:
+            missing.append("pyfuse3 (pip install -e '.[pyfuse3]')")
     return missing
 
 

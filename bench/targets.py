@@ -125,10 +125,12 @@ class CachefsTarget(Target):
         return []
 
     def counters(self) -> dict[str, Any]:
-        from cachefs.control.protocol import mount_at, request
+        from cachefs.control.client import request
+        from cachefs.control.mounts import mount_at
+        from cachefs.control.protocol import Stats
 
         entry = mount_at(self.root)
-        return request(entry, "stats", timeout=10.0) if entry is not None else {}
+        return dict(request(entry, Stats(), timeout=10.0)) if entry is not None else {}
 
     def settle(self) -> None:
         """Wait until blocks just fetched are hashed (engine/hasher.py): until then the
@@ -221,6 +223,18 @@ class EncryptedTarget(CachefsTarget):
         return ["--encrypt", f"--key-file={self.key_file}"]
 
 
+class Pyfuse3Target(CachefsTarget):
+    """``cachefs mount ... --fuse pyfuse3``: the same mount served through
+    pyfuse3 (libfuse) instead of the native transport, so that the default
+    stays a measured choice.  No passthrough: cache hits are read through
+    cachefs."""
+
+    name = "cachefs-pyfuse3"
+
+    def mount_options(self) -> list[str]:
+        return ["--fuse", "pyfuse3"]
+
+
 class ThrottledTarget(CachefsTarget):
     """``cachefs mount ... --throttle SPEC``: cachefs over ``throttle(local)``."""
 
@@ -277,6 +291,7 @@ def _keep_log(src: Path, dst: Path) -> None:
 TARGETS = {
     "raw": Target,
     "cachefs": CachefsTarget,
+    "cachefs-pyfuse3": Pyfuse3Target,
     "cachefs-enc": EncryptedTarget,
     "rclone": RcloneTarget,
 }

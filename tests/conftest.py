@@ -1,6 +1,10 @@
 """Fixtures for tests that really mount: ``mount(source, *options)`` starts
 ``python -m cachefs mount ... --foreground`` in a subprocess, waits (with a
 deadline) until the mount point is mounted, and always unmounts at the end.
+The ``mount`` fixture runs its test once per FUSE transport (test ids end in
+``[native]`` / ``[pyfuse3]``; ``Mount.fuse`` says which); a test that does
+not depend on the transport pins one with
+``@pytest.mark.parametrize("mount", ["native"], indirect=True)``.
 *source* is a directory or a URL (``s3://bucket``, with ``--s3-endpoint``
 among the options); the daemon inherits this process's environment.
 Also the helpers those tests share: reads that bypass the kernel's page
@@ -26,9 +30,12 @@ from typing import Any
 import pytest
 
 from cachefs._linux import pagecache
-from cachefs.control.protocol import abort_connection, mount_at
+from cachefs.control.mounts import mount_at
+from cachefs.daemon.tuning import abort_connection
 
 REPO = Path(__file__).resolve().parent.parent
+#: The FUSE transports (``cachefs mount --fuse``) every mount test runs over.
+FUSE_TRANSPORTS = ("native", "pyfuse3")
 MOUNT_DEADLINE = 20.0
 EXIT_DEADLINE = 30.0
 
@@ -180,6 +187,8 @@ class Mount:
     log: Path
     proc: subprocess.Popen[bytes]
     options: tuple[str, ...] = field(default=())
+    #: the FUSE transport serving it
+    fuse: str = "native"
 
     def __truediv__(self, rel: str) -> Path:
         return self.mountpoint / rel
@@ -238,8 +247,10 @@ class Mount:
 
 
 class MountFactory:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, fuse: str = "native") -> None:
         self._tmp = tmp_path
+        #: the FUSE transport of every mount it makes
+        self.fuse = fuse
         self._count = 0
         self.mounts: list[Mount] = []
 
@@ -257,7 +268,7 @@ class MountFactory:
         mountpoint.mkdir()
         cache_dir = cache_dir or self._tmp / f"cache{self._count}"
         log = self._tmp / f"mount{self._count}.log"
-        args = [str(o) for o in options]
+        args = ["--fuse", self.fuse, *(str(o) for o in options)]
         if block_size is not None:
             args += ["--block-size", block_size]
         with open(log, "wb") as log_file:
@@ -269,7 +280,7 @@ class MountFactory:
                 stderr=log_file,
                 cwd=REPO,
             )
-        mount = Mount(source, mountpoint, cache_dir, log, proc, tuple(args))
+        mount = Mount(source, mountpoint, cache_dir, log, proc, tuple(args), self.fuse)
         self.mounts.append(mount)
         deadline = time.monotonic() + MOUNT_DEADLINE
         while not os.path.ismount(mountpoint):
@@ -291,15 +302,16 @@ def cachefs() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cachefs
 
 
-@pytest.fixture
-def mount(tmp_path: Path) -> Iterator[MountFactory]:
-    """Mount sources for one test; every mount is gone when the test ends.
+@pytest.fixture(params=FUSE_TRANSPORTS)
+def mount(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MountFactory]:
+    """Mount sources for one test, over each FUSE transport in turn; every
+    mount is gone when the test ends.
 
     Skips the test when the machine has no /dev/fuse (never when it has one).
     """
     if not os.path.exists("/dev/fuse"):
         pytest.skip("needs /dev/fuse (FUSE) on this machine")
-    factory = MountFactory(tmp_path)
+    factory = MountFactory(tmp_path, fuse=request.param)
     try:
         yield factory
     finally:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import trio
 
 from cachefs import fuse
-from cachefs.control.protocol import SUBTYPE, fsname_for, serve_control
+from cachefs.control.mounts import SUBTYPE, fsname_for
+from cachefs.control.server import serve_control
 from cachefs.daemon.commands import ControlCommands
 from cachefs.daemon.options import MountOptions
 from cachefs.daemon.tuning import tune_when_initialized
@@ -29,10 +30,10 @@ class _Session:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        self.fuse: fuse.Session | None = None
+        self.fuse: fuse.Mounted | None = None
         self.stopping = False
 
-    def serve(self, session: fuse.Session) -> None:
+    def serve(self, session: fuse.Mounted) -> None:
         self.fuse = session
         self._nursery.start_soon(self._run_fuse, session)
 
@@ -49,7 +50,7 @@ class _Session:
         log.warning("requests still running %.0f s after unmount: cancelling them", UNMOUNT_GRACE)
         self._nursery.cancel_scope.cancel()
 
-    async def _run_fuse(self, session: fuse.Session) -> None:
+    async def _run_fuse(self, session: fuse.Mounted) -> None:
         await session.serve()
         log.info("file system loop ended")
         self._nursery.cancel_scope.cancel()
@@ -68,7 +69,8 @@ async def serve_fuse(
     invalidator: KernelInvalidator,
     on_ready: Callable[[], None],
 ) -> None:
-    connection: fuse.Connection | None = None
+    mount_fs = fuse.transport(opts.fuse)
+    mounted: fuse.Mounted | None = None
     try:
         async with trio.open_nursery() as nursery:
             session = _Session(nursery)
@@ -84,16 +86,25 @@ async def serve_fuse(
             # The control socket first: once the mount is visible, it answers.
             await nursery.start(serve_control, opts.cache_dir, commands)
             initialized = trio.Event()
-            connection = await fuse.mount(opts.mountpoint, fsname_for(opts.cache_dir), SUBTYPE)
-            ops = Operations(namespace, cache, connection, on_init=initialized.set)
+
+            def make_ops(kernel: fuse.Kernel) -> Operations:
+                return Operations(namespace, cache, kernel, on_init=initialized.set)
+
             # Registering a backing file needs CAP_SYS_ADMIN: offered as root only.
             passthrough = opts.passthrough and os.geteuid() == 0
-            session.serve(fuse.Session(ops, connection, passthrough=passthrough))
-            await nursery.start(invalidator.serve, namespace, connection.invalidate_inode)
+            mounted = await mount_fs(
+                opts.mountpoint,
+                fsname_for(opts.cache_dir),
+                SUBTYPE,
+                make_ops,
+                passthrough=passthrough,
+            )
+            session.serve(mounted)
+            await nursery.start(invalidator.serve, namespace, mounted.kernel.invalidate_inode)
             await tune_when_initialized(opts, initialized)
             log.info("mounted %s on %s (cache %s)", opts.source, opts.mountpoint, opts.cache_dir)
             on_ready()
     finally:
-        if connection is not None:
-            connection.close()
+        if mounted is not None:
+            mounted.close()
             log.info("unmounted %s", opts.mountpoint)

@@ -14,10 +14,10 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import trio
 
@@ -26,11 +26,12 @@ from cachefs.engine import FileCache, OpenFile
 from cachefs.errors import CacheFSError
 from cachefs.fs.inodes import Namespace, NewInode, child_id
 from cachefs.fs.passthrough import OpenModes
-from cachefs.fuse import Connection, DirReply, Entry, FUSEError, Opened, Statfs
+from cachefs.fuse.api import DirReply, Entry, FUSEError, Kernel, Opened, Payload, Statfs
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _KIND_BITS = {
     FileKind.FILE: stat.S_IFREG,
@@ -51,13 +52,18 @@ class _OpenDir:
     listing: list[DirEntry]
 
 
-def _handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Answer a request: translate every exception to a FUSEError."""
+def _handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Answer a request: translate every exception to a FUSEError.
+
+    Typed as *fn*; called positionally only (no keyword dict per request).
+    """
+
+    call: Callable[..., Coroutine[Any, Any, T]] = fn
 
     @functools.wraps(fn)
     async def handle(self: Operations, *args: Any) -> T:
         try:
-            return await fn(self, *args)
+            return await call(self, *args)
         except FUSEError:
             raise
         except CacheFSError as e:
@@ -67,17 +73,20 @@ def _handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.exception("unexpected error in %s%r; answering EIO", fn.__name__, args)
             raise FUSEError(errno.EIO) from None
 
-    return handle
+    return cast(Callable[P, Coroutine[Any, Any, T]], handle)
 
 
 class Operations:
-    """A read-only view of the source, served through the engine (cachefs.fuse.Operations)."""
+    """A read-only view of the source, served through the engine (a cachefs.fuse.api.Operations).
+
+    *kernel*: the mount's, whichever transport serves it.
+    """
 
     def __init__(
         self,
         namespace: Namespace,
         cache: FileCache,
-        connection: Connection,
+        kernel: Kernel,
         on_init: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_init = on_init
@@ -90,7 +99,7 @@ class Operations:
         self._handles = count(1)
         self._files: dict[int, OpenFile] = {}
         self._file_inodes: dict[int, int] = {}
-        self._modes = OpenModes(connection, cache)
+        self._modes = OpenModes(kernel, cache)
         self._dirs: dict[int, _OpenDir] = {}
 
     def init(self) -> None:
@@ -208,7 +217,7 @@ class Operations:
         return Opened(fh, keep_cache=True)
 
     @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Payload:
         return await self._cache.read(self._files[fh], off, size)
 
     @_handler
@@ -261,7 +270,7 @@ class Operations:
 
     # -- changes: read-only -----------------------------------------------
 
-    async def change(self, opcode: int) -> None:
+    async def change(self, request: str) -> None:
         """Writes, creation, removal, renames and attribute changes: read-only."""
         raise FUSEError(errno.EROFS)
 

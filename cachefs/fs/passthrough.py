@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from cachefs.engine import FileCache, OpenFile
 from cachefs.fs.inodes import NewInode
-from cachefs.fuse import Connection, Opened
+from cachefs.fuse.api import Kernel, Opened
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class _Backing:
 
 
 class OpenModes:
-    def __init__(self, connection: Connection, cache: FileCache) -> None:
-        self._conn = connection
+    def __init__(self, kernel: Kernel, cache: FileCache) -> None:
+        self._kernel = kernel
         self._cache = cache
         self._backings: dict[int, _Backing] = {}
         self._cached: Counter[int] = Counter()
@@ -59,7 +59,7 @@ class OpenModes:
         Raises NewInode (nothing recorded for *fh*).
         """
         backing = self._backings.get(ino)
-        direct = self._conn.passthrough and flags & os.O_DIRECT
+        direct = self._kernel.passthrough and flags & os.O_DIRECT
         if direct:
             self._direct_files.add(handle.file_id)
         if backing is not None:
@@ -74,7 +74,7 @@ class OpenModes:
             self._modes[fh] = (ino, "direct")
             return Opened(fh, direct_io=True)
         if (
-            self._conn.passthrough
+            self._kernel.passthrough
             and not self._refused
             and not self._cached[ino]
             and handle.file_id not in self._direct_files
@@ -82,7 +82,7 @@ class OpenModes:
             fd = self._cache.hold_whole(handle)
             if fd is not None:
                 try:
-                    backing_id = self._conn.open_backing(fd)
+                    backing_id = self._kernel.open_backing(fd)
                 except OSError as e:
                     # EPERM without CAP_SYS_ADMIN; the same for every file after.
                     log.warning("the kernel refused passthrough (%s): off for this mount", e)
@@ -109,6 +109,6 @@ class OpenModes:
             if not backing.opens:
                 del self._backings[ino]
                 try:
-                    self._conn.close_backing(backing.backing_id)
+                    self._kernel.close_backing(backing.backing_id)
                 except OSError as e:
                     log.warning("cannot close backing id %d: %s", backing.backing_id, e)

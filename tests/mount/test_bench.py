@@ -197,6 +197,27 @@ def test_the_report_shows_each_round_and_judges_the_goals_on_the_median() -> Non
     assert "| warm seq 1M >= 0.9 x raw | 0.88 | MISS: with passthrough the kernel reads" in md
 
 
+def test_the_report_sets_the_two_fuse_transports_side_by_side() -> None:
+    results = {
+        "seq1m_j1": {
+            "cold": {"raw": {"value": 1000}, "cachefs": {"value": 600}},
+            "cache-hit": {
+                "raw": {"value": 1000},
+                "cachefs": {"value": 900, "daemon_cpu_s": 1.5},
+                "cachefs-pyfuse3": {"value": 450, "daemon_cpu_s": 3.0},
+            },
+            "warm": {"raw": {"value": 5000}, "cachefs": {"value": 4400}},
+        }
+    }
+    report = _report(results)
+    by_condition = {r["condition"]: r for r in report["ratios"] if r["job"] == "seq1m_j1"}
+    assert by_condition["cache-hit"]["cachefs-pyfuse3/cachefs"] == 0.5
+    assert by_condition["warm"]["cachefs-pyfuse3/cachefs"] is None
+    md = markdown(report)
+    assert "| seq read 1M, 1 job (MiB/s) | cache-hit | 900 | 450 | 0.5 | 1.5 | 3 |" in md
+    assert "| seq read 1M, 1 job (MiB/s) | warm | 4,400 |" not in md
+
+
 def _bench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bench", *args],
@@ -233,12 +254,14 @@ def test_a_bad_round_count_is_refused() -> None:
 
 
 def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -> None:
-    """The real thing, small: data made, cachefs mounted and unmounted, fio run,
-    two rounds of seq 1M, the JSON, Markdown and PNG written.  It needs fio and
-    matplotlib, which .ci/setup installs; without them the suite names them."""
+    """The real thing, small: data made, cachefs mounted and unmounted (over
+    both FUSE transports), fio run, two rounds of seq 1M, the JSON, Markdown
+    and PNG written.  It needs fio, matplotlib and pyfuse3, which .ci/setup
+    installs; without them the suite names them."""
     results = tmp_path / "results"
     args = ["--quick", "--workdir", str(tmp_path / "work"), "--results", str(results)]
-    args += ["--targets", "raw,cachefs", "--jobs", "seq1m_j1,ttfb", "--no-throttled", "--no-moto"]
+    args += ["--targets", "raw,cachefs,cachefs-pyfuse3", "--jobs", "seq1m_j1,ttfb"]
+    args += ["--no-throttled", "--no-moto"]
     args += ["--rounds", "2"]
     if os.geteuid() != 0:
         args.append("--no-drop-caches")
@@ -264,9 +287,17 @@ def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -
     if os.geteuid() == 0 and kernel_has_passthrough():
         assert opens["cache-hit"] + opens["warm"] > 0
         assert "Passthrough: in " in (results / "latest-quick.md").read_text()
+    # pyfuse3: the same reads, never passthrough
+    for condition in ("cold", "cache-hit", "warm"):
+        counters = seq[condition]["cachefs-pyfuse3"]["cachefs_counters"]
+        assert seq[condition]["cachefs-pyfuse3"]["value"] > 0
+        assert counters["passthrough_opens"] == 0
+    assert seq["cold"]["cachefs-pyfuse3"]["cachefs_counters"]["bytes_from_backend"] > 0
+    assert seq["cache-hit"]["cachefs-pyfuse3"]["cachefs_counters"]["bytes_from_backend"] == 0
     assert (results / "latest-quick.png").stat().st_size > 0
     md = (results / "latest-quick.md").read_text()
     assert "| seq read 1M, 1 job (MiB/s) | cold | raw |" in md
+    assert "| pyfuse3/native |" in md
     # nothing left mounted
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path) not in mounts

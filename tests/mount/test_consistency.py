@@ -290,5 +290,6 @@ def test_every_reading_is_of_one_version_while_the_source_churns(
     m = mount(
         src, "--ttl", "0.3", "--cache-size", "1M", "--min-free", "0", "--max-readahead", "256K"
     )
-    run_churn(m, churn, CHURN_MUTATIONS)
+    # The second transport runs a third of them: the same requests, a shorter run.
+    run_churn(m, churn, CHURN_MUTATIONS if m.fuse == "native" else CHURN_MUTATIONS // 3)
     m.unmount()

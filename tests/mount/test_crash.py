@@ -30,8 +30,8 @@ from churn import Churn, run_churn
 from conftest import MountFactory, disk_usage, pread_direct
 
 from backends.trace import read_trace
-from cachefs.control import protocol as control
-from cachefs.control.protocol import mount_at, request
+from cachefs.control.client import call as request
+from cachefs.control.mounts import mount_at
 from cachefs.errors import CacheFSError
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def rounds(
     factory = MountFactory(tmp)
     try:
         m = factory(src, *options, cache_dir=cache)
-        control.request(mount_at(m.mountpoint), "pin", file_ids=[PINNED])  # type: ignore[arg-type]
+        request(mount_at(m.mountpoint), "pin", file_ids=[PINNED])
         observed = []
         for i in range(ROUNDS):
             observed.append(Round(kill_after=rnd.randrange(5, 120)))

@@ -21,7 +21,7 @@ from conftest import EXIT_DEADLINE, assert_one_line_error, wait_for
 
 from backends.faulty import MAX_RULES, MAX_RULES_BYTES, FaultyBackend
 from backends.memory import MemoryBackend
-from cachefs.control.protocol import mount_at
+from cachefs.control.mounts import mount_at
 from cachefs.errors import RulesError
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The FUSE transport (cachefs.fuse) on its own: a real mount served in this
+"""The native FUSE transport (cachefs.fuse.native) on its own: a real mount served in this
 process by a small file system kept in memory, read from threads as any
 program would read it.  Mounted through fusermount3, the way users who are
 not root mount (as root, cachefs mounts with mount(2): the other tests).
@@ -18,22 +18,13 @@ from typing import TypeVar
 import pytest
 import trio
 
-from cachefs.control.protocol import mount_at
+from cachefs.control.mounts import mount_at
 from cachefs.daemon.checks import prepare_cache_dir
 from cachefs.daemon.options import MountOptions
 from cachefs.daemon.serve import run_mount
 from cachefs.engine import CacheConfig
-from cachefs.fuse import (
-    DirReply,
-    Entry,
-    FUSEError,
-    MountError,
-    Opened,
-    Session,
-    Statfs,
-    mount,
-)
-from cachefs.fuse.native import device
+from cachefs.fuse import DirReply, Entry, FUSEError, MountError, Opened, Statfs
+from cachefs.fuse.native import Session, device, mount
 
 T = TypeVar("T")
 DATA = os.urandom(3 * (1 << 20) + 5)
@@ -120,7 +111,7 @@ class MemoryOps:
     async def releasedir(self, fh: int) -> None:
         pass
 
-    async def change(self, opcode: int) -> None:
+    async def change(self, request: str) -> None:
         raise FUSEError(errno.EROFS)
 
 

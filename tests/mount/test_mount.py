@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from conftest import cached_pages, evict_page_cache, pread_direct, sha256
+from conftest import FUSE_TRANSPORTS, cached_pages, evict_page_cache, pread_direct, sha256
 
 from backends.trace import read_trace
 from cachefs.contract import DirEntry, FileAttrs, FileKind
-from cachefs.control.protocol import mount_at
+from cachefs.control.mounts import mount_at
 from cachefs.engine import CacheConfig
 from cachefs.errors import FileQuarantined, NotFound
 from cachefs.fs.inodes import ROOT_INODE, Namespace, NewInode
@@ -223,13 +223,16 @@ def test_throttled_and_traced_reads_back_exactly(
 @pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse and root"
 )
+@pytest.mark.parametrize("fuse", FUSE_TRANSPORTS)
 def test_kernel_readahead_and_max_background_are_set(
-    cachefs: Cachefs, source: Path, tmp_path: Path
+    cachefs: Cachefs, source: Path, tmp_path: Path, fuse: str
 ) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     # In the background: `cachefs mount` returns once the mount is ready and tuned.
-    done = cachefs("mount", source, mnt, "--cache-dir", tmp_path / "c", "--readahead-kb", 2048)
+    done = cachefs(
+        "mount", source, mnt, "--cache-dir", tmp_path / "c", "--readahead-kb", 2048, "--fuse", fuse
+    )
     try:
         assert done.returncode == 0, done.stderr
         dev = os.stat(mnt).st_dev

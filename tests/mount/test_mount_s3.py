@@ -20,9 +20,11 @@ import pytest
 from conftest import assert_one_line_error, pread_direct, sha256, wait_for
 
 from backends.trace import read_trace
-from cachefs.cli.main import _daemon_argv, build_parser, mount_options
+from cachefs.cli.mount import mount_options
+from cachefs.cli.parser import build_parser
 from cachefs.cli.s3options import cache_identity
 from cachefs.daemon.options import default_cache_dir
+from cachefs.daemon.spawn import Orders
 
 if TYPE_CHECKING:
     from conftest import MountFactory
@@ -257,9 +259,16 @@ def test_s3_options_are_checked_before_anything(cachefs: Cachefs, mnt: Path, tmp
     ],
 )
 def test_s3_options_reach_the_daemon(tmp_path: Path, given: list[str]) -> None:
-    args = ["mount", "s3://bucket/prefix", str(tmp_path), "--cache-dir", str(tmp_path / "c")]
+    (tmp_path / "mnt").mkdir()
+    args = [
+        "mount",
+        "s3://bucket/prefix",
+        str(tmp_path / "mnt"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     opts = mount_options(build_parser().parse_args([*args, *given]))
-    again = mount_options(build_parser().parse_args(_daemon_argv(opts, "info")))
+    again = Orders.from_json(Orders(opts, "info").to_json()).options  # as the daemon reads them
     assert again == opts
     assert len(opts.backend_options) == len([g for g in given if g.startswith("--")])
 

@@ -2,15 +2,16 @@
 
 Layouts follow the kernel's ``include/uapi/linux/fuse.h`` (protocol 7.x,
 little-endian on every machine cachefs runs on).  Only what a read-only
-file system needs is here.  Replies are packed from the plain values in
-:class:`Entry`, :class:`Opened` and :class:`Statfs`.
+file system needs is here.  Replies are packed from the plain values of
+cachefs.fuse.api (:class:`Entry`, :class:`Opened`, :class:`Statfs`).
 """
 
 from __future__ import annotations
 
 import stat
 import struct
-from dataclasses import dataclass
+
+from cachefs.fuse.api import Entry, Opened, Statfs
 
 #: The protocol cachefs speaks: 7.40 added passthrough (max_stack_depth, backing_id).
 MAJOR = 7
@@ -57,28 +58,26 @@ COPY_FILE_RANGE = 47
 TMPFILE = 51
 COPY_FILE_RANGE_64 = 53
 
-#: Requests that would change the file system: answered EROFS.
-CHANGES = frozenset(
-    {
-        SETATTR,
-        SYMLINK,
-        MKNOD,
-        MKDIR,
-        UNLINK,
-        RMDIR,
-        RENAME,
-        LINK,
-        WRITE,
-        SETXATTR,
-        REMOVEXATTR,
-        CREATE,
-        FALLOCATE,
-        RENAME2,
-        COPY_FILE_RANGE,
-        TMPFILE,
-        COPY_FILE_RANGE_64,
-    }
-)
+#: Requests that would change the file system, by name (``Operations.change``).
+CHANGES = {
+    SETATTR: "setattr",
+    SYMLINK: "symlink",
+    MKNOD: "mknod",
+    MKDIR: "mkdir",
+    UNLINK: "unlink",
+    RMDIR: "rmdir",
+    RENAME: "rename",
+    LINK: "link",
+    WRITE: "write",
+    SETXATTR: "setxattr",
+    REMOVEXATTR: "removexattr",
+    CREATE: "create",
+    FALLOCATE: "fallocate",
+    RENAME2: "rename",
+    COPY_FILE_RANGE: "copy_file_range",
+    TMPFILE: "tmpfile",
+    COPY_FILE_RANGE_64: "copy_file_range",
+}
 #: Requests the kernel expects no answer to.
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT, NOTIFY_REPLY})
 
@@ -139,107 +138,57 @@ STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """An inode as the kernel is told it (LOOKUP, GETATTR, READDIRPLUS).
-
-    The kernel trusts the name and the attributes for *timeout* seconds.
-    """
-
-    ino: int
-    mode: int
-    size: int
-    mtime_ns: int
-    uid: int
-    gid: int
-    nlink: int = 1
-    blksize: int = 4096
-    timeout: float = 1.0
-
-    def _fields(self) -> tuple[int, ...]:
-        """(valid, valid_nsec) and the fuse_attr fields."""
-        valid = int(self.timeout)
-        valid_nsec = int((self.timeout - valid) * 1e9)
-        sec, nsec = divmod(self.mtime_ns, 1_000_000_000)
-        blocks = (self.size + 511) // 512
-        return (
-            valid,
-            valid_nsec,
-            self.ino,
-            self.size,
-            blocks,
-            sec,
-            sec,
-            sec,
-            nsec,
-            nsec,
-            nsec,
-            self.mode,
-            self.nlink,
-            self.uid,
-            self.gid,
-            0,
-            self.blksize,
-            0,
-        )
-
-    def entry_out(self) -> bytes:
-        valid, valid_nsec, *attr = self._fields()
-        return ENTRY_OUT.pack(self.ino, 0, valid, valid, valid_nsec, valid_nsec, *attr)
-
-    def attr_out(self) -> bytes:
-        valid, valid_nsec, *attr = self._fields()
-        return ATTR_OUT.pack(valid, valid_nsec, 0, *attr)
+def _attr_fields(entry: Entry) -> tuple[int, ...]:
+    """(valid, valid_nsec) and the fuse_attr fields of *entry*."""
+    valid = int(entry.timeout)
+    valid_nsec = int((entry.timeout - valid) * 1e9)
+    sec, nsec = divmod(entry.mtime_ns, 1_000_000_000)
+    blocks = (entry.size + 511) // 512
+    return (
+        valid,
+        valid_nsec,
+        entry.ino,
+        entry.size,
+        blocks,
+        sec,
+        sec,
+        sec,
+        nsec,
+        nsec,
+        nsec,
+        entry.mode,
+        entry.nlink,
+        entry.uid,
+        entry.gid,
+        0,
+        entry.blksize,
+        0,
+    )
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
-    """The answer to OPEN: a handle, and how the kernel reads through it.
-
-    *keep_cache*: the kernel keeps the pages it has of the file.  *backing_id*
-    (from ``Connection.open_backing``) sends reads straight to that file.
-    *direct_io*: every read comes to the file system, none is cached.
-    """
-
-    fh: int
-    keep_cache: bool = False
-    direct_io: bool = False
-    backing_id: int = 0
-
-    def pack(self) -> bytes:
-        flags = FOPEN_KEEP_CACHE if self.keep_cache else 0
-        if self.direct_io:
-            flags |= FOPEN_DIRECT_IO
-        if self.backing_id:
-            flags |= FOPEN_PASSTHROUGH
-        return OPEN_OUT.pack(self.fh, flags, self.backing_id)
+def entry_out(entry: Entry) -> bytes:
+    valid, valid_nsec, *attr = _attr_fields(entry)
+    return ENTRY_OUT.pack(entry.ino, 0, valid, valid, valid_nsec, valid_nsec, *attr)
 
 
-@dataclass(frozen=True, slots=True)
-class Statfs:
-    """STATFS: sizes in units of *frsize*."""
+def attr_out(entry: Entry) -> bytes:
+    valid, valid_nsec, *attr = _attr_fields(entry)
+    return ATTR_OUT.pack(valid, valid_nsec, 0, *attr)
 
-    bsize: int
-    frsize: int
-    blocks: int
-    bfree: int
-    bavail: int
-    files: int
-    ffree: int = 0
-    namelen: int = 255
 
-    def pack(self) -> bytes:
-        return STATFS_OUT.pack(
-            self.blocks,
-            self.bfree,
-            self.bavail,
-            self.files,
-            self.ffree,
-            self.bsize,
-            self.namelen,
-            self.frsize,
-            0,
-        )
+def open_out(opened: Opened) -> bytes:
+    flags = FOPEN_KEEP_CACHE if opened.keep_cache else 0
+    if opened.direct_io:
+        flags |= FOPEN_DIRECT_IO
+    if opened.backing_id:
+        flags |= FOPEN_PASSTHROUGH
+    return OPEN_OUT.pack(opened.fh, flags, opened.backing_id)
+
+
+def statfs_out(st: Statfs) -> bytes:
+    return STATFS_OUT.pack(
+        st.blocks, st.bfree, st.bavail, st.files, st.ffree, st.bsize, st.namelen, st.frsize, 0
+    )
 
 
 class DirReply:
@@ -266,7 +215,7 @@ class DirReply:
             return False
         kind = stat.S_IFMT(entry.mode) >> 12
         if self.plus:
-            valid, valid_nsec, *attr = entry._fields()
+            valid, valid_nsec, *attr = _attr_fields(entry)
             DIRENTPLUS.pack_into(
                 self._buf,
                 at,

@@ -19,7 +19,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-from cachefs.errors import CacheFSError
+from cachefs.fuse.api import MountError
 from cachefs.fuse.native import abi
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,12 @@ _libc.mount.argtypes = [
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-class MountError(CacheFSError):
-    """The kernel or fusermount3 refused the mount."""
-
-
 class Connection:
     """A mounted FUSE connection: its /dev/fuse fd (non-blocking) and mount point.
 
-    ``passthrough`` is whether the kernel agreed, in INIT, to read files
-    opened with a backing id by itself (set by the session serving it).
+    The file system's cachefs.fuse.api.Kernel.  ``passthrough`` is whether
+    the kernel agreed, in INIT, to read files opened with a backing id by
+    itself (set by the session serving it).
     """
 
     def __init__(self, fd: int, mountpoint: Path) -> None:
@@ -60,7 +57,7 @@ class Connection:
         self._closed = False
 
     def open_backing(self, fd: int) -> int:
-        """Register *fd*'s file for passthrough; its id, for :class:`abi.Opened`.
+        """Register *fd*'s file for passthrough; its id, for :class:`cachefs.fuse.api.Opened`.
 
         Raises OSError (EPERM without CAP_SYS_ADMIN).  Close the id once no
         file opened with it is open any more: the kernel takes it when it

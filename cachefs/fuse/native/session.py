@@ -29,12 +29,13 @@ import os
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
 
 import trio
 
+from cachefs.fuse.api import FUSEError, Kernel, Opened, Operations, Payload
+from cachefs.fuse.dying import dying
 from cachefs.fuse.native import abi, device
-from cachefs.fuse.native.abi import DirReply, Entry, Opened, Statfs
+from cachefs.fuse.native.abi import DirReply
 from cachefs.fuse.native.device import Connection
 
 log = logging.getLogger(__name__)
@@ -64,43 +65,12 @@ INTERRUPTIBLE = frozenset(
     }
 )
 
-Payload = bytes | bytearray | memoryview
 Request = tuple[int, int, int, int, bytes]  # opcode, unique, nodeid, pid, body
-#: SIGKILL's bit in /proc/<tid>/status's pending masks: set for every fatal signal.
-_SIGKILL_BIT = 1 << (9 - 1)
-
-
-class FUSEError(Exception):
-    """Answer the request with this errno."""
-
-    def __init__(self, errno_: int) -> None:
-        super().__init__(os.strerror(errno_))
-        self.errno = errno_
-
-
-class Operations(Protocol):
-    """What a file system implements; only :class:`FUSEError` is answered as such."""
-
-    def init(self) -> None: ...
-    def forget(self, items: list[tuple[int, int]]) -> None: ...
-    async def lookup(self, parent: int, name: bytes) -> Entry: ...
-    async def getattr(self, ino: int) -> Entry: ...
-    async def readlink(self, ino: int) -> bytes: ...
-    async def statfs(self) -> Statfs: ...
-    async def getxattr(self, ino: int, name: bytes) -> bytes: ...
-    async def listxattr(self, ino: int) -> list[bytes]: ...
-    async def open(self, ino: int, flags: int) -> Opened: ...
-    async def read(self, fh: int, offset: int, size: int) -> Payload: ...
-    async def release(self, fh: int) -> None: ...
-    async def flush(self, fh: int) -> None: ...
-    async def opendir(self, ino: int) -> int: ...
-    async def readdir(self, fh: int, offset: int, reply: DirReply) -> None: ...
-    async def releasedir(self, fh: int) -> None: ...
-    async def change(self, opcode: int) -> None: ...
 
 
 class Session:
-    """Serves the requests of one connection (see :func:`mount`) with *ops*.
+    """Serves the requests of one connection (see :func:`mount`) with *ops*
+    (a cachefs.fuse.api.Mounted).
 
     *passthrough*: offer the kernel to read files straight from backing
     files (``Connection.open_backing``); ``connection.passthrough`` then
@@ -141,6 +111,14 @@ class Session:
             abi.FSYNCDIR: self._fsyncdir,
             abi.DESTROY: self._destroy,
         }
+
+    @property
+    def kernel(self) -> Kernel:
+        return self.connection
+
+    def close(self) -> None:
+        """Unmount (lazily) and end the connection: open files then fail with ENOTCONN."""
+        self.connection.close()
 
     # -- serving ----------------------------------------------------------------
 
@@ -264,7 +242,7 @@ class Session:
             if handler is not None:
                 payload = await handler(nodeid, body)
             elif opcode in abi.CHANGES:
-                await self._ops.change(opcode)
+                await self._ops.change(abi.CHANGES[opcode])
                 payload = b""
             else:
                 raise FUSEError(errno.ENOSYS)
@@ -353,17 +331,17 @@ class Session:
 
     async def _lookup(self, nodeid: int, body: bytes) -> Payload:
         name = body[: body.index(b"\0")] if b"\0" in body else body
-        return (await self._ops.lookup(nodeid, name)).entry_out()
+        return abi.entry_out(await self._ops.lookup(nodeid, name))
 
     async def _getattr(self, nodeid: int, body: bytes) -> Payload:
-        return (await self._ops.getattr(nodeid)).attr_out()
+        return abi.attr_out(await self._ops.getattr(nodeid))
 
     async def _readlink(self, nodeid: int, body: bytes) -> Payload:
         return await self._ops.readlink(nodeid)
 
     async def _open(self, nodeid: int, body: bytes) -> Payload:
         flags, _ = abi.OPEN_IN.unpack_from(body)
-        return (await self._ops.open(nodeid, flags)).pack()
+        return abi.open_out(await self._ops.open(nodeid, flags))
 
     async def _read(self, nodeid: int, body: bytes) -> Payload:
         fh, offset, size = abi.READ_IN.unpack_from(body)
@@ -378,7 +356,7 @@ class Session:
         return b""
 
     async def _statfs(self, nodeid: int, body: bytes) -> Payload:
-        return (await self._ops.statfs()).pack()
+        return abi.statfs_out(await self._ops.statfs())
 
     async def _getxattr(self, nodeid: int, body: bytes) -> Payload:
         size, _ = abi.GETXATTR_IN.unpack_from(body)
@@ -391,7 +369,7 @@ class Session:
         return _sized(b"".join(n + b"\0" for n in names), size)
 
     async def _opendir(self, nodeid: int, body: bytes) -> Payload:
-        return Opened(await self._ops.opendir(nodeid)).pack()
+        return abi.open_out(Opened(await self._ops.opendir(nodeid)))
 
     async def _readdir(self, nodeid: int, body: bytes) -> Payload:
         return await self._list(body, plus=False)
@@ -414,24 +392,6 @@ class Session:
 
     async def _destroy(self, nodeid: int, body: bytes) -> Payload:
         return b""
-
-
-def dying(tid: int) -> bool:
-    """Whether thread *tid* has a fatal signal pending (the kernel marks every
-    fatal signal as SIGKILL), or is gone.  A thread of another PID namespace
-    (pid 0 in the request) cannot be looked at: it is taken as living, so a
-    program never gets EINTR from a read; kill -9 of it waits for the source."""
-    if tid <= 0:
-        return False
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            status = f.read()
-    except OSError:
-        return True
-    for line in status.splitlines():
-        if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & _SIGKILL_BIT:
-            return True
-    return False
 
 
 def _sized(value: bytes, size: int) -> Payload:
@@ -461,3 +421,21 @@ async def mount(
     return await trio.to_thread.run_sync(
         device.mount, mountpoint, fsname, subtype, opts, fusermount
     )
+
+
+async def mount_fs(
+    mountpoint: Path,
+    fsname: str,
+    subtype: str,
+    make_ops: Callable[[Kernel], Operations],
+    *,
+    passthrough: bool,
+) -> Session:
+    """Mount on *mountpoint* and return the Session that serves *make_ops*'s
+    operations there (the native cachefs.fuse.api.Transport).  Raises MountError."""
+    connection = await mount(mountpoint, fsname, subtype)
+    try:
+        return Session(make_ops(connection), connection, passthrough=passthrough)
+    except BaseException:
+        connection.close()
+        raise

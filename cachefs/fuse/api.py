@@ -1,0 +1,196 @@
+"""The FUSE API the file system is written against, whichever transport drives it.
+
+A file system (cachefs.fs) implements :class:`Operations`, answers with the
+plain values below and raises :class:`FUSEError` for an errno; it reaches
+the kernel only through :class:`Kernel`.  A transport (cachefs.fuse.native,
+cachefs.fuse.pyfuse3) turns requests into calls of :class:`Operations` and
+these values into its own replies; it mounts with a :class:`Transport`
+function and is served and closed through :class:`Mounted`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cachefs.errors import CacheFSError
+
+#: What a READ may be answered with.
+Payload = bytes | bytearray | memoryview
+
+
+class MountError(CacheFSError):
+    """The kernel or fusermount3 refused the mount."""
+
+
+class FUSEError(Exception):
+    """Answer the request with this errno."""
+
+    def __init__(self, errno_: int) -> None:
+        super().__init__(os.strerror(errno_))
+        self.errno = errno_
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """An inode as the kernel is told it (LOOKUP, GETATTR, READDIRPLUS).
+
+    The kernel trusts the name and the attributes for *timeout* seconds.
+    """
+
+    ino: int
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    nlink: int = 1
+    blksize: int = 4096
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The answer to OPEN: a handle, and how the kernel reads through it.
+
+    *keep_cache*: the kernel keeps the pages it has of the file.  *backing_id*
+    (from ``Kernel.open_backing``) sends reads straight to that file.
+    *direct_io*: every read comes to the file system, none is cached.
+    """
+
+    fh: int
+    keep_cache: bool = False
+    direct_io: bool = False
+    backing_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Statfs:
+    """STATFS: sizes in units of *frsize*."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int = 0
+    namelen: int = 255
+
+
+class DirReply(Protocol):
+    """The entries of one READDIR(PLUS) answer, filled by ``Operations.readdir``.
+
+    With *plus* every entry carries its attributes and the kernel counts a
+    lookup for each one added, except "." and "..".
+    """
+
+    @property
+    def plus(self) -> bool: ...
+
+    def add(self, name: bytes, entry: Entry, next_offset: int) -> bool:
+        """Add one entry; False (nothing added) once the answer is full."""
+        ...
+
+
+class Operations(Protocol):
+    """What a file system implements; only :class:`FUSEError` is answered as such.
+
+    ``change`` answers every request that would change the file system
+    (*request* names it: "write", "mkdir", ...).  ``init`` is called once
+    the kernel's INIT is answered and must not raise.
+    """
+
+    def init(self) -> None: ...
+    def forget(self, items: Sequence[tuple[int, int]]) -> None: ...
+    async def lookup(self, parent: int, name: bytes) -> Entry: ...
+    async def getattr(self, ino: int) -> Entry: ...
+    async def readlink(self, ino: int) -> bytes: ...
+    async def statfs(self) -> Statfs: ...
+    async def getxattr(self, ino: int, name: bytes) -> bytes: ...
+    async def listxattr(self, ino: int) -> list[bytes]: ...
+    async def open(self, ino: int, flags: int) -> Opened: ...
+    async def read(self, fh: int, offset: int, size: int) -> Payload: ...
+    async def release(self, fh: int) -> None: ...
+    async def flush(self, fh: int) -> None: ...
+    async def opendir(self, ino: int) -> int: ...
+    async def readdir(self, fh: int, offset: int, reply: DirReply) -> None: ...
+    async def releasedir(self, fh: int) -> None: ...
+    async def change(self, request: str) -> None: ...
+
+
+#: errno of a Kernel that cannot do what was asked (a transport without passthrough).
+UNSUPPORTED = errno.EOPNOTSUPP
+
+
+class Kernel(Protocol):
+    """What the file system may ask of the kernel, beyond answering requests.
+
+    ``passthrough``: whether ``open_backing`` can work (the kernel agreed to
+    read files by itself; False on transports that cannot send a backing id,
+    whose ``open_backing`` raises OSError(UNSUPPORTED)).
+    """
+
+    @property
+    def passthrough(self) -> bool: ...
+
+    def open_backing(self, fd: int) -> int:
+        """Register *fd*'s file for passthrough; its id, for :class:`Opened`.
+
+        Raises OSError (EPERM without CAP_SYS_ADMIN; UNSUPPORTED).
+        """
+        ...
+
+    def close_backing(self, backing_id: int) -> None: ...
+
+    def invalidate_inode(self, ino: int) -> None:
+        """Drop the kernel's pages and attributes of *ino*.  Blocking: call it
+        from a thread (the kernel may wait on a request this process answers).
+
+        OSError ENOENT: the kernel does not know *ino*.
+        """
+        ...
+
+
+class Mounted(Protocol):
+    """A mounted file system, ready to be served."""
+
+    @property
+    def kernel(self) -> Kernel: ...
+
+    async def serve(self) -> None:
+        """Answer requests until unmounted or :meth:`stop`; returns once every
+        request read has been answered."""
+        ...
+
+    def stop(self) -> None:
+        """Read no more requests; those being answered finish.  The mount stays
+        until :meth:`close` (requests meanwhile wait)."""
+        ...
+
+    def close(self) -> None:
+        """Unmount (lazily) and end the connection.  Never raises."""
+        ...
+
+
+class Transport(Protocol):
+    """Mount a file system: ``await transport(mountpoint, fsname, subtype, make_ops,
+    passthrough=...)``; *make_ops* builds the Operations from the mount's Kernel.
+
+    *passthrough*: offer the kernel to read files straight from backing
+    files.  Raises MountError (cachefs.errors.CacheFSError) when refused.
+    """
+
+    async def __call__(
+        self,
+        mountpoint: Path,
+        fsname: str,
+        subtype: str,
+        make_ops: Callable[[Kernel], Operations],
+        *,
+        passthrough: bool,
+    ) -> Mounted: ...
