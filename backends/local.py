@@ -64,9 +64,9 @@ from cachefs.contract import (
     ReadData,
     RWEvent,
     RWResult,
+    local_path,
 )
 from cachefs.errors import SourceError
-from cachefs.registry import local_path
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ class LocalBackend:
         if ctx is not None:
             ctx.enter()
         try:
-            if own:
+            if ctx is None:
                 ctx = OpenFile(req.file_id, self._open_sync(req.file_id))
             fd = ctx.fd
             done = _read_into(ctx, fd, req.buffer, req.position, req.bytes_to_read)
@@ -465,7 +465,7 @@ def _root_of(url: str) -> str:
 
 def open_backend(url: str, *, max_threads: int = 16) -> LocalBackend:
     """Open a directory given as a plain path or ``file:///abs/path``
-    (cachefs.registry.local_path: the scheme in any case).
+    (cachefs.contract.local_path: the scheme in any case).
 
     Raises SourceError when the URL is malformed, or the directory is
     missing or not a directory.

@@ -47,11 +47,14 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import obstore
 import trio
 from obstore.store import S3Store
+
+if TYPE_CHECKING:
+    from obstore import GetOptions, ObjectMeta
 
 from backends import s3ci
 from backends.s3config import Target, check, resolve
@@ -88,7 +91,7 @@ class BrokenResponse(Exception):
         self.cause = cause
 
 
-def _file_attrs(meta: dict[str, Any]) -> FileAttrs:
+def _file_attrs(meta: ObjectMeta) -> FileAttrs:
     mtime = meta["last_modified"].timestamp()
     etag = meta.get("e_tag")
     version = etag if etag else f"{meta['size']}@{mtime}"
@@ -210,7 +213,7 @@ class S3Backend:
         context.close()
 
     def _get(self, req: ReadData, store: S3Store, end: int) -> Any:
-        options: dict[str, Any] = {"range": (req.position, end)}
+        options: GetOptions = {"range": (req.position, end)}
         if req.version.startswith('"'):  # a weak ETag (W/"...") never matches
             options["if_match"] = req.version
         result = obstore.get(store, req.file_id, options=options)

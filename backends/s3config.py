@@ -98,7 +98,7 @@ def parse_url(url: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def credentials(anonymous: bool) -> tuple[dict[str, Any], Any, str]:
+def credentials(anonymous: bool | None) -> tuple[dict[str, Any], Any, str]:
     """Store config, credential provider, and where the keys come from (for logs)."""
     if anonymous:
         return {"skip_signature": True}, None, "nowhere (anonymous)"
@@ -112,8 +112,8 @@ def credentials(anonymous: bool) -> tuple[dict[str, Any], Any, str]:
     if not profile and not any(f.is_file() for f in files):
         return {}, None, _NO_KEYS
     try:
-        import boto3
-        import botocore.exceptions
+        import boto3  # type: ignore[import-untyped]
+        import botocore.exceptions  # type: ignore[import-untyped]
         from obstore.auth.boto3 import Boto3CredentialProvider
     except ImportError:
         if profile:

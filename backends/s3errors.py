@@ -3,7 +3,7 @@
 obstore raises after its own bounded retries; the text of its exceptions
 carries the HTTP status, the S3 error document (``<Code>``) when the server
 sent one (never for HEAD), and for network failures the kind of failure.
-The mapping (README: "S3 errors"):
+The mapping (docs/s3.md, "What each S3 answer does"):
 
 =====================================================  ========================
 S3 answer                                              result code

@@ -1,4 +1,4 @@
-"""Flag rules, as the backend sees them (README: "Flags")."""
+"""Flag rules, as the backend sees them (docs/contract.md: "Flags")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Result codes, as the cache reacts (README: "Result codes")."""
+"""Result codes, as the cache reacts (docs/contract.md: "Result codes")."""
 
 from __future__ import annotations
 

@@ -169,6 +169,6 @@ def test_the_mapping_table(error: Exception, expected: str) -> None:
 def test_a_403_on_a_stat_or_listing_lets_the_cache_serve_what_it_has() -> None:
     """The engine answers a PermissionError with EACCES and serves nothing
     stale (a local file's mode); a 403 from S3 may be credentials that expire:
-    the cache keeps serving its cached version (README: What each S3 answer does)."""
+    the cache keeps serving its cached version (docs/s3.md: What each S3 answer does)."""
     e = os_error(obstore_error(403, "AccessDenied", PermissionDeniedError), "HEAD f")
     assert type(e) is OSError and "AccessDenied" in str(e)

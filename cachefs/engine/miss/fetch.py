@@ -1,6 +1,6 @@
 """Fetching one run of blocks: the ReadData calls and how results are handled.
 
-Result codes, as the cache reacts (README has the table):
+Result codes, as the cache reacts (docs/contract.md has the table):
 SUCCESS caches what arrived; PARTIAL asks for the rest (three empty PARTIALs
 in a row count as one FAILURE); RANGE_BEYOND_EOF zeroes the tail and never
 asks past it again (for this version); FILE_MODIFIED_EXTERNALLY ends the

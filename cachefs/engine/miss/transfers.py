@@ -1,6 +1,6 @@
 """Transfers: runs of ReadData calls on one file, and the flags they carry.
 
-Policy (documented in README):
+Policy (documented in docs/contract.md, "Flags"):
 
 * A reader whose read starts at offset 0, or where its previous read ended,
   is sequential: its misses belong to one *continuous* transfer that is
