@@ -313,11 +313,12 @@ class LocalBackend:
         """Open *file_id* for reading; FileNotFoundError if it is absent."""
         return OpenFile(file_id, await self._run(self._open_sync, file_id))
 
-    async def close_file(self, file_id: str, context: OpenFile) -> None:
-        await self._run(context.close)
+    async def close_file(self, file_id: str, context: object) -> None:
+        if isinstance(context, OpenFile):
+            await self._run(context.close)
 
     def _read_sync(self, req: ReadData) -> None:
-        ctx: OpenFile | None = req.file_context
+        ctx = req.file_context if isinstance(req.file_context, OpenFile) else None
         own = ctx is None
         if ctx is not None:
             ctx.enter()

@@ -208,9 +208,10 @@ class S3Backend:
         self._files.add(ctx)
         return ctx
 
-    async def close_file(self, file_id: str, context: S3File) -> None:
+    async def close_file(self, file_id: str, context: object) -> None:
         await trio.lowlevel.checkpoint()
-        context.close()
+        if isinstance(context, S3File):
+            context.close()
 
     def _get(self, req: ReadData, store: S3Store, end: int) -> Any:
         options: GetOptions = {"range": (req.position, end)}

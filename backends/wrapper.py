@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cachefs.contract import Backend, ContentInfo, DirEntry, FileAttrs, ReadData
+from cachefs.contract import Backend, ContentInfo, ContentInfoSource, DirEntry, FileAttrs, ReadData
 
 
 class Wrapper:
@@ -24,10 +24,10 @@ class Wrapper:
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         return await self.inner.list_dir(dir_id)
 
-    async def open_file(self, file_id: str) -> Any:
+    async def open_file(self, file_id: str) -> object:
         return await self.inner.open_file(file_id)
 
-    async def close_file(self, file_id: str, context: Any) -> None:
+    async def close_file(self, file_id: str, context: object) -> None:
         await self.inner.close_file(file_id, context)
 
     async def read_data(self, req: ReadData) -> None:
@@ -37,8 +37,8 @@ class Wrapper:
         await self.inner.aclose()
 
     async def content_info(self, file_id: str) -> ContentInfo | None:
-        get = getattr(self.inner, "content_info", None)
-        return None if get is None else await get(file_id)
+        inner = self.inner
+        return await inner.content_info(file_id) if isinstance(inner, ContentInfoSource) else None
 
     async def put_content_info(self, file_id: str, info: ContentInfo) -> None:
         await self._optional("put_content_info")(file_id, info)

@@ -13,7 +13,7 @@ import json
 import re
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from cachefs.errors import SourceError
 
@@ -110,7 +110,7 @@ class ReadData:
     buffer: memoryview
     bytes_to_read: int
     bytes_read: int = 0
-    file_context: Any = None
+    file_context: object = None
     result_code: RWResult = RWResult.SUCCESS
     version: str = ""
 
@@ -211,9 +211,9 @@ class Backend(Protocol):
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]: ...
 
-    async def open_file(self, file_id: str) -> Any: ...
+    async def open_file(self, file_id: str) -> object: ...
 
-    async def close_file(self, file_id: str, context: Any) -> None: ...
+    async def close_file(self, file_id: str, context: object) -> None: ...
 
     async def read_data(self, req: ReadData) -> None: ...
 

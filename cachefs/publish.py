@@ -31,11 +31,20 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
-from cachefs.contract import Backend, ContentInfo, FileAttrs, FileKind, ReadData, RWEvent, RWResult
+from cachefs.contract import (
+    Backend,
+    ContentInfo,
+    ContentInfoStore,
+    FileAttrs,
+    FileKind,
+    ReadData,
+    RWEvent,
+    RWResult,
+)
 from cachefs.engine import CacheConfig
 from cachefs.errors import ConfigError, SourceError
 from cachefs.registry import open_backend
@@ -176,10 +185,15 @@ def _name(rc: int) -> str:
         return f"result {rc:#x}"
 
 
+@runtime_checkable
+class Publishable(Backend, ContentInfoStore, Protocol):
+    """A backend ``cachefs publish`` can write content information to."""
+
+
 class _Run:
     """One publishing run over *backend*; counts go to ``report``."""
 
-    def __init__(self, backend: Any, block_size: int) -> None:
+    def __init__(self, backend: Publishable, block_size: int) -> None:
         self.backend = backend
         self.block_size = block_size
         self.report = PublishReport()
@@ -212,18 +226,17 @@ class _Run:
 
     async def prune(self, files: list[str]) -> None:
         """Remove the stored information of what is not a file of the source now."""
-        ids = getattr(self.backend, "content_info_ids", None)
-        delete = getattr(self.backend, "delete_content_info", None)
-        if ids is None or delete is None:
-            return
         try:
-            stored = await ids()
+            stored = await self.backend.content_info_ids()
         except Exception as e:
             log.error("cannot list the stored content information: %s", _one_line(e))
             self.report.failed += 1
             return
         present = set(files)
-        await for_each([i for i in stored if i not in present], partial(self._remove, delete))
+        await for_each(
+            [i for i in stored if i not in present],
+            partial(self._remove, self.backend.delete_content_info),
+        )
 
     async def _remove(self, delete: Callable[[str], Awaitable[None]], file_id: str) -> None:
         try:
@@ -269,9 +282,8 @@ class _Run:
         return None
 
     async def _stored_matches(self, file_id: str, attrs: FileAttrs) -> bool:
-        get = getattr(self.backend, "content_info", None)
         try:
-            stored = None if get is None else await get(file_id)
+            stored = await self.backend.content_info(file_id)
         except Exception as e:
             log.debug("%s: cannot read its content information (%s): publishing", file_id, e)
             return False
@@ -299,13 +311,13 @@ async def for_each(
             nursery.start_soon(worker)
 
 
-async def publish(backend: Any, block_size: int) -> PublishReport:
+async def publish(backend: Backend, block_size: int) -> PublishReport:
     """Publish the content information of every file of *backend*'s source.
 
     ConfigError if the backend cannot store it; SourceError if the source's
     root cannot be listed.  Everything else is counted in the report.
     """
-    if getattr(backend, "put_content_info", None) is None:
+    if not isinstance(backend, Publishable):
         raise ConfigError(f"{backend!r} cannot store content information")
     run = _Run(backend, block_size)
     files, complete = await run.walk()

@@ -30,7 +30,7 @@ from churn import Churn, run_churn
 from conftest import MountFactory, disk_usage, pread_direct
 
 from backends.trace import read_trace
-from cachefs.control.client import call as request
+from cachefs.control.client import call as control_call
 from cachefs.control.mounts import mount_at
 from cachefs.errors import CacheFSError
 
@@ -170,13 +170,13 @@ def crash(m: Mount, files: dict[str, bytes], rnd: random.Random, observed: Round
             try:
                 if r.random() < 0.25:
                     name = r.choice(small)
-                    request(entry, "pin", file_ids=[name])
-                    request(entry, "unpin", file_ids=[name])
+                    control_call(entry, "pin", file_ids=[name])
+                    control_call(entry, "unpin", file_ids=[name])
                     continue
                 with state:
                     prefetching, observed.progress = True, None
                 try:
-                    result = request(
+                    result = control_call(
                         entry, "prefetch", file_ids=r.sample(targets, 2), on_progress=on_progress
                     )
                 finally:
@@ -203,7 +203,7 @@ def crash(m: Mount, files: dict[str, bytes], rnd: random.Random, observed: Round
                 timeout=KILL_DEADLINE,
             ):
                 observed.problems.append(f"no kill point within {KILL_DEADLINE} s")
-            observed.evicted_before_kill = request(entry, "stats")["evicted_bytes"]
+            observed.evicted_before_kill = control_call(entry, "stats")["evicted_bytes"]
             killed = True
             observed.killed_during = observed.progress
             m.proc.kill()
@@ -246,7 +246,7 @@ def rounds(
     factory = MountFactory(tmp)
     try:
         m = factory(src, *options, cache_dir=cache)
-        request(mount_at(m.mountpoint), "pin", file_ids=[PINNED])
+        control_call(mount_at(m.mountpoint), "pin", file_ids=[PINNED])
         observed = []
         for i in range(ROUNDS):
             observed.append(Round(kill_after=rnd.randrange(5, 120)))
