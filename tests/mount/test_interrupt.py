@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from conftest import pread_direct, wait_for
 
 from backends.trace import read_trace
@@ -41,6 +42,19 @@ fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
 buf = mmap.mmap(-1, 1 << 16)
 print("reading", flush=True)
 os.preadv(fd, [buf], 4 << 16)
+"""
+# The parent opens, forks and exits; the child reads the parent's handle once
+# told (the test has reaped the parent by then: no /proc entry is left of it).
+READ_AFTER_THE_OPENER_EXITED = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+if os.fork():
+    os._exit(0)
+sys.stdin.readline()
+buf = mmap.mmap(-1, 1 << 16)
+print("reading", os.getpid(), flush=True)
+n = os.preadv(fd, [buf], 4 << 16)
+print(n, buf[:n].hex(), flush=True)
 """
 STAT = """
 import os, sys
@@ -167,4 +181,44 @@ def test_a_signal_the_reader_handles_does_not_fail_its_read(
     n, error, got = out.split()
     assert (int(n), int(error)) == (KB64, 0), err
     assert bytes.fromhex(got) == data[4 * KB64 : 5 * KB64]
+    m.unmount()
+
+
+@pytest.mark.parametrize("mount", ["pyfuse3"], indirect=True)
+def test_a_read_on_a_handle_whose_opener_exited_is_not_interrupted(
+    mount: MountFactory, own_s3_server: MotoServer
+) -> None:
+    """pyfuse3 does not say who sent a READ: the handle's opener stands for it,
+    and an opener that exited normally is not a dying reader."""
+    server = own_s3_server
+    data = os.urandom(8 * KB64)
+    bucket = server.new_bucket({"big.bin": data})
+    m = mount(f"s3://{bucket}", "--s3-endpoint", server.endpoint, "--log-level", "debug")
+    assert pread_direct(m / "big.bin", 0, KB64) == data[:KB64]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", READ_AFTER_THE_OPENER_EXITED, str(m / "big.bin")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.wait(timeout=30) == 0  # the opener has exited and is reaped
+    looked = "looked at 1 requests still running for a dying caller"
+    before = m.log_text().count(looked)
+    server.pause()
+    try:
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+        word, pid = proc.stdout.readline().split()
+        assert word == "reading"
+        wchan = Path(f"/proc/{pid}/wchan")
+        wait_for("the child to wait on the mount", lambda: "fuse" in wchan.read_text())
+        # Twice: the transport looked at the read after its look-around, and again.
+        wait_for("two looks at the read", lambda: m.log_text().count(looked) >= before + 2)
+    finally:
+        server.resume()
+    n, got = proc.stdout.readline().split()
+    assert (int(n), bytes.fromhex(got)) == (KB64, data[4 * KB64 : 5 * KB64])
+    assert "interrupted: its process is dying" not in m.log_text()
     m.unmount()

@@ -13,9 +13,12 @@ INTERRUPT (cancel the read-only waits of a dying process: docs/SEMANTICS.md
 rule 9) is applied here by looking: a request of that kind still running
 after a look-around (``INTERRUPT_POLL``) is cancelled, and answered EINTR,
 once its process is dying (cachefs.fuse.dying).  pyfuse3 gives READ and
-READDIR no caller, so those are taken as their handle's opener's: a
-process dying with a read of a child sharing its open file still running
-cancels that read (which then fails with EINTR).  A signal the process
+READDIR no caller, so those are taken as their handle's opener's, and
+only an opener seen with a fatal signal pending counts as dying (one that
+is gone, say a thread or a parent that exited normally, does not: the read
+may be another process's).  A process killed with a read of a child
+sharing its open file still running cancels that read (which then fails
+with EINTR).  A signal the process
 handles cancels nothing, as on the native transport.
 """
 
@@ -89,8 +92,9 @@ class Adapter(pyfuse3.Operations):
         self._on_init = on_init
         # Who opened each handle (pyfuse3 tells READ and READDIR no caller).
         self._openers: dict[int, int] = {}
-        # The interruptible requests running: their scope and caller.
-        self._running: dict[trio.CancelScope, int] = {}
+        # The interruptible requests running: their scope, caller, and
+        # whether that caller is the handle's opener (the caller unknown).
+        self._running: dict[trio.CancelScope, tuple[int, bool]] = {}
         self._wakeup = trio.Event()
 
     # -- translation ----------------------------------------------------------
@@ -105,8 +109,16 @@ class Adapter(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def _interruptible(self, pid: int, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return await self._cancellable(pid, False, fn, *args)
+
+    async def _by_opener(self, fh: int, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return await self._cancellable(self._openers.get(fh, 0), True, fn, *args)
+
+    async def _cancellable(
+        self, pid: int, opener: bool, fn: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
         with trio.CancelScope() as scope:
-            self._running[scope] = pid
+            self._running[scope] = (pid, opener)
             if not self._wakeup.is_set():
                 self._wakeup.set()
             try:
@@ -125,9 +137,14 @@ class Adapter(pyfuse3.Operations):
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
             await trio.sleep(INTERRUPT_POLL)
-            for scope, pid in list(self._running.items()):
-                if scope in seen and dying(pid):
-                    scope.cancel()
+            looked = 0
+            for scope, (pid, opener) in list(self._running.items()):
+                if scope in seen:
+                    looked += 1
+                    if dying(pid, gone=not opener):
+                        scope.cancel()
+            if looked:
+                log.debug("looked at %d requests still running for a dying caller", looked)
             seen = set(self._running)
 
     # -- requests ----------------------------------------------------------------
@@ -184,7 +201,7 @@ class Adapter(pyfuse3.Operations):
         )
 
     async def read(self, fh: int, off: int, size: int) -> Payload:  # type: ignore[override]
-        return await self._interruptible(self._openers.get(fh, 0), self._ops.read, fh, off, size)
+        return await self._by_opener(fh, self._ops.read, fh, off, size)
 
     async def flush(self, fh: int) -> None:
         await self._plain(self._ops.flush, fh)
@@ -203,7 +220,7 @@ class Adapter(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         reply: DirReply = _DirReply(token)
-        await self._interruptible(self._openers.get(fh, 0), self._ops.readdir, fh, start_id, reply)
+        await self._by_opener(fh, self._ops.readdir, fh, start_id, reply)
 
     async def releasedir(self, fh: int) -> None:
         self._openers.pop(fh, None)
