@@ -22,6 +22,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import assert_never
 
 import trio
 
@@ -125,6 +126,8 @@ class ControlCommands:
                 return None
             case Unmount():
                 return await self.unmount()
+            case _:
+                assert_never(request)
 
     # -- simple commands ------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cachefs.engine import CacheConfig
+from cachefs.errors import CacheFSError
+from cachefs.fuse import TRANSPORTS
 from cachefs.registry import source_scheme
 
 
@@ -53,12 +55,26 @@ class MountOptions:
     def from_json(cls, text: str) -> MountOptions:
         """The options ``to_json`` wrote; ValueError if *text* holds anything else."""
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_no_constant)
         except RecursionError:
             raise ValueError("nested too deeply") from None
         options: MountOptions = _typed(data, cls, "options")
-        options.config.validate()
+        try:
+            options.config.validate()
+        except CacheFSError as e:
+            raise ValueError(str(e)) from None
+        for name in ("mountpoint", "cache_dir"):
+            if not getattr(options, name).is_absolute():
+                raise ValueError(f"{name} is not an absolute path")
+        if options.readahead_kb < 0:
+            raise ValueError("readahead_kb is negative")
+        if options.fuse not in TRANSPORTS:
+            raise ValueError(f"fuse is not one of {', '.join(TRANSPORTS)}")
         return options
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a number the options may hold")
 
 
 def _plain(value: object) -> object:

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: The orders are a few hundred bytes; a bigger document is not ours.
 MAX_ORDERS = 1 << 20
+#: The orders come at once from `cachefs mount`; this bounds a daemon run by hand.
+ORDERS_DEADLINE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,11 @@ def spawn_daemon(orders: Orders, log_path: Path, timeout: float) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     mountpoint = str(orders.options.mountpoint)
     try:
-        log_fd = open_own_file(log_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            log_fd = open_own_file(log_path, os.O_WRONLY | os.O_APPEND)
+        except BaseException:
+            os.close(read_end)
+            raise
         with open(log_fd, "ab") as log_file:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cachefs.daemon", mountpoint, "--ready-fd", str(write_end)],
@@ -134,8 +140,8 @@ def spawn_daemon(orders: Orders, log_path: Path, timeout: float) -> int:
         proc.terminate()
         raise MountFailed(f"the mount was not ready within {timeout:.0f} s; see {log_path}")
     if line.startswith("error "):
-        _, code, message = line.split(" ", 2)
-        raise MountFailed(message, int(code))
+        _, code, message = (line + " ").split(" ", 2)
+        raise MountFailed(message.strip() or "the mount failed", int(code) if code.isdigit() else 1)
     try:
         status = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -194,8 +200,21 @@ def _ready_fd(text: str) -> int:
 
 
 def _read_orders() -> Orders:
-    """The orders on stdin, read to their end; ValueError if they are not orders."""
-    data = sys.stdin.buffer.read(MAX_ORDERS + 1)
+    """The orders on stdin, read to their end within ORDERS_DEADLINE; ValueError
+    if they are not orders, or do not come in time."""
+    if sys.stdin is None:
+        raise ValueError("no stdin")
+    fd = sys.stdin.fileno()
+    data = b""
+    deadline = time.monotonic() + ORDERS_DEADLINE
+    while len(data) <= MAX_ORDERS:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise ValueError(f"none within {ORDERS_DEADLINE:.0f} s")
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
     if len(data) > MAX_ORDERS:
         raise ValueError(f"more than {MAX_ORDERS} bytes")
     return Orders.from_json(data)

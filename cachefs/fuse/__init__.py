@@ -42,8 +42,8 @@ def check_transport(name: str) -> None:
     if name == "pyfuse3":
         try:
             import pyfuse3  # noqa: F401
-        except ImportError:
-            raise ConfigError(_PYFUSE3_MISSING) from None
+        except ImportError as e:
+            raise ConfigError(f"{_PYFUSE3_MISSING} ({e})") from None
 
 
 def transport(name: str) -> Transport:

@@ -126,6 +126,14 @@ class Operations(Protocol):
 #: errno of a Kernel that cannot do what was asked (a transport without passthrough).
 UNSUPPORTED = errno.EOPNOTSUPP
 
+# What every transport gives the kernel and its own workers:
+#: requests served at once (trio tasks reading the next request);
+MAX_WORKERS = 100
+#: idle workers beyond this many leave;
+SPARE_WORKERS = 2
+#: the connection's max_background (the kernel's readahead and async reads in flight).
+MAX_BACKGROUND = 64
+
 
 class Kernel(Protocol):
     """What the file system may ask of the kernel, beyond answering requests.

@@ -169,6 +169,12 @@ def test_every_choice_reaches_the_daemon(tmp_path: Path, src: Path, flags: list[
         lambda d: d["options"].update(wrappers=[["trace"]]),
         lambda d: d["options"].update(surprise=1),
         lambda d: d.update(log_level="loud"),
+        # what the CLI refuses, the daemon refuses too
+        lambda d: d["options"]["config"].update(block_size=3),
+        lambda d: d["options"]["config"].update(ttl=float("nan")),
+        lambda d: d["options"].update(mountpoint="relative/mnt"),
+        lambda d: d["options"].update(readahead_kb=-5),
+        lambda d: d["options"].update(fuse="bogus"),
     ],
 )
 def test_the_daemon_takes_only_orders(tmp_path: Path, damage: Callable[[dict], object]) -> None:
@@ -179,15 +185,19 @@ def test_the_daemon_takes_only_orders(tmp_path: Path, damage: Callable[[dict], o
         Orders.from_json(json.dumps(doc).encode())
 
 
-def test_a_daemon_without_orders_says_so_on_its_readiness_pipe(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stdin", ["not json", "closed"])
+def test_a_daemon_without_orders_says_so_on_its_readiness_pipe(tmp_path: Path, stdin: str) -> None:
     read_end, write_end = os.pipe()
+    given: dict[str, object] = (
+        {"input": stdin.encode()} if stdin != "closed" else {"preexec_fn": lambda: os.close(0)}
+    )
     try:
         done = subprocess.run(
             [sys.executable, "-m", "cachefs.daemon", str(tmp_path), "--ready-fd", str(write_end)],
-            input=b"not json",
             capture_output=True,
             pass_fds=(write_end,),
             timeout=60,
+            **given,  # type: ignore[arg-type]
         )
         os.close(write_end)
         with os.fdopen(read_end, "rb") as ready:

@@ -32,7 +32,16 @@ from pathlib import Path
 
 import trio
 
-from cachefs.fuse.api import FUSEError, Kernel, Opened, Operations, Payload
+from cachefs.fuse.api import (
+    MAX_BACKGROUND,
+    MAX_WORKERS,
+    SPARE_WORKERS,
+    FUSEError,
+    Kernel,
+    Opened,
+    Operations,
+    Payload,
+)
 from cachefs.fuse.dying import dying
 from cachefs.fuse.native import abi, device
 from cachefs.fuse.native.abi import DirReply
@@ -40,14 +49,10 @@ from cachefs.fuse.native.device import Connection
 
 log = logging.getLogger(__name__)
 
-MAX_WORKERS = 100
-#: Idle workers beyond this many leave.
-SPARE_WORKERS = 2
 #: A read-only file system takes no large writes; every other request is small.
 MAX_WRITE = 128 << 10
 #: 1 MiB reads: one request per cache block.
 MAX_PAGES = 256
-MAX_BACKGROUND = 64
 #: Requests an INTERRUPT cancels: they wait for the backend or the cache and
 #: take nothing (an OPEN takes its handle after its last wait).  RELEASE is
 #: not among them: the kernel gives a handle back once.

@@ -24,8 +24,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from cachefs.fuse.api import UNSUPPORTED, Kernel, MountError, Operations
-from cachefs.fuse.native.session import MAX_BACKGROUND, MAX_WORKERS, SPARE_WORKERS
+from cachefs.fuse.api import (
+    MAX_BACKGROUND,
+    MAX_WORKERS,
+    SPARE_WORKERS,
+    UNSUPPORTED,
+    Kernel,
+    MountError,
+    Operations,
+)
 from cachefs.fuse.pyfuse3.adapter import Adapter
 
 log = logging.getLogger(__name__)
