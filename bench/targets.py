@@ -133,7 +133,7 @@ class CachefsTarget(Target):
         return dict(request(entry, Stats(), timeout=10.0)) if entry is not None else {}
 
     def settle(self) -> None:
-        """Wait until blocks just fetched are hashed (engine/hasher.py): until then the
+        """Wait until blocks just fetched are hashed (engine/miss/hasher.py): until then the
         cache commits them as absent, so they are not yet cached for good."""
         deadline = time.monotonic() + SETTLE_DEADLINE
         while self.counters().get("unhashed_blocks", 0):
