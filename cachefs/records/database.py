@@ -1,0 +1,314 @@
+"""A member's record database: one SQLite file per group membership.
+
+Tables: ``records`` (every field of the latest version held of each record,
+tombstones included, until it expires), ``attrs`` (the search index, see
+cachefs.records.search), ``credentials`` and ``revocations`` (verified
+blobs), ``meta`` (the replication position, the engine's epoch) and
+``outbox`` (local changes the engine has not acknowledged yet, in order).
+
+A record and its index rows and its outbox entry are written in one
+transaction, with ``synchronous=FULL``: a change that returned is on disk,
+and is published after a crash.  The class is synchronous and not
+thread-safe: the store runs every call in one worker thread at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cachefs.records.attributes import derived_attributes, parse_attributes
+from cachefs.records.errors import GroupError
+from cachefs.records.model import Record, RecordFlags, from_micros, micros
+from cachefs.records.search import ATTRS_SCHEMA, index_rows
+
+__all__ = ["Database", "Outgoing"]
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS records (
+        id TEXT PRIMARY KEY, type TEXT NOT NULL, version INTEGER NOT NULL,
+        flags INTEGER NOT NULL, creator TEXT NOT NULL, modified_by TEXT NOT NULL,
+        attributes TEXT NOT NULL, created INTEGER NOT NULL, modified INTEGER NOT NULL,
+        expires INTEGER NOT NULL, data BLOB NOT NULL, signature BLOB NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS records_type ON records(type, id)",
+    "CREATE INDEX IF NOT EXISTS records_expires ON records(expires)",
+    "CREATE INDEX IF NOT EXISTS records_creator ON records(creator, flags)",
+    "CREATE TABLE IF NOT EXISTS credentials (digest TEXT PRIMARY KEY, blob BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS revocations (digest TEXT PRIMARY KEY, blob BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL, body BLOB NOT NULL, signature BLOB NOT NULL)""",
+    *ATTRS_SCHEMA,
+)
+_COLUMNS = (
+    "id, type, version, flags, creator, modified_by, attributes, created, modified, "
+    "expires, data, signature"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One entry of the outbox: what the replication publishes, in ``seq`` order."""
+
+    seq: int
+    kind: str  # "rec", "cred", "revoke"
+    body: bytes
+    signature: bytes
+
+
+def _row(record: Record) -> tuple[object, ...]:
+    assert record.id is not None and record.created is not None and record.modified is not None
+    return (
+        str(record.id),
+        str(record.type),
+        record.version,
+        int(record.flags),
+        record.creator,
+        record.modified_by,
+        record.attributes,
+        micros(record.created),
+        micros(record.modified),
+        micros(record.expires),
+        record.data,
+        record.signature,
+    )
+
+
+def _record(row: Sequence[object]) -> Record:
+    rid, rtype, version, flags, creator, modified_by, attrs, created, modified, expires = row[:10]
+    data, signature = row[10], row[11]
+    assert isinstance(version, int) and isinstance(flags, int)
+    assert isinstance(created, int) and isinstance(modified, int) and isinstance(expires, int)
+    assert isinstance(data, bytes) and isinstance(signature, bytes)
+    return Record(
+        type=uuid.UUID(str(rtype)),
+        expires=from_micros(expires),
+        attributes=str(attrs),
+        data=data,
+        flags=RecordFlags(flags),
+        id=uuid.UUID(str(rid)),
+        version=version,
+        creator=str(creator),
+        modified_by=str(modified_by),
+        created=from_micros(created),
+        modified=from_micros(modified),
+        signature=signature,
+    )
+
+
+def _digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+class Database:
+    def __init__(self, path: Path | str) -> None:
+        if path != ":memory:":
+            path = Path(path)
+            # 0600 before SQLite opens it: its -wal and -shm files take its mode
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            except OSError as e:
+                raise GroupError(f"cannot open the record database {path}: {e.strerror}") from e
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+        except sqlite3.DatabaseError as e:
+            raise GroupError(f"the record database {path} is unusable: {e}") from e
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- records -----------------------------------------------------------------------
+
+    def get(self, record_id: uuid.UUID) -> Record | None:
+        """The version held, tombstone or not, expired or not."""
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM records WHERE id = ?", (str(record_id),)
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def put(self, record: Record, outgoing: tuple[str, bytes, bytes] | None = None) -> None:
+        """Store this version in place of any other, its index rows, and (a local change)
+        its outbox entry, in one transaction."""
+        with self._transaction():
+            self._store(record)
+            if outgoing is not None:
+                self._db.execute(
+                    "INSERT INTO outbox (kind, body, signature) VALUES (?,?,?)", outgoing
+                )
+
+    def _store(self, record: Record) -> None:
+        rid = str(record.id)
+        rows = []
+        if not record.deleted:
+            attrs = parse_attributes(record.attributes) + derived_attributes(record)
+            rows = index_rows(rid, attrs)
+        self._db.execute(
+            f"INSERT OR REPLACE INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            _row(record),
+        )
+        self._db.execute("DELETE FROM attrs WHERE record_id = ?", (rid,))
+        self._db.executemany("INSERT INTO attrs VALUES (?,?,?,?,?)", rows)
+
+    def put_many(self, records: Sequence[Record]) -> None:
+        """Store these versions (from elsewhere: no outbox) in one transaction."""
+        if not records:
+            return
+        with self._transaction():
+            for record in records:
+                self._store(record)
+
+    def remove(self, record_ids: Sequence[uuid.UUID]) -> None:
+        with self._transaction():
+            for rid in record_ids:
+                self._db.execute("DELETE FROM records WHERE id = ?", (str(rid),))
+                self._db.execute("DELETE FROM attrs WHERE record_id = ?", (str(rid),))
+
+    def live_page(
+        self, record_type: uuid.UUID | None, after: str, limit: int, now_us: int
+    ) -> list[Record]:
+        """Live records (not tombstones, not expired) in id order after *after*."""
+        where = "id > ? AND flags & 2 = 0 AND expires > ?"
+        params: list[object] = [after, now_us]
+        if record_type is not None:
+            where = "type = ? AND " + where
+            params.insert(0, str(record_type))
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM records WHERE {where} ORDER BY id LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def search(self, subquery: str, params: Sequence[object], now_us: int) -> list[Record]:
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM records WHERE id IN ({subquery}) "
+            "AND flags & 2 = 0 AND expires > ? ORDER BY id",
+            (*params, now_us),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def due(self, now_us: int) -> list[Record]:
+        """Records (and tombstones) whose expiration has passed."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM records WHERE expires <= ? ORDER BY expires LIMIT 1000",
+            (now_us,),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def next_expiry(self) -> int | None:
+        row = self._db.execute("SELECT MIN(expires) FROM records").fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def autorefreshed(self, creator: str) -> list[Record]:
+        """This creator's live AUTOREFRESH records."""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM records WHERE creator = ? AND flags & 3 = 1", (creator,)
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def all_records(self) -> Iterator[Record]:
+        """Every record held, tombstones included, in id order (pages, so that a big
+        database is not read at once)."""
+        after = ""
+        while True:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE id > ? ORDER BY id LIMIT 500", (after,)
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _record(row)
+            after = str(rows[-1][0])
+
+    def counts(self, now_us: int) -> tuple[int, int]:
+        """(live records, tombstones)."""
+        live, dead = self._db.execute(
+            "SELECT COALESCE(SUM(flags & 2 = 0), 0), COALESCE(SUM(flags & 2 != 0), 0) "
+            "FROM records WHERE expires > ?",
+            (now_us,),
+        ).fetchone()
+        return int(live), int(dead)
+
+    # -- credentials and revocations ---------------------------------------------------
+
+    def add_blob(self, table: str, blob: bytes, outgoing: str | None = None) -> None:
+        assert table in ("credentials", "revocations")
+        with self._transaction():
+            self._db.execute(
+                f"INSERT OR IGNORE INTO {table} (digest, blob) VALUES (?, ?)",
+                (_digest(blob), blob),
+            )
+            if outgoing is not None:
+                self._db.execute(
+                    "INSERT INTO outbox (kind, body, signature) VALUES (?, ?, ?)",
+                    (outgoing, blob, b""),
+                )
+
+    def blobs(self, table: str) -> list[bytes]:
+        assert table in ("credentials", "revocations")
+        return [bytes(r[0]) for r in self._db.execute(f"SELECT blob FROM {table} ORDER BY rowid")]
+
+    # -- meta and outbox ---------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def queue(self, entries: Sequence[tuple[str, bytes, bytes]]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO outbox (kind, body, signature) VALUES (?,?,?)", entries
+            )
+
+    def pending(self, limit: int) -> list[Outgoing]:
+        rows = self._db.execute(
+            "SELECT seq, kind, body, signature FROM outbox ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
+        return [Outgoing(int(s), str(k), bytes(b), bytes(g)) for s, k, b, g in rows]
+
+    def published(self, seqs: Sequence[int]) -> None:
+        with self._transaction():
+            self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+
+    def outbox_size(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def explain(self, subquery: str, params: Sequence[object], now_us: int) -> list[str]:
+        """The query plan of a search, for tests that check searches are indexed."""
+        rows = self._db.execute(
+            f"EXPLAIN QUERY PLAN SELECT {_COLUMNS} FROM records WHERE id IN ({subquery}) "
+            "AND flags & 2 = 0 AND expires > ? ORDER BY id",
+            (*params, now_us),
+        ).fetchall()
+        return [str(r[-1]) for r in rows]
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
