@@ -40,7 +40,11 @@ MOUNT_DEADLINE = 20.0
 EXIT_DEADLINE = 30.0
 
 
-TIERS = {"unit": "no mount: engine, fs, cli, backends", "mount": "real FUSE mounts"}
+TIERS = {
+    "unit": "no mount: engine, fs, cli, backends",
+    "records": "group records, replicated through a real redis-server",
+    "mount": "real FUSE mounts",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
