@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from cachefs.records.attributes import normalize_attributes
+from cachefs.records.attributes import Attribute, parse_attributes
 from cachefs.records.database import Database
 from cachefs.records.errors import RecordsError
 from cachefs.records.model import ApplyResult, EncodingError, Record, decode_record
@@ -42,7 +42,7 @@ def decide_batch(
     now: datetime,
 ) -> list[Outcome]:
     out: list[Outcome] = []
-    winners: dict[uuid.UUID, Record] = {}
+    winners: dict[uuid.UUID, tuple[Record, tuple[Attribute, ...]]] = {}
     for body, signature in items:
         try:
             item_group, record = decode_record(body, signature)
@@ -64,7 +64,7 @@ def decide_batch(
                 )
             )
             continue
-        held = winners.get(record.id) or db.get(record.id)
+        held = winners[record.id][0] if record.id in winners else db.get(record.id)
         if held is not None and record.sort_key() <= held.sort_key():
             out.append(Outcome(ApplyResult.STALE))
             continue
@@ -73,13 +73,12 @@ def decide_batch(
             continue
         try:
             trust.check_record(body, record, held)
-            if not record.deleted:
-                normalize_attributes(record.attributes)
+            attrs = () if record.deleted else parse_attributes(record.attributes)
         except RecordsError as e:
             detail = f"record {record.id} by {record.modified_by}: {e.detail}"
             out.append(Outcome(ApplyResult.REJECTED, reason=e.name, detail=detail))
             continue
-        winners[record.id] = record
+        winners[record.id] = (record, attrs)
         # a later item of the same batch may replace it: both events are raised, in order
         out.append(Outcome(ApplyResult.APPLIED, record, held))
     db.put_many(list(winners.values()))

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachefs.records.attributes import derived_attributes, parse_attributes
+from cachefs.records.attributes import Attribute, derived_attributes, parse_attributes
 from cachefs.records.errors import GroupError
 from cachefs.records.model import Record, RecordFlags, from_micros, micros
 from cachefs.records.search import ATTRS_SCHEMA, index_rows
@@ -146,12 +146,13 @@ class Database:
                     "INSERT INTO outbox (kind, body, signature) VALUES (?,?,?)", outgoing
                 )
 
-    def _store(self, record: Record) -> None:
+    def _store(self, record: Record, attrs: Sequence[Attribute] | None = None) -> None:
         rid = str(record.id)
         rows = []
         if not record.deleted:
-            attrs = parse_attributes(record.attributes) + derived_attributes(record)
-            rows = index_rows(rid, attrs)
+            if attrs is None:
+                attrs = parse_attributes(record.attributes)
+            rows = index_rows(rid, (*attrs, *derived_attributes(record)))
         self._db.execute(
             f"INSERT OR REPLACE INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             _row(record),
@@ -159,13 +160,14 @@ class Database:
         self._db.execute("DELETE FROM attrs WHERE record_id = ?", (rid,))
         self._db.executemany("INSERT INTO attrs VALUES (?,?,?,?,?)", rows)
 
-    def put_many(self, records: Sequence[Record]) -> None:
-        """Store these versions (from elsewhere: no outbox) in one transaction."""
+    def put_many(self, records: Sequence[tuple[Record, Sequence[Attribute]]]) -> None:
+        """Store these versions (from elsewhere: no outbox) with their parsed
+        attributes, in one transaction."""
         if not records:
             return
         with self._transaction():
-            for record in records:
-                self._store(record)
+            for record, attrs in records:
+                self._store(record, attrs)
 
     def remove(self, record_ids: Sequence[uuid.UUID]) -> None:
         with self._transaction():

@@ -93,6 +93,7 @@ class RecordStore:
         self._verified: set[tuple[uuid.UUID, int, bytes]] = set()
         self._changed = trio.Event()  # set when a local change was queued for the engine
         self._upkeep_wake = trio.Event()
+        self._upkeep_at: datetime | None = None  # the upkeep's next planned wake
         self.stats = StoreStatistics()
         self._logged: set[str] = set()
 
@@ -256,8 +257,7 @@ class RecordStore:
                 self._remember_checked((record.id, record.version, record.signature))
                 self.stats.applied += 1
                 self._raise_event(record, outcome.held)
-        if any(r is ApplyResult.APPLIED for r in results):
-            self._upkeep_wake.set()
+                self._upkeep_needed(record)
         return results
 
     async def apply_credential(self, blob: bytes, *, publish: bool = False) -> ApplyResult:
@@ -356,10 +356,20 @@ class RecordStore:
                 log.warning("cannot refresh record %s: %s", record.id, e)
         return nxt
 
-    async def wait_upkeep(self) -> None:
-        """Return when a change may have moved the next expiration or refresh."""
+    async def wait_upkeep(self, until: datetime | None) -> None:
+        """Return when a change moved the next expiration or refresh before *until*
+        (the upkeep's next wake; None: none planned)."""
+        self._upkeep_at = until
         await self._upkeep_wake.wait()
         self._upkeep_wake = trio.Event()
+
+    def _upkeep_needed(self, record: Record) -> None:
+        when = record.expires
+        if record.autorefresh and record.creator == self._me.member_id and record.modified:
+            when -= (record.expires - record.modified) / 3
+        if self._upkeep_at is None or when < self._upkeep_at:
+            self._upkeep_at = when
+            self._upkeep_wake.set()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -417,7 +427,7 @@ class RecordStore:
         self.stats.local_changes += 1
         self._raise_event(signed, held)
         self._changed.set()
-        self._upkeep_wake.set()
+        self._upkeep_needed(signed)
         return signed
 
     def _raise_event(self, record: Record, held: Record | None) -> None:

@@ -34,7 +34,7 @@ class Upkept(Protocol):
 
     async def refresh_due(self) -> datetime | None: ...
 
-    async def wait_upkeep(self) -> None: ...
+    async def wait_upkeep(self, until: datetime | None) -> None: ...
 
 
 def plan_refresh(
@@ -67,11 +67,12 @@ async def serve_upkeep(
         expiry = await store.expire_due()
         refresh = await store.refresh_due()
         wakes = [w for w in (expiry, refresh) if w is not None]
+        until = min(wakes) if wakes else None
         with trio.move_on_after(MAX_SLEEP):
             async with trio.open_nursery() as nursery:
-                if wakes:
-                    nursery.start_soon(_sleep_then_cancel, store.clock, min(wakes), nursery)
-                await store.wait_upkeep()
+                if until is not None:
+                    nursery.start_soon(_sleep_then_cancel, store.clock, until, nursery)
+                await store.wait_upkeep(until)
                 nursery.cancel_scope.cancel()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from groupsrig import GROUP, make_group
 
 from cachefs.records import (
     ChangeType,
@@ -31,7 +32,6 @@ from cachefs.records import (
 )
 from cachefs.records.clock import TrioClock
 from cachefs.records.model import NODE_STATUS_TYPE
-from tests.groupsrig import GROUP, make_group
 
 T1 = uuid.UUID("11111111-1111-4111-8111-111111111111")
 T2 = uuid.UUID("22222222-2222-4222-8222-222222222222")
