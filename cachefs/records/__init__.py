@@ -32,7 +32,7 @@ from cachefs.records.errors import (
 )
 from cachefs.records.group import Group, GroupStatistics, open_group
 from cachefs.records.model import ChangeType, Record, RecordEvent, RecordFlags
-from cachefs.records.search import where_to_xml
+from cachefs.records.where import where_to_xml
 
 __all__ = [
     "Attribute",

@@ -22,8 +22,8 @@ from cachefs.records.search import (
     compile_query,
     index_rows,
     parse_search,
-    where_to_xml,
 )
+from cachefs.records.where import where_to_xml
 
 # -- helpers -------------------------------------------------------------------
 
