@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 
 from cachefs.cli.cache import add_cache_commands
+from cachefs.cli.group import add_group_commands
 from cachefs.cli.mount import add_mount, add_publish
 from cachefs.cli.options import Parser, common_options
+from cachefs.cli.records import add_records_commands
 from cachefs.cli.running import add_stats_and_resets, add_unmount
 
 
@@ -31,4 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_commands(add)
     add_stats_and_resets(add)
     add_publish(add)
+    add_group_commands(add)
+    add_records_commands(add)
     return parser

@@ -32,6 +32,7 @@ from cachefs.records.errors import (
 )
 from cachefs.records.group import Group, GroupStatistics, open_group
 from cachefs.records.model import ChangeType, Record, RecordEvent, RecordFlags
+from cachefs.records.snapshot import export_snapshot, import_snapshot
 from cachefs.records.where import where_to_xml
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "RecordNotFound",
     "RecordsError",
     "Role",
+    "export_snapshot",
+    "import_snapshot",
     "open_group",
     "parse_attributes",
     "render_attributes",

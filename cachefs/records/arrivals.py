@@ -40,9 +40,12 @@ def decide_batch(
     max_record_size: int,
     items: Sequence[tuple[bytes, bytes]],
     now: datetime,
+    publish: bool = False,
 ) -> list[Outcome]:
+    """The outcome of each item, in order; with *publish* the winners are queued in
+    the outbox in the same transaction."""
     out: list[Outcome] = []
-    winners: dict[uuid.UUID, tuple[Record, tuple[Attribute, ...]]] = {}
+    winners: dict[uuid.UUID, tuple[Record, tuple[Attribute, ...], bytes]] = {}
     for body, signature in items:
         try:
             item_group, record = decode_record(body, signature)
@@ -78,8 +81,8 @@ def decide_batch(
             detail = f"record {record.id} by {record.modified_by}: {e.detail}"
             out.append(Outcome(ApplyResult.REJECTED, reason=e.name, detail=detail))
             continue
-        winners[record.id] = (record, attrs)
+        winners[record.id] = (record, attrs, body)
         # a later item of the same batch may replace it: both events are raised, in order
         out.append(Outcome(ApplyResult.APPLIED, record, held))
-    db.put_many(list(winners.values()))
+    db.put_many(list(winners.values()), publish)
     return out

@@ -160,14 +160,21 @@ class Database:
         self._db.execute("DELETE FROM attrs WHERE record_id = ?", (rid,))
         self._db.executemany("INSERT INTO attrs VALUES (?,?,?,?,?)", rows)
 
-    def put_many(self, records: Sequence[tuple[Record, Sequence[Attribute]]]) -> None:
-        """Store these versions (from elsewhere: no outbox) with their parsed
-        attributes, in one transaction."""
+    def put_many(
+        self, records: Sequence[tuple[Record, Sequence[Attribute], bytes]], outbox: bool = False
+    ) -> None:
+        """Store these versions from elsewhere (with their parsed attributes and their
+        canonical body) in one transaction; with *outbox*, queue them for the engine."""
         if not records:
             return
         with self._transaction():
-            for record, attrs in records:
+            for record, attrs, body in records:
                 self._store(record, attrs)
+                if outbox:
+                    self._db.execute(
+                        "INSERT INTO outbox (kind, body, signature) VALUES ('rec', ?, ?)",
+                        (body, record.signature),
+                    )
 
     def remove(self, record_ids: Sequence[uuid.UUID]) -> None:
         with self._transaction():

@@ -70,6 +70,12 @@ class Group:
         self._replicator = replicator
 
     @property
+    def database(self) -> Database:
+        """This member's database, for what only a snapshot needs: call its methods
+        through ``records.db(fn, ...)``, the store's one database thread."""
+        return self._db
+
+    @property
     def engine(self) -> str | None:
         """The engine URL, its password hidden (None: no engine)."""
         return self._replicator.display_url if self._replicator is not None else None
@@ -149,11 +155,11 @@ class _Link:
                 run.append((body, signature))
                 continue
             if run:
-                results += await self._store.apply_records(run)
+                results += [o.result for o in await self._store.apply_records(run)]
                 run = []
             results.append(await self.apply(kind, body, signature))
         if run:
-            results += await self._store.apply_records(run)
+            results += [o.result for o in await self._store.apply_records(run)]
         return results
 
     async def position(self) -> str | None:
@@ -236,8 +242,7 @@ async def open_group(
         # this member's credentials go to the engine once, before its first record
         chain_key = ",".join(c.signature.hex()[:16] for c in membership.chain)
         if await store.db(db.meta, "chain_queued") != chain_key:
-            for cred in reversed(membership.chain):
-                await store.apply_credential(cred.to_bytes(), publish=True)
+            await store.publish_credentials([c.to_bytes() for c in reversed(membership.chain)])
             await store.db(db.set_meta, "chain_queued", chain_key)
         url = engine or membership.engine
         replicator = None
@@ -246,13 +251,20 @@ async def open_group(
                 _Link(store, db), url, stream_maxlen=membership.stream_maxlen, clock=store.clock
             )
         group = Group(membership, identity, store, db, replicator)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_upkeep, store)
-            if replicator is not None:
-                await nursery.start(replicator.serve)
-            try:
-                yield group
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_upkeep, store)
+                if replicator is not None:
+                    await nursery.start(replicator.serve)
+                try:
+                    yield group
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as eg:
+            # an error of the caller's block (or of a background task) leaves as
+            # itself, not wrapped by the nursery the group runs
+            if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
+                raise eg.exceptions[0] from None
+            raise
     finally:
         db.close()

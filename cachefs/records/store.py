@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import trio
 
-from cachefs.records.arrivals import decide_batch
+from cachefs.records.arrivals import Outcome, decide_batch
 from cachefs.records.attributes import format_date, normalize_attributes
 from cachefs.records.clock import Clock
 from cachefs.records.credentials import Credential, Revocation, Role
@@ -227,12 +227,15 @@ class RecordStore:
     async def apply_remote(self, body: bytes, signature: bytes) -> ApplyResult:
         """Check and apply a record from elsewhere: APPLIED, STALE (held already, an
         older version, or expired) or REJECTED (counted and logged once)."""
-        (result,) = await self.apply_records([(body, signature)])
-        return result
+        (outcome,) = await self.apply_records([(body, signature)])
+        return outcome.result
 
-    async def apply_records(self, items: Sequence[tuple[bytes, bytes]]) -> list[ApplyResult]:
+    async def apply_records(
+        self, items: Sequence[tuple[bytes, bytes]], *, publish: bool = False
+    ) -> list[Outcome]:
         """apply_remote for a batch of (body, signature), checked and stored in one
-        transaction: how a member catches up on thousands of changes quickly."""
+        transaction: how a member catches up on thousands of changes quickly.  With
+        *publish* (an import), what was applied is also queued for the engine."""
         now = self.clock.now()
         async with self._lock:
             outcomes = await self._db_call(
@@ -243,10 +246,9 @@ class RecordStore:
                 self.max_record_size,
                 items,
                 now,
+                publish,
             )
-        results = []
         for outcome in outcomes:
-            results.append(outcome.result)
             if outcome.result is ApplyResult.REJECTED:
                 self._reject(outcome.reason, outcome.detail)
             elif outcome.result is ApplyResult.STALE:
@@ -258,40 +260,47 @@ class RecordStore:
                 self.stats.applied += 1
                 self._raise_event(record, outcome.held)
                 self._upkeep_needed(record)
-        return results
+        if publish and any(o.result is ApplyResult.APPLIED for o in outcomes):
+            self._changed.set()
+        return outcomes
 
     async def apply_credential(self, blob: bytes, *, publish: bool = False) -> ApplyResult:
-        """Check and keep a credential (from the engine, a snapshot, or this member's
-        invitation when *publish*: then it is also queued for the engine)."""
-        try:
-            cred = Credential.from_bytes(blob)
-            async with self._lock:
-                new = self.trust.add_credential(cred)
-        except RecordsError as e:
-            return self._reject(e.name, f"credential: {e.detail}")
-        if not new and not publish:
-            return ApplyResult.STALE
-        await self._db_call(self._db.add_blob, "credentials", blob, "cred" if publish else None)
-        if publish:
-            self._changed.set()
-        return ApplyResult.APPLIED if new else ApplyResult.STALE
+        """Check and keep a credential; with *publish* (one this member issued or
+        imported), a new one is also queued for the engine."""
+        return await self._apply_blob("credentials", blob, publish)
 
     async def apply_revocation(self, blob: bytes, *, publish: bool = False) -> ApplyResult:
         """Check and keep a revocation: the member's later changes are refused."""
+        return await self._apply_blob("revocations", blob, publish)
+
+    async def publish_credentials(self, blobs: Sequence[bytes]) -> None:
+        """Queue these (already trusted) credentials for the engine, held or not: this
+        member's own chain, before its first change."""
+        for blob in blobs:
+            await self._db_call(self._db.add_blob, "credentials", blob, "cred")
+        self._changed.set()
+
+    async def _apply_blob(self, table: str, blob: bytes, publish: bool) -> ApplyResult:
+        kind = "cred" if table == "credentials" else "revoke"
         try:
-            rev = Revocation.from_bytes(blob)
             async with self._lock:
-                new = self.trust.add_revocation(rev)
+                if kind == "cred":
+                    new = self.trust.add_credential(Credential.from_bytes(blob))
+                else:
+                    rev = Revocation.from_bytes(blob)
+                    new = self.trust.add_revocation(rev)
         except RecordsError as e:
-            return self._reject(e.name, f"revocation: {e.detail}")
-        if not new and not publish:
+            return self._reject(
+                e.name, f"{'credential' if kind == 'cred' else 'revocation'}: {e.detail}"
+            )
+        if not new:
             return ApplyResult.STALE
-        await self._db_call(self._db.add_blob, "revocations", blob, "revoke" if publish else None)
+        await self._db_call(self._db.add_blob, table, blob, kind if publish else None)
         if publish:
             self._changed.set()
-        if new:
+        if kind == "revoke":
             log.info("member %s was revoked by %s", rev.member_id, rev.issuer_id)
-        return ApplyResult.APPLIED if new else ApplyResult.STALE
+        return ApplyResult.APPLIED
 
     async def queue_everything(self) -> None:
         """Put every credential, revocation and record held (tombstones too) back in

@@ -346,3 +346,11 @@ async def test_searches_use_the_index(dirs: list[Path], clock: trio.testing.Mock
         sql, params = compile_query(parse_search(q))
         plan = group._db.explain(sql, params, 0)
         assert not any(step.startswith("SCAN") for step in plan), plan
+
+
+async def test_an_error_leaves_open_group_as_itself(
+    dirs: list[Path], clock: trio.testing.MockClock
+) -> None:
+    with pytest.raises(RecordNotFound):
+        async with opened(dirs[0]) as group:
+            await group.records.get(uuid.uuid4())
