@@ -16,7 +16,6 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cachefs.cli.groupsession import (
     DEFAULT_INVITE_LIFETIME,
@@ -37,9 +36,6 @@ from cachefs.cli.options import AddCommand, non_empty, size
 
 # The record store (and the Redis client under it) is imported by the commands that
 # use it, not by every cachefs command: it would double the start-up time of all.
-if TYPE_CHECKING:
-    pass
-
 # -- the group commands ------------------------------------------------------------------
 
 
@@ -129,6 +125,12 @@ def add_group_commands(add: AddCommand) -> None:
         "member; checks the invitation's chain of credentials to the group's creator.",
     )
     joining.add_argument("file", metavar="FILE", type=non_empty, help="the invitation")
+    joining.add_argument(
+        "--name",
+        metavar="NAME",
+        help="the name this machine knows the group by (default: the name its creator "
+        "gave it); for a second group of the same name",
+    )
     joining.add_argument(
         "--engine",
         metavar="URL",
@@ -227,7 +229,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     engine = parse_engine_url(args.engine) if args.engine else None
     me = Identity.load(directory / IDENTITY_FILE)
     invitation = read_input(Path(args.file), "the invitation", 1 << 20)
-    membership = join(directory, invitation, me, engine=engine)
+    membership = join(directory, invitation, me, engine=engine, name=args.name)
     own = membership.credential
     print(
         f"joined group {membership.name} ({membership.charter.group_id}) as {own.role} "
@@ -297,7 +299,7 @@ async def _revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    name = choose_group(groups_dir(args), args.group).name
+    name = choose_group(groups_dir(args), args.group, "cachefs group status GROUP").name
     return run(_status, args, name)
 
 

@@ -110,7 +110,7 @@ def warn(message: str) -> None:
     print(f"cachefs: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
-def choose_group(directory: Path, name: str | None) -> Membership:
+def choose_group(directory: Path, name: str | None, how: str = "--group NAME") -> Membership:
     """The membership named, or the only one; a one-line error listing them otherwise."""
     from cachefs.records.errors import GroupError
     from cachefs.records.groups import list_memberships, load_membership
@@ -126,7 +126,7 @@ def choose_group(directory: Path, name: str | None) -> Membership:
             "(cachefs group join), or give --groups-dir"
         )
     names = ", ".join(sorted(m.name for m in joined))
-    raise GroupError(f"this member is in several groups ({names}): choose one with --group")
+    raise GroupError(f"this member is in several groups ({names}): choose one with {how}")
 
 
 @dataclass

@@ -10,6 +10,7 @@ and never stored.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from datetime import datetime
 from cachefs.records.attributes import Attribute, parse_attributes
 from cachefs.records.database import Database
 from cachefs.records.errors import RecordsError
-from cachefs.records.model import ApplyResult, EncodingError, Record, decode_record
+from cachefs.records.model import ApplyResult, EncodingError, Record, decode_record, encode_record
 from cachefs.records.trust import Trust
 
 __all__ = ["Outcome", "decide_batch"]
@@ -31,6 +32,17 @@ class Outcome:
     held: Record | None = None  # APPLIED: the version it replaced
     reason: str = ""  # REJECTED: the error's name or what was wrong
     detail: str = ""
+
+
+def _sound(trust: Trust, held: Record) -> bool:
+    """Whether the version held still passes its checks (a revocation learnt since,
+    a damaged row): one that does not cannot shadow a valid arrival."""
+    body = encode_record(trust.charter.group_id, dataclasses.replace(held, signature=b""))
+    try:
+        trust.check_record(body, held, None)
+    except RecordsError:
+        return False
+    return True
 
 
 def decide_batch(
@@ -68,7 +80,7 @@ def decide_batch(
             )
             continue
         held = winners[record.id][0] if record.id in winners else db.get(record.id)
-        if held is not None and record.sort_key() <= held.sort_key():
+        if held is not None and record.sort_key() <= held.sort_key() and _sound(trust, held):
             out.append(Outcome(ApplyResult.STALE))
             continue
         if record.expires <= now:

@@ -27,7 +27,7 @@ from cachefs.records.errors import GroupError
 from cachefs.records.model import Record, RecordFlags, from_micros, micros
 from cachefs.records.search import ATTRS_SCHEMA, index_rows
 
-__all__ = ["Database", "Outgoing"]
+__all__ = ["Database", "Outgoing", "digest"]
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS records (
@@ -41,8 +41,10 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS credentials (digest TEXT PRIMARY KEY, blob BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS revocations (digest TEXT PRIMARY KEY, blob BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # key: the record id, or the blob's digest: a newer entry replaces a queued one
     """CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        kind TEXT NOT NULL, body BLOB NOT NULL, signature BLOB NOT NULL)""",
+        kind TEXT NOT NULL, body BLOB NOT NULL, signature BLOB NOT NULL, key TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS outbox_key ON outbox(key)",
     *ATTRS_SCHEMA,
 )
 _COLUMNS = (
@@ -101,7 +103,8 @@ def _record(row: Sequence[object]) -> Record:
     )
 
 
-def _digest(blob: bytes) -> str:
+def digest(blob: bytes) -> str:
+    """What identifies a credential or revocation blob (in its table and the outbox)."""
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -142,9 +145,7 @@ class Database:
         with self._transaction():
             self._store(record)
             if outgoing is not None:
-                self._db.execute(
-                    "INSERT INTO outbox (kind, body, signature) VALUES (?,?,?)", outgoing
-                )
+                self._enqueue(*outgoing, str(record.id))
 
     def _store(self, record: Record, attrs: Sequence[Attribute] | None = None) -> None:
         rid = str(record.id)
@@ -171,16 +172,26 @@ class Database:
             for record, attrs, body in records:
                 self._store(record, attrs)
                 if outbox:
-                    self._db.execute(
-                        "INSERT INTO outbox (kind, body, signature) VALUES ('rec', ?, ?)",
-                        (body, record.signature),
-                    )
+                    self._enqueue("rec", body, record.signature, str(record.id))
 
-    def remove(self, record_ids: Sequence[uuid.UUID]) -> None:
+    def remove_versions(self, records: Sequence[Record]) -> None:
+        """Remove these versions (one that failed its checks), not a newer one."""
         with self._transaction():
-            for rid in record_ids:
-                self._db.execute("DELETE FROM records WHERE id = ?", (str(rid),))
-                self._db.execute("DELETE FROM attrs WHERE record_id = ?", (str(rid),))
+            for record in records:
+                gone = self._db.execute(
+                    "DELETE FROM records WHERE id = ? AND version = ? AND signature = ?",
+                    (str(record.id), record.version, record.signature),
+                ).rowcount
+                if gone:
+                    self._db.execute("DELETE FROM attrs WHERE record_id = ?", (str(record.id),))
+
+    def get_live(self, record_id: uuid.UUID, now_us: int) -> list[Record]:
+        """The record if it is live (no tombstone, not expired): a list of one or none."""
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM records WHERE id = ? AND flags & 2 = 0 AND expires > ?",
+            (str(record_id), now_us),
+        ).fetchone()
+        return [] if row is None else [_record(row)]
 
     def live_page(
         self, record_type: uuid.UUID | None, after: str, limit: int, now_us: int
@@ -205,12 +216,17 @@ class Database:
         ).fetchall()
         return [_record(r) for r in rows]
 
-    def due(self, now_us: int) -> list[Record]:
-        """Records (and tombstones) whose expiration has passed."""
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM records WHERE expires <= ? ORDER BY expires LIMIT 1000",
-            (now_us,),
-        ).fetchall()
+    def expire(self, now_us: int) -> list[Record]:
+        """Remove the records (and tombstones) whose expiration has passed, at most
+        1000 at a time; returns them."""
+        with self._transaction():
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE expires <= ? ORDER BY expires LIMIT 1000",
+                (now_us,),
+            ).fetchall()
+            for row in rows:
+                self._db.execute("DELETE FROM records WHERE id = ?", (row[0],))
+                self._db.execute("DELETE FROM attrs WHERE record_id = ?", (row[0],))
         return [_record(r) for r in rows]
 
     def next_expiry(self) -> int | None:
@@ -254,13 +270,10 @@ class Database:
         with self._transaction():
             self._db.execute(
                 f"INSERT OR IGNORE INTO {table} (digest, blob) VALUES (?, ?)",
-                (_digest(blob), blob),
+                (digest(blob), blob),
             )
             if outgoing is not None:
-                self._db.execute(
-                    "INSERT INTO outbox (kind, body, signature) VALUES (?, ?, ?)",
-                    (outgoing, blob, b""),
-                )
+                self._enqueue(outgoing, blob, b"", digest(blob))
 
     def blobs(self, table: str) -> list[bytes]:
         assert table in ("credentials", "revocations")
@@ -278,11 +291,20 @@ class Database:
         else:
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    def queue(self, entries: Sequence[tuple[str, bytes, bytes]]) -> None:
+    def queue(self, entries: Sequence[tuple[str, bytes, bytes, str]]) -> None:
+        """Queue (kind, body, signature, key) entries for the engine."""
         with self._transaction():
-            self._db.executemany(
-                "INSERT INTO outbox (kind, body, signature) VALUES (?,?,?)", entries
-            )
+            for entry in entries:
+                self._enqueue(*entry)
+
+    def _enqueue(self, kind: str, body: bytes, signature: bytes, key: str) -> None:
+        # one entry per record (its latest version) or blob: the outbox of a member
+        # offline for long stays as big as what it changed, not how often
+        self._db.execute("DELETE FROM outbox WHERE key = ?", (key,))
+        self._db.execute(
+            "INSERT INTO outbox (kind, body, signature, key) VALUES (?,?,?,?)",
+            (kind, body, signature, key),
+        )
 
     def pending(self, limit: int) -> list[Outgoing]:
         rows = self._db.execute(
@@ -311,13 +333,19 @@ class Database:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
+    def reading(self) -> _Transaction:
+        """``with db.reading():`` one consistent view of the database for several reads
+        (another process may be writing it)."""
+        return _Transaction(self._db, "BEGIN DEFERRED")
+
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> None:
         self._db = db
+        self._begin = begin
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute(self._begin)
 
     def __exit__(self, kind: object, value: object, tb: object) -> None:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")

@@ -25,10 +25,13 @@ BUFFER = 10_000
 class EventSubscription:
     """``async with store.events(types) as events: async for event in events: ...``"""
 
-    def __init__(self, hub: EventHub, types: Collection[uuid.UUID] | None) -> None:
+    def __init__(
+        self, hub: EventHub, types: Collection[uuid.UUID] | None, buffer: int = BUFFER
+    ) -> None:
         self._hub = hub
         self.types = None if types is None else frozenset(types)
-        self._send, self._receive = trio.open_memory_channel[RecordEvent](BUFFER)
+        self.buffer = buffer
+        self._send, self._receive = trio.open_memory_channel[RecordEvent](buffer)
         self.overflowed = False
 
     def _offer(self, event: RecordEvent) -> None:
@@ -40,6 +43,7 @@ class EventSubscription:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             self.overflowed = True
+            self._hub.overflows += 1
             self._send.close()
         except trio.ClosedResourceError:
             pass
@@ -70,7 +74,7 @@ class EventSubscription:
         except trio.EndOfChannel:
             if self.overflowed:
                 raise GroupError(
-                    f"events were lost: this watcher fell more than {BUFFER} events behind"
+                    f"events were lost: this watcher fell more than {self.buffer} events behind"
                 ) from None
             raise StopAsyncIteration from None
 
@@ -78,6 +82,7 @@ class EventSubscription:
 class EventHub:
     def __init__(self) -> None:
         self._subs: list[EventSubscription] = []
+        self.overflows = 0  # subscriptions ended for falling too far behind
 
     @property
     def watchers(self) -> int:

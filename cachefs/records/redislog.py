@@ -73,19 +73,31 @@ local function newer(a, b)
 end
 """
 # KEYS log state order expiry; ARGV maxlen body sig id sortkey expires(us) statevalue
+# Every change goes into the log (members decide by version what wins); the state
+# takes it only if it sorts after what the state holds.  Returns 1 if the state took
+# it, else the state's sort key (which the publisher checks: a forged one is replaced).
 _PUBLISH_RECORD = (
     _NEWER
     + """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'kind', 'rec', 'body', ARGV[2],
+           'sig', ARGV[3])
 local held = redis.call('HGET', KEYS[3], ARGV[4])
-if held and not newer(ARGV[5], held) then return 0 end
+if held and not newer(ARGV[5], held) then return held end
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[7])
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[4])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'kind', 'rec', 'body', ARGV[2],
-           'sig', ARGV[3])
 return 1
 """
 )
+# KEYS state order expiry; ARGV id expected-sortkey sortkey expires(us) statevalue:
+# replace the state of one record if it still is what the publisher found invalid
+_REPLACE_STATE = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+return 1
+"""
 # KEYS log hash; ARGV maxlen kind blob field
 _PUBLISH_BLOB = """
 if redis.call('HSETNX', KEYS[2], ARGV[4], ARGV[3]) == 0 then return 0 end
@@ -160,6 +172,16 @@ def sort_key_text(record: Record) -> str:
     version, modified, modified_by, signature = record.sort_key()
     by = "".join(f"1{b:02x}" for b in modified_by.encode()) + "0"  # a prefix sorts first
     return f"{version:020d}{modified + (1 << 63):020d}{by}{signature.hex()}"
+
+
+@dataclass(frozen=True)
+class Shadowed:
+    """A record published to the log whose state entry was kept: the state's sort
+    key for it claims a later version, which the publisher checks."""
+
+    body: bytes
+    signature: bytes
+    held_key: bytes
 
 
 def pack_state(body: bytes, signature: bytes) -> bytes:
@@ -249,6 +271,7 @@ class EngineLog:
         self.revoked, self.epoch = prefix + "revoked", prefix + "epoch"
         self._publish_record = client.register_script(_PUBLISH_RECORD)
         self._publish_blob = client.register_script(_PUBLISH_BLOB)
+        self._replace_state = client.register_script(_REPLACE_STATE)
         self._read = client.register_script(_READ)
         self._mark = client.register_script(_MARK)
         self._expire = client.register_script(_EXPIRE)
@@ -269,25 +292,52 @@ class EngineLog:
     async def ping(self) -> None:
         await call(self.client.ping())
 
-    async def publish(self, entries: Sequence[tuple[str, bytes, bytes]]) -> list[str]:
-        """Publish (kind, body, sig) entries in order, in one round trip; returns
-        why each entry that cannot be published was dropped (the others are)."""
+    async def publish(
+        self, entries: Sequence[tuple[str, bytes, bytes]]
+    ) -> tuple[list[str], list[Shadowed]]:
+        """Publish (kind, body, sig) entries in order, in one round trip; returns why
+        each entry that cannot be published was dropped (the others are), and the
+        records whose state entry was kept because it claims a later version."""
         dropped = []
+        replies: list[tuple[tuple[str, bytes, bytes], Awaitable[Any]]] = []
         with trio.fail_after(CALL_DEADLINE):
             async with self.client.pipeline(transaction=False) as pipe:
                 for kind, body, sig in entries:
-                    why = self._queue(pipe, kind, body, sig)
+                    why, reply = self._queue(pipe, kind, body, sig)
                     if why:
                         dropped.append(why)
-        return dropped
+                    elif reply is not None:
+                        replies.append(((kind, body, sig), reply))
+            shadowed = []
+            for (_, body, sig), reply in replies:
+                held = await reply
+                if isinstance(held, bytes):
+                    shadowed.append(Shadowed(body, sig, held))
+        return dropped, shadowed
 
-    def _queue(self, pipe: Any, kind: str, body: bytes, sig: bytes) -> str | None:
+    async def state_entry(self, record_id: str) -> bytes | None:
+        """The state's value for one record (untrusted)."""
+        value: Any = await call(self.client.hget(self.state, record_id))
+        return value if isinstance(value, bytes) else None
+
+    async def replace_state(self, shadowed: Shadowed) -> bool:
+        """Put this record in the state in place of an entry found invalid, unless the
+        state changed meanwhile."""
+        _, record = decode_record(shadowed.body, shadowed.signature)
+        args: list[Value] = [str(record.id), shadowed.held_key, sort_key_text(record)]
+        args += [micros(record.expires), pack_state(shadowed.body, shadowed.signature)]
+        keys = [self.state, self.order, self.expiry]
+        return bool(await call(self._replace_state(keys=keys, args=args)))
+
+    def _queue(
+        self, pipe: Any, kind: str, body: bytes, sig: bytes
+    ) -> tuple[str | None, Awaitable[Any] | None]:
         if kind in ("cred", "revoke") and body:
             field = hashlib.sha256(body).hexdigest()
             target = self.creds if kind == "cred" else self.revoked
             args: list[Value] = [self.maxlen, kind, body, field]
             self._publish_blob(keys=[self.log, target], args=args, client=pipe)
-            return None
+            return None, None
         try:
             if kind != "rec":
                 raise EncodingError(f"unknown kind {kind!r}")
@@ -295,12 +345,11 @@ class EngineLog:
             if group_id != self.group_id:
                 raise EncodingError(f"a record of group {group_id}")
         except EncodingError as e:
-            return str(e)
+            return str(e), None
         args = [self.maxlen, body, sig, str(record.id), sort_key_text(record)]
         args += [micros(record.expires), pack_state(body, sig)]
         keys = [self.log, self.state, self.order, self.expiry]
-        self._publish_record(keys=keys, args=args, client=pipe)
-        return None
+        return None, self._publish_record(keys=keys, args=args, client=pipe)
 
     async def read(self, position: str, count: int) -> ReadResult:
         """The epoch (set if missing), the log's extent and up to *count* entries

@@ -28,18 +28,21 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import trio
 
 from cachefs.records.clock import Clock, SystemClock
+from cachefs.records.credentials import Credential, Revocation
 from cachefs.records.errors import RecordsError
 from cachefs.records.model import ApplyResult, EncodingError, decode_record, micros
 from cachefs.records.redislog import (
     ENGINE_ERRORS,
     EngineLog,
     ReadResult,
+    Shadowed,
     redact,
     stream_id,
     unpack_state,
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 CLOSE_DEADLINE = 2.0
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 READ_BATCH = 500
+MAX_BLOBS = 10_000  # credentials (or revocations) read in a resync, at most
 PUBLISH_BATCH = 200
 JANITOR_EVERY = 60.0
 JANITOR_BATCH = 500
@@ -171,6 +175,10 @@ class Replicator:
                     self._down(ConnectionError("the connection closed"))
                 except* ENGINE_ERRORS as group:
                     self._down(group.exceptions[0])
+                except* RecordsError as group:  # the member's own database failed
+                    self._connected = False
+                    self._last_error = str(group.exceptions[0])
+                    log.warning("group %s: %s; retrying", self._link.group_id, self._last_error)
                 if self._sessions != sessions:  # it had connected: start over
                     delay = BACKOFF_MIN
                 with trio.move_on_after(delay * random.uniform(0.5, 1.0)):
@@ -281,11 +289,34 @@ class Replicator:
 
     async def _drain(self, engine: EngineLog) -> None:
         while entries := await self._link.pending(PUBLISH_BATCH):
-            dropped = await engine.publish([(e.kind, e.body, e.signature) for e in entries])
+            dropped, shadowed = await engine.publish(
+                [(e.kind, e.body, e.signature) for e in entries]
+            )
             for why in dropped:  # cannot happen for what the store queued: never block on it
                 log.error("group %s: dropped an outbox entry: %s", self._link.group_id, why)
+            for item in shadowed:
+                await self._check_shadow(engine, item)
             await self._link.published([e.seq for e in entries])
             self._published += len(entries) - len(dropped)
+
+    async def _check_shadow(self, engine: EngineLog, item: Shadowed) -> None:
+        """Our record is in the log but the state kept an entry claiming a later
+        version: take that entry if it is valid (we converge on it), else put ours in
+        its place, so that a forged entry cannot hide the record from a resync."""
+        value = await engine.state_entry(str(decode_record(item.body, item.signature)[1].id))
+        result = ApplyResult.REJECTED
+        if value is not None:
+            try:
+                body, sig = unpack_state(value)
+            except EncodingError:
+                pass
+            else:
+                result = await self._apply("rec", body, sig)
+        if result is ApplyResult.REJECTED and await engine.replace_state(item):
+            log.warning(
+                "group %s: the engine's state held an invalid entry for a record; replaced",
+                self._link.group_id,
+            )
 
     # -- reading --------------------------------------------------------------------------
 
@@ -393,8 +424,20 @@ class Replicator:
         log.info("group %s: reading the engine's state (%s)", self._link.group_id, reason)
         _, last = await engine.mark()
         for kind, key in (("cred", engine.creds), ("revoke", engine.revoked)):
-            blobs = [v async for batch in engine.scan(key) for v in batch]
-            await self._apply_blobs(kind, [b for b in blobs if isinstance(b, bytes) and b])
+            blobs: list[bytes] = []
+            async for batch in engine.scan(key):
+                blobs += (b for b in batch if isinstance(b, bytes) and b)
+                if len(blobs) > MAX_BLOBS:  # anyone who can write to Redis can add junk
+                    log.warning(
+                        "group %s: the engine holds more than %d %s entries; reading the first %d",
+                        self._link.group_id,
+                        MAX_BLOBS,
+                        kind,
+                        MAX_BLOBS,
+                    )
+                    del blobs[MAX_BLOBS:]
+                    break
+            await self._apply_blobs(kind, blobs)
         now = micros(self._clock.now())
         async for batch in engine.scan(engine.state):
             items = []
@@ -413,8 +456,20 @@ class Replicator:
         self._notify()
 
     async def _apply_blobs(self, kind: str, blobs: list[bytes]) -> None:
-        """A credential can only be checked once its issuer's is known: go round
-        while some are applied."""
+        """A credential can only be checked once its issuer's is known: in order of
+        issue (what does not parse last: the store rejects it cheaply), then round
+        again while some are applied."""
+        parse = Credential.from_bytes if kind == "cred" else Revocation.from_bytes
+        last = datetime.max.replace(tzinfo=UTC)
+        dated: list[tuple[datetime, int, bytes]] = []
+        for i, blob in enumerate(blobs):
+            try:
+                item = parse(blob)
+                when = item.issued if isinstance(item, Credential) else item.revoked
+            except RecordsError:
+                when = last
+            dated.append((when, i, blob))
+        blobs = [blob for _, _, blob in sorted(dated)]
         while blobs:
             left = []
             for blob in blobs:

@@ -110,6 +110,10 @@ async def export_snapshot(group: Group, path: Path) -> ExportCounts:
     }
 
     def write(out: BinaryIO) -> ExportCounts:
+        with db.reading():
+            return write_all(out)
+
+    def write_all(out: BinaryIO) -> ExportCounts:
         out.write(_line(header))
         creds = db.blobs("credentials")
         revs = db.blobs("revocations")
@@ -130,7 +134,7 @@ async def export_snapshot(group: Group, path: Path) -> ExportCounts:
         out.write(_line({"kind": "end", "items": len(creds) + len(revs) + live + dead}))
         return ExportCounts(len(creds), len(revs), live, dead)
 
-    # one call in the store's database thread: no change lands in the middle of it
+    # one read transaction in the store's database thread: one state of the database
     counts = await group.records.db(_write_atomically, path, write)
     log.info("exported group %s to %s: %s", group.name, path, counts)
     return counts
@@ -176,6 +180,8 @@ async def import_snapshot(group: Group, path: Path) -> ImportReport:
     cap = max(MAX_LINE, (group.membership.charter.max_record_size // 3 + 2) * 4 + 4096)
     reader = await trio.to_thread.run_sync(_LineReader.open, path, cap)
     records: list[tuple[int, bytes, bytes]] = []
+    # credentials (revocations) whose issuer comes later in the file: tried again at the end
+    later: list[tuple[int, str, bytes]] = []
     try:
         report = ImportReport()
         first = await trio.to_thread.run_sync(reader.batch, 1)
@@ -201,10 +207,18 @@ async def import_snapshot(group: Group, path: Path) -> ImportReport:
                 kind, body, sig = item
                 if kind == "rec":
                     records.append((number, body, sig))
-                else:
-                    await _apply_blob(group, report, number, kind, body)
+                elif not await _apply_blob(group, report, kind, body):
+                    later.append((number, kind, body))
             await _apply_records(group, report, records)
             records = []
+        while later:
+            left = [item for item in later if not await _apply_blob(group, report, *item[1:])]
+            if len(left) == len(later):
+                break
+            later = left
+        for number, kind, _ in later:
+            what = "credential" if kind == "cred" else "revocation"
+            report.reject(number, f"a {what} that does not verify")
         if not ended:
             report.reject(
                 reader.lines + 1,
@@ -296,18 +310,15 @@ async def _apply_records(
             report.reject(number, outcome.reason, outcome.detail)
 
 
-async def _apply_blob(
-    group: Group, report: ImportReport, number: int, kind: str, body: bytes
-) -> None:
+async def _apply_blob(group: Group, report: ImportReport, kind: str, body: bytes) -> bool:
+    """Apply a credential or revocation; False if it was refused (for now)."""
     if kind == "cred":
         result = await group.records.apply_credential(body, publish=True)
     else:
         result = await group.records.apply_revocation(body, publish=True)
     if result is ApplyResult.APPLIED:
         report.credentials += 1
-    elif result is ApplyResult.REJECTED:
-        what = "credential" if kind == "cred" else "revocation"
-        report.reject(number, f"a {what} that does not verify")
+    return result is not ApplyResult.REJECTED
 
 
 class _LineReader:

@@ -16,4 +16,4 @@ class StoreStatistics:
     expired: int = 0  # EXPIRED events raised
     refreshed: int = 0  # AUTOREFRESH records republished
     watchers: int = 0  # open event subscriptions
-    events_dropped: int = 0  # events a watcher too far behind lost
+    watchers_dropped: int = 0  # subscriptions ended for falling too far behind

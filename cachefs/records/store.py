@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
@@ -31,8 +32,9 @@ from cachefs.records.arrivals import Outcome, decide_batch
 from cachefs.records.attributes import format_date, normalize_attributes
 from cachefs.records.clock import Clock
 from cachefs.records.credentials import Credential, Revocation, Role
-from cachefs.records.database import Database
+from cachefs.records.database import Database, digest
 from cachefs.records.errors import (
+    GroupError,
     GroupNotReady,
     InvalidRecord,
     InvalidRecordExpiration,
@@ -90,7 +92,8 @@ class RecordStore:
         self._limiter = trio.CapacityLimiter(1)  # one database call at a time
         self._lock = trio.Lock()  # a read-check-write of one change at a time
         self._hub = EventHub()
-        self._verified: set[tuple[uuid.UUID, int, bytes]] = set()
+        # record versions checked already (a bounded FIFO: insertion-ordered dict)
+        self._verified: dict[tuple[uuid.UUID, int, bytes], None] = {}
         self._changed = trio.Event()  # set when a local change was queued for the engine
         self._upkeep_wake = trio.Event()
         self._upkeep_at: datetime | None = None  # the upkeep's next planned wake
@@ -131,24 +134,29 @@ class RecordStore:
     async def get(self, record_id: uuid.UUID) -> Record:
         """The live record with this id; RECORD_NOT_FOUND if it never existed, was
         deleted or has expired."""
-        record = await self._db_call(self._db.get, record_id)
         now = self.clock.now()
-        if record is None or record.deleted or record.expires <= now:
+        found = await self._read(self._db.get_live, record_id, micros(now))
+        if not found:
             raise RecordNotFound(f"no record {record_id}")
-        if not await self._checked(record):
-            raise RecordNotFound(f"no record {record_id} (the copy held failed its checks)")
-        return record
+        return found[0]
 
-    async def update(self, record: Record) -> Record:
+    async def update(self, record: Record, *, internal: bool = False) -> Record:
         """Change a record's attributes, expiration (kept or extended) and data;
-        returns the new version."""
+        returns the new version.  *record* is a version read from the store: if the
+        record changed since (INVALID_RECORD), read it again, so that no one's
+        change is overwritten unseen."""
         if record.id is None:
             raise InvalidRecord("update needs the id of a record; add a new one with add()")
         now = self.clock.now()
         cred = self._my_credential(now)
         async with self._lock:
             held = await self._live(record.id, now)
-            self._may_change(held, cred.role)
+            self._may_change(held, cred.role, internal)
+            if record.version != held.version:
+                raise InvalidRecord(
+                    f"record {held.id} changed since it was read (version {held.version}, "
+                    f"not {record.version}): get it again and redo the change"
+                )
             for name in ("type", "flags", "creator", "created"):
                 if getattr(record, name) != getattr(held, name):
                     raise InvalidRecord(
@@ -171,14 +179,14 @@ class RecordStore:
             )
             return await self._commit_local(new, held)
 
-    async def delete(self, record_id: uuid.UUID) -> None:
+    async def delete(self, record_id: uuid.UUID, *, internal: bool = False) -> None:
         """Delete a record: a tombstone replaces it and replicates; it is gone from
         get, enum and search on every member."""
         now = self.clock.now()
         cred = self._my_credential(now)
         async with self._lock:
             held = await self._live(record_id, now)
-            self._may_change(held, cred.role)
+            self._may_change(held, cred.role, internal)
             tomb = dataclasses.replace(
                 held,
                 attributes="",
@@ -196,9 +204,7 @@ class RecordStore:
 
         async def page(after: str, limit: int) -> tuple[list[Record], str | None]:
             now_us = micros(self.clock.now())
-            records = await self._db_call(self._db.live_page, record_type, after, limit, now_us)
-            nxt = str(records[-1].id) if len(records) == limit else None
-            return [r for r in records if await self._checked(r)], nxt
+            return await self._read_page(record_type, after, limit, now_us)
 
         return RecordEnumeration(page)
 
@@ -207,8 +213,7 @@ class RecordStore:
         malformed), in id order."""
         sql, params = compile_query(parse_search(query))
         now_us = micros(self.clock.now())
-        records = await self._db_call(self._db.search, sql, params, now_us)
-        return [r for r in records if await self._checked(r)]
+        return await self._read(self._db.search, sql, params, now_us)
 
     def events(self, types: Collection[uuid.UUID] | None = None) -> EventSubscription:
         """``async with store.events() as events: async for event in events``: every
@@ -220,7 +225,9 @@ class RecordStore:
         return await self._db_call(self._db.counts, micros(self.clock.now()))
 
     def statistics(self) -> StoreStatistics:
-        return dataclasses.replace(self.stats, watchers=self._hub.watchers)
+        return dataclasses.replace(
+            self.stats, watchers=self._hub.watchers, watchers_dropped=self._hub.overflows
+        )
 
     # -- arrivals ------------------------------------------------------------------------
 
@@ -307,14 +314,15 @@ class RecordStore:
         the outbox: the engine lost its data."""
 
         def collect() -> None:
-            entries: list[tuple[str, bytes, bytes]] = []
-            entries += [("cred", b, b"") for b in self._db.blobs("credentials")]
-            entries += [("revoke", b, b"") for b in self._db.blobs("revocations")]
+            entries: list[tuple[str, bytes, bytes, str]] = []
+            entries += [("cred", b, b"", digest(b)) for b in self._db.blobs("credentials")]
+            entries += [("revoke", b, b"", digest(b)) for b in self._db.blobs("revocations")]
             self._db.queue(entries)
-            batch: list[tuple[str, bytes, bytes]] = []
+            batch: list[tuple[str, bytes, bytes, str]] = []
             for record in self._db.all_records():
                 unsigned = dataclasses.replace(record, signature=b"")
-                batch.append(("rec", encode_record(self.group_id, unsigned), record.signature))
+                body = encode_record(self.group_id, unsigned)
+                batch.append(("rec", body, record.signature, str(record.id)))
                 if len(batch) >= 500:
                     self._db.queue(batch)
                     batch = []
@@ -337,10 +345,9 @@ class RecordStore:
     async def expire_due(self) -> datetime | None:
         """Drop what has expired, raising EXPIRED for live records; returns when the
         next expiration is due."""
+        self._upkeep_at = None  # a change from now on wakes the next cycle
         now = self.clock.now()
-        due = await self._db_call(self._db.due, micros(now))
-        if due:
-            await self._db_call(self._db.remove, [r.id for r in due if r.id is not None])
+        due = await self._db_call(self._db.expire, micros(now))
         for record in due:
             if not record.deleted and record.id is not None:
                 self.stats.expired += 1
@@ -358,12 +365,31 @@ class RecordStore:
         cred = self.trust.credential(self._me.member_id, now)
         due, nxt = plan_refresh(mine, None if cred is None else cred.expires, now)
         for record, expires in due:
+            assert record.id is not None
             try:
-                await self.update(dataclasses.replace(record, expires=expires))
-                self.stats.refreshed += 1
+                if await self._extend(record.id, expires):
+                    self.stats.refreshed += 1
             except RecordsError as e:
                 log.warning("cannot refresh record %s: %s", record.id, e)
         return nxt
+
+    async def _extend(self, record_id: uuid.UUID, expires: datetime) -> bool:
+        """A refresh: the version held now, its expiration extended (whatever else
+        changed since the refresh was planned stays)."""
+        now = self.clock.now()
+        async with self._lock:
+            held = await self._live(record_id, now)
+            if held.expires >= expires or held.creator != self._me.member_id:
+                return False
+            new = dataclasses.replace(
+                held,
+                expires=expires,
+                version=held.version + 1,
+                modified_by=self._me.member_id,
+                modified=max(now, _after(held.modified)),
+            )
+            await self._commit_local(new, held)
+            return True
 
     async def wait_upkeep(self, until: datetime | None) -> None:
         """Return when a change moved the next expiration or refresh before *until*
@@ -406,7 +432,9 @@ class RecordStore:
             )
         return expires
 
-    def _may_change(self, held: Record, role: Role) -> None:
+    def _may_change(self, held: Record, role: Role, internal: bool) -> None:
+        if held.type in RESERVED_TYPES and not internal:
+            raise NotAuthorized(f"record type {held.type} is reserved by cachefs")
         if role is not Role.ADMIN and held.creator != self._me.member_id:
             raise NotAuthorized(
                 f"record {held.id} belongs to {held.creator}: a member may change only "
@@ -450,26 +478,58 @@ class RecordStore:
             change = ChangeType.UPDATED if live_before else ChangeType.ADDED
         self._hub.publish(RecordEvent(change, record.id, record.type, record.version))
 
-    async def _checked(self, record: Record) -> bool:
-        assert record.id is not None
-        key = (record.id, record.version, record.signature)
-        if key in self._verified:
-            return True
-        body = encode_record(self.group_id, dataclasses.replace(record, signature=b""))
-        try:
-            self.trust.check_record(body, record, None)
-        except RecordsError as e:
+    async def _read(self, fn: Callable[..., list[Record]], *args: object) -> list[Record]:
+        """Records a database read returns, each checked (in the database thread)
+        unless this version was checked before; those that fail are dropped."""
+        (good, _) = await self._read_checked(lambda: (fn(*args), None))
+        return good
+
+    async def _read_page(
+        self, record_type: uuid.UUID | None, after: str, limit: int, now_us: int
+    ) -> tuple[list[Record], str | None]:
+        def page() -> tuple[list[Record], str | None]:
+            records = self._db.live_page(record_type, after, limit, now_us)
+            return records, str(records[-1].id) if len(records) == limit else None
+
+        return await self._read_checked(page)
+
+    async def _read_checked(
+        self, read: Callable[[], tuple[list[Record], str | None]]
+    ) -> tuple[list[Record], str | None]:
+        def run() -> tuple[list[Record], list[tuple[Record, RecordsError]], str | None]:
+            records, more = read()
+            good, bad = [], []
+            for record in records:
+                assert record.id is not None
+                if (record.id, record.version, record.signature) in self._verified:
+                    good.append(record)
+                    continue
+                body = encode_record(self.group_id, dataclasses.replace(record, signature=b""))
+                try:
+                    self.trust.check_record(body, record, None)
+                except RecordsError as e:
+                    bad.append((record, e))
+                    continue
+                good.append(record)
+            return good, bad, more
+
+        good, bad, more = await self._db_call(run)
+        for record in good:
+            assert record.id is not None
+            self._remember_checked((record.id, record.version, record.signature))
+        for record, e in bad:
             self._reject(e.name, f"record {record.id} in the local database: {e.detail}")
-            await self._db_call(self._db.remove, [record.id])
-            return False
-        self._remember_checked(key)
-        return True
+        if bad:
+            # only that very version: a newer one may have arrived meanwhile
+            async with self._lock:
+                await self._db_call(self._db.remove_versions, [r for r, _ in bad])
+        return good, more
 
     def _remember_checked(self, key: tuple[uuid.UUID, int, bytes]) -> None:
-        # bounded: past the cap, records are checked again as they are read
-        if len(self._verified) >= VERIFIED_CAP:
-            self._verified.clear()
-        self._verified.add(key)
+        # bounded, the oldest forgotten first (then checked again when read)
+        self._verified[key] = None
+        while len(self._verified) > VERIFIED_CAP:
+            del self._verified[next(iter(self._verified))]
 
     def _reject(self, reason: str, detail: str) -> ApplyResult:
         self.stats.rejected += 1
@@ -481,7 +541,13 @@ class RecordStore:
         return ApplyResult.REJECTED
 
     async def _db_call(self, fn: Callable[..., T], *args: object) -> T:
-        return await trio.to_thread.run_sync(lambda: fn(*args), limiter=self._limiter)
+        def call() -> T:
+            try:
+                return fn(*args)
+            except sqlite3.Error as e:  # locked for too long, disk full, damaged file
+                raise GroupError(f"the record database of group {self.group_id}: {e}") from e
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
 
 
 def _after(t: datetime | None) -> datetime:

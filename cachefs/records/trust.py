@@ -62,23 +62,31 @@ class Trust:
         known = self._creds.get(issuer_id)
         return known[0].public_key if known else None
 
-    def _in_force(self, member_id: str, at: int) -> Credential | None:
+    def _in_force(
+        self, member_id: str, at: int, valid: dict[Credential | Revocation, bool] | None = None
+    ) -> Credential | None:
+        valid = self._valid if valid is None else valid
         for rev in self._revs.get(member_id, ()):
             if micros(rev.revoked) > at:
                 break
-            if self._valid.get(rev, False):
+            if valid.get(rev, False):
                 return None
         for cred in reversed(self._creds.get(member_id, ())):
-            if micros(cred.issued) <= at and self._valid.get(cred, False):
+            if micros(cred.issued) <= at and valid.get(cred, False):
                 return cred if at <= micros(cred.expires) else None
         return None
 
-    def _issuer_problem(self, issuer_id: str, when: datetime) -> str | None:
+    def _issuer_problem(
+        self,
+        issuer_id: str,
+        when: datetime,
+        valid: dict[Credential | Revocation, bool] | None = None,
+    ) -> str | None:
         """Why ``issuer_id`` could not sign an item dated ``when``, if it could not."""
         at = micros(when)
         if issuer_id != self.creator_id:
             at -= 1
-        cred = self._in_force(issuer_id, at)
+        cred = self._in_force(issuer_id, at, valid)
         if cred is None:
             return f"its issuer {issuer_id} {self._why_not(issuer_id, at)} at {time_text(when)}"
         if cred.role is not Role.ADMIN:
@@ -108,13 +116,15 @@ class Trust:
         for revs in self._revs.values():
             items += ((micros(r.revoked), 1, r) for r in revs)
         items.sort(key=lambda entry: entry[:2])
-        self._valid = {}
+        # built aside and swapped in whole: the database thread may be reading
+        valid: dict[Credential | Revocation, bool] = {}
         for _, _, item in items:
             if isinstance(item, Credential) and self._is_root(item):
-                self._valid[item] = True
+                valid[item] = True
             else:
                 time = item.issued if isinstance(item, Credential) else item.revoked
-                self._valid[item] = self._issuer_problem(item.issuer_id, time) is None
+                valid[item] = self._issuer_problem(item.issuer_id, time, valid) is None
+        self._valid = valid
         self._dirty = False
 
     def add_credential(self, cred: Credential) -> bool:
@@ -142,9 +152,9 @@ class Trust:
             problem = self._issuer_problem(cred.issuer_id, cred.issued)
             if problem:
                 raise NotAuthorized(f"{what}: {problem}")
-        creds = self._creds.setdefault(cred.member_id, [])
-        creds.append(cred)
-        creds.sort(key=lambda c: (micros(c.issued), c.signature))
+        # copied, not changed in place: a reader in another thread may be iterating
+        creds = [*self._creds.get(cred.member_id, ()), cred]
+        self._creds[cred.member_id] = sorted(creds, key=lambda c: (micros(c.issued), c.signature))
         self._dirty = True
         return True
 
@@ -166,9 +176,8 @@ class Trust:
         problem = self._issuer_problem(rev.issuer_id, rev.revoked)
         if problem:
             raise NotAuthorized(f"{what}: {problem}")
-        revs = self._revs.setdefault(rev.member_id, [])
-        revs.append(rev)
-        revs.sort(key=lambda r: (micros(r.revoked), r.signature))
+        revs = [*self._revs.get(rev.member_id, ()), rev]
+        self._revs[rev.member_id] = sorted(revs, key=lambda r: (micros(r.revoked), r.signature))
         self._dirty = True
         return True
 

@@ -131,7 +131,8 @@ async def test_expired_is_raised_once_on_every_member(
     async with members(*dirs) as groups:
         async with AsyncExitStack() as stack:
             watchers = [await stack.enter_async_context(g.records.events()) for g in groups]
-            expires = datetime.now(UTC) + timedelta(seconds=2)
+            # long enough for the add to reach everyone first on a loaded machine
+            expires = datetime.now(UTC) + timedelta(seconds=5)
             rid = await groups[1].records.add(Record(type=TYPE, expires=expires))
             await synced(*groups)
             for watcher in watchers:
@@ -145,3 +146,28 @@ async def test_expired_is_raised_once_on_every_member(
             with pytest.raises(RecordNotFound):
                 await g.records.get(rid)
             assert g.records.statistics().expired == 1
+
+
+async def test_a_forged_state_entry_cannot_hide_a_record(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a_dir, b_dir, late_dir = make_group(
+        tmp_path, (Role.MEMBER, Role.MEMBER), engine=redis_server.url
+    )
+    async with members(a_dir, b_dir) as (a, b):
+        rid = await a.records.add(Record(type=TYPE, expires=soon(), data=b"v1"))
+        await synced(a, b)
+        # whoever can write to Redis claims a far later version of the record
+        prefix = f"cachefs:{a.group_id}"
+        async with redis_server.client() as redis:
+            await redis.hset(f"{prefix}:order", {str(rid): "9" * 40})
+            await redis.hset(f"{prefix}:state", {str(rid): b"\x00\x00\x00\x03bad"})
+        held = await a.records.get(rid)
+        await a.records.update(replace(held, data=b"v2"))
+        await synced(a, b)
+        # the log carried v2 to b; the state holds v2 again for whoever resyncs
+        assert (await b.records.get(rid)).data == b"v2"
+    async with members(late_dir) as (late,):  # never connected: reads the state
+        assert await late.sync(SYNC)
+        assert (await late.records.get(rid)).data == b"v2"
+        assert (await late.statistics()).store.rejected == 0

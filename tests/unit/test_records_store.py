@@ -31,7 +31,7 @@ from cachefs.records import (
     open_group,
 )
 from cachefs.records.clock import TrioClock
-from cachefs.records.model import NODE_STATUS_TYPE
+from cachefs.records.model import NODE_STATUS_TYPE, RecordEvent
 
 T1 = uuid.UUID("11111111-1111-4111-8111-111111111111")
 T2 = uuid.UUID("22222222-2222-4222-8222-222222222222")
@@ -298,11 +298,15 @@ async def test_autorefresh_while_the_creator_runs(
         refreshed = await group.records.get(rid)
         assert refreshed.version == 2 and refreshed.expires > first.expires
         assert refreshed.autorefresh
-    # the creator stopped: no one refreshes it
-    async with opened(dirs[1]) as group:
-        pass
-    async with opened(dirs[0]) as other:
+        async with opened(dirs[0]) as other:  # another member holds it too
+            await copy_record(group, other, rid)
+    # the creator stopped: no one refreshes it, and it expires on the other member
+    async with opened(dirs[0]) as other, other.records.events() as events:
+        assert (await other.records.get(rid)).version == 2
         clock.jump(2 * 3600)
+        with trio.fail_after(10):
+            event = await events.__anext__()
+        assert (event.change, event.record_id) == (ChangeType.EXPIRED, rid)
         with pytest.raises(RecordNotFound):
             await other.records.get(rid)
 
@@ -344,7 +348,7 @@ async def test_searches_use_the_index(dirs: list[Path], clock: trio.testing.Mock
         q = '<peersearch><clause attrib="n" type="int" compare="less">3</clause></peersearch>'
         assert len(await group.records.search(q)) == 3
         sql, params = compile_query(parse_search(q))
-        plan = group._db.explain(sql, params, 0)
+        plan = group.database.explain(sql, params, 0)
         assert not any(step.startswith("SCAN") for step in plan), plan
 
 
@@ -354,3 +358,60 @@ async def test_an_error_leaves_open_group_as_itself(
     with pytest.raises(RecordNotFound):
         async with opened(dirs[0]) as group:
             await group.records.get(uuid.uuid4())
+
+
+async def test_an_update_of_a_version_read_before_a_change_is_refused(
+    dirs: list[Path], clock: trio.testing.MockClock
+) -> None:
+    async with opened(dirs[0]) as group:
+        rid = await group.records.add(Record(type=T1, expires=soon(), data=b"v1"))
+        read = await group.records.get(rid)
+        await group.records.update(dataclasses.replace(read, data=b"v2"))
+        with pytest.raises(InvalidRecord, match="changed since it was read"):
+            await group.records.update(dataclasses.replace(read, data=b"lost v2"))
+        assert (await group.records.get(rid)).data == b"v2"
+
+
+async def test_reserved_types_cannot_be_changed_by_applications(
+    dirs: list[Path], clock: trio.testing.MockClock
+) -> None:
+    async with opened(dirs[0]) as group:
+        rid = await group.records.add(Record(type=NODE_STATUS_TYPE, expires=soon()), internal=True)
+        held = await group.records.get(rid)
+        with pytest.raises(NotAuthorized, match="reserved"):
+            await group.records.update(dataclasses.replace(held, data=b"x"))
+        with pytest.raises(NotAuthorized, match="reserved"):
+            await group.records.delete(rid)
+        await group.records.update(dataclasses.replace(held, data=b"x"), internal=True)
+        await group.records.delete(rid, internal=True)
+
+
+async def test_an_offline_outbox_holds_each_record_once(
+    dirs: list[Path], clock: trio.testing.MockClock
+) -> None:
+    async with opened(dirs[1]) as group:
+        before = (await group.statistics()).outbox  # the member's credentials
+        rid = await group.records.add(Record(type=T1, expires=soon(), data=b"0"))
+        for i in range(1, 50):
+            held = await group.records.get(rid)
+            await group.records.update(dataclasses.replace(held, data=b"%d" % i))
+        other = await group.records.add(Record(type=T1, expires=soon()))
+        await group.records.delete(other)
+        assert (await group.statistics()).outbox == before + 2
+
+
+async def test_a_watcher_too_far_behind_is_told_it_lost_events() -> None:
+    from cachefs.records import GroupError
+    from cachefs.records.events import EventHub, EventSubscription
+
+    hub = EventHub()
+    async with EventSubscription(hub, None, buffer=2) as events:
+        for i in range(3):
+            hub.publish(RecordEvent(ChangeType.ADDED, uuid.UUID(int=i), T1))
+        assert [(await events.__anext__()).record_id for _ in range(2)] == [
+            uuid.UUID(int=0),
+            uuid.UUID(int=1),
+        ]
+        with pytest.raises(GroupError, match="events were lost"):
+            await events.__anext__()
+    assert hub.overflows == 1 and hub.watchers == 0
