@@ -271,7 +271,10 @@ async def _invite(args: argparse.Namespace) -> int:
         )
         # the credential is published now too, so that every member knows it
         cred = base64.b64decode(json.loads(blob)["chain"][0])
-        if await group.records.apply_credential(cred, publish=True) is ApplyResult.REJECTED:
+        if (
+            await group.records.arrivals.apply_credential(cred, publish=True)
+            is ApplyResult.REJECTED
+        ):
             raise GroupError("the credential just issued does not verify: is your own valid?")
         if args.output:
             await trio.to_thread.run_sync(write_file, Path(args.output), blob)

@@ -1,5 +1,6 @@
-"""Deciding what to do with records that arrive from elsewhere (the engine, a
-snapshot): run in the database thread, one batch in one transaction.
+"""Changes that arrive from elsewhere (the engine, a snapshot): records decided
+in the database thread, one batch in one transaction; credentials and
+revocations through Trust.
 
 Each item is decoded, checked against the group, the size limit, the
 version held and Trust; the winners are stored together.  The rules:
@@ -11,18 +12,23 @@ and never stored.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from cachefs.records.attributes import Attribute, parse_attributes
-from cachefs.records.database import Database
+from cachefs.records.core import StoreCore
+from cachefs.records.credentials import Credential, Revocation
+from cachefs.records.database import Database, digest
 from cachefs.records.errors import RecordsError
 from cachefs.records.model import ApplyResult, EncodingError, Record, decode_record, encode_record
 from cachefs.records.trust import Trust
 
-__all__ = ["Outcome", "decide_batch"]
+__all__ = ["Arrivals", "Outcome", "decide_batch"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +104,108 @@ def decide_batch(
         out.append(Outcome(ApplyResult.APPLIED, record, held))
     db.put_many(list(winners.values()), publish)
     return out
+
+
+class Arrivals:
+    """Changes from elsewhere, as the replication and snapshots give them:
+    records, credentials, revocations; and the outbox refilled after the engine
+    lost its data."""
+
+    def __init__(self, core: StoreCore) -> None:
+        self._core = core
+
+    async def apply_remote(self, body: bytes, signature: bytes) -> ApplyResult:
+        """Check and apply a record from elsewhere: APPLIED, STALE (held already, an
+        older version, or expired) or REJECTED (counted and logged once)."""
+        (outcome,) = await self.apply_records([(body, signature)])
+        return outcome.result
+
+    async def apply_records(
+        self, items: Sequence[tuple[bytes, bytes]], *, publish: bool = False
+    ) -> list[Outcome]:
+        """apply_remote for a batch of (body, signature), checked and stored in one
+        transaction: how a member catches up on thousands of changes quickly.  With
+        *publish* (an import), what was applied is also queued for the engine."""
+        core = self._core
+        now = core.clock.now()
+        async with core.lock:
+            outcomes = await core.call(
+                decide_batch,
+                core.db,
+                core.trust,
+                core.group_id,
+                core.max_record_size,
+                items,
+                now,
+                publish,
+            )
+        for outcome in outcomes:
+            if outcome.result is ApplyResult.REJECTED:
+                core.reject(outcome.reason, outcome.detail)
+            elif outcome.result is ApplyResult.STALE:
+                core.stats.stale += 1
+            else:
+                assert outcome.record is not None
+                core.stats.applied += 1
+                core.changed(outcome.record, outcome.held, queued=publish)
+        return outcomes
+
+    async def apply_credential(self, blob: bytes, *, publish: bool = False) -> ApplyResult:
+        """Check and keep a credential; with *publish* (one this member issued or
+        imported), a new one is also queued for the engine."""
+        return await self._apply_blob("credentials", blob, publish)
+
+    async def apply_revocation(self, blob: bytes, *, publish: bool = False) -> ApplyResult:
+        """Check and keep a revocation: the member's later changes are refused."""
+        return await self._apply_blob("revocations", blob, publish)
+
+    async def publish_credentials(self, blobs: Sequence[bytes]) -> None:
+        """Queue these (already trusted) credentials for the engine, held or not: this
+        member's own chain, before its first change."""
+        for blob in blobs:
+            await self._core.call(self._core.db.add_blob, "credentials", blob, "cred")
+        self._core.queued()
+
+    async def _apply_blob(self, table: str, blob: bytes, publish: bool) -> ApplyResult:
+        core = self._core
+        kind = "cred" if table == "credentials" else "revoke"
+        try:
+            async with core.lock:
+                if kind == "cred":
+                    new = core.trust.add_credential(Credential.from_bytes(blob))
+                else:
+                    rev = Revocation.from_bytes(blob)
+                    new = core.trust.add_revocation(rev)
+        except RecordsError as e:
+            what = "credential" if kind == "cred" else "revocation"
+            return core.reject(e.name, f"{what}: {e.detail}")
+        if not new:
+            return ApplyResult.STALE
+        await core.call(core.db.add_blob, table, blob, kind if publish else None)
+        if publish:
+            core.queued()
+        if kind == "revoke":
+            log.info("member %s was revoked by %s", rev.member_id, rev.issuer_id)
+        return ApplyResult.APPLIED
+
+    async def queue_everything(self) -> None:
+        """Put every credential, revocation and record held (tombstones too) back in
+        the outbox: the engine lost its data."""
+        db, group_id = self._core.db, self._core.group_id
+
+        def collect() -> None:
+            entries: list[tuple[str, bytes, bytes, str]] = []
+            entries += [("cred", b, b"", digest(b)) for b in db.blobs("credentials")]
+            entries += [("revoke", b, b"", digest(b)) for b in db.blobs("revocations")]
+            db.queue(entries)
+            batch: list[tuple[str, bytes, bytes, str]] = []
+            for record in db.all_records():
+                body = encode_record(group_id, dataclasses.replace(record, signature=b""))
+                batch.append(("rec", body, record.signature, str(record.id)))
+                if len(batch) >= 500:
+                    db.queue(batch)
+                    batch = []
+            db.queue(batch)
+
+        await self._core.call(collect)
+        self._core.queued()

@@ -97,7 +97,7 @@ class Group:
             raise NotAuthorized("only an administrator may revoke a member")
         rev = revoke(self.identity, self.membership.charter, member_id, now=now)
         if (
-            await self.records.apply_revocation(rev.to_bytes(), publish=True)
+            await self.records.arrivals.apply_revocation(rev.to_bytes(), publish=True)
             is ApplyResult.REJECTED
         ):
             raise NotAuthorized(f"the revocation of {member_id} was refused")
@@ -139,11 +139,11 @@ class _Link:
 
     async def apply(self, kind: str, body: bytes, signature: bytes) -> ApplyResult:
         if kind == "rec":
-            return await self._store.apply_remote(body, signature)
+            return await self._store.arrivals.apply_remote(body, signature)
         if kind == "cred":
-            return await self._store.apply_credential(body)
+            return await self._store.arrivals.apply_credential(body)
         if kind == "revoke":
-            return await self._store.apply_revocation(body)
+            return await self._store.arrivals.apply_revocation(body)
         return ApplyResult.REJECTED
 
     async def apply_many(self, items: Sequence[tuple[str, bytes, bytes]]) -> list[ApplyResult]:
@@ -155,11 +155,11 @@ class _Link:
                 run.append((body, signature))
                 continue
             if run:
-                results += [o.result for o in await self._store.apply_records(run)]
+                results += [o.result for o in await self._store.arrivals.apply_records(run)]
                 run = []
             results.append(await self.apply(kind, body, signature))
         if run:
-            results += [o.result for o in await self._store.apply_records(run)]
+            results += [o.result for o in await self._store.arrivals.apply_records(run)]
         return results
 
     async def position(self) -> str | None:
@@ -175,7 +175,7 @@ class _Link:
         await self._store.db(self._db.set_meta, "engine_epoch", epoch)
 
     async def republish_all(self) -> None:
-        await self._store.queue_everything()
+        await self._store.arrivals.queue_everything()
 
     async def wait_outbox(self) -> None:
         await self._store.wait_changed()
@@ -242,7 +242,9 @@ async def open_group(
         # this member's credentials go to the engine once, before its first record
         chain_key = ",".join(c.signature.hex()[:16] for c in membership.chain)
         if await store.db(db.meta, "chain_queued") != chain_key:
-            await store.publish_credentials([c.to_bytes() for c in reversed(membership.chain)])
+            await store.arrivals.publish_credentials(
+                [c.to_bytes() for c in reversed(membership.chain)]
+            )
             await store.db(db.set_meta, "chain_queued", chain_key)
         url = engine or membership.engine
         replicator = None

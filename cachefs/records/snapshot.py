@@ -298,7 +298,7 @@ async def _apply_records(
     """Check and merge a batch of record lines, queueing what was new for the engine."""
     if not records:
         return
-    outcomes = await group.records.apply_records(
+    outcomes = await group.records.arrivals.apply_records(
         [(body, sig) for _, body, sig in records], publish=True
     )
     for (number, _, _), outcome in zip(records, outcomes, strict=True):
@@ -313,9 +313,9 @@ async def _apply_records(
 async def _apply_blob(group: Group, report: ImportReport, kind: str, body: bytes) -> bool:
     """Apply a credential or revocation; False if it was refused (for now)."""
     if kind == "cred":
-        result = await group.records.apply_credential(body, publish=True)
+        result = await group.records.arrivals.apply_credential(body, publish=True)
     else:
-        result = await group.records.apply_revocation(body, publish=True)
+        result = await group.records.arrivals.apply_revocation(body, publish=True)
     if result is ApplyResult.APPLIED:
         report.credentials += 1
     return result is not ApplyResult.REJECTED

@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sqlite3
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-import trio
-
-from cachefs.records.arrivals import Outcome, decide_batch
+from cachefs.records.arrivals import Arrivals
 from cachefs.records.attributes import format_date, normalize_attributes
 from cachefs.records.clock import Clock
-from cachefs.records.credentials import Credential, Revocation, Role
-from cachefs.records.database import Database, digest
+from cachefs.records.core import StoreCore
+from cachefs.records.credentials import Credential, Role
+from cachefs.records.database import Database
 from cachefs.records.errors import (
-    GroupError,
     GroupNotReady,
     InvalidRecord,
     InvalidRecordExpiration,
@@ -43,11 +40,10 @@ from cachefs.records.errors import (
     RecordNotFound,
     RecordsError,
 )
-from cachefs.records.events import EventHub, EventSubscription, RecordEnumeration
+from cachefs.records.events import EventSubscription, RecordEnumeration
 from cachefs.records.identity import Identity
 from cachefs.records.model import (
     RESERVED_TYPES,
-    ApplyResult,
     ChangeType,
     Record,
     RecordEvent,
@@ -66,12 +62,11 @@ __all__ = ["RecordStore"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _US = timedelta(microseconds=1)
-# record versions remembered as checked (about 200 bytes each)
-VERIFIED_CAP = 100_000
 
 
 class RecordStore:
-    """The records of one group as this member sees them (``group.records``)."""
+    """The records of one group as this member sees them (``group.records``);
+    ``arrivals`` takes the changes from elsewhere."""
 
     def __init__(
         self,
@@ -83,22 +78,21 @@ class RecordStore:
         max_record_size: int,
         clock: Clock,
     ) -> None:
+        self._core = core = StoreCore(
+            db,
+            group_id=group_id,
+            member_id=identity.member_id,
+            trust=trust,
+            max_record_size=max_record_size,
+            clock=clock,
+        )
         self._db = db
-        self.group_id = group_id
         self._me = identity
+        self.group_id = group_id
         self.trust = trust
         self.max_record_size = max_record_size
         self.clock = clock
-        self._limiter = trio.CapacityLimiter(1)  # one database call at a time
-        self._lock = trio.Lock()  # a read-check-write of one change at a time
-        self._hub = EventHub()
-        # record versions checked already (a bounded FIFO: insertion-ordered dict)
-        self._verified: dict[tuple[uuid.UUID, int, bytes], None] = {}
-        self._changed = trio.Event()  # set when a local change was queued for the engine
-        self._upkeep_wake = trio.Event()
-        self._upkeep_at: datetime | None = None  # the upkeep's next planned wake
-        self.stats = StoreStatistics()
-        self._logged: set[str] = set()
+        self.arrivals = Arrivals(core)
 
     # -- the operations ------------------------------------------------------------------
 
@@ -127,7 +121,7 @@ class RecordStore:
             created=now,
             modified=now,
         )
-        async with self._lock:
+        async with self._core.lock:
             await self._commit_local(stored, None)
         return stored.id  # type: ignore[return-value]
 
@@ -149,7 +143,7 @@ class RecordStore:
             raise InvalidRecord("update needs the id of a record; add a new one with add()")
         now = self.clock.now()
         cred = self._my_credential(now)
-        async with self._lock:
+        async with self._core.lock:
             held = await self._live(record.id, now)
             self._may_change(held, cred.role, internal)
             if record.version != held.version:
@@ -184,7 +178,7 @@ class RecordStore:
         get, enum and search on every member."""
         now = self.clock.now()
         cred = self._my_credential(now)
-        async with self._lock:
+        async with self._core.lock:
             held = await self._live(record_id, now)
             self._may_change(held, cred.role, internal)
             tomb = dataclasses.replace(
@@ -218,140 +212,40 @@ class RecordStore:
     def events(self, types: Collection[uuid.UUID] | None = None) -> EventSubscription:
         """``async with store.events() as events: async for event in events``: every
         change from now on (of these types)."""
-        return self._hub.subscribe(types)
+        return self._core.hub.subscribe(types)
 
     async def count(self) -> tuple[int, int]:
         """(live records, tombstones) held."""
         return await self._db_call(self._db.counts, micros(self.clock.now()))
 
     def statistics(self) -> StoreStatistics:
+        core = self._core
         return dataclasses.replace(
-            self.stats, watchers=self._hub.watchers, watchers_dropped=self._hub.overflows
+            core.stats, watchers=core.hub.watchers, watchers_dropped=core.hub.overflows
         )
 
-    # -- arrivals ------------------------------------------------------------------------
-
-    async def apply_remote(self, body: bytes, signature: bytes) -> ApplyResult:
-        """Check and apply a record from elsewhere: APPLIED, STALE (held already, an
-        older version, or expired) or REJECTED (counted and logged once)."""
-        (outcome,) = await self.apply_records([(body, signature)])
-        return outcome.result
-
-    async def apply_records(
-        self, items: Sequence[tuple[bytes, bytes]], *, publish: bool = False
-    ) -> list[Outcome]:
-        """apply_remote for a batch of (body, signature), checked and stored in one
-        transaction: how a member catches up on thousands of changes quickly.  With
-        *publish* (an import), what was applied is also queued for the engine."""
-        now = self.clock.now()
-        async with self._lock:
-            outcomes = await self._db_call(
-                decide_batch,
-                self._db,
-                self.trust,
-                self.group_id,
-                self.max_record_size,
-                items,
-                now,
-                publish,
-            )
-        for outcome in outcomes:
-            if outcome.result is ApplyResult.REJECTED:
-                self._reject(outcome.reason, outcome.detail)
-            elif outcome.result is ApplyResult.STALE:
-                self.stats.stale += 1
-            else:
-                record = outcome.record
-                assert record is not None and record.id is not None
-                self._remember_checked((record.id, record.version, record.signature))
-                self.stats.applied += 1
-                self._raise_event(record, outcome.held)
-                self._upkeep_needed(record)
-        if publish and any(o.result is ApplyResult.APPLIED for o in outcomes):
-            self._changed.set()
-        return outcomes
-
-    async def apply_credential(self, blob: bytes, *, publish: bool = False) -> ApplyResult:
-        """Check and keep a credential; with *publish* (one this member issued or
-        imported), a new one is also queued for the engine."""
-        return await self._apply_blob("credentials", blob, publish)
-
-    async def apply_revocation(self, blob: bytes, *, publish: bool = False) -> ApplyResult:
-        """Check and keep a revocation: the member's later changes are refused."""
-        return await self._apply_blob("revocations", blob, publish)
-
-    async def publish_credentials(self, blobs: Sequence[bytes]) -> None:
-        """Queue these (already trusted) credentials for the engine, held or not: this
-        member's own chain, before its first change."""
-        for blob in blobs:
-            await self._db_call(self._db.add_blob, "credentials", blob, "cred")
-        self._changed.set()
-
-    async def _apply_blob(self, table: str, blob: bytes, publish: bool) -> ApplyResult:
-        kind = "cred" if table == "credentials" else "revoke"
-        try:
-            async with self._lock:
-                if kind == "cred":
-                    new = self.trust.add_credential(Credential.from_bytes(blob))
-                else:
-                    rev = Revocation.from_bytes(blob)
-                    new = self.trust.add_revocation(rev)
-        except RecordsError as e:
-            return self._reject(
-                e.name, f"{'credential' if kind == 'cred' else 'revocation'}: {e.detail}"
-            )
-        if not new:
-            return ApplyResult.STALE
-        await self._db_call(self._db.add_blob, table, blob, kind if publish else None)
-        if publish:
-            self._changed.set()
-        if kind == "revoke":
-            log.info("member %s was revoked by %s", rev.member_id, rev.issuer_id)
-        return ApplyResult.APPLIED
-
-    async def queue_everything(self) -> None:
-        """Put every credential, revocation and record held (tombstones too) back in
-        the outbox: the engine lost its data."""
-
-        def collect() -> None:
-            entries: list[tuple[str, bytes, bytes, str]] = []
-            entries += [("cred", b, b"", digest(b)) for b in self._db.blobs("credentials")]
-            entries += [("revoke", b, b"", digest(b)) for b in self._db.blobs("revocations")]
-            self._db.queue(entries)
-            batch: list[tuple[str, bytes, bytes, str]] = []
-            for record in self._db.all_records():
-                unsigned = dataclasses.replace(record, signature=b"")
-                body = encode_record(self.group_id, unsigned)
-                batch.append(("rec", body, record.signature, str(record.id)))
-                if len(batch) >= 500:
-                    self._db.queue(batch)
-                    batch = []
-            self._db.queue(batch)
-
-        await self._db_call(collect)
-        self._changed.set()
+    # -- for the replication and snapshots --------------------------------------------
 
     async def wait_changed(self) -> None:
         """Return when a local change was queued for the engine since the last return."""
-        await self._changed.wait()
-        self._changed = trio.Event()
+        await self._core.wait_queued()
 
     async def db(self, fn: Callable[..., T], *args: object) -> T:
         """Run a database call in the store's one database thread."""
-        return await self._db_call(fn, *args)
+        return await self._core.call(fn, *args)
 
     # -- upkeep: expiry and autorefresh (the loop is cachefs.records.upkeep) -------------
 
     async def expire_due(self) -> datetime | None:
         """Drop what has expired, raising EXPIRED for live records; returns when the
         next expiration is due."""
-        self._upkeep_at = None  # a change from now on wakes the next cycle
+        self._core.upkeep_started()
         now = self.clock.now()
         due = await self._db_call(self._db.expire, micros(now))
         for record in due:
             if not record.deleted and record.id is not None:
-                self.stats.expired += 1
-                self._hub.publish(
+                self._core.stats.expired += 1
+                self._core.hub.publish(
                     RecordEvent(ChangeType.EXPIRED, record.id, record.type, record.version)
                 )
         nxt = await self._db_call(self._db.next_expiry)
@@ -368,7 +262,7 @@ class RecordStore:
             assert record.id is not None
             try:
                 if await self._extend(record.id, expires):
-                    self.stats.refreshed += 1
+                    self._core.stats.refreshed += 1
             except RecordsError as e:
                 log.warning("cannot refresh record %s: %s", record.id, e)
         return nxt
@@ -377,7 +271,7 @@ class RecordStore:
         """A refresh: the version held now, its expiration extended (whatever else
         changed since the refresh was planned stays)."""
         now = self.clock.now()
-        async with self._lock:
+        async with self._core.lock:
             held = await self._live(record_id, now)
             if held.expires >= expires or held.creator != self._me.member_id:
                 return False
@@ -392,19 +286,8 @@ class RecordStore:
             return True
 
     async def wait_upkeep(self, until: datetime | None) -> None:
-        """Return when a change moved the next expiration or refresh before *until*
-        (the upkeep's next wake; None: none planned)."""
-        self._upkeep_at = until
-        await self._upkeep_wake.wait()
-        self._upkeep_wake = trio.Event()
-
-    def _upkeep_needed(self, record: Record) -> None:
-        when = record.expires
-        if record.autorefresh and record.creator == self._me.member_id and record.modified:
-            when -= (record.expires - record.modified) / 3
-        if self._upkeep_at is None or when < self._upkeep_at:
-            self._upkeep_at = when
-            self._upkeep_wake.set()
+        """Return when a change moved the next expiration or refresh before *until*."""
+        await self._core.wait_upkeep(until)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -459,29 +342,13 @@ class RecordStore:
         # what we write we check as anyone would, before it leaves
         self.trust.check_record(body, signed, held)
         await self._db_call(self._db.put, signed, ("rec", body, signature))
-        assert signed.id is not None
-        self._remember_checked((signed.id, signed.version, signature))
-        self.stats.local_changes += 1
-        self._raise_event(signed, held)
-        self._changed.set()
-        self._upkeep_needed(signed)
+        self._core.stats.local_changes += 1
+        self._core.changed(signed, held, queued=True)
         return signed
 
-    def _raise_event(self, record: Record, held: Record | None) -> None:
-        assert record.id is not None
-        live_before = held is not None and not held.deleted
-        if record.deleted:
-            if not live_before:
-                return
-            change = ChangeType.DELETED
-        else:
-            change = ChangeType.UPDATED if live_before else ChangeType.ADDED
-        self._hub.publish(RecordEvent(change, record.id, record.type, record.version))
-
     async def _read(self, fn: Callable[..., list[Record]], *args: object) -> list[Record]:
-        """Records a database read returns, each checked (in the database thread)
-        unless this version was checked before; those that fail are dropped."""
-        (good, _) = await self._read_checked(lambda: (fn(*args), None))
+        """Records a database read returns, each checked; those that fail dropped."""
+        (good, _) = await self._core.read_checked(lambda: (fn(*args), None))
         return good
 
     async def _read_page(
@@ -491,63 +358,10 @@ class RecordStore:
             records = self._db.live_page(record_type, after, limit, now_us)
             return records, str(records[-1].id) if len(records) == limit else None
 
-        return await self._read_checked(page)
-
-    async def _read_checked(
-        self, read: Callable[[], tuple[list[Record], str | None]]
-    ) -> tuple[list[Record], str | None]:
-        def run() -> tuple[list[Record], list[tuple[Record, RecordsError]], str | None]:
-            records, more = read()
-            good, bad = [], []
-            for record in records:
-                assert record.id is not None
-                if (record.id, record.version, record.signature) in self._verified:
-                    good.append(record)
-                    continue
-                body = encode_record(self.group_id, dataclasses.replace(record, signature=b""))
-                try:
-                    self.trust.check_record(body, record, None)
-                except RecordsError as e:
-                    bad.append((record, e))
-                    continue
-                good.append(record)
-            return good, bad, more
-
-        good, bad, more = await self._db_call(run)
-        for record in good:
-            assert record.id is not None
-            self._remember_checked((record.id, record.version, record.signature))
-        for record, e in bad:
-            self._reject(e.name, f"record {record.id} in the local database: {e.detail}")
-        if bad:
-            # only that very version: a newer one may have arrived meanwhile
-            async with self._lock:
-                await self._db_call(self._db.remove_versions, [r for r, _ in bad])
-        return good, more
-
-    def _remember_checked(self, key: tuple[uuid.UUID, int, bytes]) -> None:
-        # bounded, the oldest forgotten first (then checked again when read)
-        self._verified[key] = None
-        while len(self._verified) > VERIFIED_CAP:
-            del self._verified[next(iter(self._verified))]
-
-    def _reject(self, reason: str, detail: str) -> ApplyResult:
-        self.stats.rejected += 1
-        if reason not in self._logged:
-            self._logged.add(reason)
-            log.warning("rejected a change (%s): %s", reason, detail)
-        else:
-            log.debug("rejected a change (%s): %s", reason, detail)
-        return ApplyResult.REJECTED
+        return await self._core.read_checked(page)
 
     async def _db_call(self, fn: Callable[..., T], *args: object) -> T:
-        def call() -> T:
-            try:
-                return fn(*args)
-            except sqlite3.Error as e:  # locked for too long, disk full, damaged file
-                raise GroupError(f"the record database of group {self.group_id}: {e}") from e
-
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        return await self._core.call(fn, *args)
 
 
 def _after(t: datetime | None) -> datetime:

@@ -171,10 +171,10 @@ async def copy_record(src, dst, rid: uuid.UUID) -> None:  # type: ignore[no-unty
     from cachefs.records.model import ApplyResult, encode_record
 
     for cred in src.records.trust.credentials():  # what an engine would carry too
-        await dst.records.apply_credential(cred.to_bytes())
+        await dst.records.arrivals.apply_credential(cred.to_bytes())
     record = await src.records.get(rid)
     body = encode_record(src.group_id, dataclasses.replace(record, signature=b""))
-    assert await dst.records.apply_remote(body, record.signature) is ApplyResult.APPLIED
+    assert await dst.records.arrivals.apply_remote(body, record.signature) is ApplyResult.APPLIED
 
 
 async def test_reserved_types_and_attribute_names(
