@@ -344,7 +344,7 @@ async def _status(args: argparse.Namespace, name: str) -> int:
             "live_records": stats.live_records,
             "tombstones": stats.tombstones,
             "outbox": stats.outbox,
-            "rejected": stats.store.rejected,
+            "rejected": group.rejected,
         }
         print(json.dumps(shown, indent=2))
         return 0
@@ -360,7 +360,7 @@ async def _status(args: argparse.Namespace, name: str) -> int:
         ("you", f"{group.identity.member_id} {group.identity.name}".strip() + f": {you}"),
         ("records", f"{stats.live_records} live, {stats.tombstones} tombstones"),
         ("outbox", f"{stats.outbox} changes not yet published"),
-        ("rejected", f"{stats.store.rejected} changes refused while catching up"),
+        ("rejected", f"{group.rejected} changes refused (by this process)"),
         ("members", str(len(members))),
     ]
     for label, value in rows:

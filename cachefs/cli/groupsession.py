@@ -178,9 +178,14 @@ async def open_session(
     engine first."""
     from cachefs.records.group import open_group
 
-    if getattr(args, "log_level", None) is None:
+    level = getattr(args, "log_level", None)
+    if level is None:
         # an unreachable engine is said once, by catch_up, not by the replication too
         logging.getLogger("cachefs.records.replication").setLevel(logging.ERROR)
+    if level != "debug":
+        # the Redis client logs each failed connection with its traceback; the
+        # replication says what matters in one line
+        logging.getLogger("coredis").setLevel(logging.CRITICAL)
     async with open_group(
         name, groups_dir=groups_dir(args), replicate=not getattr(args, "offline", False)
     ) as group:

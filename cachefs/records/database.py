@@ -139,13 +139,26 @@ class Database:
         ).fetchone()
         return None if row is None else _record(row)
 
-    def put(self, record: Record, outgoing: tuple[str, bytes, bytes] | None = None) -> None:
-        """Store this version in place of any other, its index rows, and (a local change)
-        its outbox entry, in one transaction."""
+    def put(
+        self,
+        record: Record,
+        outgoing: tuple[str, bytes, bytes] | None = None,
+        replaces: Record | None = None,
+    ) -> bool:
+        """Store this version, its index rows, and (a local change) its outbox entry,
+        in one transaction, if the version held is still *replaces* (None: no row at
+        all); False if another process changed it since."""
         with self._transaction():
+            row = self._db.execute(
+                "SELECT version, signature FROM records WHERE id = ?", (str(record.id),)
+            ).fetchone()
+            expected = None if replaces is None else (replaces.version, replaces.signature)
+            if (None if row is None else (row[0], bytes(row[1]))) != expected:
+                return False
             self._store(record)
             if outgoing is not None:
                 self._enqueue(*outgoing, str(record.id))
+        return True
 
     def _store(self, record: Record, attrs: Sequence[Attribute] | None = None) -> None:
         rid = str(record.id)

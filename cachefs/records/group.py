@@ -13,7 +13,9 @@ database; changes are published when the engine is back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,9 +27,9 @@ from cachefs.records.clock import Clock, SystemClock
 from cachefs.records.credentials import Credential, Revocation, Role, revoke
 from cachefs.records.database import Database
 from cachefs.records.errors import NotAuthorized, RecordsError
-from cachefs.records.groups import Membership, default_groups_dir, load_membership
+from cachefs.records.groups import IDENTITY_FILE, Membership, default_groups_dir, load_membership
 from cachefs.records.identity import Identity
-from cachefs.records.model import ApplyResult
+from cachefs.records.model import ApplyResult, encode_record
 from cachefs.records.replication import OutboxEntry, ReplicationStatistics, Replicator
 from cachefs.records.stats import StoreStatistics
 from cachefs.records.store import RecordStore
@@ -37,8 +39,6 @@ from cachefs.records.upkeep import serve_upkeep
 __all__ = ["Group", "GroupStatistics", "open_group"]
 
 log = logging.getLogger(__name__)
-
-IDENTITY_FILE = "identity.key"
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,13 @@ class Group:
         self._replicator = replicator
 
     @property
+    def rejected(self) -> int:
+        """Changes from elsewhere refused: by the store's checks, and entries of the
+        engine too malformed to reach them."""
+        malformed = self._replicator.statistics().malformed if self._replicator else 0
+        return self.records.statistics().rejected + malformed
+
+    @property
     def database(self) -> Database:
         """This member's database, for what only a snapshot needs: call its methods
         through ``records.db(fn, ...)``, the store's one database thread."""
@@ -95,6 +102,8 @@ class Group:
         mine = self.records.trust.credential(self.identity.member_id, now)
         if mine is None or mine.role is not Role.ADMIN:
             raise NotAuthorized("only an administrator may revoke a member")
+        if member_id == self.records.trust.creator_id:
+            raise NotAuthorized("the creator of a group cannot be revoked")
         rev = revoke(self.identity, self.membership.charter, member_id, now=now)
         if (
             await self.records.arrivals.apply_revocation(rev.to_bytes(), publish=True)
@@ -177,6 +186,16 @@ class _Link:
     async def republish_all(self) -> None:
         await self._store.arrivals.queue_everything()
 
+    async def held(self, record_id: str) -> tuple[bytes, bytes] | None:
+        try:
+            record = await self._store.db(self._db.get, uuid.UUID(record_id))
+        except ValueError:
+            return None
+        if record is None:
+            return None
+        unsigned = dataclasses.replace(record, signature=b"")
+        return encode_record(self._store.group_id, unsigned), record.signature
+
     async def wait_outbox(self) -> None:
         await self._store.wait_changed()
 
@@ -250,7 +269,11 @@ async def open_group(
         replicator = None
         if url and replicate:
             replicator = Replicator(
-                _Link(store, db), url, stream_maxlen=membership.stream_maxlen, clock=store.clock
+                _Link(store, db),
+                url,
+                stream_maxlen=membership.stream_maxlen,
+                max_record_size=membership.charter.max_record_size,
+                clock=store.clock,
             )
         group = Group(membership, identity, store, db, replicator)
         try:

@@ -24,8 +24,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -176,8 +177,28 @@ def _write_membership(path: Path, charter: Charter, chain: Sequence[Credential])
 
 def _groups_root(groups_dir: Path) -> Path:
     root = groups_dir / "groups"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise GroupError(f"cannot use the groups directory {groups_dir}: {_why(e)}") from None
     return root
+
+
+def _why(e: OSError) -> str:
+    if isinstance(e, FileExistsError | NotADirectoryError):
+        return "a path in it is a file, not a directory"
+    return e.strerror or str(e)
+
+
+def _fill_new_group(path: Path, write: Callable[[], None]) -> None:
+    """Write a new group directory's files, or leave no directory at all: a
+    half-made group would block the name and warn on every command."""
+    try:
+        write()
+    except (OSError, GroupError) as e:
+        shutil.rmtree(path, ignore_errors=True)
+        why = _why(e) if isinstance(e, OSError) else e.detail
+        raise GroupError(f"cannot write the group in {path}: {why}") from None
 
 
 def create_group(
@@ -201,8 +222,12 @@ def create_group(
         raise GroupError(
             f"a group {name} already exists in {groups_dir}: pick another name"
         ) from None
-    write_file(path / "config.json", _config_bytes(engine, DEFAULT_STREAM_MAXLEN))
-    _write_membership(path, charter, (own,))
+
+    def write() -> None:
+        write_file(path / "config.json", _config_bytes(engine, DEFAULT_STREAM_MAXLEN))
+        _write_membership(path, charter, (own,))
+
+    _fill_new_group(path, write)
     log.info("created group %s (%s) in %s", name, charter.group_id, groups_dir)
     return Membership(name, path, charter, (own,), engine, DEFAULT_STREAM_MAXLEN)
 
@@ -312,8 +337,12 @@ def join(
         _write_membership(path, charter, chain)
         log.info("renewed the membership of group %s (%s)", name, charter.group_id)
         return Membership(name, path, charter, chain, engine, held.stream_maxlen)
-    write_file(path / "config.json", _config_bytes(engine, DEFAULT_STREAM_MAXLEN))
-    _write_membership(path, charter, chain)
+
+    def write() -> None:
+        write_file(path / "config.json", _config_bytes(engine, DEFAULT_STREAM_MAXLEN))
+        _write_membership(path, charter, chain)
+
+    _fill_new_group(path, write)
     log.info("joined group %s (%s) as %s", name, charter.group_id, chain[0].role)
     return Membership(name, path, charter, chain, engine, DEFAULT_STREAM_MAXLEN)
 

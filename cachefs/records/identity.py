@@ -99,9 +99,27 @@ def check_label(text: str, what: str, *, allow_empty: bool) -> str:
 # ----------------------------------------------------------------- files
 
 
+def regular_or_new(path: Path, what: str) -> None:
+    """GroupError unless *path* is a regular file or nothing yet: a file written whole
+    is a new file renamed over it, which must not replace a FIFO, a device (as root,
+    /dev/null itself) or a symbolic link."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise GroupError(f"cannot write {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise GroupError(
+            f"{path} is not a regular file: {what} is written as a new file in its place; "
+            "give the path of a regular file or of a new one"
+        )
+
+
 def write_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     """Write a 0600 file whole or not at all; ``exclusive``: never replace one
-    (FileExistsError)."""
+    (FileExistsError).  Never replaces anything but a regular file (GroupError)."""
+    regular_or_new(path, "the file")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -191,6 +209,16 @@ class Identity:
     def load_or_create(cls, path: Path, name: str | None = None) -> Identity:
         """The identity whose key is at ``path``, created there if missing;
         ``name`` (if given) replaces the stored human name."""
+        try:
+            return cls._load_or_create(path, name)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if isinstance(e, FileExistsError | NotADirectoryError):
+                why = "a path in it is a file, not a directory"
+            raise GroupError(f"cannot create the member key {path}: {why}") from None
+
+    @classmethod
+    def _load_or_create(cls, path: Path, name: str | None) -> Identity:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not os.path.lexists(path):
             key = Ed25519PrivateKey.generate()

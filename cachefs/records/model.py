@@ -15,6 +15,7 @@ are the same bytes.
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 import uuid
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "encode_record",
     "from_micros",
     "micros",
+    "record_id",
 ]
 
 
@@ -139,6 +141,18 @@ class RecordEvent:
     record_id: uuid.UUID
     record_type: uuid.UUID
     version: int = 0
+
+
+def record_id(group_id: str, creator: str, record_type: uuid.UUID, created: datetime) -> uuid.UUID:
+    """The id of a record: derived from its group, creator, type and creation time
+    (a version 8 UUID), so that no member can give its own record the id of
+    another's and take it over where the original was not seen yet.  A member
+    never creates two records of one type at the same microsecond."""
+    text = f"cachefs-record-id\0{group_id}\0{creator}\0{record_type}\0{micros(created)}"
+    raw = bytearray(hashlib.sha256(text.encode()).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x80  # version 8: custom
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return uuid.UUID(bytes=bytes(raw))
 
 
 _MAGIC = b"CFSREC1\0"

@@ -56,6 +56,9 @@ __all__ = [
 T = TypeVar("T")
 CALL_DEADLINE = 5.0  # seconds, any one call to the engine
 BLOCK_MS = 1000  # a blocking read waits at most this long, so cancellation is prompt
+# a log entry larger than the group's largest record (plus room for its fields) is junk
+DEFAULT_MAX_ENTRY = (1 << 20) + (64 << 10)
+READ_BUDGET = 8 << 20  # bytes of entries one read returns (at least one entry)
 KINDS = ("rec", "cred", "revoke")
 StreamId = tuple[int, int]
 Value = str | bytes | int
@@ -126,7 +129,22 @@ for i = 1, #info, 2 do
   elseif k == 'first-entry' and info[i + 1] then first = info[i + 1][1] end
 end
 local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[2], '+', 'COUNT', ARGV[3])
-return {epoch, length, added, first, entries}
+-- bounded replies: an entry over ARGV[4] bytes comes as kind "oversize" (refused),
+-- and a reply stops once past ARGV[5] bytes (the rest comes with the next read)
+local out, total = {}, 0
+local cap, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+for i, e in ipairs(entries) do
+  local size = 0
+  for j = 1, #e[2] do size = size + #e[2][j] end
+  if size > cap then
+    e = {e[1], {'kind', 'oversize'}}
+    size = 0
+  end
+  if i > 1 and total + size > budget then break end
+  total = total + size
+  out[#out + 1] = e
+end
+return {epoch, length, added, first, out}
 """
 )
 # KEYS log epoch; ARGV new-epoch -> {epoch, last id}
@@ -261,9 +279,16 @@ class ReadResult:
 class EngineLog:
     """The group's keys over one client (entered by the caller)."""
 
-    def __init__(self, client: coredis.Redis[bytes], group_id: str, maxlen: int) -> None:
+    def __init__(
+        self,
+        client: coredis.Redis[bytes],
+        group_id: str,
+        maxlen: int,
+        max_entry: int = DEFAULT_MAX_ENTRY,
+    ) -> None:
         self.client = client
         self.maxlen = max(1, maxlen)
+        self.max_entry = max_entry  # bytes of a log entry read, at most
         prefix = f"cachefs:{group_id}:"
         self.group_id = group_id
         self.log, self.state, self.order = prefix + "log", prefix + "state", prefix + "order"
@@ -354,7 +379,7 @@ class EngineLog:
     async def read(self, position: str, count: int) -> ReadResult:
         """The epoch (set if missing), the log's extent and up to *count* entries
         after *position*, at one instant."""
-        args: list[Value] = [uuid.uuid4().hex, position, count]
+        args: list[Value] = [uuid.uuid4().hex, position, count, self.max_entry, READ_BUDGET]
         reply: Any = await call(self._read(keys=[self.log, self.epoch], args=args))
         if not (isinstance(reply, list) and len(reply) == 5):
             raise BadReply(f"unexpected reply to a read: {reply!r:.100}")

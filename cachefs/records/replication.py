@@ -43,7 +43,9 @@ from cachefs.records.redislog import (
     EngineLog,
     ReadResult,
     Shadowed,
+    pack_state,
     redact,
+    sort_key_text,
     stream_id,
     unpack_state,
 )
@@ -98,6 +100,9 @@ class ReplicaLink(Protocol):
 
     async def wait_outbox(self) -> None: ...  # returns once a change was queued since last call
 
+    # (body, signature) of the version held of a record, if any
+    async def held(self, record_id: str) -> tuple[bytes, bytes] | None: ...
+
 
 @dataclass(frozen=True)
 class ReplicationStatistics:
@@ -106,6 +111,7 @@ class ReplicationStatistics:
     applied: int  # changes read from the engine and applied
     stale: int  # changes read that were held already, or older
     rejected: int  # changes read that were malformed or failed a check
+    malformed: int  # of those, entries too malformed to reach the store's checks
     resyncs: int  # full reads of the engine's state
     reconnects: int
     engine_resets: int  # times the engine was found to have lost its data
@@ -123,6 +129,7 @@ class Replicator:
         url: str,
         *,
         stream_maxlen: int = 100_000,
+        max_record_size: int = 1 << 20,
         clock: Clock | None = None,
     ) -> None:
         if urlsplit(url).scheme not in ("redis", "rediss"):
@@ -131,6 +138,8 @@ class Replicator:
         self.display_url = redact(url)
         self._link = link
         self._maxlen = stream_maxlen
+        # a log entry is a record and its field names: anything larger is junk
+        self._max_entry = max_record_size + (64 << 10)
         self._clock: Clock = clock or SystemClock()
         self._publish_lock = trio.Lock()  # one drainer of the outbox at a time
         self._wake = trio.Event()  # set by sync(): stop waiting to reconnect
@@ -142,6 +151,7 @@ class Replicator:
         self._sessions = 0
         self._logged_rejections = 0
         self._published = self._applied = self._stale = self._rejected = 0
+        self._malformed = 0  # of the rejected: too malformed to reach the store
         self._resyncs = self._reconnects = self._resets = 0
         self._last_error: str | None = None
 
@@ -156,6 +166,7 @@ class Replicator:
             applied=self._applied,
             stale=self._stale,
             rejected=self._rejected,
+            malformed=self._malformed,
             resyncs=self._resyncs,
             reconnects=self._reconnects,
             engine_resets=self._resets,
@@ -214,7 +225,7 @@ class Replicator:
         with trio.CancelScope() as teardown:
             async with EngineLog.connect(self.url) as client:
                 try:
-                    engine = EngineLog(client, self._link.group_id, self._maxlen)
+                    engine = EngineLog(client, self._link.group_id, self._maxlen, self._max_entry)
                     await engine.ping()
                     self._up()
                     async with trio.open_nursery() as nursery:
@@ -232,7 +243,7 @@ class Replicator:
         while True:
             try:
                 async with EngineLog.connect(self.url) as client:
-                    engine = EngineLog(client, self._link.group_id, self._maxlen)
+                    engine = EngineLog(client, self._link.group_id, self._maxlen, self._max_entry)
                     async with self._publish_lock:
                         await self._drain(engine)
                     return await engine.mark()
@@ -346,7 +357,7 @@ class Replicator:
             elif self._trimmed(read):
                 await self._resync(engine, "the log was trimmed past this member's position")
             elif read.entries:
-                await self._apply_entries(read)
+                await self._apply_entries(engine, read)
             else:
                 self._notify()
                 await engine.wait(self._position)
@@ -360,7 +371,7 @@ class Replicator:
             return False
         return read.first > stream_id(self._position)
 
-    async def _apply_entries(self, read: ReadResult) -> None:
+    async def _apply_entries(self, engine: EngineLog, read: ReadResult) -> None:
         items = []
         for entry in read.entries:
             parts = entry.parts()
@@ -368,25 +379,46 @@ class Replicator:
                 self._reject(f"log entry {entry.id}: {parts}")
             else:
                 items.append(parts)
-        await self._apply_all(items)
+        results = await self._apply_all(items)
+        for (kind, body, sig), result in zip(items, results, strict=True):
+            if kind == "rec" and result is ApplyResult.REJECTED:
+                await self._repair_state(engine, body, sig)
         self._position = read.entries[-1].id
         await self._link.set_position(self._position)
         self._notify()
 
-    async def _apply_all(self, items: list[tuple[str, bytes, bytes]]) -> None:
-        """Apply in order, in one call to the store when it takes batches."""
+    async def _apply_all(self, items: list[tuple[str, bytes, bytes]]) -> list[ApplyResult]:
+        """Apply in order, in one call to the store; the result of each."""
         if len(items) < 2:
-            for item in items:
-                await self._apply(*item)
-            return
+            return [await self._apply(*item) for item in items]
         try:
             results = await self._link.apply_many(items)
         except (RecordsError, ValueError):  # find the culprit one by one
-            for item in items:
-                await self._apply(*item)
-            return
+            return [await self._apply(*item) for item in items]
         for result in results:
             self._count(result)
+        return results
+
+    async def _repair_state(self, engine: EngineLog, body: bytes, sig: bytes) -> None:
+        """A refused record may also have taken the engine's state for its id (the
+        state keeps what claims the latest version): put back the version this
+        member holds, so that members who read the state are not left without it."""
+        try:
+            _, record = decode_record(body, sig)
+        except EncodingError:
+            return
+        if await engine.state_entry(str(record.id)) != pack_state(body, sig):
+            return
+        held = await self._link.held(str(record.id))
+        if held is not None and await engine.replace_state(
+            Shadowed(held[0], held[1], sort_key_text(record).encode())
+        ):
+            log.warning(
+                "group %s: the engine's state held a refused version of record %s; "
+                "put back the one held here",
+                self._link.group_id,
+                record.id,
+            )
 
     async def _apply(self, kind: str, body: bytes, sig: bytes, count: bool = True) -> ApplyResult:
         try:
@@ -409,6 +441,7 @@ class Replicator:
     def _reject(self, why: str) -> None:
         """Something malformed from the engine: counted; the first few are logged."""
         self._rejected += 1
+        self._malformed += 1
         if self._logged_rejections < LOGGED_REJECTIONS:
             self._logged_rejections += 1
             last = self._logged_rejections == LOGGED_REJECTIONS

@@ -53,6 +53,7 @@ from cachefs.records.attributes import format_date
 from cachefs.records.database import Database
 from cachefs.records.errors import GroupError
 from cachefs.records.group import Group
+from cachefs.records.identity import regular_or_new
 from cachefs.records.model import ApplyResult, encode_record, micros
 
 __all__ = ["FORMAT", "ExportCounts", "ImportReport", "export_snapshot", "import_snapshot"]
@@ -142,6 +143,7 @@ async def export_snapshot(group: Group, path: Path) -> ExportCounts:
 
 def _write_atomically(path: Path, fill: Callable[[BinaryIO], T]) -> T:
     """*fill* a new 0600 file that replaces *path* once complete and on disk."""
+    regular_or_new(path, "the snapshot")
     directory = path.absolute().parent
     tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:

@@ -32,6 +32,7 @@ from cachefs.records.core import StoreCore
 from cachefs.records.credentials import Credential, Role
 from cachefs.records.database import Database
 from cachefs.records.errors import (
+    GroupError,
     GroupNotReady,
     InvalidRecord,
     InvalidRecordExpiration,
@@ -51,6 +52,7 @@ from cachefs.records.model import (
     encode_record,
     from_micros,
     micros,
+    record_id,
 )
 from cachefs.records.search import compile_query, parse_search
 from cachefs.records.stats import StoreStatistics
@@ -108,22 +110,30 @@ class RecordStore:
         cred = self._my_credential(now)
         expires = self._check_expiry(record.expires, now, cred.expires)
         attributes = normalize_attributes(record.attributes)
-        stored = Record(
-            type=record.type,
-            expires=expires,
-            attributes=attributes,
-            data=bytes(record.data),
-            flags=record.flags & RecordFlags.AUTOREFRESH,
-            id=uuid.uuid4(),
-            version=1,
-            creator=self._me.member_id,
-            modified_by=self._me.member_id,
-            created=now,
-            modified=now,
-        )
         async with self._core.lock:
-            await self._commit_local(stored, None)
-        return stored.id  # type: ignore[return-value]
+            # the id is derived from the creation time: the next microsecond if taken
+            for _ in range(100):
+                rid = record_id(self.group_id, self._me.member_id, record.type, now)
+                stored = Record(
+                    type=record.type,
+                    expires=expires,
+                    attributes=attributes,
+                    data=bytes(record.data),
+                    flags=record.flags & RecordFlags.AUTOREFRESH,
+                    id=rid,
+                    version=1,
+                    creator=self._me.member_id,
+                    modified_by=self._me.member_id,
+                    created=now,
+                    modified=now,
+                )
+                try:
+                    await self._commit_local(stored, None)
+                except _Changed:
+                    now += _US
+                    continue
+                return rid
+        raise GroupError("cannot give the record an id: the database is changing too fast")
 
     async def get(self, record_id: uuid.UUID) -> Record:
         """The live record with this id; RECORD_NOT_FOUND if it never existed, was
@@ -341,7 +351,13 @@ class RecordStore:
         signed = dataclasses.replace(record, signature=signature)
         # what we write we check as anyone would, before it leaves
         self.trust.check_record(body, signed, held)
-        await self._db_call(self._db.put, signed, ("rec", body, signature))
+        if not await self._db_call(self._db.put, signed, ("rec", body, signature), held):
+            if held is None:
+                raise _Changed
+            raise InvalidRecord(
+                f"record {held.id} changed meanwhile (another process of this member): "
+                "get it again and redo the change"
+            )
         self._core.stats.local_changes += 1
         self._core.changed(signed, held, queued=True)
         return signed
@@ -362,6 +378,10 @@ class RecordStore:
 
     async def _db_call(self, fn: Callable[..., T], *args: object) -> T:
         return await self._core.call(fn, *args)
+
+
+class _Changed(Exception):
+    """The id a new record would take is held (the same microsecond)."""
 
 
 def _after(t: datetime | None) -> datetime:

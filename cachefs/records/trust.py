@@ -28,7 +28,7 @@ from datetime import datetime
 from cachefs.records.credentials import Charter, Credential, Revocation, Role, time_text
 from cachefs.records.errors import InvalidRecord, NotAuthorized
 from cachefs.records.identity import KEY_SIZE, member_id_of, verify
-from cachefs.records.model import EncodingError, Record, decode_record, micros
+from cachefs.records.model import EncodingError, Record, decode_record, micros, record_id
 
 __all__ = ["Trust"]
 
@@ -232,6 +232,9 @@ class Trust:
             raise InvalidRecord(f"{what} is of group {group_id:.40}, not {self.charter.group_id}")
         if signed != record:
             raise InvalidRecord(f"{what} differs from the body it was signed as")
+        assert signed.created is not None
+        if signed.id != record_id(group_id, signed.creator, signed.type, signed.created):
+            raise InvalidRecord(f"{what}: its id is not one its creator's record can have")
         assert signed.modified is not None  # decode_record sets it
         signer = signed.modified_by
         cred = self.credential(signer, signed.modified)

@@ -146,6 +146,12 @@ class FakeLink:
             body = encode_record(self.group_id, replace(record, signature=b""))
             self._queue("rec", body, record.signature)
 
+    async def held(self, record_id: str) -> tuple[bytes, bytes] | None:
+        record = self.records.get(uuid.UUID(record_id))
+        if record is None:
+            return None
+        return encode_record(self.group_id, replace(record, signature=b"")), record.signature
+
     async def wait_outbox(self) -> None:
         await self._queued.wait()
         self._queued = trio.Event()

@@ -27,7 +27,7 @@ from cachefs.records.credentials import (
 )
 from cachefs.records.errors import GroupError, InvalidRecord, NotAuthorized, RecordsError
 from cachefs.records.identity import Identity, decode_key, encode_key, member_id_of, verify
-from cachefs.records.model import Record, encode_record
+from cachefs.records.model import Record, encode_record, record_id
 from cachefs.records.trust import Trust
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -95,6 +95,13 @@ class Group:
             "modified": modified,
         }
         values.update(fields)
+        if "id" not in fields:  # as the store derives it
+            values["id"] = record_id(
+                group_id or self.charter.group_id,
+                str(values["creator"]),
+                values["type"],  # type: ignore[arg-type]
+                values["created"],  # type: ignore[arg-type]
+            )
         record = Record(**values)  # type: ignore[arg-type]
         body = encode_record(group_id or self.charter.group_id, record)
         return body, dataclasses.replace(record, signature=signer.sign(body))
@@ -461,7 +468,9 @@ def test_fields_that_never_change_are_checked_against_the_held_version(
             body, record = g.record(signer, creator=g.bob, version=3)
         else:
             body, record = g.record(signer, creator=g.ann, version=3, **{field: changed[field]})
-        with pytest.raises(InvalidRecord, match=f"its {field} differs"):
+        # the id is derived from type, creation time and creator: a change of any of
+        # them is another id (or, kept, an id that is not theirs)
+        with pytest.raises(InvalidRecord, match="its id differs|its id is not one"):
             g.trust.check_record(body, record, held)
 
 
@@ -592,3 +601,11 @@ def test_a_missing_or_foreign_key_file_is_refused(tmp_path: Path) -> None:
     os.mkdir(path, 0o700)
     with pytest.raises(GroupError, match="not a regular file"):
         Identity.load(path)
+
+
+def test_an_id_that_is_not_derived_from_its_creator_is_refused(g: Group) -> None:
+    """A member cannot give its own record the id of another's record."""
+    _, theirs = g.record(g.bob)
+    body, mine = g.record(g.ann, id=theirs.id)
+    with pytest.raises(InvalidRecord, match="its id is not one"):
+        g.trust.check_record(body, mine, None)
