@@ -66,6 +66,8 @@ class StoreCore:
         self._changed = trio.Event()  # a local change was queued for the engine
         self._upkeep_wake = trio.Event()
         self._upkeep_at: datetime | None = None  # the upkeep's next planned wake
+        self._in_cycle = False  # the upkeep is reading the database
+        self._cycle_min: datetime | None = None  # what changes meanwhile need, earliest
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a database call in the one database thread; a database error is a
@@ -166,16 +168,24 @@ class StoreCore:
         when = record.expires
         if record.autorefresh and record.creator == self.member_id and record.modified:
             when -= (record.expires - record.modified) / 3
-        if self._upkeep_at is None or when < self._upkeep_at:
+        if self._in_cycle:  # the cycle may have read the database before this change
+            if self._cycle_min is None or when < self._cycle_min:
+                self._cycle_min = when
+        elif self._upkeep_at is None or when < self._upkeep_at:
             self._upkeep_at = when
             self._upkeep_wake.set()
 
     def upkeep_started(self) -> None:
-        self._upkeep_at = None  # a change from now on wakes the next cycle
+        self._in_cycle = True
+        self._cycle_min = None
 
     async def wait_upkeep(self, until: datetime | None) -> None:
         """Return when a change moved the next expiration or refresh before *until*
         (the upkeep's next wake; None: none planned)."""
+        self._in_cycle = False
+        if self._cycle_min is not None and (until is None or self._cycle_min < until):
+            await trio.lowlevel.checkpoint()
+            return  # a change during the cycle comes first: plan again
         self._upkeep_at = until
         await self._upkeep_wake.wait()
         self._upkeep_wake = trio.Event()

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachefs.records.attributes import Attribute, derived_attributes, parse_attributes
+from cachefs.records.attributes import Attribute, parse_attributes
 from cachefs.records.errors import GroupError
 from cachefs.records.model import Record, RecordFlags, from_micros, micros
 from cachefs.records.search import ATTRS_SCHEMA, index_rows
@@ -38,6 +38,10 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS records_type ON records(type, id)",
     "CREATE INDEX IF NOT EXISTS records_expires ON records(expires)",
     "CREATE INDEX IF NOT EXISTS records_creator ON records(creator, flags)",
+    # searches on the reserved attributes (peerlastmodifiedby, peercreationtime, ...)
+    "CREATE INDEX IF NOT EXISTS records_modified_by ON records(modified_by)",
+    "CREATE INDEX IF NOT EXISTS records_created ON records(created)",
+    "CREATE INDEX IF NOT EXISTS records_modified ON records(modified)",
     "CREATE TABLE IF NOT EXISTS credentials (digest TEXT PRIMARY KEY, blob BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS revocations (digest TEXT PRIMARY KEY, blob BLOB NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -166,7 +170,7 @@ class Database:
         if not record.deleted:
             if attrs is None:
                 attrs = parse_attributes(record.attributes)
-            rows = index_rows(rid, (*attrs, *derived_attributes(record)))
+            rows = index_rows(rid, attrs)  # the reserved ones are the header's columns
         self._db.execute(
             f"INSERT OR REPLACE INTO records ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             _row(record),
@@ -232,11 +236,11 @@ class Database:
     def expire(self, now_us: int) -> list[Record]:
         """Remove the records (and tombstones) whose expiration has passed, at most
         1000 at a time; returns them."""
+        query = f"SELECT {_COLUMNS} FROM records WHERE expires <= ? ORDER BY expires LIMIT 1000"
+        if self._db.execute(query, (now_us,)).fetchone() is None:
+            return []  # nothing due: no write transaction
         with self._transaction():
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE expires <= ? ORDER BY expires LIMIT 1000",
-                (now_us,),
-            ).fetchall()
+            rows = self._db.execute(query, (now_us,)).fetchall()
             for row in rows:
                 self._db.execute("DELETE FROM records WHERE id = ?", (row[0],))
                 self._db.execute("DELETE FROM attrs WHERE record_id = ?", (row[0],))

@@ -74,6 +74,7 @@ from cachefs.records.model import micros
 
 __all__ = [
     "ATTRS_SCHEMA",
+    "HEADER_COLUMNS",
     "And",
     "Clause",
     "Compare",
@@ -94,6 +95,17 @@ ATTRS_SCHEMA: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS attrs_str ON attrs(name, type, sval, record_id)",
     "CREATE INDEX IF NOT EXISTS attrs_record ON attrs(record_id)",
 )
+
+# The reserved attributes are the records table's own columns (indexed there), not
+# rows of attrs: ids and member ids are lower case already, times in microseconds.
+HEADER_COLUMNS: dict[str, tuple[str, AttrType]] = {
+    "peerrecordid": ("id", "string"),
+    "peerrecordtype": ("type", "string"),
+    "peercreatorid": ("creator", "string"),
+    "peerlastmodifiedby": ("modified_by", "string"),
+    "peercreationtime": ("created", "date"),
+    "peerlastmodificationtime": ("modified", "date"),
+}
 
 Compare = Literal["equal", "notequal", "less", "greater", "lessorequal", "greaterorequal"]
 COMPARES: tuple[Compare, ...] = get_args(Compare)
@@ -201,29 +213,29 @@ def _condition(clause: Clause) -> tuple[str, list[object]]:
     if clause.compare not in COMPARES:
         raise InvalidSearch(f"{where}: unknown compare {shown(clause.compare)}")
     op = _SQL_OP[clause.compare]
-    head: list[object] = [clause.attrib.casefold(), clause.type]
+    head: list[object] = []
     if clause.type == "int":
         text = clause.value.strip()
         if INT.fullmatch(text) is None or not INT_MIN <= int(text) <= INT_MAX:
             raise InvalidSearch(f"{where}: {shown(text)} is not a 64-bit integer")
-        return f"ival {op} ?", [*head, int(text)]
+        return f"{{ival}} {op} ?", [*head, int(text)]
     if clause.type == "date":
         try:
             instant = parse_date(clause.value.strip())
         except ValueError as e:
             raise InvalidSearch(f"{where}: {e}") from None
-        return f"ival {op} ?", [*head, micros(instant)]
+        return f"{{ival}} {op} ?", [*head, micros(instant)]
     if clause.type != "string":
         raise InvalidSearch(f"{where}: unknown type {shown(clause.type)} (use string, int or date)")
     pattern = _pattern(clause.value)
     if all(isinstance(part, str) for part in pattern):
-        return f"sval {op} ?", [*head, "".join(map(str, pattern)).casefold()]
+        return f"{{sval}} {op} ?", [*head, "".join(map(str, pattern)).casefold()]
     if clause.compare not in ("equal", "notequal"):
         raise InvalidSearch(
             f"{where}: wildcards work only with equal and notequal (escape them as \\* \\?)"
         )
     glob = "GLOB" if clause.compare == "equal" else "NOT GLOB"
-    return f"sval {glob} ?", [*head, _glob(pattern)]
+    return f"{{sval}} {glob} ?", [*head, _glob(pattern)]
 
 
 # -- <peersearch> --------------------------------------------------------------
@@ -308,19 +320,25 @@ def _compare(text: str) -> Compare | None:
 def compile_query(query: Query) -> tuple[str, list[object]]:
     """SQL selecting the distinct ``record_id`` values of ``attrs`` that
     *query* matches, and its parameters; InvalidSearch for an invalid clause."""
-    if isinstance(query, Clause):
-        condition, params = _condition(query)
-        return (
-            f"SELECT DISTINCT record_id FROM attrs WHERE name = ? AND type = ? AND {condition}",
-            params,
-        )
-    return _compile(query)
+    sql, params = _compile(query)
+    if isinstance(query, Clause):  # one clause: the same record once
+        sql = f"SELECT DISTINCT record_id FROM ({sql})"
+    return sql, params
 
 
 def _compile(query: Query) -> tuple[str, list[object]]:
     if isinstance(query, Clause):
         condition, params = _condition(query)
-        return f"SELECT record_id FROM attrs WHERE name = ? AND type = ? AND {condition}", params
+        header = HEADER_COLUMNS.get(query.attrib.casefold())
+        if header is None:
+            where = condition.format(ival="ival", sval="sval")
+            sql = f"SELECT record_id FROM attrs WHERE name = ? AND type = ? AND {where}"
+            return sql, [query.attrib.casefold(), query.type, *params]
+        column, kind = header
+        if kind != query.type:  # a clause of another type matches nothing
+            return "SELECT id AS record_id FROM records WHERE 0", []
+        where = condition.format(ival=column, sval=column)
+        return f"SELECT id AS record_id FROM records WHERE {where}", params
     if not query.children:
         raise InvalidSearch(f"<{type(query).__name__.lower()}> needs at least one child")
     joiner = " INTERSECT " if isinstance(query, And) else " UNION "

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cachefs.records.attributes import Attribute, derived_attributes
 from cachefs.records.errors import InvalidSearch
-from cachefs.records.model import Record
+from cachefs.records.model import Record, micros
 from cachefs.records.search import (
     ATTRS_SCHEMA,
     And,
@@ -32,13 +32,16 @@ def open_index() -> sqlite3.Connection:
     db = sqlite3.connect(":memory:")
     for statement in ATTRS_SCHEMA:
         db.execute(statement)
-    db.execute("CREATE TABLE records (id TEXT PRIMARY KEY)")
+    db.execute(
+        "CREATE TABLE records (id TEXT PRIMARY KEY, type TEXT, creator TEXT, "
+        "modified_by TEXT, created INTEGER, modified INTEGER)"
+    )
     return db
 
 
 def store(db: sqlite3.Connection, records: dict[str, Sequence[Attribute]]) -> None:
     for rid, attrs in records.items():
-        db.execute("INSERT INTO records VALUES (?)", (rid,))
+        db.execute("INSERT INTO records (id) VALUES (?)", (rid,))
         db.executemany("INSERT INTO attrs VALUES (?,?,?,?,?)", index_rows(rid, attrs))
 
 
@@ -280,13 +283,20 @@ def test_reserved_attributes_are_searchable() -> None:
         created=datetime(2026, 1, 1, tzinfo=UTC),
         modified=datetime(2026, 3, 1, tzinfo=UTC),
     )
-    store(db, {str(record.id): derived_attributes(record)})
     rid = str(record.id)
+    head = {a.name: a.value for a in derived_attributes(record)}
+    db.execute(
+        "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)",
+        (rid, str(record.type), record.creator, record.modified_by)
+        + (micros(head["peercreationtime"]), micros(head["peerlastmodificationtime"])),  # type: ignore[arg-type]
+    )
     assert found(db, search(clause("peerrecordid", "string", rid.upper()))) == {rid}
     assert found(db, search(clause("PeerCreatorId", "string", "mcreat*"))) == {rid}
     assert found(db, search(clause("peercreationtime", "date", "2026-01-01"))) == {rid}
     later = clause("peerlastmodificationtime", "date", "2026-02", "greater")
     assert found(db, search(later)) == {rid}
+    # a clause of another type than the attribute's matches nothing
+    assert found(db, search(clause("peercreationtime", "string", "*"))) == set()
 
 
 def test_a_thousand_clauses_run() -> None:
