@@ -29,6 +29,9 @@ from typing import Any
 
 import pytest
 
+# the real redis-server of the group records tests (tests/records/), started per test
+from redisserver import redis_server as redis_server
+
 from cachefs._linux import pagecache
 from cachefs.control.mounts import mount_at
 from cachefs.daemon.tuning import abort_connection
