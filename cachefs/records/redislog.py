@@ -410,9 +410,12 @@ class EngineLog:
         return _text(reply[0]), _text(reply[1])
 
     async def wait(self, position: str) -> None:
-        """Return when the log may hold entries after *position*, or after a second."""
+        """Return when an entry is appended to the log, or after a second (the caller
+        has read up to *position*).  Blocks for entries newer than the call ("$"),
+        not from *position*: the entries themselves are read by ``read``, which
+        bounds their size; here at most one new entry comes back, unread."""
         await call(
-            self.client.xread({self.log: position}, count=1, block=BLOCK_MS),
+            self.client.xread({self.log: "$"}, count=1, block=BLOCK_MS),
             BLOCK_MS / 1000 + CALL_DEADLINE,
         )
 
