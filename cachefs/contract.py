@@ -246,6 +246,40 @@ class ContentInfoStore(ContentInfoSource, Protocol):
     async def content_info_ids(self) -> list[str]: ...
 
 
+@runtime_checkable
+class VersionedContentInfoSource(Protocol):
+    """A source whose content information is looked up by file *and* version
+    (a group member's: the origin's, else a group content record).
+
+    The cache prefers it to :class:`ContentInfoSource` when a backend has
+    both; it ignores an answer for another version or block size.
+    """
+
+    async def content_info_of(self, file_id: str, version: str) -> ContentInfo | None: ...
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """A flat store of immutable objects by name (a hosted cache's blocks).
+
+    Names are ``[0-9a-z/._-]`` text without empty, ``.`` or ``..`` parts.
+    ``get_blob`` returns None for an absent object; ``has_blob`` False.
+    Every other failure (no connection, refused credentials, a timeout)
+    raises OSError with a one-line reason: the caller treats the store as
+    down for a while and never waits on it without a deadline.  ``put_blob``
+    of a name that exists may overwrite it (the bytes are the same: names
+    are their hash) or keep the old object.
+    """
+
+    async def get_blob(self, name: str) -> bytes | None: ...
+
+    async def has_blob(self, name: str) -> bool: ...
+
+    async def put_blob(self, name: str, data: bytes) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 # -- source URLs ------------------------------------------------------------------
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

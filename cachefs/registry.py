@@ -6,6 +6,10 @@ Backends are plugins: each is an entry point of the group
 (``/srv/data``, ``./data``) is a local directory, i.e. scheme ``file``
 (cachefs.contract.source_scheme and local_path read the URL forms).
 
+Blob stores (a group's hosted cache) are found the same way: entry points of
+the group ``cachefs.blobstores`` named after the URL scheme (a plain path is
+``file``), each a factory ``open_blob_store(url: str, **options) -> BlobStore``.
+
 Wrappers are plugins too: each is an entry point of the group
 ``cachefs.wrappers`` named after the mount option that turns it on
 (``faults``, ``trace``, ``throttle``), pointing at an object with the
@@ -21,16 +25,18 @@ from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
 
-from cachefs.contract import Backend, local_path, source_scheme
+from cachefs.contract import Backend, BlobStore, local_path, source_scheme
 from cachefs.errors import ConfigError, UnknownBackend
 
 __all__ = [
+    "BLOB_GROUP",
     "GROUP",
     "WRAPPER_GROUP",
     "Wrapper",
     "known_schemes",
     "local_path",
     "open_backend",
+    "open_blob_store",
     "source_scheme",
     "wrapper",
 ]
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "cachefs.backends"
 WRAPPER_GROUP = "cachefs.wrappers"
+BLOB_GROUP = "cachefs.blobstores"
 
 
 class Wrapper(Protocol):
@@ -60,9 +67,9 @@ class Wrapper(Protocol):
         ...
 
 
-def known_schemes() -> list[str]:
-    """The schemes of the installed backends, sorted."""
-    return sorted({ep.name for ep in entry_points(group=GROUP)})
+def known_schemes(group: str = GROUP) -> list[str]:
+    """The schemes of the installed backends (or blob stores: BLOB_GROUP), sorted."""
+    return sorted({ep.name for ep in entry_points(group=group)})
 
 
 def _entry_point(group: str, name: str) -> EntryPoint | None:
@@ -88,6 +95,26 @@ def open_backend(source: str, **options: Any) -> Backend:
     log.debug("opening the %s source with %s", scheme, found.value)  # a URL may hold secrets
     backend: Backend = factory(source, **options)
     return backend
+
+
+def open_blob_store(url: str, **options: Any) -> BlobStore:
+    """Open the blob store at *url*; *options* go to its factory unchanged.
+
+    Raises UnknownBackend when no installed blob store serves the scheme;
+    the factory's own errors (SourceError, …) pass through.
+    """
+    scheme = source_scheme(url)
+    found = _entry_point(BLOB_GROUP, scheme)
+    if found is None:
+        known = ", ".join(known_schemes(BLOB_GROUP)) or "none (is cachefs installed?)"
+        shown = "" if "@" in url else f" in {url!r}"  # never repeat credentials
+        raise UnknownBackend(
+            f"unknown blob store scheme {scheme!r}{shown}: known schemes are {known}"
+        )
+    factory = found.load()
+    log.debug("opening the %s blob store with %s", scheme, found.value)
+    store: BlobStore = factory(url, **options)
+    return store
 
 
 def wrapper(name: str) -> Wrapper:

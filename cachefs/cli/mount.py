@@ -41,8 +41,10 @@ from cachefs.engine import CacheConfig
 from cachefs.engine.state.crypto import read_key_material
 from cachefs.errors import ConfigError
 from cachefs.fuse import TRANSPORTS, check_transport
+from cachefs.group.content import TRUST_MODES
+from cachefs.group.member import MemberOptions
 from cachefs.publish import run_publish
-from cachefs.registry import open_backend, wrapper
+from cachefs.registry import open_backend, open_blob_store, source_scheme, wrapper
 from cachefs.units import format_size
 
 READY_TIMEOUT = 60.0
@@ -211,7 +213,61 @@ def add_mount(add: AddCommand) -> None:
     )
     option("--foreground", action="store_true", help="serve in this process, logging to stderr")
     s3options.add_arguments(mount)
+    _group_options(mount)
     mount.set_defaults(run=cmd_mount)
+
+
+def _group_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Groups (docs/group.md)",
+        "A mount in a group publishes its status and the file versions it sees, pins what "
+        "the group's administrators pin, and with --shared-cache shares the blocks it "
+        "fetches: each block comes from the origin once for the whole group, and every "
+        "block from the hosted cache is checked against the file's content information.",
+    )
+    group.add_argument(
+        "--group",
+        metavar="NAME",
+        type=non_empty,
+        help="take part in group NAME as this machine's member (`cachefs group join`)",
+    )
+    group.add_argument(
+        "--groups-dir",
+        metavar="DIR",
+        type=non_empty,
+        help="where this machine's memberships are (default: $CACHEFS_GROUPS_DIR, else "
+        "/var/lib/cachefs/groups as root, else ~/.local/share/cachefs/groups)",
+    )
+    group.add_argument(
+        "--shared-cache",
+        metavar="URL",
+        type=non_empty,
+        help="the group's hosted cache of blocks: s3://BUCKET[/PREFIX], or a directory all "
+        "members share; needs --group. Down or unreachable, reads go to the origin",
+    )
+    group.add_argument(
+        "--shared-cache-endpoint",
+        metavar="URL",
+        type=s3options.endpoint,
+        help="the S3 endpoint of --shared-cache (default: --s3-endpoint, else "
+        "$AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS)",
+    )
+    group.add_argument(
+        "--trust-content",
+        choices=TRUST_MODES,
+        default=TRUST_MODES[0],
+        help="whose content records let a block come from the hosted cache: any member's "
+        "(members), or administrators' only (admins). Content information the origin "
+        "publishes always wins (default: members)",
+    )
+    group.add_argument(
+        "--status-expiry",
+        metavar="SECONDS",
+        type=number(float, 5, 86400),
+        default=60.0,
+        help="lifetime of this mount's status record, rewritten every third of it: a node "
+        "that dies leaves `cachefs group status` this long after (default: 60)",
+    )
 
 
 def add_publish(add: AddCommand) -> None:
@@ -295,6 +351,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if args.trace:
         wrappers.append(("trace", wrapper("trace").check(args.trace)))  # opened as the mount will
     return MountOptions(
+        group=_member_options(args, backend_options),
         source=source,
         mountpoint=mountpoint,
         cache_dir=cache_dir,
@@ -306,6 +363,49 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         key_file=key_file,
         passthrough=args.passthrough,
         fuse=args.fuse,
+    )
+
+
+def _member_options(
+    args: argparse.Namespace, source_options: dict[str, Any]
+) -> MemberOptions | None:
+    """The group options, checked: this machine a member, the hosted cache's URL sound."""
+    if args.group is None:
+        for flag, given in (
+            ("--shared-cache", args.shared_cache),
+            ("--shared-cache-endpoint", args.shared_cache_endpoint),
+            ("--groups-dir", args.groups_dir),
+        ):
+            if given is not None:
+                raise ConfigError(f"{flag} needs --group NAME")
+        return None
+    if args.encrypt:
+        raise ConfigError(
+            "--group cannot be combined with --encrypt: the group's records and hosted "
+            "cache hold file names and blocks in clear"
+        )
+    from cachefs.records.groups import default_groups_dir, load_membership
+
+    groups_dir = Path(os.path.abspath(args.groups_dir)) if args.groups_dir else default_groups_dir()
+    load_membership(groups_dir, args.group)  # GroupError: not a member here
+    shared, shared_options = args.shared_cache, {}
+    if shared is not None:
+        if source_scheme(shared) == "file" and "://" not in shared:
+            shared = os.path.abspath(shared)
+        endpoint = args.shared_cache_endpoint or source_options.get("endpoint")
+        if endpoint and source_scheme(shared) == "s3":
+            shared_options["endpoint"] = endpoint
+        elif args.shared_cache_endpoint:
+            raise ConfigError("--shared-cache-endpoint is only for an s3:// --shared-cache")
+        store = open_blob_store(shared, **shared_options)  # the URL checked, nothing asked
+        trio.run(store.aclose)
+    return MemberOptions(
+        group=args.group,
+        groups_dir=groups_dir,
+        shared_cache=shared,
+        shared_cache_options=shared_options,
+        trust_content=args.trust_content,
+        status_expiry=args.status_expiry,
     )
 
 

@@ -76,7 +76,7 @@ def _scheme_and_host(url: str) -> str:
     return match[0] if match else ""
 
 
-def _endpoint(text: str) -> str:
+def endpoint(text: str) -> str:
     problem = endpoint_problem(text)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--s3-endpoint",
         metavar="URL",
-        type=_endpoint,
+        type=endpoint,
         help="an S3-compatible server, e.g. http://minio:9000 "
         "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS)",
     )

@@ -52,6 +52,7 @@ from cachefs.control.server import Progress
 from cachefs.engine import FileCache
 from cachefs.errors import CacheFSError, NotFound, PinLimitExceeded
 from cachefs.fs.inodes import Namespace, child_id
+from cachefs.group.member import Member
 from cachefs.units import format_size
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,10 @@ class ControlCommands:
         mountpoint: Path,
         stop: Callable[[], None],
         invalidate: Callable[[str], None],
+        member: Member | None = None,
     ) -> None:
         self._cache = cache
+        self._member = member
         self._namespace = namespace
         self._source = source
         self._mountpoint = mountpoint
@@ -142,6 +145,7 @@ class ControlCommands:
             "mountpoint": str(self._mountpoint),
             "pid": os.getpid(),
             "inodes": len(self._namespace),
+            **({"group": self._member.statistics()} if self._member is not None else {}),
         }
 
     async def reset_file_errors(self, file_ids: tuple[str, ...]) -> list[str]:
@@ -160,6 +164,11 @@ class ControlCommands:
         got = await self._cache.add_data(
             request.file_id, request.offset, request.data, trust=request.trust
         )
+        if self._member is not None and got.accepted and not request.trust:
+            # AddData's rule: data added and verified is offered to the hosted cache too
+            await self._member.offer_added(
+                self._cache, request.file_id, request.offset, request.data
+            )
         return {"accepted": got.accepted, "rejected": got.rejected, "pending": got.pending}
 
     async def reset_external_error(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from cachefs.engine import CacheConfig
 from cachefs.errors import CacheFSError
 from cachefs.fuse import TRANSPORTS
+from cachefs.group.member import MemberOptions
 from cachefs.registry import source_scheme
 
 
@@ -42,6 +43,8 @@ class MountOptions:
     passthrough: bool = True
     #: the FUSE transport: "native" (cachefs's own, with passthrough) or "pyfuse3"
     fuse: str = "native"
+    #: the group this mount takes part in, None for none
+    group: MemberOptions | None = None
 
     def wrapper(self, name: str) -> str | None:
         """The value of wrapper *name*, None if it is not stacked."""

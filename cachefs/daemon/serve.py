@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from functools import partial
 
 import trio
@@ -27,7 +28,8 @@ from cachefs.engine.state.crypto import read_key_material
 from cachefs.errors import CacheFSError
 from cachefs.fs.inodes import Namespace
 from cachefs.fs.operations import KernelInvalidator
-from cachefs.registry import open_backend, wrapper
+from cachefs.group.member import open_member
+from cachefs.registry import open_backend, open_blob_store, wrapper
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
     backend: Backend = await trio.to_thread.run_sync(
         partial(open_backend, opts.source, **opts.backend_options)
     )
+    invalidator = KernelInvalidator()
     # The wrappers in the order given, innermost first (the command line
     # stacks trace(faults(throttle(source))): the throttle slows the source
     # down as a remote store would, and the trace records what the faults
@@ -71,24 +74,42 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
     try:
         for name, value in opts.wrappers:
             backend = wrapper(name).wrap(backend, value, tags if opts.encrypt else str)
-        log.info("backend: %r", backend)
-        invalidator = KernelInvalidator()
-        key = None
-        if opts.encrypt:
-            key_file = None if opts.key_file is None else str(opts.key_file)
-            key = read_key_material(key_file, os.environ)
-        async with open_file_cache(
-            backend,
-            opts.cache_dir,
-            opts.config,
-            on_invalidate=invalidator.notify,
-            key_material=key,
-        ) as cache:
-            if cache.catalog.key is not None:
-                tags.use(cache.catalog.key.name_tag)
-            namespace = Namespace(cache)
-            await serve_fuse(opts, cache, namespace, invalidator, on_ready)
-        log.info("cache metadata committed")
+        async with AsyncExitStack() as stack:
+            member = None
+            on_invalidate: Callable[[str], None] = invalidator.notify
+            if opts.group is not None:
+                # The group's records replicate in the background; the hosted
+                # cache, when there is one, goes in front of the origin.
+                member = await stack.enter_async_context(
+                    open_member(opts.group, opts.config.block_size, open_blob_store)
+                )
+                backend = member.wrap(backend, opts.config.block_size)
+                on_invalidate = _both(invalidator.notify, member.on_retired)
+            log.info("backend: %r", backend)
+            key = None
+            if opts.encrypt:
+                key_file = None if opts.key_file is None else str(opts.key_file)
+                key = read_key_material(key_file, os.environ)
+            async with open_file_cache(
+                backend,
+                opts.cache_dir,
+                opts.config,
+                on_invalidate=on_invalidate,
+                key_material=key,
+            ) as cache:
+                if cache.catalog.key is not None:
+                    tags.use(cache.catalog.key.name_tag)
+                namespace = Namespace(cache)
+                await serve_fuse(opts, cache, namespace, invalidator, on_ready, member)
+            log.info("cache metadata committed")
     finally:
         with trio.CancelScope(shield=True):
             await backend.aclose()
+
+
+def _both(first: Callable[[str], None], second: Callable[[str], None]) -> Callable[[str], None]:
+    def both(file_id: str) -> None:
+        first(file_id)
+        second(file_id)
+
+    return both

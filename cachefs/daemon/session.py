@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 
 import trio
 
@@ -18,6 +19,7 @@ from cachefs.daemon.tuning import tune_when_initialized
 from cachefs.engine import FileCache
 from cachefs.fs.inodes import Namespace
 from cachefs.fs.operations import KernelInvalidator, Operations
+from cachefs.group.member import Described, Member
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ async def serve_fuse(
     namespace: Namespace,
     invalidator: KernelInvalidator,
     on_ready: Callable[[], None],
+    member: Member | None = None,
 ) -> None:
     mount_fs = fuse.transport(opts.fuse)
     mounted: fuse.Mounted | None = None
@@ -82,6 +85,7 @@ async def serve_fuse(
                 mountpoint=opts.mountpoint,
                 stop=session.stop,
                 invalidate=invalidator.drop_pages,
+                member=member,
             )
             # The control socket first: once the mount is visible, it answers.
             await nursery.start(serve_control, opts.cache_dir, commands)
@@ -100,11 +104,27 @@ async def serve_fuse(
                 passthrough=passthrough,
             )
             session.serve(mounted)
-            await nursery.start(invalidator.serve, namespace, mounted.kernel.invalidate_inode)
+            kernel = mounted.kernel
+            await nursery.start(
+                invalidator.serve, namespace, kernel.invalidate_inode, kernel.invalidate_entry
+            )
             await tune_when_initialized(opts, initialized)
+            if member is not None:
+                described = Described(str(opts.mountpoint), opts.source, _software())
+                await nursery.start(
+                    member.serve, cache, opts.cache_dir, invalidator.forget_entry, described
+                )
             log.info("mounted %s on %s (cache %s)", opts.source, opts.mountpoint, opts.cache_dir)
             on_ready()
     finally:
         if mounted is not None:
             mounted.close()
             log.info("unmounted %s", opts.mountpoint)
+
+
+def _software() -> str:
+    """``cachefs <version>`` as installed."""
+    try:
+        return f"cachefs {version('cachefs')}"
+    except PackageNotFoundError:
+        return "cachefs (not installed)"

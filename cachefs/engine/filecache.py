@@ -108,6 +108,16 @@ class FileCache:
         cf = self.catalog.files.get(file_id)
         return None if cf is None else cf.attrs
 
+    async def revalidate(self, file_id: str) -> FileAttrs:
+        """Ask the backend for *file_id* now, whatever the TTL (a group member
+        heard it changed): a new version retires the cached one at once."""
+        return await self._attrs.revalidate(file_id)
+
+    def cached_bytes_of(self, file_id: str) -> int:
+        """Bytes of the current version of *file_id* held in the cache."""
+        cf = self.catalog.files.get(file_id)
+        return 0 if cf is None else self.catalog.present_bytes(cf)
+
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         """The entries of *dir_id*; the last listing seen is served while offline."""
         return await self._attrs.list_dir(dir_id)

@@ -284,15 +284,22 @@ class KernelInvalidator:
     version is a new inode (cachefs.fs.inodes), and the old inode's pages
     are still the old version's.  ``drop_pages`` asks the kernel to drop
     the pages of the file's inode too (after ``cachefs purge`` and
-    ``reset-file-errors``): from a worker thread, since the kernel may wait
-    for requests this process must answer, and abandoned at unmount, since
-    it may wait for requests this process no longer answers.  Pending file
-    ids are sets, so the queue is bounded by the number of files.
+    ``reset-file-errors``).  ``forget_entry`` asks it to forget the file's
+    name, so that its next use is looked up again although the kernel's
+    entry timeout (the mount's TTL) has not run out: for a new version
+    learned from elsewhere (a group member), which the kernel would
+    otherwise find only once that timeout ends.
+
+    The kernel is told from a worker thread, since it may wait for requests
+    this process must answer, and abandoned at unmount, since it may wait
+    for requests this process no longer answers.  Pending file ids are
+    sets, so the queue is bounded by the number of files.
     """
 
     def __init__(self) -> None:
         self._pending: set[str] = set()
         self._pages: set[str] = set()
+        self._entries: set[str] = set()
         self._wakeup = trio.Event()
 
     def notify(self, file_id: str) -> None:
@@ -303,26 +310,42 @@ class KernelInvalidator:
         self._pages.add(file_id)
         self.notify(file_id)
 
+    def forget_entry(self, file_id: str) -> None:
+        self._entries.add(file_id)
+        self.notify(file_id)
+
     async def serve(
         self,
         namespace: Namespace,
-        invalidate: Callable[[int], None],
+        invalidate_inode: Callable[[int], None],
+        invalidate_entry: Callable[[int, bytes], None],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Tell the kernel with *invalidate* (blocking, run in a thread) until cancelled."""
+        """Tell the kernel with *invalidate_inode* and *invalidate_entry* (a
+        cachefs.fuse.api.Kernel's; blocking, run in a thread) until cancelled."""
         task_status.started()
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             pending, self._pending = self._pending, set()
             pages, self._pages = self._pages, set()
+            entries, self._entries = self._entries, set()
             for file_id in sorted(pending):
                 ino = namespace.invalidated(file_id)
-                if ino is None or file_id not in pages:
-                    continue
-                try:
-                    await trio.to_thread.run_sync(invalidate, ino, abandon_on_cancel=True)
-                except OSError as e:  # ENOENT: the kernel had already let it go
-                    if e.errno != errno.ENOENT:
-                        log.warning("could not invalidate inode %d (%r): %s", ino, file_id, e)
+                if ino is not None and file_id in pages:
+                    try:
+                        await trio.to_thread.run_sync(invalidate_inode, ino, abandon_on_cancel=True)
+                    except OSError as e:  # ENOENT: the kernel had already let it go
+                        if e.errno != errno.ENOENT:
+                            log.warning("could not invalidate inode %d (%r): %s", ino, file_id, e)
+                parent_id, _, name = file_id.rpartition("/")
+                parent = namespace.live_inode(parent_id) if file_id in entries and name else None
+                if parent is not None:
+                    try:
+                        await trio.to_thread.run_sync(
+                            invalidate_entry, parent, os.fsencode(name), abandon_on_cancel=True
+                        )
+                    except OSError as e:  # ENOENT: the kernel had already let it go
+                        if e.errno != errno.ENOENT:
+                            log.warning("could not invalidate the entry %r: %s", file_id, e)

@@ -163,6 +163,16 @@ class Kernel(Protocol):
         """
         ...
 
+    def invalidate_entry(self, parent_ino: int, name: bytes) -> None:
+        """Make the kernel forget the entry *name* of directory *parent_ino*,
+        whatever its entry timeout: the name's next use is looked up again.
+        Blocking: call it from a thread (the kernel waits for the requests in
+        that directory this process answers).
+
+        OSError ENOENT: the kernel does not know the directory or the entry.
+        """
+        ...
+
 
 class Mounted(Protocol):
     """A mounted file system, ready to be served."""

@@ -74,14 +74,15 @@ RESERVED_ATTRIBUTES = frozenset(
     }
 )
 
-# Record types cachefs keeps for itself (its mounts' status, file version and
-# content records); an application gets NOT_AUTHORIZED for them.  Fixed
+# Record types cachefs keeps for itself (its mounts' status, file version,
+# content and pin records); an application gets NOT_AUTHORIZED for them.  Fixed
 # values, so that every version of cachefs agrees.
 _NAMESPACE = uuid.UUID("6f1d2c9e-2b7a-5c1e-9f3e-0c4a1b2d3e4f")
 NODE_STATUS_TYPE = uuid.uuid5(_NAMESPACE, "cachefs/node-status")
 FILE_VERSION_TYPE = uuid.uuid5(_NAMESPACE, "cachefs/file-version")
 CONTENT_INFO_TYPE = uuid.uuid5(_NAMESPACE, "cachefs/content-info")
-RESERVED_TYPES = frozenset({NODE_STATUS_TYPE, FILE_VERSION_TYPE, CONTENT_INFO_TYPE})
+GROUP_PIN_TYPE = uuid.uuid5(_NAMESPACE, "cachefs/group-pin")
+RESERVED_TYPES = frozenset({NODE_STATUS_TYPE, FILE_VERSION_TYPE, CONTENT_INFO_TYPE, GROUP_PIN_TYPE})
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

@@ -98,6 +98,7 @@ FOPEN_PASSTHROUGH = 1 << 7
 
 # -- notifications ----------------------------------------------------------------
 NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_ENTRY = 3
 
 # -- /dev/fuse ioctls: _IOW(229, nr, size) ------------------------------------------
 _IOC_WRITE = 1
@@ -135,7 +136,8 @@ FORGET_ONE = struct.Struct("<QQ")
 GETXATTR_IN = struct.Struct("<II")
 GETXATTR_OUT = struct.Struct("<II")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
-NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino offset length
+NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen flags, then the name and NUL
 
 
 def _attr_fields(entry: Entry) -> tuple[int, ...]:

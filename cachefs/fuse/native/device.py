@@ -80,6 +80,18 @@ class Connection:
         header = abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(out), abi.NOTIFY_INVAL_INODE, 0)
         os.writev(self.fd, [header, out])
 
+    def invalidate_entry(self, parent_ino: int, name: bytes) -> None:
+        """Make the kernel forget the entry *name* of directory *parent_ino*: its
+        next use is looked up again.  Blocking: call it from a thread (the
+        kernel waits for lookups in that directory this process answers).
+
+        OSError ENOENT: the kernel does not know the directory or the entry.
+        """
+        out = abi.NOTIFY_INVAL_ENTRY_OUT.pack(parent_ino, len(name), 0)
+        size = abi.OUT_HEADER.size + len(out) + len(name) + 1
+        header = abi.OUT_HEADER.pack(size, abi.NOTIFY_INVAL_ENTRY, 0)
+        os.writev(self.fd, [header, out, name, b"\0"])
+
     def close(self) -> None:
         """Unmount (lazily) and end the connection: open files then fail with ENOTCONN.
 

@@ -61,6 +61,11 @@ class Pyfuse3Kernel:
             raise OSError(errno.ENOTCONN, "the mount is closed")
         pyfuse3.invalidate_inode(ino)
 
+    def invalidate_entry(self, parent_ino: int, name: bytes) -> None:
+        if not self.open:
+            raise OSError(errno.ENOTCONN, "the mount is closed")
+        pyfuse3.invalidate_entry(parent_ino, name)
+
 
 class Pyfuse3Mount:
     """A mounted pyfuse3 session (a cachefs.fuse.api.Mounted)."""

@@ -1,0 +1,242 @@
+"""The origin as a group mount reads it: the hosted cache first, verified.
+
+:class:`SharedBackend` is the outermost backend of a mount in a group with
+a hosted cache.  Policy:
+
+- Content information of a version (``content_info_of``): the origin's
+  published information when it has some for that version (it always
+  wins), else a content record of the group this mount trusts
+  (cachefs.group.content).  The origin's answer is kept per version; a
+  version without any is looked up again in the group's records after
+  NEGATIVE_TTL, since a peer may publish one meanwhile.
+- A ReadData call on a version with content information, starting on a
+  block boundary, asks the hosted cache for its blocks at once (each
+  within the hosted cache's deadline) and serves the leading blocks that
+  arrived and hash to what the content information says; the rest of the
+  call goes to the origin in the same call.  A block that is absent or
+  wrong in the hosted cache costs an origin read, never a wrong byte.
+- Whole blocks read from the origin are offered to the hosted cache in the
+  background (copied, hashed by its uploaders; checked against the
+  content information when there is some).  Without content information
+  their hashes are learned as they upload, and a version whose every block
+  was learned is published as a content record.
+- Errors: the origin's result codes pass through unchanged.  When the
+  hosted cache served part of a call and the origin then fails, the call
+  answers PARTIAL with the part served.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from functools import partial
+
+import trio
+
+from cachefs.contract import (
+    Backend,
+    ContentInfo,
+    ContentInfoSource,
+    DirEntry,
+    FileAttrs,
+    ReadData,
+    RWEvent,
+    RWResult,
+)
+from cachefs.group.content import ContentRecords, Tracker, Trackers
+from cachefs.group.hosted import HostedCache
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_TTL = 2.0
+INFOS = 1024  # versions whose content information is kept in memory
+_DATA = (RWResult.SUCCESS, RWResult.PARTIAL)
+
+
+class SharedBackend:
+    """*origin* with the hosted cache in front of it (see the module's policy)."""
+
+    def __init__(
+        self,
+        origin: Backend,
+        hosted: HostedCache,
+        records: ContentRecords,
+        block_size: int,
+    ) -> None:
+        self.origin = origin
+        self.hosted = hosted
+        self.records = records
+        self._bs = block_size
+        self._origin_info: OrderedDict[tuple[str, str], ContentInfo | None] = OrderedDict()
+        self._infos: OrderedDict[tuple[str, str], tuple[ContentInfo | None, float]] = OrderedDict()
+        self.trackers = Trackers(block_size, records.max_blocks)
+
+    def __repr__(self) -> str:
+        return f"shared({self.hosted.url}, {self.origin!r})"
+
+    # -- pass-through --------------------------------------------------------------
+
+    async def stat(self, file_id: str) -> FileAttrs | None:
+        return await self.origin.stat(file_id)
+
+    async def list_dir(self, dir_id: str) -> list[DirEntry]:
+        return await self.origin.list_dir(dir_id)
+
+    async def open_file(self, file_id: str) -> object:
+        return await self.origin.open_file(file_id)
+
+    async def close_file(self, file_id: str, context: object) -> None:
+        await self.origin.close_file(file_id, context)
+
+    async def aclose(self) -> None:
+        await self.origin.aclose()
+
+    # -- content information -----------------------------------------------------------
+
+    async def content_info_of(self, file_id: str, version: str) -> ContentInfo | None:
+        """The origin's published information for this version, else a trusted record's.
+
+        Raises what the origin's ``content_info`` raises (the cache asks again later).
+        """
+        key = (file_id, version)
+        if key not in self._origin_info and isinstance(self.origin, ContentInfoSource):
+            info = await self.origin.content_info(file_id)
+            self._keep(self._origin_info, key, info if info and info.version == version else None)
+        origin = self._origin_info.get(key)
+        if origin is not None:
+            return origin
+        return await self._record_info(file_id, version, None)
+
+    async def _record_info(
+        self, file_id: str, version: str, size: int | None
+    ) -> ContentInfo | None:
+        """A trusted record's information (of any size when *size* is None)."""
+        key = (file_id, version)
+        now = trio.current_time()
+        held = self._infos.get(key)
+        if held is not None and (held[0] is not None or now - held[1] < NEGATIVE_TTL):
+            self._infos.move_to_end(key)
+            return held[0]
+        info = await self.records.lookup(file_id, version, size)
+        self._keep(self._infos, key, (info, now))
+        return info
+
+    @staticmethod
+    def _keep(cache: OrderedDict, key: tuple[str, str], value: object) -> None:
+        cache[key] = value
+        cache.move_to_end(key)
+        if len(cache) > INFOS:
+            cache.popitem(last=False)
+
+    async def _info(self, req: ReadData) -> ContentInfo | None:
+        key = (req.file_id, req.version)
+        origin = self._origin_info.get(key)
+        if origin is not None:
+            return origin
+        if key not in self._origin_info:
+            try:
+                return await self.content_info_of(req.file_id, req.version)
+            except Exception as e:  # the engine, which asks too, reports it
+                log.debug("content information of %s: %s", req.file_id, e)
+                self._keep(self._origin_info, key, None)
+        return await self._record_info(req.file_id, req.version, req.size)
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def read_data(self, req: ReadData) -> None:
+        served = 0
+        info = None
+        if req.bytes_to_read and not req.flags & RWEvent.CANCELED:
+            info = await self._info(req)
+            if (
+                info is not None
+                and info.size == req.size
+                and req.position % self._bs == 0
+                and self.hosted.usable()
+            ):
+                served = await self._from_hosted(req, info)
+        if served == req.bytes_to_read and served:
+            req.bytes_read, req.result_code = served, RWResult.SUCCESS
+            return
+        sub = ReadData(
+            file_id=req.file_id,
+            size=req.size,
+            position=req.position + served,
+            flags=req.flags,
+            buffer=req.buffer[served:],
+            bytes_to_read=req.bytes_to_read - served,
+            file_context=req.file_context,
+            version=req.version,
+        )
+        try:
+            await self.origin.read_data(sub)
+        except Exception:
+            if not served:
+                raise
+            log.exception("origin failed after the hosted cache served part of a call")
+            req.bytes_read, req.result_code = served, RWResult.PARTIAL
+            return
+        n, rc = sub.bytes_read, sub.result_code
+        good = type(n) is int and 0 <= n <= sub.bytes_to_read
+        if served and (not good or rc not in (*_DATA, RWResult.RANGE_BEYOND_EOF)):
+            req.bytes_read, req.result_code = served, RWResult.PARTIAL
+            return
+        req.bytes_read, req.result_code = (served + n if good else n), rc
+        if good and n and rc in _DATA and req.bytes_to_read:
+            self._offer(req, sub.position, n, info)
+
+    async def _from_hosted(self, req: ReadData, info: ContentInfo) -> int:
+        """Copy the leading blocks of *req* the hosted cache has (checked) into
+        its buffer; the bytes served."""
+        bs = self._bs
+        first = req.position // bs
+        end = req.position + req.bytes_to_read
+        count = -(-req.bytes_to_read // bs)
+        if end != req.size and req.bytes_to_read % bs:
+            count -= 1  # a call ending inside a block: that block is the origin's
+        if count <= 0:
+            return 0
+        got: list[bytes | None] = [None] * count
+
+        async def one(i: int) -> None:
+            b = first + i
+            length = min(bs, req.size - b * bs)
+            got[i] = await self.hosted.fetch(info.block_hashes[b], length)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                if first + i < len(info.block_hashes):
+                    nursery.start_soon(one, i)
+        served = 0
+        for data in got:
+            if data is None:
+                break
+            req.buffer[served : served + len(data)] = data
+            served += len(data)
+        return min(served, req.bytes_to_read)
+
+    def _offer(self, req: ReadData, start: int, n: int, info: ContentInfo | None) -> None:
+        """Offer the whole blocks in [start, start + n) of *req* (read from the origin)."""
+        bs = self._bs
+        b = -(-start // bs)
+        tracker: Tracker | None = None
+        if info is None:
+            tracker = self.trackers.get(req.file_id, req.version, req.size)
+        while True:
+            pos = b * bs
+            length = min(bs, req.size - pos)
+            if length <= 0 or pos + length > start + n:
+                return
+            at = pos - req.position
+            data = bytes(req.buffer[at : at + length])
+            expected = info.block_hashes[b] if info is not None else None
+            learn = None if tracker is None else partial(self._learned, tracker, b)
+            if not self.hosted.offer_nowait(data, expected, learn) and tracker is not None:
+                tracker.abandoned = True  # a hole: this member will not publish the version
+            b += 1
+
+    def _learned(self, tracker: Tracker, block: int, digest: bytes) -> None:
+        """An uploader hashed block *block* of the version *tracker* follows."""
+        if tracker.learn(block, digest):
+            self.trackers.finished(tracker)
+            self.records.publish_nowait(tracker.file_id, tracker.info(self._bs))
