@@ -6,7 +6,9 @@ one per member: several members can share a machine, each with its own
 directory.  A command that opens a group with an engine first syncs with it
 within ``--timeout``; an unreachable engine is one warning line, then the
 command works on the member's local database, and what it changes stays in
-the outbox until a later command (or process) reaches the engine.
+the outbox until a later command (or process) reaches the engine.  The
+live group (``pin``, ``unpin``, the nodes and pins ``status`` shows) is
+cachefs.cli.grouplive.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from cachefs.cli.grouplive import add_pin_commands, read_live
 from cachefs.cli.groupsession import (
     DEFAULT_INVITE_LIFETIME,
     choose_group,
@@ -154,10 +157,13 @@ def add_group_commands(add: AddCommand) -> None:
 
     status = leaf(
         "status",
-        "show a group: engine, members, records, outbox",
+        "show a group: engine, members, records, outbox, live nodes and pins",
         "Show the group's id, its engine and whether it answers now, this member's role "
         "and credential expiry, the members known, live records and tombstones, changes "
-        "waiting in the outbox, and changes rejected while catching up.",
+        "waiting in the outbox, and changes rejected while catching up; then every live "
+        "node (each mount of the group: host, mount point, source, cache, hit ratio, bytes "
+        "from the origin, the hosted cache and its local cache, its progress on each group "
+        "pin) and the group pins.",
     )
     status.add_argument(
         "group", metavar="GROUP", nargs="?", help="the group (default: the only one joined)"
@@ -165,6 +171,8 @@ def add_group_commands(add: AddCommand) -> None:
     status.add_argument("--json", action="store_true", help="print JSON")
     engine_options(status)
     status.set_defaults(run=cmd_status)
+
+    add_pin_commands(leaf)
 
     listing = leaf(
         "list",
@@ -327,6 +335,7 @@ async def _status(args: argparse.Namespace, name: str) -> int:
             for cred, is_revoked in group.members()
         ]
         expiries = [shown_time(cred.expires) for cred, _ in group.members()]
+        live = await read_live(group)
     engine = redact(group.engine) if group.engine else None
     if args.json:
         shown = {
@@ -345,6 +354,7 @@ async def _status(args: argparse.Namespace, name: str) -> int:
             "tombstones": stats.tombstones,
             "outbox": stats.outbox,
             "rejected": group.rejected,
+            **live.to_json(),
         }
         print(json.dumps(shown, indent=2))
         return 0
@@ -368,6 +378,8 @@ async def _status(args: argparse.Namespace, name: str) -> int:
     for m, until in zip(members, expiries, strict=True):
         end = f"revoked {m['revoked']}" if m["revoked"] else f"expires {until}"
         print(f"  {m['id']}  {m['role']:<6}  {end}  {m['name']}".rstrip())
+    for line in live.lines():
+        print(line)
     return 0
 
 

@@ -65,7 +65,9 @@ def add_stats_and_resets(add: AddCommand) -> None:
         "show a mount's counters",
         "Show the counters of the mount containing PATH: backend calls and bytes, cache hits "
         "and misses, hit ratio, cached, pinned and evicted bytes, the cache limit and free "
-        "space floor, latched file errors and the external error.",
+        "space floor, latched file errors and the external error; for a mount in a group, "
+        "bytes from the origin and from the hosted cache, the hosted cache's hits, misses, "
+        "offers and uploads, rejected blocks and records, and each group pin's progress.",
     )
     stats.add_argument("path", metavar="PATH", type=non_empty, help="any path inside the mount")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -233,8 +235,64 @@ def format_stats(stats: dict[str, Any]) -> str:
     ]
     rows += [("  in error", file_id) for file_id in stats.get("file_errors", [])]
     rows += [("  ends early", file_id) for file_id in stats.get("short_files", [])]
+    group = stats.get("group")
+    if isinstance(group, dict):
+        rows += _group_rows(group, stats.get("bytes_from_backend"))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+_GROUP_ROWS = (
+    ("hosted hits", "hosted_hits", str),
+    ("hosted misses", "hosted_misses", str),
+    ("hosted errors", "hosted_errors", str),
+    ("rejected blocks", "rejected_blocks", str),
+    ("offered", "offered", str),
+    ("uploaded", "uploaded", str),
+    ("already there", "already_there", str),
+    ("dropped offers", "dropped_offers", str),
+    ("offer queue", "offer_queue_bytes", format_size),
+    ("content published", "content_published", str),
+    ("content used", "content_used", str),
+    ("rejected records", "rejected_records", str),
+    ("versions published", "versions_published", str),
+    ("versions applied", "versions_applied", str),
+)
+
+
+#: shown by _group_rows before the counters
+_GROUP_HEAD = ("name", "member", "hosted_cache", "hosted_down", "hosted_bytes", "group_pins")
+
+
+def _group_rows(group: dict[str, Any], from_backend: object) -> list[tuple[str, str]]:
+    """The rows of a group mount (the reply's ``group`` object): bytes from the
+    origin are those from the backend less those the hosted cache gave."""
+    hosted = group.get("hosted_cache")
+    down = group.get("hosted_down")
+    rows = [
+        ("group", f"{group.get('name')} (member {group.get('member')})"),
+        ("hosted cache", f"{hosted or 'none'}" + (f" (down: {down})" if down else "")),
+    ]
+    hosted_bytes = group.get("hosted_bytes")
+    if isinstance(hosted_bytes, int):
+        if isinstance(from_backend, int):
+            rows.append(("from origin", format_size(max(0, from_backend - hosted_bytes))))
+        rows.append(("from hosted cache", format_size(hosted_bytes)))
+    rows += [(label, fmt(group[key])) for label, key, fmt in _GROUP_ROWS if key in group]
+    shown = {key for _, key, _ in _GROUP_ROWS} | set(_GROUP_HEAD)
+    rows += [
+        (key.replace("_", " "), str(value))
+        for key, value in sorted(group.items())
+        if key not in shown and isinstance(value, int | float | str)
+    ]
+    for pin in group.get("group_pins", []):
+        cached, size, error = pin.get("cached", 0), pin.get("size", 0), pin.get("error")
+        done = f"{cached / size:.0%}" if size else "100%"
+        progress = (
+            f"error: {error}" if error else f"{format_size(cached)} of {format_size(size)} ({done})"
+        )
+        rows.append(("  group pin", f"{pin.get('file')}  {progress}"))
+    return rows
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
