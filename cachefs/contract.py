@@ -247,18 +247,6 @@ class ContentInfoStore(ContentInfoSource, Protocol):
 
 
 @runtime_checkable
-class VersionedContentInfoSource(Protocol):
-    """A source whose content information is looked up by file *and* version
-    (a group member's: the origin's, else a group content record).
-
-    The cache prefers it to :class:`ContentInfoSource` when a backend has
-    both; it ignores an answer for another version or block size.
-    """
-
-    async def content_info_of(self, file_id: str, version: str) -> ContentInfo | None: ...
-
-
-@runtime_checkable
 class BlobStore(Protocol):
     """A flat store of immutable objects by name (a hosted cache's blocks).
 

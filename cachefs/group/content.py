@@ -97,6 +97,12 @@ class ContentRecords:
     async def lookup(self, file_id: str, version: str, size: int | None) -> ContentInfo | None:
         """A trusted content record's information for *file_id* at *version*
         (and *size*, unless None), or None."""
+        info = await self._find(file_id, version, size)
+        if info is not None:
+            self.counters.content_used += 1
+        return info
+
+    async def _find(self, file_id: str, version: str, size: int | None) -> ContentInfo | None:
         found: list[Record] = []
         with trio.move_on_after(LOOKUP_DEADLINE):
             try:
@@ -117,7 +123,6 @@ class ContentRecords:
                 continue  # another file whose key collides after case folding: not ours
             if info.block_size != self._block_size or size not in (None, info.size):
                 continue  # another block size or a size that is not this version's
-            self.counters.content_used += 1
             return info
         return None
 
@@ -139,9 +144,8 @@ class ContentRecords:
                 log.warning("content record of %s not published: %s", file_id, e)
 
     async def _publish(self, file_id: str, info: ContentInfo) -> None:
-        if await self.lookup(file_id, info.version, info.size) is not None:
-            self.counters.content_used -= 1  # that lookup was not a use
-            return
+        if await self._find(file_id, info.version, info.size) is not None:
+            return  # a record this member trusts says it already
         records = self._group.records
         now = records.clock.now()
         cred = records.trust.credential(self._me, now)

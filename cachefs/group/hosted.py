@@ -110,12 +110,15 @@ class HostedCache:
 
     def _failed(self, why: str) -> None:
         self.counters.errors += 1
+        now = trio.current_time()
         if self.down is None:
             log.warning("hosted cache %s is down (%s): reading from the origin", self.url, why)
+        elif now < self._down_until:
+            return  # a try made before the outage was seen: the same retry, no longer backoff
         else:
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         self.down = why
-        self._down_until = trio.current_time() + self._backoff
+        self._down_until = now + self._backoff
 
     def _answered(self) -> None:
         if self.down is not None:
@@ -151,6 +154,7 @@ class HostedCache:
         self._answered()
         if data is None:
             self.counters.misses += 1
+            self._known.pop(digest, None)  # deleted meanwhile (a lifecycle rule): offer it again
             return None
         if len(data) != length or await trio.to_thread.run_sync(_sha256, data) != digest:
             self.counters.rejected_blocks += 1
@@ -235,11 +239,6 @@ class HostedCache:
             return
         self._answered()
         self._remember(digest)
-
-    async def wait_idle(self) -> None:
-        """Until the queue is empty (tests and unmount)."""
-        while self.queue_bytes:
-            await trio.sleep(0.01)
 
     async def aclose(self) -> None:
         await self.store.aclose()

@@ -127,6 +127,7 @@ class Member:
         self._pins_changed = trio.Event()
         self._pin_errors: dict[str, str] = {}
         self._live_pins: list[str] = []
+        self._cache: CacheView | None = None  # the cache served, once serve runs
 
     @property
     def me(self) -> str:
@@ -167,7 +168,7 @@ class Member:
             + self.group.rejected,
             "versions_published": self._counters.versions_published,
             "versions_applied": self._counters.versions_applied,
-            "group_pins": [dataclasses.asdict(p) for p in self._pin_progress(None)],
+            "group_pins": [dataclasses.asdict(p) for p in self._pin_progress(self._cache)],
         }
 
     # -- AddData -----------------------------------------------------------------------
@@ -179,8 +180,8 @@ class Member:
         attrs = cache.known_attrs(file_id)
         if shared is None or attrs is None:
             return
-        info = await shared.content_info_of(file_id, attrs.version)
-        if info is None or info.size != attrs.size:
+        info = await shared.info_for(file_id, attrs.version, attrs.size)
+        if info is None:
             return
         bs = info.block_size
         b = -(-offset // bs)
@@ -211,6 +212,7 @@ class Member:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Publish and act on the group's records for *cache* until cancelled."""
+        self._cache = cache
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._publish_versions, cache)
             await nursery.start(self._watch_versions, cache)
@@ -350,8 +352,9 @@ class Member:
                     live = {}
                 self._live_pins = sorted(live)
                 retry = False
+                pinned = set(cache.pinned())
                 for file_id in self._live_pins:
-                    if file_id in mine or file_id in cache.pinned():
+                    if file_id in mine or file_id in pinned:
                         continue  # pinned for the group already, or by this mount's user
                     try:
                         await cache.pin(file_id)

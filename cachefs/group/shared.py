@@ -3,12 +3,15 @@
 :class:`SharedBackend` is the outermost backend of a mount in a group with
 a hosted cache.  Policy:
 
-- Content information of a version (``content_info_of``): the origin's
-  published information when it has some for that version (it always
-  wins), else a content record of the group this mount trusts
+- What a hosted-cache block must hash to (``info_for``): the origin's
+  published content information when it has some for that version (it
+  always wins), else a content record of the group this mount trusts
   (cachefs.group.content).  The origin's answer is kept per version; a
   version without any is looked up again in the group's records after
-  NEGATIVE_TTL, since a peer may publish one meanwhile.
+  NEGATIVE_TTL, since a peer may publish one meanwhile.  The cache itself
+  is given the origin's information only (``content_info``): a record
+  decides which hosted blocks are used, never whether the origin's own
+  bytes are accepted.
 - A ReadData call on a version with content information, starting on a
   block boundary, asks the hosted cache for its blocks at once (each
   within the hosted cache's deadline) and serves the leading blocks that
@@ -93,24 +96,35 @@ class SharedBackend:
 
     # -- content information -----------------------------------------------------------
 
-    async def content_info_of(self, file_id: str, version: str) -> ContentInfo | None:
-        """The origin's published information for this version, else a trusted record's.
+    async def content_info(self, file_id: str) -> ContentInfo | None:
+        """The origin's published information only: the cache adopts it as the
+        authority on every block.  A content record never becomes that (a
+        wrong one would make the origin's own bytes refused); it only decides
+        which hosted-cache blocks may be used."""
+        if isinstance(self.origin, ContentInfoSource):
+            return await self.origin.content_info(file_id)
+        return None
 
-        Raises what the origin's ``content_info`` raises (the cache asks again later).
-        """
+    async def info_for(self, file_id: str, version: str, size: int) -> ContentInfo | None:
+        """What blocks of *file_id* at *version* from the hosted cache must hash
+        to: the origin's published information for that version, else a
+        trusted content record's; None if neither (then nothing is read from
+        the hosted cache)."""
         key = (file_id, version)
-        if key not in self._origin_info and isinstance(self.origin, ContentInfoSource):
-            info = await self.origin.content_info(file_id)
+        if key not in self._origin_info:
+            info = None
+            try:
+                info = await self.content_info(file_id)
+            except Exception as e:  # the engine asks too, and reports it
+                log.debug("content information of %s: %s", file_id, e)
             self._keep(self._origin_info, key, info if info and info.version == version else None)
         origin = self._origin_info.get(key)
         if origin is not None:
-            return origin
-        return await self._record_info(file_id, version, None)
+            return origin if origin.size == size else None
+        return await self._record_info(file_id, version, size)
 
-    async def _record_info(
-        self, file_id: str, version: str, size: int | None
-    ) -> ContentInfo | None:
-        """A trusted record's information (of any size when *size* is None)."""
+    async def _record_info(self, file_id: str, version: str, size: int) -> ContentInfo | None:
+        """A trusted record's information for this version and size."""
         key = (file_id, version)
         now = trio.current_time()
         held = self._infos.get(key)
@@ -128,26 +142,13 @@ class SharedBackend:
         if len(cache) > INFOS:
             cache.popitem(last=False)
 
-    async def _info(self, req: ReadData) -> ContentInfo | None:
-        key = (req.file_id, req.version)
-        origin = self._origin_info.get(key)
-        if origin is not None:
-            return origin
-        if key not in self._origin_info:
-            try:
-                return await self.content_info_of(req.file_id, req.version)
-            except Exception as e:  # the engine, which asks too, reports it
-                log.debug("content information of %s: %s", req.file_id, e)
-                self._keep(self._origin_info, key, None)
-        return await self._record_info(req.file_id, req.version, req.size)
-
     # -- reads ------------------------------------------------------------------------
 
     async def read_data(self, req: ReadData) -> None:
         served = 0
         info = None
         if req.bytes_to_read and not req.flags & RWEvent.CANCELED:
-            info = await self._info(req)
+            info = await self.info_for(req.file_id, req.version, req.size)
             if (
                 info is not None
                 and info.size == req.size

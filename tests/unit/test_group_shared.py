@@ -287,3 +287,17 @@ async def test_a_call_off_a_block_boundary_goes_to_the_origin(tmp_path: Path, po
     await a.shared.read_data(req)
     assert bytes(req.buffer[: req.bytes_read]) == DATA[pos : pos + req.bytes_read]
     assert a.hosted.counters.hits == 0
+
+
+async def test_a_wrong_record_never_makes_the_origins_own_bytes_refused(tmp_path: Path) -> None:
+    """A trusted record with the hashes of other bytes, and no blocks for it:
+    the origin's bytes are served (the record is no authority over them)."""
+    origin = Bare({"f": DATA})
+    _, records, (a,) = nodes(tmp_path, origin, 1)
+    attrs = await origin.memory.stat("f")
+    assert attrs is not None
+    records.infos[("f", attrs.version)] = ContentInfo.of_bytes(OTHER, attrs.version, BS)
+    async with a.running() as cache:
+        assert await read_sequential(cache, "f") == DATA
+        assert cache.statistics()["corrupt_from_backend"] == 0
+    assert a.origin.bytes == len(DATA)

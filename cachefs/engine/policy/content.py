@@ -27,12 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from cachefs.contract import (
-    Backend,
-    ContentInfo,
-    ContentInfoSource,
-    VersionedContentInfoSource,
-)
+from cachefs.contract import Backend, ContentInfo, ContentInfoSource
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.index import CachedFile
 from cachefs.engine.state.store import NO_HASH
@@ -48,23 +43,15 @@ class Content:
     """What is known of the blocks' hashes, and when a block must be checked.
 
     *backend* is asked for content information only if it offers it
-    (:class:`~cachefs.contract.VersionedContentInfoSource`, else
-    :class:`~cachefs.contract.ContentInfoSource`; checked once here).
+    (:class:`~cachefs.contract.ContentInfoSource`, checked once here).
     """
 
     def __init__(
         self, backend: Backend, catalog: Catalog, verify: str, encrypted: bool, stats: Stats
     ) -> None:
-        self._source: Callable[[str, str], Awaitable[ContentInfo | None]] | None = None
-        if isinstance(backend, VersionedContentInfoSource):
-            self._source = backend.content_info_of
-        elif isinstance(backend, ContentInfoSource):
-            plain = backend.content_info
-
-            async def by_file(file_id: str, version: str) -> ContentInfo | None:
-                return await plain(file_id)
-
-            self._source = by_file
+        self._source: Callable[[str], Awaitable[ContentInfo | None]] | None = (
+            backend.content_info if isinstance(backend, ContentInfoSource) else None
+        )
         self._catalog = catalog
         self.verify = verify
         self.hashing = verify != "off"
@@ -100,7 +87,7 @@ class Content:
             cf.info_asked = True
             return None
         try:
-            info = await ask(cf.file_id, cf.version)
+            info = await ask(cf.file_id)
         except Exception as e:
             # Not an answer: the next read or fetch asks again.
             log.warning("content information of %s is not available: %s", cf.file_id, e)
