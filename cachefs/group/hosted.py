@@ -122,7 +122,7 @@ class HostedCache:
 
     def _answered(self) -> None:
         if self.down is not None:
-            log.warning("hosted cache %s answers again", self.url)
+            log.info("hosted cache %s answers again", self.url)
         self.down = None
         self._backoff = BACKOFF_FIRST
 
