@@ -5,6 +5,8 @@ members ask their source again, group pins and node status records."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -13,9 +15,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from groupsrig import GROUP, make_group
 from redisserver import RedisServer
 
+from backends.memory import MemoryBackend
 from cachefs.contract import ContentInfo, FileAttrs, FileKind
 from cachefs.errors import NotFound
 from cachefs.group.content import ContentRecords
@@ -25,6 +29,7 @@ from cachefs.group.formats import (
     decode_status,
     pin_record,
 )
+from cachefs.group.hosted import HostedCache, block_name
 from cachefs.group.member import Described, Member, MemberOptions
 from cachefs.records import ChangeType, Group, Role, open_group
 
@@ -270,3 +275,51 @@ def _type_query() -> str:
         '<peersearch><clause attrib="peerrecordtype" type="string">'
         f"{NODE_STATUS_TYPE}</clause></peersearch>"
     )
+
+
+async def test_add_data_offers_the_blocks_that_match_the_origins_information(
+    dirs: list[Path], tmp_path: Path
+) -> None:
+    """AddData's rule: data added and verified is offered to the hosted cache;
+    bytes that do not match the version's content information are not."""
+    data = os.urandom(2 * BS + 10)
+    origin = MemoryBackend({"f": data})
+    info = origin.publish("f", BS)
+    store = Blobs()
+    cache = Cache({})
+    cache.held["f"] = (await origin.stat("f")) or attrs("?")
+    async with open_group(GROUP, groups_dir=dirs[1]) as group:
+        hosted = HostedCache(store, "mem://hosted")
+        m = Member(
+            group, MemberOptions(GROUP, dirs[1]), ContentRecords(group, "members", BS), hosted
+        )
+        m.wrap(origin, BS)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hosted.serve)
+            wrong = bytearray(data)
+            wrong[BS + 1] ^= 1  # the second block damaged
+            await m.offer_added(cache, "f", 0, bytes(wrong))
+            with trio.fail_after(DEADLINE):
+                while hosted.queue_bytes:
+                    await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert sorted(store.blobs) == sorted(block_name(info.block_hashes[b]) for b in (0, 2))
+    for name, blob in store.blobs.items():
+        assert name == block_name(hashlib.sha256(blob).digest())
+
+
+class Blobs:
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    async def get_blob(self, name: str) -> bytes | None:
+        return self.blobs.get(name)
+
+    async def has_blob(self, name: str) -> bool:
+        return name in self.blobs
+
+    async def put_blob(self, name: str, data: bytes) -> None:
+        self.blobs[name] = data
+
+    async def aclose(self) -> None:
+        pass
