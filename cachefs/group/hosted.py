@@ -141,15 +141,18 @@ class HostedCache:
             return None
         name = block_name(digest)
         data: bytes | None = None
+        asked = False
         with trio.move_on_after(self._deadline) as scope:
-            try:
-                async with self._fetches:
+            async with self._fetches:
+                asked = True
+                try:
                     data = await self.store.get_blob(name)
-            except OSError as e:
-                self._failed(str(e))
-                return None
+                except OSError as e:
+                    self._failed(str(e))
+                    return None
         if scope.cancelled_caught:
-            self._failed(f"no answer within {self._deadline:g} s")
+            if asked:  # the store was too slow; else too many fetches here: not its fault
+                self._failed(f"no answer within {self._deadline:g} s")
             return None
         self._answered()
         if data is None:

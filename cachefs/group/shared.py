@@ -4,8 +4,8 @@
 a hosted cache.  Policy:
 
 - What a hosted-cache block must hash to (``info_for``): the origin's
-  published content information when it has some for that version (it
-  always wins), else a content record of the group this mount trusts
+  published content information when it has some for that version and
+  the mount's block size (it always wins), else a content record of the group this mount trusts
   (cachefs.group.content).  The origin's answer is kept per version; a
   version without any is looked up again in the group's records after
   NEGATIVE_TTL, since a peer may publish one meanwhile.  The cache itself
@@ -117,7 +117,8 @@ class SharedBackend:
                 info = await self.content_info(file_id)
             except Exception as e:  # the engine asks too, and reports it
                 log.debug("content information of %s: %s", file_id, e)
-            self._keep(self._origin_info, key, info if info and info.version == version else None)
+            usable = info and info.version == version and info.block_size == self._bs
+            self._keep(self._origin_info, key, info if usable else None)
         origin = self._origin_info.get(key)
         if origin is not None:
             return origin if origin.size == size else None
@@ -230,6 +231,8 @@ class SharedBackend:
                 return
             at = pos - req.position
             data = bytes(req.buffer[at : at + length])
+            if info is not None and b >= len(info.block_hashes):
+                return  # information that does not describe this call's blocks
             expected = info.block_hashes[b] if info is not None else None
             learn = None if tracker is None else partial(self._learned, tracker, b)
             if not self.hosted.offer_nowait(data, expected, learn) and tracker is not None:
