@@ -75,10 +75,10 @@ class LocalBlobs:
     def _path(self, name: str) -> str:
         return os.path.join(self.root, check_name(name))
 
-    def _get(self, path: str, name: str) -> bytes | None:
+    def _get(self, path: str, name: str, limit: int | None) -> bytes | None:
         try:
             with open(path, "rb") as f:
-                return f.read()
+                return f.read() if limit is None else f.read(limit + 1)
         except OSError as e:
             if e.errno in _ABSENT:
                 return None
@@ -113,10 +113,10 @@ class LocalBlobs:
                 raise _error(e, f"writing blob {name} in {self.root}") from None
             raise
 
-    async def get_blob(self, name: str) -> bytes | None:
-        """The blob's bytes; None if there is none."""
+    async def get_blob(self, name: str, limit: int | None = None) -> bytes | None:
+        """The blob's bytes (at most *limit* + 1 of them); None if there is none."""
         path = self._path(name)
-        return await self._run(lambda: self._get(path, name))
+        return await self._run(lambda: self._get(path, name, limit))
 
     async def has_blob(self, name: str) -> bool:
         """Whether the blob exists."""

@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import obstore
 import trio
 from obstore.store import S3Store
 
+if TYPE_CHECKING:
+    from obstore import GetOptions
+
 from backends.blobnames import check_name
 from backends.s3config import Target, check, resolve
-from backends.s3errors import STORAGE_CODES, error_code, os_error
+from backends.s3errors import STORAGE_CODES, error_code, http_status, os_error
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,17 @@ class S3Blobs:
             self._counts["errors"] += 1
             raise
 
-    def _get(self, name: str) -> bytes | None:
+    def _get(self, name: str, limit: int | None) -> bytes | None:
         try:
-            return bytes(obstore.get(self._store, name).bytes())
+            if limit is None:
+                return bytes(obstore.get(self._store, name).bytes())
+            options: GetOptions = {"range": (0, limit + 1)}
+            return bytes(obstore.get(self._store, name, options=options).bytes())
         except Exception as e:
             if _absent(e):
                 return None
+            if limit is not None and http_status(e) == 416:
+                return b""  # an empty object: no range of it exists
             raise os_error(e, self.url) from None
 
     def _head(self, name: str) -> bool:
@@ -98,10 +106,10 @@ class S3Blobs:
         except Exception as e:
             raise os_error(e, self.url) from None
 
-    async def get_blob(self, name: str) -> bytes | None:
-        """The blob's bytes; None if there is none."""
+    async def get_blob(self, name: str, limit: int | None = None) -> bytes | None:
+        """The blob's bytes (at most *limit* + 1 of them); None if there is none."""
         check_name(name)
-        data = await self._run("gets", lambda: self._get(name))
+        data = await self._run("gets", lambda: self._get(name, limit))
         if data is not None:
             self._counts["found"] += 1
         return data

@@ -259,7 +259,10 @@ class BlobStore(Protocol):
     are their hash) or keep the old object.
     """
 
-    async def get_blob(self, name: str) -> bytes | None: ...
+    async def get_blob(self, name: str, limit: int | None = None) -> bytes | None:
+        """At most *limit* + 1 bytes are read (all without a limit): an object
+        longer than the caller expects costs it no more memory than that."""
+        ...
 
     async def has_blob(self, name: str) -> bool: ...
 

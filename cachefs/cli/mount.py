@@ -33,7 +33,13 @@ from cachefs.cli.options import (
     size,
     size_or_percent,
 )
-from cachefs.daemon.checks import check_apart, check_fuse, check_mountpoint, prepare_cache_dir
+from cachefs.daemon.checks import (
+    check_apart,
+    check_fuse,
+    check_mountpoint,
+    check_shared_cache_apart,
+    prepare_cache_dir,
+)
 from cachefs.daemon.options import MountOptions, default_cache_dir, normalize_source
 from cachefs.daemon.serve import LOG_NAME, run_mount
 from cachefs.daemon.spawn import Orders, spawn_daemon
@@ -236,7 +242,8 @@ def _group_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         type=non_empty,
         help="where this machine's memberships are (default: $CACHEFS_GROUPS_DIR, else "
-        "/var/lib/cachefs/groups as root, else ~/.local/share/cachefs/groups)",
+        "/var/lib/cachefs/groups as root, else $XDG_DATA_HOME/cachefs/groups, "
+        "~/.local/share/cachefs/groups)",
     )
     group.add_argument(
         "--shared-cache",
@@ -350,8 +357,11 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     check_apart(source, mountpoint, cache_dir)
     if args.trace:
         wrappers.append(("trace", wrapper("trace").check(args.trace)))  # opened as the mount will
+    group = _member_options(args, backend_options)
+    if group is not None and group.shared_cache is not None:
+        check_shared_cache_apart(group.shared_cache, source, mountpoint, cache_dir)
     return MountOptions(
-        group=_member_options(args, backend_options),
+        group=group,
         source=source,
         mountpoint=mountpoint,
         cache_dir=cache_dir,

@@ -87,6 +87,28 @@ def check_apart(source: str, mountpoint: Path, cache_dir: Path | None = None) ->
         raise ConfigError(f"cache dir {cache_dir} is inside the mount point {mountpoint}")
 
 
+def check_shared_cache_apart(shared: str, source: str, mountpoint: Path, cache_dir: Path) -> None:
+    """ConfigError if a hosted cache in a directory overlaps what the mount
+    reads or writes: blocks would land in the source, go through the mount
+    itself, or mix with the local cache."""
+    where = local_path(shared)
+    if where is None:
+        return
+    hosted = Path(os.path.realpath(where))
+    root = local_path(source)
+    if root is not None:
+        src = Path(os.path.realpath(root))
+        if _at_or_below(hosted, src) or _at_or_below(src, hosted):
+            raise ConfigError(
+                f"--shared-cache {hosted} overlaps the source {src}: blocks would be "
+                "written into the source; choose a directory outside it"
+            )
+    for name, path in (("mount point", mountpoint), ("cache dir", cache_dir)):
+        real = Path(os.path.realpath(path))
+        if _at_or_below(hosted, real) or _at_or_below(real, hosted):
+            raise ConfigError(f"--shared-cache {hosted} overlaps the {name} {real}")
+
+
 def _at_or_below(path: Path, top: Path) -> bool:
     """Whether real path *path* is *top* or below it."""
     return any(_same(p, top) for p in (path, *path.parents))

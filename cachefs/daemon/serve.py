@@ -81,9 +81,9 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
                 # The group's records replicate in the background; the hosted
                 # cache, when there is one, goes in front of the origin.
                 member = await stack.enter_async_context(
-                    open_member(opts.group, opts.config.block_size, open_blob_store)
+                    open_member(opts.group, opts.config.block_size, backend, open_blob_store)
                 )
-                backend = member.wrap(backend, opts.config.block_size)
+                backend = member.backend
                 on_invalidate = _both(invalidator.notify, member.on_retired)
             log.info("backend: %r", backend)
             key = None

@@ -40,6 +40,7 @@ TRUST_MODES = ("members", "admins")
 LOOKUP_DEADLINE = 1.0
 LIFETIME = timedelta(days=30)
 TRACKED = 256  # versions being hashed at once
+TRACKED_BLOCKS = 1 << 20  # and their blocks, in all (33 bytes each)
 # JSON bytes per block hash in a record, and what the rest of it may take
 _PER_BLOCK = 67
 _OVERHEAD = 8192
@@ -173,6 +174,10 @@ class Tracker:
         self.missing = blocks
         self.abandoned = False
 
+    def abandon(self) -> None:
+        """A block of the version will not be learned: it is not published."""
+        self.abandoned = True
+
     def learn(self, block: int, digest: bytes) -> bool:
         """Record block *block*'s hash; True when this completed the version."""
         if self.abandoned or self.known[block]:
@@ -195,6 +200,7 @@ class Trackers:
         self._block_size = block_size
         self._max_blocks = max_blocks
         self._tracked: OrderedDict[tuple[str, str], Tracker] = OrderedDict()
+        self._blocks = 0
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def get(self, file_id: str, version: str, size: int) -> Tracker | None:
@@ -204,17 +210,20 @@ class Trackers:
         tracker = self._tracked.get(key)
         if tracker is None:
             blocks = -(-size // self._block_size)
-            if blocks == 0 or blocks > self._max_blocks:
+            if blocks == 0 or blocks > min(self._max_blocks, TRACKED_BLOCKS):
                 return None
             tracker = self._tracked[key] = Tracker(file_id, version, size, blocks)
-            if len(self._tracked) > TRACKED:
-                self._tracked.popitem(last=False)
+            self._blocks += blocks
+            while len(self._tracked) > TRACKED or self._blocks > TRACKED_BLOCKS:
+                _, gone = self._tracked.popitem(last=False)
+                self._blocks -= len(gone.known)
         self._tracked.move_to_end(key)
         return tracker
 
     def finished(self, tracker: Tracker) -> None:
         key = (tracker.file_id, tracker.version)
-        self._tracked.pop(key, None)
+        if self._tracked.pop(key, None) is not None:
+            self._blocks -= len(tracker.known)
         self._done[key] = None
         if len(self._done) > 4 * TRACKED:
             self._done.popitem(last=False)

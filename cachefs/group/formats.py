@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -93,6 +94,11 @@ def _load(record: Record) -> dict[str, Any]:
     return raw
 
 
+def _check_type(record: Record, expected: uuid.UUID) -> None:
+    if record.type != expected:
+        raise ValueError(f"record {record.id}: of type {record.type}, not {expected}")
+
+
 def _file(record: Record, raw: dict[str, Any]) -> str:
     file_id = raw.get("file")
     if not isinstance(file_id, str) or not file_id or file_id.startswith("/"):
@@ -155,6 +161,7 @@ def version_record(file_id: str, version: str | None, size: int, expires: dateti
 
 def decode_version(record: Record) -> tuple[str, str | None]:
     """(file id, version or None when the file is gone) of a version record."""
+    _check_type(record, FILE_VERSION_TYPE)
     raw = _load(record)
     file_id = _file(record, raw)
     version = raw.get("version")
@@ -178,6 +185,7 @@ def pin_record(file_id: str, expires: datetime) -> Record:
 
 def decode_pin(record: Record) -> str:
     """The file id a pin record pins."""
+    _check_type(record, GROUP_PIN_TYPE)
     return _file(record, _load(record))
 
 
@@ -225,6 +233,7 @@ def status_record(status: NodeStatus, expires: datetime) -> Record:
 
 
 def decode_status(record: Record) -> NodeStatus:
+    _check_type(record, NODE_STATUS_TYPE)
     raw = _load(record)
     names = {f.name for f in fields(NodeStatus)}
     try:

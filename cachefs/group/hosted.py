@@ -12,8 +12,10 @@ Policy:
   ``fetch_deadline``.
 - Down: a failure or a deadline passed marks the store down for a backoff
   (1 s, doubling up to 30 s).  While it is down, fetches answer None at
-  once and offers are dropped; the first fetch or offer after the backoff
-  tries it again, and a success ends it.
+  once and offers are dropped; after the backoff one request at a time
+  tries it again, and a success ends it.  A fetch that waited for one of
+  this process's FETCHES slots rather than for the store does not count
+  against it.
 - Offers are queued without waiting: the queue holds at most
   ``queue_bytes`` bytes, past that an offer is dropped (counted); a few
   uploaders empty it, each block hashed in a worker thread (its expected
@@ -24,6 +26,7 @@ Policy:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
@@ -65,6 +68,7 @@ class HostedCounters:
     uploaded: int = 0
     already_there: int = 0
     dropped_offers: int = 0
+    mismatched_offers: int = 0
 
 
 @dataclass(slots=True)
@@ -88,7 +92,7 @@ class HostedCache:
     ) -> None:
         self.store = store
         self.url = url
-        self.counters = HostedCounters()
+        self._counters = HostedCounters()
         self._deadline = fetch_deadline
         self._queue_limit = queue_bytes
         self._uploaders = uploaders
@@ -99,17 +103,25 @@ class HostedCache:
         self._reported: OrderedDict[bytes, None] = OrderedDict()
         self._down_until = 0.0
         self._backoff = BACKOFF_FIRST
+        self._probing = False
         #: why the store is down, None while it answers
         self.down: str | None = None
+
+    def statistics(self) -> HostedCounters:
+        """A copy of the counters."""
+        return dataclasses.replace(self._counters)
 
     # -- up and down -----------------------------------------------------------------
 
     def usable(self) -> bool:
-        """False while the store is down and its backoff has not passed."""
-        return self.down is None or trio.current_time() >= self._down_until
+        """False while the store is down and its backoff has not passed, and
+        while one request tries whether it is back (one at a time)."""
+        if self.down is None:
+            return True
+        return not self._probing and trio.current_time() >= self._down_until
 
     def _failed(self, why: str) -> None:
-        self.counters.errors += 1
+        self._counters.errors += 1
         now = trio.current_time()
         if self.down is None:
             log.warning("hosted cache %s is down (%s): reading from the origin", self.url, why)
@@ -139,6 +151,14 @@ class HostedCache:
         """The block named *digest*, *length* bytes long and checked; None otherwise."""
         if not self.usable():
             return None
+        probe = self._probing = self.down is not None
+        try:
+            return await self._fetch(digest, length)
+        finally:
+            if probe:
+                self._probing = False
+
+    async def _fetch(self, digest: bytes, length: int) -> bytes | None:
         name = block_name(digest)
         data: bytes | None = None
         asked = False
@@ -146,7 +166,7 @@ class HostedCache:
             async with self._fetches:
                 asked = True
                 try:
-                    data = await self.store.get_blob(name)
+                    data = await self.store.get_blob(name, length)
                 except OSError as e:
                     self._failed(str(e))
                     return None
@@ -156,11 +176,11 @@ class HostedCache:
             return None
         self._answered()
         if data is None:
-            self.counters.misses += 1
+            self._counters.misses += 1
             self._known.pop(digest, None)  # deleted meanwhile (a lifecycle rule): offer it again
             return None
         if len(data) != length or await trio.to_thread.run_sync(_sha256, data) != digest:
-            self.counters.rejected_blocks += 1
+            self._counters.rejected_blocks += 1
             if digest not in self._reported:
                 self._reported[digest] = None
                 if len(self._reported) > REPORTED:
@@ -172,8 +192,8 @@ class HostedCache:
                     name,
                 )
             return None
-        self.counters.hits += 1
-        self.counters.bytes += length
+        self._counters.hits += 1
+        self._counters.bytes += length
         self._remember(digest)
         return data
 
@@ -186,12 +206,12 @@ class HostedCache:
         False if dropped (queue full, or the store down).  *on_hashed* is told
         its hash once an uploader computed it (not when *expected* is known
         to be there already)."""
-        self.counters.offered += 1
+        self._counters.offered += 1
         if expected is not None and expected in self._known:
-            self.counters.already_there += 1
+            self._counters.already_there += 1
             return True
         if not self.usable() or self.queue_bytes + len(data) > self._queue_limit:
-            self.counters.dropped_offers += 1
+            self._counters.dropped_offers += 1
             return False
         self.queue_bytes += len(data)
         self._send.send_nowait(_Offer(data, expected, on_hashed))
@@ -214,31 +234,44 @@ class HostedCache:
     async def _upload(self, offer: _Offer) -> None:
         digest = await trio.to_thread.run_sync(_sha256, offer.data)
         if offer.expected is not None and digest != offer.expected:
-            log.warning("an offered block does not match its expected hash: not uploaded")
+            self._counters.mismatched_offers += 1
+            if self._counters.mismatched_offers == 1:
+                log.warning(
+                    "an offered block does not match its content information: not uploaded"
+                    " (counted as mismatched_offers; this is said once)"
+                )
             return
         if offer.on_hashed is not None:
             offer.on_hashed(digest)
         if digest in self._known:
-            self.counters.already_there += 1
+            self._counters.already_there += 1
             return
         if not self.usable():
-            self.counters.dropped_offers += 1
+            self._counters.dropped_offers += 1
             return
+        probe = self._probing = self.down is not None
+        try:
+            await self._put(digest, offer.data)
+        finally:
+            if probe:
+                self._probing = False
+
+    async def _put(self, digest: bytes, data: bytes) -> None:
         name = block_name(digest)
         with trio.move_on_after(OFFER_DEADLINE) as scope:
             try:
                 if await self.store.has_blob(name):
-                    self.counters.already_there += 1
+                    self._counters.already_there += 1
                 else:
-                    await self.store.put_blob(name, offer.data)
-                    self.counters.uploaded += 1
+                    await self.store.put_blob(name, data)
+                    self._counters.uploaded += 1
             except OSError as e:
                 self._failed(str(e))
-                self.counters.dropped_offers += 1
+                self._counters.dropped_offers += 1
                 return
         if scope.cancelled_caught:
             self._failed(f"an upload took more than {OFFER_DEADLINE:g} s")
-            self.counters.dropped_offers += 1
+            self._counters.dropped_offers += 1
             return
         self._answered()
         self._remember(digest)

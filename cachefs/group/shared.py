@@ -23,6 +23,9 @@ a hosted cache.  Policy:
   content information when there is some).  Without content information
   their hashes are learned as they upload, and a version whose every block
   was learned is published as a content record.
+- The origin is not asked to start a stream to the end of the file
+  (CONTINUOUS_STARTED) for a version the hosted cache may serve, since its
+  later calls would strand it.
 - Errors: the origin's result codes pass through unchanged.  When the
   hosted cache served part of a call and the origin then fails, the call
   answers PARTIAL with the part served.
@@ -52,7 +55,8 @@ from cachefs.group.hosted import HostedCache
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 2.0
-INFOS = 1024  # versions whose content information is kept in memory
+RECORD_TTL = 60.0
+INFO_HASHES = 1 << 18  # block hashes of content information kept in memory, per kind
 _DATA = (RWResult.SUCCESS, RWResult.PARTIAL)
 
 
@@ -70,8 +74,10 @@ class SharedBackend:
         self.hosted = hosted
         self.records = records
         self._bs = block_size
-        self._origin_info: OrderedDict[tuple[str, str], ContentInfo | None] = OrderedDict()
-        self._infos: OrderedDict[tuple[str, str], tuple[ContentInfo | None, float]] = OrderedDict()
+        # what the origin published per version (kept), and trusted records'
+        # information (kept until the time stored with it)
+        self._origin = _Infos()
+        self._records = _Infos()
         self.trackers = Trackers(block_size, records.max_blocks)
 
     def __repr__(self) -> str:
@@ -101,47 +107,45 @@ class SharedBackend:
         authority on every block.  A content record never becomes that (a
         wrong one would make the origin's own bytes refused); it only decides
         which hosted-cache blocks may be used."""
-        if isinstance(self.origin, ContentInfoSource):
-            return await self.origin.content_info(file_id)
-        return None
+        if not isinstance(self.origin, ContentInfoSource):
+            return None
+        info = await self.origin.content_info(file_id)
+        if info is not None and info.block_size == self._bs:
+            self._origin.keep((file_id, info.version), info, float("inf"))  # asked once
+        return info
 
     async def info_for(self, file_id: str, version: str, size: int) -> ContentInfo | None:
         """What blocks of *file_id* at *version* from the hosted cache must hash
         to: the origin's published information for that version, else a
         trusted content record's; None if neither (then nothing is read from
-        the hosted cache)."""
+        the hosted cache).  While the origin cannot say whether it has some,
+        None: a record never stands in for what the origin may hold."""
         key = (file_id, version)
-        if key not in self._origin_info:
-            info = None
+        if key not in self._origin:
             try:
                 info = await self.content_info(file_id)
             except Exception as e:  # the engine asks too, and reports it
                 log.debug("content information of %s: %s", file_id, e)
-            usable = info and info.version == version and info.block_size == self._bs
-            self._keep(self._origin_info, key, info if usable else None)
-        origin = self._origin_info.get(key)
+                return None
+            usable = info is not None and info.version == version and info.block_size == self._bs
+            self._origin.keep(key, info if usable else None, float("inf"))
+        origin = self._origin.get(key)
         if origin is not None:
             return origin if origin.size == size else None
         return await self._record_info(file_id, version, size)
 
     async def _record_info(self, file_id: str, version: str, size: int) -> ContentInfo | None:
-        """A trusted record's information for this version and size."""
+        """A trusted record's information for this version and size, looked up
+        again after RECORD_TTL (a revoked signer's record stops being used)
+        or, when there was none, after NEGATIVE_TTL (a peer may publish one)."""
         key = (file_id, version)
         now = trio.current_time()
-        held = self._infos.get(key)
-        if held is not None and (held[0] is not None or now - held[1] < NEGATIVE_TTL):
-            self._infos.move_to_end(key)
-            return held[0]
+        fresh, held = self._records.get_fresh(key, now)
+        if fresh:
+            return held
         info = await self.records.lookup(file_id, version, size)
-        self._keep(self._infos, key, (info, now))
+        self._records.keep(key, info, now + (RECORD_TTL if info is not None else NEGATIVE_TTL))
         return info
-
-    @staticmethod
-    def _keep(cache: OrderedDict, key: tuple[str, str], value: object) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        if len(cache) > INFOS:
-            cache.popitem(last=False)
 
     # -- reads ------------------------------------------------------------------------
 
@@ -160,11 +164,16 @@ class SharedBackend:
         if served == req.bytes_to_read and served:
             req.bytes_read, req.result_code = served, RWResult.SUCCESS
             return
+        flags = req.flags
+        if info is not None:
+            # Later calls may come from the hosted cache: no stream to the end
+            # of the file that they would strand at the origin.
+            flags &= ~(RWEvent.CONTINUOUS_STARTED | RWEvent.CONTINUOUS_RESTARTED)
         sub = ReadData(
             file_id=req.file_id,
             size=req.size,
             position=req.position + served,
-            flags=req.flags,
+            flags=flags,
             buffer=req.buffer[served:],
             bytes_to_read=req.bytes_to_read - served,
             file_context=req.file_context,
@@ -236,7 +245,7 @@ class SharedBackend:
             expected = info.block_hashes[b] if info is not None else None
             learn = None if tracker is None else partial(self._learned, tracker, b)
             if not self.hosted.offer_nowait(data, expected, learn) and tracker is not None:
-                tracker.abandoned = True  # a hole: this member will not publish the version
+                tracker.abandon()  # a hole: this member will not publish the version
             b += 1
 
     def _learned(self, tracker: Tracker, block: int, digest: bytes) -> None:
@@ -244,3 +253,39 @@ class SharedBackend:
         if tracker.learn(block, digest):
             self.trackers.finished(tracker)
             self.records.publish_nowait(tracker.file_id, tracker.info(self._bs))
+
+
+class _Infos:
+    """Content information by (file id, version), least recently used first,
+    bounded by the block hashes held (INFO_HASHES); each kept until a time
+    (``inf`` for ever)."""
+
+    def __init__(self) -> None:
+        self._held: OrderedDict[tuple[str, str], tuple[ContentInfo | None, float]] = OrderedDict()
+        self._hashes = 0
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._held
+
+    def get(self, key: tuple[str, str]) -> ContentInfo | None:
+        held = self._held.get(key)
+        return None if held is None else held[0]
+
+    def get_fresh(self, key: tuple[str, str], now: float) -> tuple[bool, ContentInfo | None]:
+        """(True, what is held for *key*) while it is fresh, else (False, None)."""
+        held = self._held.get(key)
+        if held is None or now >= held[1]:
+            return False, None
+        self._held.move_to_end(key)
+        return True, held[0]
+
+    def keep(self, key: tuple[str, str], info: ContentInfo | None, until: float) -> None:
+        old = self._held.pop(key, None)
+        if old is not None and old[0] is not None:
+            self._hashes -= len(old[0].block_hashes)
+        self._held[key] = (info, until)
+        self._hashes += len(info.block_hashes) if info is not None else 0
+        while self._hashes > INFO_HASHES or len(self._held) > INFO_HASHES:
+            _, (gone, _) = self._held.popitem(last=False)
+            if gone is not None:
+                self._hashes -= len(gone.block_hashes)

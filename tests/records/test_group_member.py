@@ -31,6 +31,7 @@ from cachefs.group.formats import (
 )
 from cachefs.group.hosted import HostedCache, block_name
 from cachefs.group.member import Described, Member, MemberOptions
+from cachefs.group.shared import SharedBackend
 from cachefs.records import ChangeType, Group, Role, open_group
 
 pytestmark = pytest.mark.records
@@ -109,7 +110,7 @@ async def member(
     async with open_group(GROUP, groups_dir=groups_dir) as group:
         content = ContentRecords(group, options.pop("trust", "members"), BS)
         opts = MemberOptions(GROUP, groups_dir, **options)
-        m = Member(group, opts, content, None)
+        m = Member(group, opts, content, None, MemoryBackend())
         cache_dir = tmp_path / f"cache-{groups_dir.name}"
         cache_dir.mkdir(exist_ok=True)
         async with trio.open_nursery() as nursery:
@@ -290,10 +291,9 @@ async def test_add_data_offers_the_blocks_that_match_the_origins_information(
     cache.held["f"] = (await origin.stat("f")) or attrs("?")
     async with open_group(GROUP, groups_dir=dirs[1]) as group:
         hosted = HostedCache(store, "mem://hosted")
-        m = Member(
-            group, MemberOptions(GROUP, dirs[1]), ContentRecords(group, "members", BS), hosted
-        )
-        m.wrap(origin, BS)
+        content = ContentRecords(group, "members", BS)
+        shared = SharedBackend(origin, hosted, content, BS)
+        m = Member(group, MemberOptions(GROUP, dirs[1]), content, shared, shared)
         async with trio.open_nursery() as nursery:
             await nursery.start(hosted.serve)
             wrong = bytearray(data)
@@ -312,7 +312,7 @@ class Blobs:
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
 
-    async def get_blob(self, name: str) -> bytes | None:
+    async def get_blob(self, name: str, limit: int | None = None) -> bytes | None:
         return self.blobs.get(name)
 
     async def has_blob(self, name: str) -> bool:

@@ -52,6 +52,17 @@ async def test_an_empty_blob_is_a_blob(store: BlobStore) -> None:
     await store.put_blob("empty", b"")
     assert await store.has_blob("empty") is True
     assert await store.get_blob("empty") == b""
+    assert await store.get_blob("empty", 10) == b""
+
+
+async def test_a_limit_reads_no_more_than_one_byte_past_it(store: BlobStore) -> None:
+    """A blob longer than the caller expects (planted to exhaust its memory)
+    is read only as far as the limit and one byte more."""
+    await store.put_blob(NAME, DATA)
+    assert await store.get_blob(NAME, 4) == DATA[:5]
+    assert await store.get_blob(NAME, len(DATA)) == DATA
+    assert await store.get_blob(NAME, len(DATA) + 100) == DATA
+    assert await store.get_blob(NAME + "0", 4) is None
 
 
 @pytest.mark.parametrize(

@@ -4,168 +4,24 @@ and what was uploaded (every blob must hash to its name)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from enginerig import BS, CONFIG, Bare, read_at, read_sequential
+from enginerig import BS, Bare, read_at, read_sequential
+from sharedrig import make_nodes, plant, request, version_of
 
 from backends.memory import MemoryBackend
 from cachefs.contract import ContentInfo, ReadData, RWEvent, RWResult
-from cachefs.engine import open_file_cache
 from cachefs.errors import VersionGone
-from cachefs.group.content import ContentCounters
-from cachefs.group.hosted import HostedCache, block_name
-from cachefs.group.shared import SharedBackend
+from cachefs.group.hosted import block_name
 
 DATA = os.urandom(5 * BS + 777)  # six blocks, the last one short
 NEW = os.urandom(len(DATA))
-
-
-class Store:
-    """A blob store in memory; tests set what it does per name."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-        self.asked: list[tuple[str, str]] = []
-        self.failing: set[str] = set()  # names whose get raises
-        self.lie: dict[str, str] = {}  # name asked -> name answered
-        self.stalled = False
-
-    async def get_blob(self, name: str) -> bytes | None:
-        self.asked.append(("get", name))
-        await trio.lowlevel.checkpoint()
-        if name in self.failing:
-            raise OSError("connection reset")
-        return self.blobs.get(self.lie.get(name, name))
-
-    async def has_blob(self, name: str) -> bool:
-        self.asked.append(("has", name))
-        if self.stalled:
-            await trio.sleep_forever()
-        await trio.lowlevel.checkpoint()
-        return name in self.blobs
-
-    async def put_blob(self, name: str, data: bytes) -> None:
-        self.asked.append(("put", name))
-        await trio.lowlevel.checkpoint()
-        self.blobs[name] = bytes(data)
-
-    async def aclose(self) -> None:
-        pass
-
-    def check(self) -> None:
-        """Every blob hashes to its name."""
-        for name, data in self.blobs.items():
-            assert name == block_name(hashlib.sha256(data).digest()), name
-
-    def puts(self) -> list[str]:
-        return [name for op, name in self.asked if op == "put"]
-
-
-class Records:
-    """The group's content records, as a dict (ContentRecords' interface)."""
-
-    def __init__(self) -> None:
-        self.infos: dict[tuple[str, str], ContentInfo] = {}
-        self.counters = ContentCounters()
-        self.max_blocks = 1000
-        self.published: list[tuple[str, ContentInfo]] = []
-
-    async def lookup(self, file_id: str, version: str, size: int | None) -> ContentInfo | None:
-        await trio.lowlevel.checkpoint()
-        return self.infos.get((file_id, version))
-
-    def publish_nowait(self, file_id: str, info: ContentInfo) -> None:
-        self.published.append((file_id, info))
-        self.infos[(file_id, info.version)] = info
-
-
-class Origin:
-    """The origin, recording the ranges it was asked for; optionally slow."""
-
-    def __init__(self, inner: Any, delay: float = 0.0) -> None:
-        self.inner = inner
-        self.delay = delay
-        self.asked: list[tuple[int, int]] = []
-        self.bytes = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def read_data(self, req: ReadData) -> None:
-        if req.bytes_to_read:
-            self.asked.append((req.position, req.bytes_to_read))
-        if self.delay:
-            await trio.sleep(self.delay)
-        await self.inner.read_data(req)
-        self.bytes += req.bytes_read
-
-
-class Node:
-    def __init__(
-        self, origin: Any, store: Store, records: Records, cache_dir: Path, **hosted: Any
-    ) -> None:
-        self.origin = origin
-        self.hosted = HostedCache(store, "mem://hosted", **hosted)
-        self.shared = SharedBackend(origin, self.hosted, records, BS)  # type: ignore[arg-type]
-        self.cache_dir = cache_dir
-
-    @asynccontextmanager
-    async def running(self, **overrides: Any):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.hosted.serve)
-            async with open_file_cache(
-                self.shared, self.cache_dir, replace(CONFIG, **overrides)
-            ) as cache:
-                yield cache
-            nursery.cancel_scope.cancel()
-
-    async def settle(self) -> None:
-        """Until every offer is uploaded or dropped."""
-        while self.hosted.queue_bytes:
-            await trio.testing.wait_all_tasks_blocked()
-
-
-def make_nodes(
-    tmp_path: Path, origin: Any, n: int = 2, **hosted: Any
-) -> tuple[Store, Records, list[Node]]:
-    store, records = Store(), Records()
-    made = []
-    for i in range(n):
-        (tmp_path / f"cache{i}").mkdir()
-        made.append(Node(Origin(origin), store, records, tmp_path / f"cache{i}", **hosted))
-    return store, records, made
-
-
-def plant(store: Store, data: bytes, info: ContentInfo) -> None:
-    for i, h in enumerate(info.block_hashes):
-        store.blobs[block_name(h)] = data[i * BS : (i + 1) * BS]
-
-
-async def version_of(origin: Any, file_id: str) -> str:
-    attrs = await origin.stat(file_id)
-    assert attrs is not None
-    return str(attrs.version)
-
-
-def request(file_id: str, size: int, pos: int, count: int, version: str) -> ReadData:
-    return ReadData(
-        file_id,
-        size,
-        pos,
-        RWEvent(0),
-        memoryview(bytearray(count)),
-        count,
-        version=version,
-    )
 
 
 # -- blocks of the right name and other bytes ----------------------------------------------
@@ -183,7 +39,7 @@ async def test_a_block_of_another_length_is_never_served(tmp_path: Path, how: st
     async with a.running() as cache:
         assert await read_sequential(cache, "f") == DATA
         assert cache.statistics()["corrupt_from_backend"] == 0
-    assert a.hosted.counters.rejected_blocks == 1
+    assert a.hosted.statistics().rejected_blocks == 1
     assert a.origin.asked == [(BS, BS)]  # only the block the hosted cache could not give
 
 
@@ -196,7 +52,7 @@ async def test_a_store_answering_for_another_name_is_never_served(tmp_path: Path
     store.lie[block_name(info.block_hashes[2])] = block_name(info.block_hashes[3])
     async with a.running() as cache:
         assert await read_at(cache, "f", 0, len(DATA)) == DATA
-    assert a.hosted.counters.rejected_blocks == 1
+    assert a.hosted.statistics().rejected_blocks == 1
     assert a.origin.bytes < len(DATA)
 
 
@@ -324,7 +180,7 @@ async def test_a_record_of_another_size_is_not_used(tmp_path: Path) -> None:
     plant(store, short, lie)
     async with a.running() as cache:
         assert await read_at(cache, "f", 0, len(DATA)) == DATA
-    assert a.hosted.counters.hits == 0
+    assert a.hosted.statistics().hits == 0
 
 
 @pytest.mark.parametrize("published", [BS // 2, 4 * BS])
@@ -343,7 +199,7 @@ async def test_origin_information_of_another_block_size_is_ignored(
         async with b.running() as cache:
             assert await read_sequential(cache, "f") == DATA
     store.check()
-    assert a.hosted.counters.rejected_blocks == b.hosted.counters.rejected_blocks == 0
+    assert a.hosted.statistics().rejected_blocks == b.hosted.statistics().rejected_blocks == 0
     assert not [r for r in caplog.records if r.name.startswith("cachefs.group")]
 
 
@@ -397,7 +253,7 @@ async def test_a_full_queue_with_stalled_uploads_never_holds_a_reader(tmp_path: 
             assert await read_sequential(cache, "f") == DATA
             assert await read_sequential(cache, "g") == NEW
             assert await read_at(cache, "f", 0, len(DATA)) == DATA
-            assert a.hosted.counters.dropped_offers >= 10
+            assert a.hosted.statistics().dropped_offers >= 10
             assert a.hosted.queue_bytes <= BS
     assert len(a.origin.asked) == 12  # each block once: nothing re-read for the offers
     assert records.published == []

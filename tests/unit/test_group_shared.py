@@ -5,121 +5,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from enginerig import BS, CONFIG, Bare, read_sequential
+from enginerig import BS, Bare, read_sequential
+from sharedrig import Node, Records, Store, make_nodes
 
 from backends.memory import MemoryBackend
 from cachefs.contract import ContentInfo, ReadData
-from cachefs.engine import open_file_cache
-from cachefs.group.content import ContentCounters
-from cachefs.group.hosted import HostedCache, block_name
-from cachefs.group.shared import SharedBackend
+from cachefs.group.hosted import block_name
 
 DATA = os.urandom(5 * BS + 777)  # six blocks, the last one short
 OTHER = os.urandom(len(DATA))
 
 
-class Store:
-    """A blob store in memory that can fail or stall."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-        self.asked: list[tuple[str, str]] = []
-        self.failing = False
-        self.stalled = False
-
-    async def _check(self, op: str, name: str) -> None:
-        self.asked.append((op, name))
-        if self.stalled:
-            await trio.sleep_forever()
-        if self.failing:
-            raise OSError("connection refused")
-
-    async def get_blob(self, name: str) -> bytes | None:
-        await self._check("get", name)
-        return self.blobs.get(name)
-
-    async def has_blob(self, name: str) -> bool:
-        await self._check("has", name)
-        return name in self.blobs
-
-    async def put_blob(self, name: str, data: bytes) -> None:
-        await self._check("put", name)
-        self.blobs[name] = data
-
-    async def aclose(self) -> None:
-        pass
-
-
-class Records:
-    """The group's content records, as a dict (ContentRecords' interface)."""
-
-    def __init__(self) -> None:
-        self.infos: dict[tuple[str, str], ContentInfo] = {}
-        self.counters = ContentCounters()
-        self.max_blocks = 1000
-        self.published: list[str] = []
-
-    async def lookup(self, file_id: str, version: str, size: int | None) -> ContentInfo | None:
-        return self.infos.get((file_id, version))
-
-    def publish_nowait(self, file_id: str, info: ContentInfo) -> None:
-        self.published.append(file_id)
-        self.infos[(file_id, info.version)] = info
-
-
-class Counting:
-    """The origin, counting the bytes it serves."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.bytes = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def read_data(self, req: ReadData) -> None:
-        await self.inner.read_data(req)
-        self.bytes += req.bytes_read
-
-
-class Node:
-    def __init__(self, origin: Any, store: Store, records: Records, cache_dir: Path) -> None:
-        self.origin = Counting(origin)
-        self.hosted = HostedCache(store, "mem://hosted")
-        self.shared = SharedBackend(self.origin, self.hosted, records, BS)  # type: ignore[arg-type]
-        self.cache_dir = cache_dir
-
-    @asynccontextmanager
-    async def running(self, **overrides: Any):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.hosted.serve)
-            async with open_file_cache(
-                self.shared, self.cache_dir, replace(CONFIG, **overrides)
-            ) as cache:
-                yield cache
-            nursery.cancel_scope.cancel()
-
-    async def settle(self) -> None:
-        """Until every offer is uploaded or dropped."""
-        while self.hosted.queue_bytes:
-            await trio.testing.wait_all_tasks_blocked()
-
-
 def nodes(tmp_path: Path, origin: Any, n: int = 2) -> tuple[Store, Records, list[Node]]:
-    store, records = Store(), Records()
-    made = []
-    for i in range(n):
-        (tmp_path / f"cache{i}").mkdir()
-        made.append(Node(origin, store, records, tmp_path / f"cache{i}"))
-    return store, records, made
+    return make_nodes(tmp_path, origin, n)
 
 
 async def test_second_node_reads_every_block_from_the_hosted_cache(tmp_path: Path) -> None:
@@ -129,12 +33,12 @@ async def test_second_node_reads_every_block_from_the_hosted_cache(tmp_path: Pat
         assert await read_sequential(cache, "f") == DATA
         await a.settle()
     assert a.origin.bytes == len(DATA)
-    assert records.published == ["f"]
+    assert [f for f, _ in records.published] == ["f"]
     assert len(store.blobs) == 6  # content-addressed, one object per block
     async with b.running() as cache:
         assert await read_sequential(cache, "f") == DATA
     assert b.origin.bytes == 0
-    assert b.hosted.counters.hits == 6 and b.hosted.counters.bytes == len(DATA)
+    assert b.hosted.statistics().hits == 6 and b.hosted.statistics().bytes == len(DATA)
 
 
 async def test_identical_blocks_are_stored_once(tmp_path: Path) -> None:
@@ -162,7 +66,7 @@ async def test_a_poisoned_block_is_never_served(tmp_path: Path) -> None:
     store.blobs[bad] = OTHER[: len(store.blobs[bad])]  # same length, other bytes
     async with b.running() as cache:
         assert await read_sequential(cache, "f") == DATA
-    assert b.hosted.counters.rejected_blocks == 1
+    assert b.hosted.statistics().rejected_blocks == 1
     # the origin was asked for what the hosted cache could not give, not for all of it
     assert 0 < b.origin.bytes < len(DATA)
 
@@ -181,7 +85,7 @@ async def test_a_record_for_other_bytes_cannot_make_a_reader_see_them(tmp_path: 
         store.blobs[block_name(h)] = OTHER[i * BS : (i + 1) * BS]
     async with a.running() as cache:
         assert await read_sequential(cache, "f") == DATA
-    assert a.hosted.counters.hits == 0
+    assert a.hosted.statistics().hits == 0
 
 
 async def test_a_lying_record_without_origin_information_costs_reads_not_bytes(
@@ -200,7 +104,7 @@ async def test_a_lying_record_without_origin_information_costs_reads_not_bytes(
         store.blobs[block_name(h)] = OTHER[i * BS : min((i + 1) * BS, len(DATA) - 1)]
     async with a.running() as cache:
         assert await read_sequential(cache, "f") == DATA
-    assert a.hosted.counters.hits == 0
+    assert a.hosted.statistics().hits == 0
 
 
 async def test_a_dead_hosted_cache_costs_one_try_per_backoff(
@@ -210,7 +114,7 @@ async def test_a_dead_hosted_cache_costs_one_try_per_backoff(
     origin.publish("f", BS)
     origin.publish("g", BS)
     store, _, (a,) = nodes(tmp_path, origin, 1)
-    store.failing = True
+    store.down = True
     async with a.running() as cache:
         assert await read_sequential(cache, "f") == DATA
         gets = [op for op, _ in store.asked].count("get")
@@ -218,7 +122,7 @@ async def test_a_dead_hosted_cache_costs_one_try_per_backoff(
         assert gets <= 6  # one call's blocks at most, then skipped while down
         assert a.origin.bytes == len(DATA)
         # back after the backoff: the next read uses it again
-        store.failing = False
+        store.down = False
         await trio.sleep(60)
         assert await read_sequential(cache, "g") == DATA[::-1]
         await a.settle()
@@ -231,7 +135,7 @@ async def test_a_stalled_hosted_cache_never_stalls_a_reader(
     origin = MemoryBackend({"f": DATA})
     origin.publish("f", BS)
     store, _, (a,) = nodes(tmp_path, origin, 1)
-    store.stalled = True
+    store.stalled_gets = True
     async with a.running() as cache:
         # the deadline passes (the mock clock jumps to it): the reader gets its bytes
         assert await read_sequential(cache, "f") == DATA
@@ -241,13 +145,11 @@ async def test_a_stalled_hosted_cache_never_stalls_a_reader(
 
 async def test_a_full_offer_queue_drops_offers_and_keeps_reading(tmp_path: Path) -> None:
     origin = Bare({"f": DATA})
-    store, records, (a,) = nodes(tmp_path, origin, 1)
-    a.hosted = HostedCache(store, "mem://hosted", queue_bytes=2 * BS)
-    a.shared = SharedBackend(a.origin, a.hosted, records, BS)  # type: ignore[arg-type]
+    store, records, (a,) = make_nodes(tmp_path, origin, 1, queue_bytes=2 * BS)
     store.stalled = True
     async with a.running() as cache:
         assert await read_sequential(cache, "f") == DATA
-        assert a.hosted.counters.dropped_offers >= 4
+        assert a.hosted.statistics().dropped_offers >= 4
         assert a.hosted.queue_bytes <= 2 * BS
     assert records.published == []  # a version with a hole is not published
 
@@ -286,7 +188,7 @@ async def test_a_call_off_a_block_boundary_goes_to_the_origin(tmp_path: Path, po
     req.version = attrs.version
     await a.shared.read_data(req)
     assert bytes(req.buffer[: req.bytes_read]) == DATA[pos : pos + req.bytes_read]
-    assert a.hosted.counters.hits == 0
+    assert a.hosted.statistics().hits == 0
 
 
 async def test_a_wrong_record_never_makes_the_origins_own_bytes_refused(tmp_path: Path) -> None:
