@@ -21,7 +21,7 @@ from redisserver import RedisServer
 
 from backends.memory import MemoryBackend
 from cachefs.contract import ContentInfo, FileAttrs, FileKind
-from cachefs.errors import NotFound
+from cachefs.errors import NotFound, PinLimitExceeded
 from cachefs.group.content import ContentRecords
 from cachefs.group.formats import (
     NODE_STATUS_TYPE,
@@ -323,3 +323,46 @@ class Blobs:
 
     async def aclose(self) -> None:
         pass
+
+
+class FailingPins(Cache):
+    """A cache whose pins fail after marking the file pinned (a prefetch that failed)."""
+
+    async def pin(self, file_id: str) -> None:
+        await super().pin(file_id)
+        raise PinLimitExceeded(f"cannot pin {file_id}: too big")
+
+
+async def test_a_pin_that_failed_is_still_released_by_an_unpin(
+    dirs: list[Path], tmp_path: Path
+) -> None:
+    cache = FailingPins({})
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    async with (
+        member(dirs[1], cache, tmp_path) as (m, _),
+        open_group(GROUP, groups_dir=dirs[0]) as admin,
+    ):
+        pin_id = await admin.records.add(pin_record("f", expires), internal=True)
+        assert await admin.sync(10)
+        await until(cache, lambda: cache.pins == ["f"])
+        (shown,) = m.statistics()["group_pins"]
+        assert shown["error"] == "cannot pin f: too big"
+        await admin.records.delete(pin_id, internal=True)
+        assert await admin.sync(10)
+        await until(cache, lambda: cache.unpins == ["f"])
+
+
+async def test_an_unwritable_pin_state_file_does_not_end_the_member(
+    dirs: list[Path], tmp_path: Path
+) -> None:
+    cache = Cache({})
+    state = tmp_path / "cache-m1" / "group-pins.json"
+    state.mkdir(parents=True)  # a directory where the file goes: every write fails
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    async with (
+        member(dirs[1], cache, tmp_path),
+        open_group(GROUP, groups_dir=dirs[0]) as admin,
+    ):
+        await admin.records.add(pin_record("f", expires), internal=True)
+        assert await admin.sync(10)
+        await until(cache, lambda: cache.pins == ["f"])
