@@ -29,13 +29,14 @@ from pathlib import Path
 
 import trio
 
-from cachefs.contract import Backend, DirEntry, FileAttrs, FileKind
+from cachefs.contract import Backend, ContentInfo, DirEntry, FileAttrs, FileKind
 from cachefs.engine.config import CacheConfig
 from cachefs.engine.handle import OpenFile
 from cachefs.engine.miss.reads import MAX_REPLANS
 from cachefs.engine.miss.supply import AddResult
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.index import CachedFile
+from cachefs.engine.state.store import NO_HASH
 from cachefs.engine.stats import CacheStatistics
 from cachefs.engine.wiring import wire
 from cachefs.errors import (
@@ -117,6 +118,22 @@ class FileCache:
         """Bytes of the current version of *file_id* held in the cache."""
         cf = self.catalog.files.get(file_id)
         return 0 if cf is None else self.catalog.present_bytes(cf)
+
+    def content_of(self, file_id: str) -> ContentInfo | None:
+        """The content information of the version of *file_id* the cache holds
+        whole, from the hashes it computed of the bytes it stored; None while a
+        block is missing or its hash is still to come, or when a hash came with
+        ``add-data --trust`` (it vouches for nothing)."""
+        cf = self.catalog.files.get(file_id)
+        if cf is None or cf.retired or cf.hashes is None or cf.unhashed:
+            return None
+        if cf.present.find(0) >= 0 or (cf.trusted is not None and cf.trusted.find(1) >= 0):
+            return None
+        hashes = bytes(cf.hashes)
+        blocks = tuple(hashes[i : i + 32] for i in range(0, len(hashes), 32))
+        if len(blocks) != len(cf.present) or NO_HASH in blocks:
+            return None
+        return ContentInfo(cf.version, cf.size, self.config.block_size, blocks)
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         """The entries of *dir_id*; the last listing seen is served while offline."""

@@ -14,8 +14,11 @@ Policy:
   (cachefs.group.shared asks it first).
 - A version is published when this member has hashed every block of it
   from the origin's bytes (:class:`Tracker`), unless a record it trusts
-  exists already.  Versions with more blocks than a record can hold
-  (the group's max record size) are not tracked.  A record lives 30 days,
+  exists already.  When an offer was dropped (the hosted cache slower than
+  the origin), the version is published later from the hashes the cache
+  computed, once it holds the version whole (cachefs.group.member).
+  Versions with more blocks than a record can hold (the group's max record
+  size) are not tracked.  A record lives 30 days,
   or less when this member's credentials expire sooner.
 - Lookups read the member's local database only, never the engine, within
   a short deadline: a stalled database costs a lookup, never a reader.
@@ -202,6 +205,9 @@ class Trackers:
         self._tracked: OrderedDict[tuple[str, str], Tracker] = OrderedDict()
         self._blocks = 0
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: versions whose tracker lost a block: published from the cache's own
+        #: hashes once it holds them whole (cachefs.group.member)
+        self.holes: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def get(self, file_id: str, version: str, size: int) -> Tracker | None:
         key = (file_id, version)
@@ -219,6 +225,20 @@ class Trackers:
                 self._blocks -= len(gone.known)
         self._tracked.move_to_end(key)
         return tracker
+
+    def abandon(self, tracker: Tracker) -> None:
+        """A block of *tracker*'s version was not learned: no record from here."""
+        if tracker.abandoned:
+            return
+        tracker.abandon()
+        self.finished(tracker)
+        self.holes[(tracker.file_id, tracker.version)] = None
+        if len(self.holes) > TRACKED:
+            self.holes.popitem(last=False)
+
+    def take_holes(self) -> list[tuple[str, str]]:
+        holes, self.holes = list(self.holes), OrderedDict()
+        return holes
 
     def finished(self, tracker: Tracker) -> None:
         key = (tracker.file_id, tracker.version)

@@ -6,7 +6,9 @@ replicate in the background: Redis down costs nothing but sharing) and,
 with a hosted cache, puts the shared backend (cachefs.group.shared) in
 front of the origin.  ``Member.serve`` then runs, for the mounted cache,
 the node status record (cachefs.group.status), the version records
-(cachefs.group.versions) and the group pins (cachefs.group.pins).
+(cachefs.group.versions) and the group pins (cachefs.group.pins), and
+publishes the content records of versions whose offers were dropped from
+the hashes the cache computed (every HOLES_INTERVAL, for HOLES_PATIENCE).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, TypedDict
 import trio
 
 from cachefs.contract import Backend, BlobStore
-from cachefs.group.content import ContentRecords
+from cachefs.group.content import TRACKED, ContentRecords
 from cachefs.group.formats import NodeStatus
 from cachefs.group.hosted import HostedCache
 from cachefs.group.pins import GroupPins
@@ -36,6 +38,9 @@ from cachefs.records import Group, open_group
 __all__ = ["Described", "GroupStatistics", "Member", "MemberOptions", "open_member"]
 
 log = logging.getLogger(__name__)
+
+HOLES_INTERVAL = 5.0
+HOLES_PATIENCE = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +178,28 @@ class Member:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.versions.serve, cache, forget_entry)
             await nursery.start(self.pins.serve, cache, cache_dir)
+            if self.shared is not None:
+                nursery.start_soon(self._publish_holes, cache, self.shared)
             figures = partial(self._node_status, cache, described)
             await nursery.start(serve_status, self.group, self.options.status_expiry, figures)
             task_status.started()
+
+    async def _publish_holes(self, cache: CacheView, shared: SharedBackend) -> None:
+        """Publish the versions whose offers were dropped from the hashes the
+        cache computed, once it holds them whole (given up after HOLES_PATIENCE)."""
+        waiting: dict[tuple[str, str], float] = {}
+        while True:
+            await trio.sleep(HOLES_INTERVAL)
+            now = trio.current_time()
+            for key in shared.trackers.take_holes():
+                waiting.setdefault(key, now)
+            for (file_id, version), since in list(waiting.items()):
+                info = cache.content_of(file_id)
+                if info is not None and info.version == version:
+                    self.content.publish_nowait(file_id, info)
+                elif now - since < HOLES_PATIENCE and len(waiting) <= 4 * TRACKED:
+                    continue
+                del waiting[(file_id, version)]
 
     def _node_status(self, cache: CacheView, described: Described) -> NodeStatus:
         stats = cache.statistics()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from cachefs.contract import FileAttrs
+from cachefs.contract import ContentInfo, FileAttrs
 
 
 class CacheView(Protocol):
@@ -31,6 +31,11 @@ class CacheView(Protocol):
     async def unpin(self, file_id: str) -> bool: ...
 
     def pinned(self) -> list[str]: ...
+
+    def content_of(self, file_id: str) -> ContentInfo | None:
+        """The block hashes of the version the cache holds whole, as it
+        computed them from the bytes it stored; None until it has them all."""
+        ...
 
     def cached_bytes_of(self, file_id: str) -> int:
         """Bytes of *file_id*'s current version held in the cache."""

@@ -245,7 +245,7 @@ class SharedBackend:
             expected = info.block_hashes[b] if info is not None else None
             learn = None if tracker is None else partial(self._learned, tracker, b)
             if not self.hosted.offer_nowait(data, expected, learn) and tracker is not None:
-                tracker.abandon()  # a hole: this member will not publish the version
+                self.trackers.abandon(tracker)  # a hole: the cache's hashes will do
             b += 1
 
     def _learned(self, tracker: Tracker, block: int, digest: bytes) -> None:

@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from enginerig import Bare
 from groupsrig import GROUP, make_group
 from redisserver import RedisServer
 
 from backends.memory import MemoryBackend
-from cachefs.contract import ContentInfo, FileAttrs, FileKind
+from cachefs.contract import ContentInfo, FileAttrs, FileKind, ReadData, RWEvent
 from cachefs.errors import NotFound, PinLimitExceeded
+from cachefs.group import member as member_module
 from cachefs.group.content import ContentRecords
 from cachefs.group.formats import (
     NODE_STATUS_TYPE,
@@ -54,6 +56,7 @@ class Cache:
         self.pins: list[str] = []
         self.unpins: list[str] = []
         self.changed = trio.Event()
+        self.whole: dict[str, ContentInfo] = {}  # what the cache holds whole
 
     def _note(self) -> None:
         self.changed.set()
@@ -85,6 +88,9 @@ class Cache:
 
     def cached_bytes_of(self, file_id: str) -> int:
         return 0
+
+    def content_of(self, file_id: str) -> ContentInfo | None:
+        return self.whole.get(file_id)
 
     def statistics(self) -> dict[str, Any]:
         return {"cached_bytes": 5, "cache_limit": 10, "hit_bytes": 7, "bytes_from_backend": 9}
@@ -366,3 +372,39 @@ async def test_an_unwritable_pin_state_file_does_not_end_the_member(
         await admin.records.add(pin_record("f", expires), internal=True)
         assert await admin.sync(10)
         await until(cache, lambda: cache.pins == ["f"])
+
+
+async def test_a_version_whose_offers_were_dropped_is_published_from_the_caches_hashes(
+    dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hosted cache slower than the origin: offers dropped, the version's
+    record comes from the hashes the cache computed once it holds it whole."""
+    monkeypatch.setattr(member_module, "HOLES_INTERVAL", 0.05)
+    data = os.urandom(3 * BS)
+    origin = Bare({"f": data})
+    attrs_f = await origin.memory.stat("f")
+    assert attrs_f is not None
+    cache = Cache({})
+    async with open_group(GROUP, groups_dir=dirs[1]) as group:
+        hosted = HostedCache(Blobs(), "mem://hosted", queue_bytes=BS)  # room for one block
+        content = ContentRecords(group, "members", BS)
+        shared = SharedBackend(origin, hosted, content, BS)
+        m = Member(group, MemberOptions(GROUP, dirs[1]), content, shared, shared)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(content.serve)
+            await nursery.start(
+                m.serve, cache, tmp_path, lambda f: None, Described("/mnt", "s3://b", "t")
+            )
+            req = ReadData(
+                "f", len(data), 0, RWEvent(0), memoryview(bytearray(len(data))), len(data)
+            )
+            req.version = attrs_f.version
+            await shared.read_data(req)  # three blocks offered at once: two dropped
+            assert hosted.statistics().dropped_offers == 2
+            cache.whole["f"] = ContentInfo.of_bytes(data, attrs_f.version, BS)
+            with trio.fail_after(DEADLINE):
+                while content.counters.content_published == 0:
+                    await group.records.wait_changed()  # the record added
+            found = await content.lookup("f", attrs_f.version, len(data))
+            assert found == cache.whole["f"]
+            nursery.cancel_scope.cancel()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from enginerig import BS, Bare, read_sequential
+from enginerig import BS, Bare, read_at, read_sequential
 from sharedrig import Node, Records, Store, make_nodes
 
 from backends.memory import MemoryBackend
@@ -203,3 +203,23 @@ async def test_a_wrong_record_never_makes_the_origins_own_bytes_refused(tmp_path
         assert await read_sequential(cache, "f") == DATA
         assert cache.statistics()["corrupt_from_backend"] == 0
     assert a.origin.bytes == len(DATA)
+
+
+async def test_the_cache_gives_the_hashes_of_a_version_it_holds_whole(tmp_path: Path) -> None:
+    """What a member publishes when its offers were dropped (FileCache.content_of)."""
+    origin = Bare({"f": DATA, "g": DATA[:100]})
+    _, _, (a,) = nodes(tmp_path, origin, 1)
+    attrs = await origin.memory.stat("f")
+    assert attrs is not None
+    async with a.running() as cache:
+        assert cache.content_of("f") is None  # nothing cached
+        await read_at(cache, "f", 0, BS)
+        assert cache.content_of("f") is None  # not whole
+        assert await read_sequential(cache, "f") == DATA
+        await cache.flush()  # the hashes put off come in
+        assert cache.content_of("f") == ContentInfo.of_bytes(DATA, attrs.version, BS)
+        # a block taken on trust vouches for nothing
+        gattrs = await cache.getattr("g")
+        await cache.add_data("g", 0, DATA[:100], trust=True)
+        assert cache.known_attrs("g") == gattrs
+        assert cache.content_of("g") is None
