@@ -100,6 +100,7 @@ class HostedCache:
         self._send, self._receive = trio.open_memory_channel[_Offer](1 << 20)
         self._fetches = trio.CapacityLimiter(FETCHES)
         self._known: OrderedDict[bytes, None] = OrderedDict()
+        self._uploading: set[bytes] = set()  # at most one upload per name at a time
         self._reported: OrderedDict[bytes, None] = OrderedDict()
         self._down_until = 0.0
         self._backoff = BACKOFF_FIRST
@@ -243,16 +244,18 @@ class HostedCache:
             return
         if offer.on_hashed is not None:
             offer.on_hashed(digest)
-        if digest in self._known:
-            self._counters.already_there += 1
+        if digest in self._known or digest in self._uploading:
+            self._counters.already_there += 1  # or about to be: not uploaded twice
             return
         if not self.usable():
             self._counters.dropped_offers += 1
             return
         probe = self._probing = self.down is not None
+        self._uploading.add(digest)
         try:
             await self._put(digest, offer.data)
         finally:
+            self._uploading.discard(digest)
             if probe:
                 self._probing = False
 
