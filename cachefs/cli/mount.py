@@ -47,8 +47,7 @@ from cachefs.engine import CacheConfig
 from cachefs.engine.state.crypto import read_key_material
 from cachefs.errors import ConfigError
 from cachefs.fuse import TRANSPORTS, check_transport
-from cachefs.group.content import TRUST_MODES
-from cachefs.group.member import MemberOptions
+from cachefs.group.options import TRUST_MODES, MemberOptions
 from cachefs.publish import run_publish
 from cachefs.registry import open_backend, open_blob_store, source_scheme, wrapper
 from cachefs.units import format_size

@@ -22,7 +22,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import assert_never
+from typing import TYPE_CHECKING, assert_never
 
 import trio
 
@@ -52,8 +52,10 @@ from cachefs.control.server import Progress
 from cachefs.engine import FileCache
 from cachefs.errors import CacheFSError, NotFound, PinLimitExceeded
 from cachefs.fs.inodes import Namespace, child_id
-from cachefs.group.member import Member
 from cachefs.units import format_size
+
+if TYPE_CHECKING:  # the record store is loaded by mounts in a group only
+    from cachefs.group.member import Member
 
 log = logging.getLogger(__name__)
 

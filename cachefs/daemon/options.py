@@ -20,7 +20,7 @@ from typing import Any
 from cachefs.engine import CacheConfig
 from cachefs.errors import CacheFSError
 from cachefs.fuse import TRANSPORTS
-from cachefs.group.member import MemberOptions
+from cachefs.group.options import MemberOptions
 from cachefs.registry import source_scheme
 
 

@@ -28,7 +28,6 @@ from cachefs.engine.state.crypto import read_key_material
 from cachefs.errors import CacheFSError
 from cachefs.fs.inodes import Namespace
 from cachefs.fs.operations import KernelInvalidator
-from cachefs.group.member import open_member
 from cachefs.registry import open_backend, open_blob_store, wrapper
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,10 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
             on_invalidate: Callable[[str], None] = invalidator.notify
             if opts.group is not None:
                 # The group's records replicate in the background; the hosted
-                # cache, when there is one, goes in front of the origin.
+                # cache, when there is one, goes in front of the origin.  (The
+                # record store is loaded by mounts in a group only.)
+                from cachefs.group.member import open_member
+
                 member = await stack.enter_async_context(
                     open_member(opts.group, opts.config.block_size, backend, open_blob_store)
                 )

@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -19,7 +20,9 @@ from cachefs.daemon.tuning import tune_when_initialized
 from cachefs.engine import FileCache
 from cachefs.fs.inodes import Namespace
 from cachefs.fs.operations import KernelInvalidator, Operations
-from cachefs.group.member import Described, Member
+
+if TYPE_CHECKING:  # the record store is loaded by mounts in a group only
+    from cachefs.group.member import Member
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,8 @@ async def serve_fuse(
             )
             await tune_when_initialized(opts, initialized)
             if member is not None:
+                from cachefs.group.status import Described
+
                 described = Described(str(opts.mountpoint), opts.source, _software())
                 await nursery.start(
                     member.serve, cache, opts.cache_dir, invalidator.forget_entry, described

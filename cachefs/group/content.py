@@ -35,11 +35,11 @@ import trio
 
 from cachefs.contract import ContentInfo
 from cachefs.group.formats import content_record, decode_content, key_query, version_key
+from cachefs.group.options import TRUST_MODES
 from cachefs.records import Group, Record, RecordsError, Role
 
 log = logging.getLogger(__name__)
 
-TRUST_MODES = ("members", "admins")
 LOOKUP_DEADLINE = 1.0
 LIFETIME = timedelta(days=30)
 TRACKED = 256  # versions being hashed at once

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
@@ -28,6 +27,7 @@ from cachefs.contract import Backend, BlobStore
 from cachefs.group.content import TRACKED, ContentRecords
 from cachefs.group.formats import NodeStatus
 from cachefs.group.hosted import HostedCache
+from cachefs.group.options import MemberOptions
 from cachefs.group.pins import GroupPins
 from cachefs.group.ports import CacheView
 from cachefs.group.shared import SharedBackend
@@ -41,21 +41,6 @@ log = logging.getLogger(__name__)
 
 HOLES_INTERVAL = 5.0
 HOLES_PATIENCE = 600.0
-
-
-@dataclass(frozen=True, slots=True)
-class MemberOptions:
-    """How a mount takes part in its group (``cachefs mount --group ...``)."""
-
-    group: str
-    groups_dir: Path | None = None
-    #: the hosted cache's URL (s3://bucket/prefix or a directory), None for none
-    shared_cache: str | None = None
-    #: keyword options of the hosted cache's blob store factory (its S3 endpoint)
-    shared_cache_options: dict[str, Any] = field(default_factory=dict)
-    trust_content: str = "members"
-    #: the node status record's lifetime in seconds (rewritten every third of it)
-    status_expiry: float = 60.0
 
 
 class GroupStatistics(TypedDict):

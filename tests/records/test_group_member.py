@@ -32,7 +32,8 @@ from cachefs.group.formats import (
     pin_record,
 )
 from cachefs.group.hosted import HostedCache, block_name
-from cachefs.group.member import Described, Member, MemberOptions
+from cachefs.group.member import Described, Member
+from cachefs.group.options import MemberOptions
 from cachefs.group.shared import SharedBackend
 from cachefs.records import ChangeType, Group, Role, open_group
 
