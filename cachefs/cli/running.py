@@ -251,6 +251,7 @@ _GROUP_ROWS = (
     ("uploaded", "uploaded", str),
     ("already there", "already_there", str),
     ("dropped offers", "dropped_offers", str),
+    ("mismatched offers", "mismatched_offers", str),
     ("offer queue", "offer_queue_bytes", format_size),
     ("content published", "content_published", str),
     ("content used", "content_used", str),

@@ -58,6 +58,7 @@ class GroupStatistics(TypedDict):
     uploaded: int
     already_there: int
     dropped_offers: int
+    mismatched_offers: int
     offer_queue_bytes: int
     hosted_down: str | None
     content_published: int
@@ -111,6 +112,7 @@ class Member:
             "uploaded": hs.uploaded if hs else 0,
             "already_there": hs.already_there if hs else 0,
             "dropped_offers": hs.dropped_offers if hs else 0,
+            "mismatched_offers": hs.mismatched_offers if hs else 0,
             "offer_queue_bytes": h.queue_bytes if h is not None else 0,
             "hosted_down": h.down if h is not None else None,
             "content_published": c.content_published,
