@@ -55,7 +55,7 @@ from backends.throttled import parse_throttle
 from backends.trace import read_trace
 from bench.dataset import MiB
 from bench.records import Redis
-from bench.s3like import MOTO_ENV, moto_server
+from bench.s3like import moto_environment, moto_server
 from bench.suite import default_workdir
 from bench.system import REPO, BenchError, cachefs_cmd
 from bench.targets import CachefsTarget
@@ -278,21 +278,6 @@ class Node(CachefsTarget):
         return group
 
 
-@contextmanager
-def aws_environment() -> Iterator[None]:
-    """moto's keys for the mounts' daemons (they inherit them), no other AWS_*."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    for name in saved:
-        del os.environ[name]
-    os.environ.update(MOTO_ENV)
-    try:
-        yield
-    finally:
-        for name in MOTO_ENV:
-            os.environ.pop(name, None)
-        os.environ.update(saved)
-
-
 def create_bucket(endpoint: str, bucket: str) -> None:
     request = urllib.request.Request(f"{endpoint}/{bucket}", method="PUT")
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -513,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             if "group" in kinds:
                 redis = Redis(work)
                 stack.callback(redis.stop)
-            stack.enter_context(aws_environment())
+            stack.enter_context(moto_environment())
             for n in args.nodes:
                 for kind in kinds:
                     say(f"N={n}, {kind}:")

@@ -188,7 +188,7 @@ def moto_server(log: Path) -> Iterator[str]:
 
 
 @contextmanager
-def _moto_environment() -> Iterator[None]:
+def moto_environment() -> Iterator[None]:
     """The mount's daemon inherits this environment: moto's keys, no other AWS_*."""
     saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     for name in saved:
@@ -276,7 +276,7 @@ def run_moto(
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {"object_mib": size // MiB, "server": "moto_server on 127.0.0.1"}
-    with moto_server(logs / "moto.log") as endpoint, _moto_environment():
+    with moto_server(logs / "moto.log") as endpoint, moto_environment():
         store = _store(endpoint)
         started = time.perf_counter()
         _upload(endpoint, store, source, size)

@@ -201,10 +201,13 @@ class HostedCache:
     # -- offers ----------------------------------------------------------------------
 
     def offer_nowait(
-        self, data: bytes, expected: bytes | None = None, on_hashed: OnHashed | None = None
+        self,
+        data: bytes | memoryview,
+        expected: bytes | None = None,
+        on_hashed: OnHashed | None = None,
     ) -> bool:
-        """Queue *data* (a whole block the caller will not change) for upload;
-        False if dropped (queue full, or the store down).  *on_hashed* is told
+        """Queue a copy of *data* (a whole block) for upload, copied only when
+        it is queued; False if dropped (queue full, or the store down).  *on_hashed* is told
         its hash once an uploader computed it (not when *expected* is known
         to be there already)."""
         self._counters.offered += 1
@@ -215,7 +218,7 @@ class HostedCache:
             self._counters.dropped_offers += 1
             return False
         self.queue_bytes += len(data)
-        self._send.send_nowait(_Offer(data, expected, on_hashed))
+        self._send.send_nowait(_Offer(bytes(data), expected, on_hashed))
         return True
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -143,8 +143,8 @@ class Member:
             length = min(bs, info.size - pos)
             if pos + length > offset + len(data):
                 return
-            block = data[pos - offset : pos - offset + length]
-            shared.hosted.offer_nowait(bytes(block), info.block_hashes[b])
+            view = memoryview(data)[pos - offset : pos - offset + length]
+            shared.hosted.offer_nowait(view, info.block_hashes[b])
             b += 1
 
     def on_retired(self, file_id: str) -> None:

@@ -238,10 +238,10 @@ class SharedBackend:
             length = min(bs, req.size - pos)
             if length <= 0 or pos + length > start + n:
                 return
-            at = pos - req.position
-            data = bytes(req.buffer[at : at + length])
             if info is not None and b >= len(info.block_hashes):
                 return  # information that does not describe this call's blocks
+            at = pos - req.position
+            data = req.buffer[at : at + length]  # copied only if queued
             expected = info.block_hashes[b] if info is not None else None
             learn = None if tracker is None else partial(self._learned, tracker, b)
             if not self.hosted.offer_nowait(data, expected, learn) and tracker is not None:
