@@ -8,6 +8,7 @@ text obstore raises, copied from real errors.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import select
 import socket
@@ -102,15 +103,22 @@ async def test_a_server_that_never_answers_is_a_failure() -> None:
 
 
 async def test_an_endpoint_that_takes_no_connection_is_unreachable() -> None:
-    with socket.socket() as full, socket.socket() as queued:
+    with socket.socket() as full, contextlib.ExitStack() as stack:
         full.bind(("127.0.0.1", 0))
         full.listen(0)
-        queued.setblocking(False)
-        queued.connect_ex(full.getsockname())
-        # Once one connection waits in its backlog, the kernel drops further SYNs.
-        assert select.select([], [queued], [], 10)[1]
+        # Connect until one connection hangs: the backlog is then full and the
+        # kernel drops every further SYN (one CI run saw the first connection
+        # fail and the backend's connection get the free slot).
+        for _ in range(8):
+            waiting = stack.enter_context(socket.socket())
+            waiting.setblocking(False)
+            waiting.connect_ex(full.getsockname())
+            if not select.select([], [waiting], [], 0.5)[1]:
+                break
+        else:
+            pytest.fail("the kernel kept accepting connections past a backlog of 0")
         endpoint = f"http://127.0.0.1:{full.getsockname()[1]}"
-        req = await read(endpoint, retries=0, connect_timeout=0.5)
+        req = await read(endpoint, retries=0, connect_timeout=0.5, timeout=5)
     assert req.result_code is RWResult.PERMANENT_FAILURE
 
 
