@@ -1,4 +1,4 @@
-"""The ReadData contract: what a backend sees and what it must answer.
+"""The ReadData / WriteData contract: what a backend sees and what it must answer.
 
 This is the only core module a backend imports.  A backend is any object
 with the async methods of :class:`Backend`; wrappers (faulty, trace, …) keep
@@ -115,6 +115,94 @@ class ReadData:
     version: str = ""
 
 
+@dataclass(slots=True, eq=False)
+class WriteData:
+    """One request to store ``buffer`` at ``position`` of ``file_id`` (a flush).
+
+    A flush is a transfer of calls with the flags of ReadData: a file written
+    whole (a backend with WHOLE_FILE_ONLY, or a new file) is one WHOLE_FILE
+    continuous transfer from position 0 (CONTINUOUS_STARTED on the first
+    call, CONTINUOUS_FINISHED on the last, TIL_END on each); the changed
+    runs of a file a RANDOM_WRITES backend writes in place are a random
+    transfer (RANDOM_STARTED ... RANDOM_FINISHED, BEFORE_END unless the run
+    reaches the end).  ``size`` is the size the file has once the transfer
+    ends.  A transfer abandoned midway gets a last call with CANCELED and
+    ``bytes_to_write == 0``: a backend aborts what it started (a multipart
+    upload) and leaves the file as it was.
+
+    The backend stores up to ``bytes_to_write`` bytes of ``buffer`` (a
+    read-only view, the cache's only until ``write_data`` returns), sets
+    ``bytes_written`` and, unless it stored all, ``result_code``: PARTIAL
+    (the cache writes the rest), FILE_MODIFIED_EXTERNALLY (the file is not
+    at ``version`` any more: a conflict, nothing is overwritten),
+    FILE_MODIFIED_LOCALLY (the cache re-plans the flush), FAILURE (retried
+    with backoff), FILE_FAILURE (the file is latched, its data kept),
+    PERMANENT_FAILURE (the storage is latched; writes stay in the cache).
+
+    ``version`` is the version the cache's copy was made from: the backend
+    refuses (FILE_MODIFIED_EXTERNALLY) when the file is at another; "" for
+    a file that did not exist, which the backend creates and must not find
+    there.  On the call that finishes the transfer the backend sets
+    ``new_version`` to the version the file now has ("" if it cannot tell).
+    """
+
+    file_id: str
+    size: int
+    position: int
+    flags: RWEvent
+    buffer: memoryview
+    bytes_to_write: int
+    bytes_written: int = 0
+    file_context: object = None
+    result_code: RWResult = RWResult.SUCCESS
+    version: str = ""
+    new_version: str = ""
+
+
+class WriteCapability(enum.IntFlag):
+    """What a writable backend can do (after the vendor's capability flags);
+    the cache plans its flushes and namespace changes by them.
+
+    RANDOM_WRITES: the changed runs of a file are written in place and
+    ``set_size`` cuts or extends it.  WHOLE_FILE_ONLY: a changed file is
+    written whole (an object store); the cache holds all of it first.
+    RENAME: a file is renamed in one atomic step (else copied then deleted:
+    what the backend does, not the cache).  RENAME_DIRS: a directory can be
+    renamed (atomically only with RENAME).  SYMLINKS, MODES, TIMES:
+    ``make_symlink`` works, ``set_attrs`` keeps a mode, a modification time.
+    EMPTY_DIRS: an empty directory exists (else a marker stands for it).
+    """
+
+    RANDOM_WRITES = 0x1
+    WHOLE_FILE_ONLY = 0x2
+    RENAME = 0x4
+    RENAME_DIRS = 0x8
+    SYMLINKS = 0x10
+    MODES = 0x20
+    TIMES = 0x40
+    EMPTY_DIRS = 0x80
+
+
+@dataclass(slots=True)
+class ChangeResult:
+    """What a backend answers to a namespace change.
+
+    ``result_code`` as for WriteData: SUCCESS; FILE_MODIFIED_EXTERNALLY when
+    the change's precondition failed (the file is not at the version given);
+    FAILURE (transient), PERMANENT_FAILURE (the storage refuses us);
+    FILE_FAILURE when the source refuses this change, with ``error`` the
+    errno a local file system would give (ENOENT, EEXIST, ENOTEMPTY,
+    ENOTDIR, EISDIR, EXDEV, EACCES, EPERM, ENAMETOOLONG, ENOSPC...).
+    ``reason`` is one line for the log; ``attrs`` what the entry is after a
+    successful change, where the backend can tell (a new mode, a new version).
+    """
+
+    result_code: RWResult = RWResult.SUCCESS
+    error: int = 0
+    reason: str = ""
+    attrs: FileAttrs | None = None
+
+
 CONTENT_INFO_FORMAT = "cachefs-content-info/1"
 
 
@@ -203,7 +291,8 @@ class Backend(Protocol):
     treated as FAILURE.
 
     Optional capabilities are the Protocols below (:class:`ContentInfoSource`,
-    :class:`ContentInfoStore`): a backend has one when it has its methods,
+    :class:`ContentInfoStore`, :class:`WritableBackend`): a backend has one
+    when it has its methods,
     and the cache checks that once, when it opens the backend.
     """
 
@@ -244,6 +333,42 @@ class ContentInfoStore(ContentInfoSource, Protocol):
     async def delete_content_info(self, file_id: str) -> None: ...
 
     async def content_info_ids(self) -> list[str]: ...
+
+
+@runtime_checkable
+class WritableBackend(Protocol):
+    """A backend the cache can write to: WriteData and namespace changes.
+
+    ``write_capabilities`` is read once, when the mount starts.  Every
+    method reports through its result (``WriteData.result_code``,
+    :class:`ChangeResult`) and should not raise; an exception is taken as
+    FAILURE.  ``remove_file`` and ``set_size`` take the version the cache
+    holds ("" for any): FILE_MODIFIED_EXTERNALLY if the file is at another.
+    ``rename`` with *replace* False refuses (EEXIST) when *new_id* exists.
+    ``set_attrs`` changes what it can of the mode and the modification time
+    (None: leave it).
+    """
+
+    @property
+    def write_capabilities(self) -> WriteCapability: ...
+
+    async def write_data(self, req: WriteData) -> None: ...
+
+    async def make_dir(self, dir_id: str, mode: int | None) -> ChangeResult: ...
+
+    async def remove_file(self, file_id: str, version: str) -> ChangeResult: ...
+
+    async def remove_dir(self, dir_id: str) -> ChangeResult: ...
+
+    async def rename(self, old_id: str, new_id: str, replace: bool) -> ChangeResult: ...
+
+    async def set_size(self, file_id: str, size: int, version: str) -> ChangeResult: ...
+
+    async def set_attrs(
+        self, file_id: str, mode: int | None, mtime: float | None
+    ) -> ChangeResult: ...
+
+    async def make_symlink(self, file_id: str, target: str) -> ChangeResult: ...
 
 
 @runtime_checkable

@@ -161,3 +161,34 @@ class MountFailed(CacheFSError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# -- changes (the write path) ---------------------------------------------------------
+
+
+class ReadOnly(CacheFSError):
+    """A change on a read-only mount (``--read-only``, or a backend that cannot write)."""
+
+    errno = _errno.EROFS
+
+
+class ChangeRefused(CacheFSError):
+    """The source (or the cache's rules) refuse a change with this errno
+    (EEXIST, ENOTEMPTY, ENOTDIR, EXDEV, EACCES, ...)."""
+
+    def __init__(self, message: str, errno_: int) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+class NoSpace(CacheFSError):
+    """Dirty data cannot be kept: the cache is full of it and cannot flush."""
+
+    errno = _errno.ENOSPC
+
+
+class WriteFailed(CacheFSError):
+    """A flush did not reach the source (fsync, close with write-through, flush):
+    the data stays dirty in the cache and is flushed later."""
+
+    errno = _errno.EIO

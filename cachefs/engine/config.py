@@ -37,6 +37,12 @@ class CacheConfig:
     disk_probe_interval: float = 2.0
     verify: str = "once"
     io_uring: bool = True
+    #: No change is taken (EROFS), whatever the backend can do.
+    read_only: bool = False
+    #: Seconds from the last close of a changed file to its flush (0: at close).
+    write_back_delay: float = 5.0
+    #: Changed bytes not yet flushed before writers wait; None: half the cache size.
+    max_dirty: int | None = None
 
     def validate(self) -> None:
         bs = self.block_size
@@ -49,6 +55,8 @@ class CacheConfig:
             raise ConfigError("max_fetches and max_fetch must be at least 1")
         if self.verify not in ("once", "always", "off"):
             raise ConfigError(f"verify must be once, always or off, not {self.verify!r}")
-        for name in ("cache_size", "min_free"):
+        if self.write_back_delay < 0:
+            raise ConfigError("write_back_delay must not be negative")
+        for name in ("cache_size", "min_free", "max_dirty"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"{name} must not be negative")

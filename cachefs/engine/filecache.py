@@ -23,13 +23,22 @@ with the few others it needs, and the counters they share are one
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import cast
 
 import trio
 
-from cachefs.contract import Backend, ContentInfo, DirEntry, FileAttrs, FileKind
+from cachefs.contract import (
+    Backend,
+    ContentInfo,
+    DirEntry,
+    FileAttrs,
+    FileKind,
+    WritableBackend,
+)
 from cachefs.engine.config import CacheConfig
 from cachefs.engine.handle import OpenFile
 from cachefs.engine.miss.reads import MAX_REPLANS
@@ -39,17 +48,36 @@ from cachefs.engine.state.index import CachedFile
 from cachefs.engine.state.store import NO_HASH
 from cachefs.engine.stats import CacheStatistics
 from cachefs.engine.wiring import wire
+from cachefs.engine.write.copies import CopyStore, WorkingCopy
+from cachefs.engine.write.flusher import WritableSource
+from cachefs.engine.write.front import FlushReport, Writes, WriteStatistics
 from cachefs.errors import (
     CacheDiskFailed,
+    ChangeRefused,
     NotAFile,
     NotFound,
     PinLimitExceeded,
+    ReadFailed,
     TransientFailure,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FileCache", "OpenFile"]
+__all__ = ["FileCache", "FlushReport", "OpenFile", "WriteStatistics"]
+
+#: Bytes copied at a time into a working copy from the version it is made from.
+FILL_STEP = 8 << 20
+
+
+def read_only_reason(backend: Backend, config: CacheConfig, encrypted: bool) -> str | None:
+    """Why a mount over *backend* takes no changes; None when it does."""
+    if config.read_only:
+        return "the mount is read-only (--read-only)"
+    if not isinstance(backend, WritableBackend) or not backend.write_capabilities:
+        return f"the source cannot be written ({backend!r})"
+    if encrypted:
+        return "writes to an encrypted cache are not supported yet"
+    return None
 
 
 class FileCache:
@@ -68,6 +96,7 @@ class FileCache:
         config: CacheConfig,
         catalog: Catalog,
         nursery: trio.Nursery,
+        store: CopyStore | None = None,
     ) -> None:
         self.backend = backend
         self.cache_dir = cache_dir
@@ -92,6 +121,28 @@ class FileCache:
         self._supplier = parts.supplier
         self.max_fetch = parts.max_fetch
         self.max_readahead = parts.max_readahead
+        if store is None:
+            store = CopyStore(cache_dir / "dirty")
+        self.read_only_reason = read_only_reason(backend, config, catalog.key is not None)
+        writable = None if self.read_only_reason is not None else cast(WritableSource, backend)
+        max_dirty = config.max_dirty if config.max_dirty is not None else self.evictor.limit // 2
+        self._writes = Writes(
+            writable,
+            store,
+            catalog,
+            self._attrs,
+            self._fill,
+            config.write_back_delay,
+            max_dirty,
+            catalog.changed,
+            trio.CapacityLimiter(4),
+            self.read_only_reason or "",
+        )
+        self.evictor.outside = self._writes.disk_bytes
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the write path: what a previous mount left changed is flushed."""
+        await self._writes.start(nursery)
 
     @property
     def external_error(self) -> str | None:
@@ -100,12 +151,19 @@ class FileCache:
     # -- attributes -----------------------------------------------------------------
 
     async def getattr(self, file_id: str) -> FileAttrs:
-        """Attributes of *file_id*, asking the backend once the TTL has passed."""
+        """Attributes of *file_id*, asking the backend once the TTL has passed;
+        those of its working copy while it has one."""
+        wc = self._writes.copies.get(file_id)
+        if wc is not None:
+            return wc.attrs
         return await self._attrs.getattr(file_id)
 
     def known_attrs(self, file_id: str) -> FileAttrs | None:
         """The attributes of the version of *file_id* the cache serves now,
         without asking the backend; None if it holds none."""
+        wc = self._writes.copies.get(file_id)
+        if wc is not None:
+            return wc.attrs
         cf = self.catalog.files.get(file_id)
         return None if cf is None else cf.attrs
 
@@ -136,18 +194,67 @@ class FileCache:
         return ContentInfo(cf.version, cf.size, self.config.block_size, blocks)
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
-        """The entries of *dir_id*; the last listing seen is served while offline."""
-        return await self._attrs.list_dir(dir_id)
+        """The entries of *dir_id*; the last listing seen is served while offline.
+        Files being changed show as their working copies, new ones included."""
+        entries = await self._attrs.list_dir(dir_id)
+        copies = self._writes.copies
+        if not copies:
+            return entries
+        prefix = f"{dir_id}/" if dir_id else ""
+        mine = {
+            f[len(prefix) :]: wc
+            for f, wc in copies.items()
+            if f.startswith(prefix) and "/" not in f[len(prefix) :]
+        }
+        if not mine:
+            return entries
+        out = [DirEntry(e.name, mine.pop(e.name).attrs) if e.name in mine else e for e in entries]
+        out += [DirEntry(name, wc.attrs) for name, wc in mine.items()]
+        return out
 
     # -- reading --------------------------------------------------------------------
 
-    async def open(self, file_id: str) -> OpenFile:
+    async def open(self, file_id: str, *, write: bool = False, truncate: bool = False) -> OpenFile:
         """A handle reading the version of *file_id* current at its last
         revalidation (the backend is asked again past the TTL).
 
         Every read of the handle is of that version, or fails (VersionGone).
+        While the file has a working copy (it is being changed), the handle
+        reads it instead; *write* makes one (from the current version, whole;
+        empty with *truncate*) and the handle may write it.  ReadOnly on a
+        mount that takes no changes.
         """
-        attrs = await self.getattr(file_id)
+        wc = self._writes.copies.get(file_id)
+        if write or truncate:
+            wc = await self._writes.copy_of(file_id, truncate)
+        if wc is not None:
+            return self._wc_handle(wc, write)
+        return await self._open_version(file_id)
+
+    def _wc_handle(self, wc: WorkingCopy, write: bool) -> OpenFile:
+        fh = OpenFile.of_copy(wc, write)
+        self._writes.opened(wc, write)
+        self._open.add(fh)
+        # Handles already reading the version it was made from read it now
+        # (a handle the kernel reads by itself cannot be turned: it keeps its version).
+        if wc.header.base_version:
+            for other in self._open:
+                if (
+                    other.wc is None
+                    and other.file_id == wc.file_id
+                    and other.whole is None
+                    and other.cf.version == wc.header.base_version
+                ):
+                    other.wc = wc
+                    self._writes.opened(wc, False)
+        return fh
+
+    def has_working_copy(self, file_id: str) -> bool:
+        """Whether *file_id* is being changed (never open it with passthrough)."""
+        return file_id in self._writes.copies
+
+    async def _open_version(self, file_id: str) -> OpenFile:
+        attrs = await self._attrs.getattr(file_id)
         if attrs.kind is not FileKind.FILE:
             raise NotAFile(f"{file_id or '/'}: not a regular file")
         cf = self.catalog.files.get(file_id)
@@ -167,6 +274,8 @@ class FileCache:
 
         The fd is the cache's: do not close it.
         """
+        if fh.wc is not None:
+            return None
         return self._whole.open_for_kernel(fh)
 
     def let_go_whole(self, fh: OpenFile) -> None:
@@ -184,6 +293,9 @@ class FileCache:
         of a buffer lent to it (hit/direct.py): use it before the next
         await, or copy it.
         """
+        wc = fh.wc
+        if wc is not None:
+            return await self._writes.read(wc, offset, length)
         cf = fh.cf
         end = min(offset + length, cf.size)
         if offset >= end:
@@ -214,6 +326,10 @@ class FileCache:
             return
         fh.closed = True
         self._open.discard(fh)
+        if fh.wc is not None:
+            await self._writes.closed(fh.wc, fh.writer)
+            if fh.detached:
+                return
         cf = fh.cf
         ended = fh.reader.detach()
         if ended is not None:
@@ -234,6 +350,104 @@ class FileCache:
             return
         self._handles.pop(key, None)
         await self._source.close_context(*key)
+
+    # -- changes (engine/write/) ----------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """Whether the mount takes changes (else every change raises ReadOnly)."""
+        return self._writes.writable
+
+    async def _fill(self, wc: WorkingCopy, attrs: FileAttrs) -> None:
+        """Copy the version *attrs* names into *wc*, whole, through the cache."""
+        fh = await self._open_version(wc.file_id)
+        try:
+            if fh.attrs.version != attrs.version:
+                raise TransientFailure(f"{wc.file_id}: changed while being opened for writing")
+            size, at = fh.attrs.size, 0
+            while at < size:
+                data = await self.read(fh, at, FILL_STEP)
+                if not data:
+                    raise ReadFailed(f"{wc.file_id}: the source ended at {at} of {size} bytes")
+                chunk = bytes(data)
+                await trio.to_thread.run_sync(wc.fill_at, at, chunk)
+                at += len(chunk)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.close(fh)
+
+    async def create(self, file_id: str, mode: int, *, exclusive: bool) -> OpenFile:
+        """A new empty file open for writing (or, unless *exclusive*, the
+        existing one cut to nothing); ChangeRefused(EEXIST) when *exclusive*
+        and it exists."""
+        wc, _ = await self._writes.create(file_id, mode, exclusive)
+        return self._wc_handle(wc, True)
+
+    async def write(self, fh: OpenFile, offset: int, data: bytes | memoryview) -> int:
+        """Store *data* at *offset* of the file of *fh* (a handle opened to write)."""
+        if fh.wc is None or not fh.writer:
+            raise ChangeRefused(f"{fh.file_id}: not open for writing", errno.EBADF)
+        return await self._writes.write(fh.wc, offset, data)
+
+    async def set_size(self, file_id: str, size: int) -> FileAttrs:
+        """Cut or extend *file_id* to *size* bytes."""
+        wc = await self._writes.copy_of(file_id, truncate=size == 0)
+        if wc.size == size:
+            return wc.attrs
+        return await self._writes.set_size(wc, size)
+
+    async def set_attrs(self, file_id: str, mode: int | None, mtime: float | None) -> FileAttrs:
+        """Change the mode (permission bits) and modification time of *file_id* (None: keep)."""
+        return await self._writes.set_attrs(file_id, mode, mtime)
+
+    async def fsync(self, fh: OpenFile) -> None:
+        """Return once the backend has what was written to the file of *fh*
+        (durable in the cache first); WriteFailed if it could not be sent."""
+        if fh.wc is not None:
+            await self._writes.fsync(fh.wc)
+
+    async def flush_on_close(self, fh: OpenFile) -> None:
+        """A close of *fh* (FUSE FLUSH): with write_back_delay 0 the changes
+        are flushed before it returns."""
+        if fh.wc is not None and fh.writer and self.config.write_back_delay == 0:
+            await self._writes.fsync(fh.wc)
+
+    async def make_dir(self, dir_id: str, mode: int) -> FileAttrs:
+        return await self._writes.make_dir(dir_id, mode)
+
+    async def make_symlink(self, file_id: str, target: str) -> FileAttrs:
+        return await self._writes.make_symlink(file_id, target)
+
+    async def remove_file(self, file_id: str) -> None:
+        await self._writes.remove_file(file_id)
+
+    async def remove_dir(self, dir_id: str) -> None:
+        await self._writes.remove_dir(dir_id)
+
+    async def rename(self, old_id: str, new_id: str, *, replace: bool = True) -> None:
+        await self._writes.rename(old_id, new_id, replace)
+
+    def space(self) -> tuple[int, int]:
+        """(the cache's limit, bytes left for new data): what statfs shows."""
+        limit = self.evictor.limit
+        return limit, max(
+            0,
+            min(
+                limit - self._writes.disk_bytes() - self.catalog.pinned_bytes,
+                self.evictor.disk_free(),
+            ),
+        )
+
+    async def flush_files(
+        self,
+        file_ids: Collection[str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FlushReport:
+        """Flush the changes to *file_ids* (every changed file when None) now."""
+        return await self._writes.flush_files(file_ids, progress)
+
+    def write_statistics(self) -> WriteStatistics:
+        return self._writes.statistics()
 
     # -- content from elsewhere ---------------------------------------------------
 
@@ -348,6 +562,7 @@ class FileCache:
             if done:
                 reset.append(cf.file_id)
         await self.commit_if_usable()
+        reset += self._writes.reset_latches(file_ids)
         return reset
 
     def file_errors(self) -> list[str]:
@@ -361,6 +576,7 @@ class FileCache:
         """Lift the PERMANENT_FAILURE latch: the backend is asked again."""
         self.catalog.external_error = None
         await self.commit_if_usable()
+        self._writes.resume()
 
     def statistics(self) -> CacheStatistics:
         errors = self.catalog.file_errors()

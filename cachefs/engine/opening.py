@@ -15,6 +15,7 @@ from cachefs.engine.filecache import FileCache
 from cachefs.engine.state.cachedir import lock_cache_dir, open_index
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.index import Index
+from cachefs.engine.write.copies import CopyStore
 
 
 @asynccontextmanager
@@ -53,8 +54,11 @@ async def open_file_cache(
             opened.next_row,
         )
         catalog.dirty.update(opened.repaired)
+        store = CopyStore(path / "dirty")
+        await trio.to_thread.run_sync(store.open)
         async with trio.open_nursery() as nursery:
-            cache = FileCache(backend, path, config, catalog, nursery)
+            cache = FileCache(backend, path, config, catalog, nursery, store)
+            await cache.start(nursery)
             try:
                 yield cache
             finally:

@@ -82,6 +82,30 @@ class Statfs:
     namelen: int = 255
 
 
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    """What a SETATTR changes; None (or False) leaves it as it is.
+
+    *mode* holds the permission bits only.  *fh* is the handle the change
+    came through (ftruncate, futimens), if any.
+    """
+
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    atime_now: bool = False
+    mtime_now: bool = False
+    fh: int | None = None
+
+
+#: rename flags (renameat2).
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
 class DirReply(Protocol):
     """The entries of one READDIR(PLUS) answer, filled by ``Operations.readdir``.
 
@@ -100,9 +124,11 @@ class DirReply(Protocol):
 class Operations(Protocol):
     """What a file system implements; only :class:`FUSEError` is answered as such.
 
-    ``change`` answers every request that would change the file system
-    (*request* names it: "write", "mkdir", ...).  ``init`` is called once
-    the kernel's INIT is answered and must not raise.
+    ``change`` answers the requests that change the file system and have
+    no method of their own (*request* names it: "link", "fallocate", ...).
+    ``init`` is called once the kernel's INIT is answered and must not raise.
+    *mode* of create, mknod and mkdir carries the file-type bits as the
+    kernel sends them, its umask applied; rename *flags* are RENAME_*.
     """
 
     def init(self) -> None: ...
@@ -120,6 +146,20 @@ class Operations(Protocol):
     async def opendir(self, ino: int) -> int: ...
     async def readdir(self, fh: int, offset: int, reply: DirReply) -> None: ...
     async def releasedir(self, fh: int) -> None: ...
+    async def create(
+        self, parent: int, name: bytes, mode: int, flags: int
+    ) -> tuple[Entry, Opened]: ...
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int) -> Entry: ...
+    async def mkdir(self, parent: int, name: bytes, mode: int) -> Entry: ...
+    async def symlink(self, parent: int, name: bytes, target: bytes) -> Entry: ...
+    async def unlink(self, parent: int, name: bytes) -> None: ...
+    async def rmdir(self, parent: int, name: bytes) -> None: ...
+    async def rename(
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None: ...
+    async def setattr(self, ino: int, attr: SetAttr) -> Entry: ...
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int: ...
+    async def fsync(self, fh: int, datasync: bool) -> None: ...
     async def change(self, request: str) -> None: ...
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -63,13 +63,23 @@ class Evictor:
         # Bytes fills were given room for but have not marked yet.
         self._reserved = 0
         self._lock = trio.Lock()
+        #: Bytes the cache dir holds beside the blocks (working copies of
+        #: changed files): they count against the limit and are never evicted.
+        self.outside: Callable[[], int] = lambda: 0
+
+    def disk_free(self) -> int:
+        """Free bytes of the cache filesystem above the free-space floor."""
+        st = os.statvfs(self._cache_dir)
+        return max(0, st.f_bavail * st.f_frsize - self.min_free)
 
     def allowed(self) -> int:
-        """What the cache may hold now: the limit, less any shortfall of free space."""
+        """What the cache may hold now: the limit (less what changed files
+        hold), less any shortfall of free space."""
         st = os.statvfs(self._cache_dir)
         free = st.f_bavail * st.f_frsize
         used = self._catalog.cached_bytes + self._reserved
-        return min(self.limit, used + free - self.min_free) - self._punching - self._reserved
+        limit = self.limit - self.outside()
+        return min(limit, used + free - self.min_free) - self._punching - self._reserved
 
     async def make_room(self, nbytes: int) -> None:
         """Evict before *nbytes* more would cross the limit or the free-space floor.

@@ -147,6 +147,12 @@ class Catalog:
         if self._on_invalidate is not None:
             self._on_invalidate(cf.file_id)
 
+    def changed(self, file_id: str) -> None:
+        """*file_id* changed through this mount (the write path): tell whoever
+        listens, as for a dropped version."""
+        if self._on_invalidate is not None:
+            self._on_invalidate(file_id)
+
     def set_pinned(self, cf: CachedFile, pinned: bool) -> None:
         if cf.pinned != pinned:
             cf.pinned = pinned

@@ -1,0 +1,1 @@
+"""The write path: working copies of changed files, flushed with WriteData."""
