@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -113,6 +113,38 @@ class MemoryOps:
 
     async def change(self, request: str) -> None:
         raise FUSEError(errno.EROFS)
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def rename(
+        self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        raise FUSEError(errno.EROFS)
+
+    async def setattr(self, ino: int, attr: Any) -> Any:
+        raise FUSEError(errno.EROFS)
+
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        raise FUSEError(errno.EROFS)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        pass
 
 
 async def _serving(

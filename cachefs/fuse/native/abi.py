@@ -1,9 +1,11 @@
 """The kernel's FUSE interface: opcodes, flags and the layouts of what is read and written.
 
 Layouts follow the kernel's ``include/uapi/linux/fuse.h`` (protocol 7.x,
-little-endian on every machine cachefs runs on).  Only what a read-only
-file system needs is here.  Replies are packed from the plain values of
-cachefs.fuse.api (:class:`Entry`, :class:`Opened`, :class:`Statfs`).
+little-endian on every machine cachefs runs on).  Only what cachefs
+answers is here; requests that change the file system and have no method
+of their own are named in :data:`CHANGES`.  Replies are packed from the
+plain values of cachefs.fuse.api (:class:`Entry`, :class:`Opened`,
+:class:`Statfs`); SETATTR is read into a :class:`SetAttr`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import stat
 import struct
 
-from cachefs.fuse.api import Entry, Opened, Statfs
+from cachefs.fuse.api import Entry, Opened, SetAttr, Statfs
 
 #: The protocol cachefs speaks: 7.40 added passthrough (max_stack_depth, backing_id).
 MAJOR = 7
@@ -58,22 +60,13 @@ COPY_FILE_RANGE = 47
 TMPFILE = 51
 COPY_FILE_RANGE_64 = 53
 
-#: Requests that would change the file system, by name (``Operations.change``).
+#: Requests that change the file system and have no method of their own,
+#: by name (``Operations.change``).
 CHANGES = {
-    SETATTR: "setattr",
-    SYMLINK: "symlink",
-    MKNOD: "mknod",
-    MKDIR: "mkdir",
-    UNLINK: "unlink",
-    RMDIR: "rmdir",
-    RENAME: "rename",
     LINK: "link",
-    WRITE: "write",
     SETXATTR: "setxattr",
     REMOVEXATTR: "removexattr",
-    CREATE: "create",
     FALLOCATE: "fallocate",
-    RENAME2: "rename",
     COPY_FILE_RANGE: "copy_file_range",
     TMPFILE: "tmpfile",
     COPY_FILE_RANGE_64: "copy_file_range",
@@ -83,6 +76,8 @@ NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT, NOTIFY_REPLY})
 
 # -- INIT flags (flags | flags2 << 32) ------------------------------------------
 ASYNC_READ = 1 << 0
+ATOMIC_O_TRUNC = 1 << 3  # O_TRUNC comes with OPEN, not as a SETATTR before it
+BIG_WRITES = 1 << 5  # without it the kernel sends writes a page at a time
 AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
 ASYNC_DIO = 1 << 15
@@ -95,6 +90,20 @@ PASSTHROUGH = 1 << 37
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_PASSTHROUGH = 1 << 7
+
+# -- SETATTR: which fields of fuse_setattr_in are set ------------------------------
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+
+# -- FSYNC ----------------------------------------------------------------------------
+FSYNC_FDATASYNC = 1 << 0
 
 # -- notifications ----------------------------------------------------------------
 NOTIFY_INVAL_INODE = 2
@@ -128,7 +137,18 @@ DIRENTPLUS = struct.Struct("<" + _ENTRY + _ATTR + _DIRENT)
 OPEN_IN = struct.Struct("<II")  # flags open_flags
 OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
 READ_IN = struct.Struct("<QQI")  # fh offset size (then read_flags lock_owner flags)
-FH_IN = struct.Struct("<Q")  # the fh that RELEASE, RELEASEDIR, FLUSH, FSYNC start with
+FH_IN = struct.Struct("<Q")  # the fh that RELEASE, RELEASEDIR, FLUSH start with
+CREATE_IN = struct.Struct("<IIII")  # flags mode umask open_flags, then the name
+MKNOD_IN = struct.Struct("<IIII")  # mode rdev umask padding, then the name
+MKDIR_IN = struct.Struct("<II")  # mode umask, then the name
+RENAME_IN = struct.Struct("<Q")  # newdir, then the old name and the new
+RENAME2_IN = struct.Struct("<QII")  # newdir flags padding, then the names
+# valid padding fh size lock_owner atime mtime ctime atimensec mtimensec ctimensec
+# mode unused4 uid gid unused5; the times signed (before 1970 is negative)
+SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")
+WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding
+WRITE_OUT = struct.Struct("<II")  # size padding
+FSYNC_IN = struct.Struct("<QII")  # fh fsync_flags padding
 FORGET_IN = struct.Struct("<Q")
 INTERRUPT_IN = struct.Struct("<Q")  # unique of the interrupted request
 BATCH_FORGET_IN = struct.Struct("<II")
@@ -185,6 +205,57 @@ def open_out(opened: Opened) -> bytes:
     if opened.backing_id:
         flags |= FOPEN_PASSTHROUGH
     return OPEN_OUT.pack(opened.fh, flags, opened.backing_id)
+
+
+def create_out(entry: Entry, opened: Opened) -> bytes:
+    """CREATE's answer: the new entry, then the handle it is open with."""
+    return entry_out(entry) + open_out(opened)
+
+
+def write_out(size: int) -> bytes:
+    return WRITE_OUT.pack(size, 0)
+
+
+def name_in(body: bytes, at: int = 0) -> bytes:
+    """The NUL-terminated name at *at* of a request's body."""
+    end = body.find(b"\0", at)
+    return body[at:] if end < 0 else body[at:end]
+
+
+def names_in(body: bytes, at: int) -> tuple[bytes, bytes]:
+    """The two NUL-terminated names at *at* (RENAME: old, new; SYMLINK: name, target)."""
+    end = body.find(b"\0", at)
+    if end < 0:
+        raise ValueError("a request with two names has one")
+    return body[at:end], name_in(body, end + 1)
+
+
+def setattr_in(body: bytes) -> SetAttr:
+    """A SETATTR's fuse_setattr_in as the fields it changes.
+
+    ``*_NOW`` (utimensat's UTIME_NOW, touch) comes with the kernel's clock
+    reading as well: it is given as ``*_now`` alone, the time left None.
+    """
+    (valid, _, fh, size, _, atime, mtime, _, atime_ns, mtime_ns, _, mode, _, uid, gid, _) = (
+        SETATTR_IN.unpack_from(body)
+    )
+    atime_now = bool(valid & FATTR_ATIME_NOW)
+    mtime_now = bool(valid & FATTR_MTIME_NOW)
+    return SetAttr(
+        size=size if valid & FATTR_SIZE else None,
+        mode=stat.S_IMODE(mode) if valid & FATTR_MODE else None,
+        uid=uid if valid & FATTR_UID else None,
+        gid=gid if valid & FATTR_GID else None,
+        atime_ns=atime * 1_000_000_000 + atime_ns
+        if valid & FATTR_ATIME and not atime_now
+        else None,
+        mtime_ns=mtime * 1_000_000_000 + mtime_ns
+        if valid & FATTR_MTIME and not mtime_now
+        else None,
+        atime_now=atime_now,
+        mtime_now=mtime_now,
+        fh=fh if valid & FATTR_FH else None,
+    )
 
 
 def statfs_out(st: Statfs) -> bytes:

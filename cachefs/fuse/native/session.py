@@ -9,6 +9,16 @@ queued is read without a trip through the event loop.
 Every request that expects an answer gets exactly one: the operation's, its
 FUSEError's errno, or EIO (logged) for anything else.
 
+Writes: the kernel is offered 1 MiB WRITE requests (MAX_WRITE, big writes)
+and no write-back cache: every write(2) reaches the file system as it
+happens (its dirty tracking and O_APPEND offsets depend on it), a
+buffered writer's in requests of up to MAX_WRITE.  ATOMIC_O_TRUNC is
+taken when offered: an open with O_TRUNC is one OPEN carrying O_TRUNC,
+not a SETATTR to size 0 before it.  One buffer of MAX_WRITE and a header
+holds the request being read (one worker reads at a time); each request
+is copied out of it, so a WRITE's data stays the request's own while the
+next one is read.
+
 INTERRUPT (the kernel's word that the process waiting on a request got a
 signal) cancels the request it names when that process is dying (a fatal
 signal: ``kill -9``, or one it does not catch), the request is one of the
@@ -26,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,10 +60,13 @@ from cachefs.fuse.native.device import Connection
 
 log = logging.getLogger(__name__)
 
-#: A read-only file system takes no large writes; every other request is small.
-MAX_WRITE = 128 << 10
-#: 1 MiB reads: one request per cache block.
+#: 1 MiB writes, as reads: a sequential writer sends one request per MiB.
+MAX_WRITE = 1 << 20
+#: 1 MiB reads and writes: one request per cache block.
 MAX_PAGES = 256
+#: Room for the header and fixed part of a request beyond its data (the
+#: kernel wants a buffer of at least MAX_WRITE + 80 bytes).
+REQUEST_ROOM = 4096
 #: Requests an INTERRUPT cancels: they wait for the backend or the cache and
 #: take nothing (an OPEN takes its handle after its last wait).  RELEASE is
 #: not among them: the kernel gives a handle back once.
@@ -87,7 +101,8 @@ class Session:
         self.connection = connection
         self._fd = connection.fd
         self._offer_passthrough = passthrough
-        self._buf = bytearray(MAX_WRITE + 4096)
+        self._buf = bytearray(MAX_WRITE + REQUEST_ROOM)
+        self._view = memoryview(self._buf)
         self._reading = False
         self._readers = trio.lowlevel.ParkingLot()
         self._workers = 0
@@ -105,7 +120,7 @@ class Session:
             abi.READ: self._read,
             abi.RELEASE: self._release,
             abi.FLUSH: self._flush,
-            abi.FSYNC: self._flush,
+            abi.FSYNC: self._fsync,
             abi.STATFS: self._statfs,
             abi.GETXATTR: self._getxattr,
             abi.LISTXATTR: self._listxattr,
@@ -115,6 +130,16 @@ class Session:
             abi.RELEASEDIR: self._releasedir,
             abi.FSYNCDIR: self._fsyncdir,
             abi.DESTROY: self._destroy,
+            abi.CREATE: self._create,
+            abi.MKNOD: self._mknod,
+            abi.MKDIR: self._mkdir,
+            abi.SYMLINK: self._symlink,
+            abi.UNLINK: self._unlink,
+            abi.RMDIR: self._rmdir,
+            abi.RENAME: self._rename,
+            abi.RENAME2: self._rename2,
+            abi.SETATTR: self._setattr,
+            abi.WRITE: self._write,
         }
 
     @property
@@ -210,8 +235,15 @@ class Session:
                     log.debug("the kernel ended the connection")
                     return None
                 raise
-            _, opcode, unique, nodeid, _, _, pid, _, _ = abi.IN_HEADER.unpack_from(buf)
-            return opcode, unique, nodeid, pid, bytes(buf[abi.IN_HEADER.size : n])
+            _, opcode, unique, nodeid, _, _, pid, extlen, _ = abi.IN_HEADER.unpack_from(buf)
+            # The body, copied once; extensions (8-byte units) are not ours.
+            return (
+                opcode,
+                unique,
+                nodeid,
+                pid,
+                bytes(self._view[abi.IN_HEADER.size : n - 8 * extlen]),
+            )
 
     async def _answer(
         self,
@@ -303,6 +335,8 @@ class Session:
             | abi.PARALLEL_DIROPS
             | abi.MAX_PAGES
             | abi.INIT_EXT
+            | abi.BIG_WRITES
+            | abi.ATOMIC_O_TRUNC
         )
         if self._offer_passthrough and flags & abi.PASSTHROUGH:
             want |= abi.PASSTHROUGH
@@ -360,6 +394,11 @@ class Session:
         await self._ops.flush(abi.FH_IN.unpack_from(body)[0])
         return b""
 
+    async def _fsync(self, nodeid: int, body: bytes) -> Payload:
+        fh, flags, _ = abi.FSYNC_IN.unpack_from(body)
+        await self._ops.fsync(fh, bool(flags & abi.FSYNC_FDATASYNC))
+        return b""
+
     async def _statfs(self, nodeid: int, body: bytes) -> Payload:
         return abi.statfs_out(await self._ops.statfs())
 
@@ -397,6 +436,59 @@ class Session:
 
     async def _destroy(self, nodeid: int, body: bytes) -> Payload:
         return b""
+
+    # -- changes --------------------------------------------------------------------
+
+    async def _create(self, nodeid: int, body: bytes) -> Payload:
+        flags, mode, _, _ = abi.CREATE_IN.unpack_from(body)
+        name = abi.name_in(body, abi.CREATE_IN.size)
+        entry, opened = await self._ops.create(nodeid, name, mode, flags)
+        return abi.create_out(entry, opened)
+
+    async def _mknod(self, nodeid: int, body: bytes) -> Payload:
+        mode, rdev, _, _ = abi.MKNOD_IN.unpack_from(body)
+        name = abi.name_in(body, abi.MKNOD_IN.size)
+        return abi.entry_out(await self._ops.mknod(nodeid, name, mode, rdev))
+
+    async def _mkdir(self, nodeid: int, body: bytes) -> Payload:
+        # The kernel sends the permission bits only; the type is said, as libfuse does.
+        mode, _ = abi.MKDIR_IN.unpack_from(body)
+        name = abi.name_in(body, abi.MKDIR_IN.size)
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        return abi.entry_out(await self._ops.mkdir(nodeid, name, mode))
+
+    async def _symlink(self, nodeid: int, body: bytes) -> Payload:
+        name, target = abi.names_in(body, 0)  # the link's name first, then its target
+        return abi.entry_out(await self._ops.symlink(nodeid, name, target))
+
+    async def _unlink(self, nodeid: int, body: bytes) -> Payload:
+        await self._ops.unlink(nodeid, abi.name_in(body))
+        return b""
+
+    async def _rmdir(self, nodeid: int, body: bytes) -> Payload:
+        await self._ops.rmdir(nodeid, abi.name_in(body))
+        return b""
+
+    async def _rename(self, nodeid: int, body: bytes) -> Payload:
+        (new_parent,) = abi.RENAME_IN.unpack_from(body)
+        name, new_name = abi.names_in(body, abi.RENAME_IN.size)
+        await self._ops.rename(nodeid, name, new_parent, new_name, 0)
+        return b""
+
+    async def _rename2(self, nodeid: int, body: bytes) -> Payload:
+        new_parent, flags, _ = abi.RENAME2_IN.unpack_from(body)
+        name, new_name = abi.names_in(body, abi.RENAME2_IN.size)
+        await self._ops.rename(nodeid, name, new_parent, new_name, flags)
+        return b""
+
+    async def _setattr(self, nodeid: int, body: bytes) -> Payload:
+        return abi.attr_out(await self._ops.setattr(nodeid, abi.setattr_in(body)))
+
+    async def _write(self, nodeid: int, body: bytes) -> Payload:
+        fh, offset, size, _, _, _, _ = abi.WRITE_IN.unpack_from(body)
+        at = abi.WRITE_IN.size
+        data = memoryview(body)[at : at + size]  # the request's own copy
+        return abi.write_out(await self._ops.write(fh, offset, data))
 
 
 def _sized(value: bytes, size: int) -> Payload:

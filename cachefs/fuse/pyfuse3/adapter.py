@@ -4,8 +4,17 @@ Translation only: pyfuse3's arguments to the neutral calls, the neutral
 replies to pyfuse3's (EntryAttributes, FileInfo, StatvfsData, readdir
 tokens), cachefs.fuse.api.FUSEError to pyfuse3.FUSEError.  pyfuse3 ends
 its main loop on any other exception, so anything else is logged and
-answered EIO, as the native transport does.  Requests that would change
-the file system go to ``Operations.change``, as there.
+answered EIO, as the native transport does.  Requests that change the
+file system and have no method of their own (link, setxattr, removexattr)
+go to ``Operations.change``, as there; none of them is interruptible.
+
+Writes: libfuse 3.14 already takes 1 MiB WRITE requests (its buffer is
+256 pages, the native transport's MAX_WRITE), big writes and
+ATOMIC_O_TRUNC, and no write-back cache (``enable_writeback_cache``).
+It also takes HANDLE_KILLPRIV, which pyfuse3 cannot turn off: the kernel
+leaves clearing set-user-ID bits on write to the file system.  pyfuse3
+answers a SETATTR to "now" (touch) with its own clock reading: it arrives
+as that time, never as ``SetAttr.atime_now``/``mtime_now``.
 
 INTERRUPT: libfuse takes the kernel's INTERRUPT itself and pyfuse3 tells
 its handlers nothing of it.  So the rule the native transport applies on
@@ -26,13 +35,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from cachefs.fuse.api import DirReply, Entry, FUSEError, Operations, Payload
+from cachefs.fuse.api import DirReply, Entry, FUSEError, Opened, Operations, Payload, SetAttr
 from cachefs.fuse.dying import dying
 
 log = logging.getLogger(__name__)
@@ -64,6 +74,26 @@ def attributes(entry: Entry) -> pyfuse3.EntryAttributes:
     return attrs
 
 
+def file_info(opened: Opened) -> pyfuse3.FileInfo:
+    """*opened* as pyfuse3 answers OPEN and CREATE (no backing id: libfuse cannot)."""
+    return pyfuse3.FileInfo(fh=opened.fh, direct_io=opened.direct_io, keep_cache=opened.keep_cache)
+
+
+def set_attr(
+    attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None
+) -> SetAttr:
+    """What a pyfuse3 SETATTR changes: the *fields* it names, read from *attr*."""
+    return SetAttr(
+        size=attr.st_size if fields.update_size else None,
+        mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+        uid=attr.st_uid if fields.update_uid else None,
+        gid=attr.st_gid if fields.update_gid else None,
+        atime_ns=attr.st_atime_ns if fields.update_atime else None,
+        mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        fh=fh,
+    )
+
+
 class _DirReply:
     """A READDIRPLUS answer (pyfuse3 answers every listing with attributes)."""
 
@@ -85,6 +115,8 @@ class Adapter(pyfuse3.Operations):
 
     #: As the native transport: no LOOKUP of "." and ".." (no NFS export).
     supports_dot_lookup = False
+    #: Every write reaches the file system as it happens.
+    enable_writeback_cache = False
 
     def __init__(self, ops: Operations, on_init: Callable[[], None] = lambda: None) -> None:
         super().__init__()
@@ -196,9 +228,7 @@ class Adapter(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         opened = await self._interruptible(ctx.pid, self._ops.open, inode, flags)
         self._openers[opened.fh] = ctx.pid
-        return pyfuse3.FileInfo(
-            fh=opened.fh, direct_io=opened.direct_io, keep_cache=opened.keep_cache
-        )
+        return file_info(opened)
 
     async def read(self, fh: int, off: int, size: int) -> Payload:  # type: ignore[override]
         return await self._by_opener(fh, self._ops.read, fh, off, size)
@@ -207,7 +237,7 @@ class Adapter(pyfuse3.Operations):
         await self._plain(self._ops.flush, fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._plain(self._ops.flush, fh)
+        await self._plain(self._ops.fsync, fh, datasync)
 
     async def release(self, fh: int) -> None:
         self._openers.pop(fh, None)
@@ -231,41 +261,68 @@ class Adapter(pyfuse3.Operations):
 
     # -- changes ----------------------------------------------------------------
 
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        entry, opened = await self._plain(self._ops.create, parent_inode, name, mode, flags)
+        self._openers[opened.fh] = ctx.pid
+        return file_info(opened), attributes(entry)
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return attributes(await self._plain(self._ops.mknod, parent_inode, name, mode, rdev))
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return attributes(await self._plain(self._ops.mkdir, parent_inode, name, mode))
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return attributes(await self._plain(self._ops.symlink, parent_inode, name, target))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._plain(self._ops.unlink, parent_inode, name)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._plain(self._ops.rmdir, parent_inode, name)
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self._plain(
+            self._ops.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags
+        )
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return attributes(await self._plain(self._ops.setattr, inode, set_attr(attr, fields, fh)))
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._plain(self._ops.write, fh, off, buf)
+
     async def _change(self, request: str) -> Any:
         await self._plain(self._ops.change, request)
 
-    async def setattr(self, *args: Any) -> Any:
-        return await self._change("setattr")
-
-    async def mknod(self, *args: Any) -> Any:
-        return await self._change("mknod")
-
-    async def mkdir(self, *args: Any) -> Any:
-        return await self._change("mkdir")
-
-    async def unlink(self, *args: Any) -> None:
-        await self._change("unlink")
-
-    async def rmdir(self, *args: Any) -> None:
-        await self._change("rmdir")
-
-    async def symlink(self, *args: Any) -> Any:
-        return await self._change("symlink")
-
-    async def rename(self, *args: Any) -> None:
-        await self._change("rename")
-
     async def link(self, *args: Any) -> Any:
         return await self._change("link")
-
-    async def write(self, *args: Any) -> Any:
-        return await self._change("write")
 
     async def setxattr(self, *args: Any) -> None:
         await self._change("setxattr")
 
     async def removexattr(self, *args: Any) -> None:
         await self._change("removexattr")
-
-    async def create(self, *args: Any) -> Any:
-        return await self._change("create")
