@@ -3,8 +3,9 @@
 Policy:
 
 - ``s3://bucket[/prefix]``.  Objects under the prefix are files; "/"-delimited
-  common prefixes are directories; a zero-byte ``dir/`` marker object makes
-  its directory exist and is not shown.  Where a key and a prefix share a
+  common prefixes are directories; a zero-byte ``dir/`` marker object, or the
+  ``dir/.cachefs-dir`` marker a mkdir through the mount puts, makes its
+  directory exist and is not shown (backends.s3names).  Where a key and a prefix share a
   name, the file is shown.  A key with an empty, ``.`` or ``..`` segment
   cannot be served, and makes its directory fail to list (obstore refuses it).
 - The version tag of a file is its ETag.  Reads are ranged GETs pinned to the
@@ -36,6 +37,12 @@ Policy:
   and everything below it is absent.  A missing record answers None; one that
   does not parse answers None with a warning naming the file; a failed
   request raises OSError with a one-line reason.
+- Writable (WHOLE_FILE_ONLY | RENAME_DIRS): a flush uploads the whole file,
+  conditional on the version it was made from (backends.s3writes); mkdir,
+  unlink, rmdir and rename are backends.s3names.  Files show mode 0644 and
+  directories 0755 (a read-only mount takes the write bits off); S3 keeps
+  no mode or time (set_attrs changes nothing), no symlinks (EPERM), and
+  cannot cut a file in place (set_size: EOPNOTSUPP; a flush rewrites it).
 - Every request runs in a trio worker thread (obstore's synchronous API
   releases the GIL), at most ``max_threads`` at a time, each call on its own
   connection.
@@ -43,8 +50,8 @@ Policy:
 
 from __future__ import annotations
 
+import errno
 import logging
-import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -54,20 +61,23 @@ import trio
 from obstore.store import S3Store
 
 if TYPE_CHECKING:
-    from obstore import GetOptions, ObjectMeta
+    from obstore import GetOptions
 
-from backends import s3ci
+from backends import s3ci, s3writes
 from backends.s3config import Target, check, resolve
 from backends.s3errors import describe, os_error, result_for
+from backends.s3names import DIR_MARKER, Names, dir_attrs, file_attrs, servable
 from backends.s3streams import S3File, Stream
 from cachefs.contract import (
+    ChangeResult,
     ContentInfo,
     DirEntry,
     FileAttrs,
-    FileKind,
     ReadData,
     RWEvent,
     RWResult,
+    WriteCapability,
+    WriteData,
 )
 
 log = logging.getLogger(__name__)
@@ -91,31 +101,37 @@ class BrokenResponse(Exception):
         self.cause = cause
 
 
-def _file_attrs(meta: ObjectMeta) -> FileAttrs:
-    mtime = meta["last_modified"].timestamp()
-    etag = meta.get("e_tag")
-    version = etag if etag else f"{meta['size']}@{mtime}"
-    return FileAttrs(FileKind.FILE, meta["size"], mtime, version, 0o444)
-
-
 class S3Backend:
     """Serve *bucket* (under *prefix*) read-only through obstore.
 
-    *store* serves metadata and ranged GETs; *stream_store* the long GETs of
-    continuous transfers (no overall timeout, a read timeout instead).
+    *store* serves metadata, ranged GETs and namespace changes; *stream_store*
+    the long GETs of continuous transfers, uploads and copies (no overall
+    timeout, a read timeout instead).  A file larger than *part_size* is
+    uploaded in parts of that size (at least s3writes.MIN_PART_SIZE).
     """
 
     def __init__(
-        self, target: Target, store: S3Store, stream_store: S3Store, *, max_threads: int = 16
+        self,
+        target: Target,
+        store: S3Store,
+        stream_store: S3Store,
+        *,
+        max_threads: int = 16,
+        part_size: int = s3writes.PART_SIZE,
     ) -> None:
+        if part_size < s3writes.MIN_PART_SIZE:
+            raise ValueError(f"part_size {part_size} is below S3's minimum part size")
         self.url = target.url
         self.endpoint = target.shown
         self._store = store
         self._stream_store = stream_store
         self._limiter = trio.CapacityLimiter(max_threads)
-        self._dir = FileAttrs(FileKind.DIR, 0, time.time(), "dir", 0o555)
+        self._part_size = part_size
+        self._names = Names(store, stream_store)
+        self._dir = dir_attrs()
         self._files: weakref.WeakSet[S3File] = weakref.WeakSet()
-        self._counts = dict.fromkeys(("heads", "lists", "gets", "streams", "stream_reads"), 0)
+        kinds = ("heads", "lists", "gets", "streams", "stream_reads", "uploads", "changes")
+        self._counts = dict.fromkeys(kinds, 0)
 
     def __repr__(self) -> str:
         return f"S3Backend({self.url!r} at {self.endpoint})"
@@ -141,7 +157,7 @@ class S3Backend:
     def _head(self, file_id: str) -> FileAttrs | None:
         self._counts["heads"] += 1
         try:
-            return _file_attrs(obstore.head(self._store, file_id))
+            return file_attrs(obstore.head(self._store, file_id))
         except FileNotFoundError:
             return None
         except Exception as e:
@@ -159,7 +175,7 @@ class S3Backend:
     def _stat_sync(self, file_id: str) -> FileAttrs | None:
         if file_id == "":
             return self._dir
-        if not s3ci.servable(file_id):
+        if not servable(file_id):
             return None
         attrs = self._head(file_id)
         if attrs is None and self._has_children(file_id):
@@ -171,7 +187,7 @@ class S3Backend:
         return await self._run_abandonable(self._stat_sync, file_id)
 
     def _list_sync(self, dir_id: str) -> list[DirEntry]:
-        if dir_id and not s3ci.servable(dir_id):
+        if dir_id and not servable(dir_id):
             raise FileNotFoundError(f"invalid directory id {dir_id!r}")
         self._counts["lists"] += 1
         try:
@@ -187,8 +203,10 @@ class S3Backend:
             if meta["path"] == dir_id:
                 marker = True  # the zero-byte "dir/" object
             else:
-                entries[meta["path"][start:]] = _file_attrs(meta)
+                entries[meta["path"][start:]] = file_attrs(meta)
         entries.pop(s3ci.CI_DIR, None)  # at any depth, as in a local source
+        if entries.pop(DIR_MARKER, None) is not None:
+            marker = True  # a directory made through the mount
         if dir_id and not entries and not marker:
             if self._head(dir_id) is not None:
                 raise NotADirectoryError(f"not a directory: {dir_id!r}")
@@ -219,7 +237,7 @@ class S3Backend:
             options["if_match"] = req.version
         result = obstore.get(store, req.file_id, options=options)
         if req.version:
-            got = _file_attrs(result.meta).version
+            got = file_attrs(result.meta).version
             if got != req.version:
                 raise OtherVersion(f"the response is of version {got}, not {req.version}")
         return result
@@ -303,11 +321,57 @@ class S3Backend:
         if req.bytes_to_read == 0:
             await trio.lowlevel.checkpoint()
             return
-        if not s3ci.servable(req.file_id):
+        if not servable(req.file_id):
             req.result_code = RWResult.FILE_MODIFIED_EXTERNALLY
             await trio.lowlevel.checkpoint()
             return
         await self._run_abandonable(self._read_sync, req)
+
+    # -- writes ------------------------------------------------------------
+
+    @property
+    def write_capabilities(self) -> WriteCapability:
+        """Whole objects only; a rename is a copy and a delete, not atomic."""
+        return WriteCapability.WHOLE_FILE_ONLY | WriteCapability.RENAME_DIRS
+
+    async def write_data(self, req: WriteData) -> None:
+        """One call of a whole-file transfer: held, sent in parts, or stored (s3writes)."""
+        if req.flags & RWEvent.CONTINUOUS_FINISHED and not req.flags & RWEvent.CANCELED:
+            self._counts["uploads"] += 1
+        await self._run(s3writes.write, req, self._store, self._stream_store, self._part_size)
+
+    async def _change(self, fn: Callable[..., ChangeResult], *args: object) -> ChangeResult:
+        self._counts["changes"] += 1
+        return await self._run(fn, *args)
+
+    async def make_dir(self, dir_id: str, mode: int | None) -> ChangeResult:
+        """Put the empty ``dir_id/.cachefs-dir`` marker (the mode is not kept)."""
+        return await self._change(self._names.make_dir, dir_id)
+
+    async def remove_file(self, file_id: str, version: str) -> ChangeResult:
+        return await self._change(self._names.remove_file, file_id, version)
+
+    async def remove_dir(self, dir_id: str) -> ChangeResult:
+        return await self._change(self._names.remove_dir, dir_id)
+
+    async def rename(self, old_id: str, new_id: str, replace: bool) -> ChangeResult:
+        """Copy, then delete (every key of a directory): not atomic."""
+        return await self._change(self._names.rename, old_id, new_id, replace)
+
+    async def set_size(self, file_id: str, size: int, version: str) -> ChangeResult:
+        await trio.lowlevel.checkpoint()
+        return ChangeResult(
+            RWResult.FILE_FAILURE, errno.EOPNOTSUPP, "S3 cannot resize an object in place"
+        )
+
+    async def set_attrs(self, file_id: str, mode: int | None, mtime: float | None) -> ChangeResult:
+        """Nothing to change: S3 keeps no mode, and sets an object's time itself."""
+        await trio.lowlevel.checkpoint()
+        return ChangeResult()
+
+    async def make_symlink(self, file_id: str, target: str) -> ChangeResult:
+        await trio.lowlevel.checkpoint()
+        return ChangeResult(RWResult.FILE_FAILURE, errno.EPERM, "S3 has no symlinks")
 
     # -- content information ---------------------------------------------
 
@@ -346,6 +410,7 @@ def open_backend(
     connect_timeout: float = 5.0,
     retries: int = 3,
     check_timeout: float | None = 15.0,
+    part_size: int = s3writes.PART_SIZE,
 ) -> S3Backend:
     """Open ``s3://bucket[/prefix]`` (see backends.s3config for the options' defaults).
 
@@ -353,6 +418,7 @@ def open_backend(
     *retries* times within *timeout* seconds more.  Unless *check_timeout*
     is None, the bucket is listed once first: SourceError with the reason if
     it is missing, refuses the credentials, or does not answer in time.
+    Files larger than *part_size* are uploaded in parts of that size.
     """
     target = resolve(
         url,
@@ -368,6 +434,7 @@ def open_backend(
         target.store(timeout, retries, timeout),
         target.store(None, retries, timeout),
         max_threads=max_threads,
+        part_size=part_size,
     )
     log.debug("%r: credentials from %s", backend, target.keys_from)
     if check_timeout is not None:

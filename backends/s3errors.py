@@ -8,8 +8,12 @@ The mapping (docs/s3.md, "What each S3 answer does"):
 =====================================================  ========================
 S3 answer                                              result code
 =====================================================  ========================
-412 PreconditionFailed (If-Match: the ETag changed)    FILE_MODIFIED_EXTERNALLY
+412 PreconditionFailed (If-Match: the ETag changed;    FILE_MODIFIED_EXTERNALLY
+If-None-Match: * on a PUT: the object exists)
 404 NoSuchKey (the object is gone)                     FILE_MODIFIED_EXTERNALLY
+409 on a conditional PUT (ConditionalRequestConflict: FAILURE
+another write raced it), OperationAborted,
+404 NoSuchUpload (the upload was aborted meanwhile)
 416 InvalidRange (the range starts past the end)       RANGE_BEYOND_EOF
 404 NoSuchBucket                                       PERMANENT_FAILURE
 InvalidAccessKeyId, SignatureDoesNotMatch, expired     PERMANENT_FAILURE
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import re
 
-from obstore.exceptions import PreconditionError
+from obstore.exceptions import AlreadyExistsError, PreconditionError
 
 from cachefs.contract import RWResult
 
@@ -54,7 +58,18 @@ CREDENTIAL_CODES = frozenset(
 REGION_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed"})
 STORAGE_CODES = CREDENTIAL_CODES | REGION_CODES | {"NoSuchBucket", "InvalidBucketName"}
 TRANSIENT_CODES = frozenset(
-    {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"}
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "Throttling",
+        # writes: another conditional write raced this one; the retry finds out who won
+        "ConditionalRequestConflict",
+        "OperationAborted",
+        # the multipart upload is gone (aborted meanwhile): the retry starts another
+        "NoSuchUpload",
+    }
 )
 
 
@@ -72,11 +87,17 @@ def error_code(e: BaseException) -> str | None:
 def result_for(e: BaseException) -> tuple[RWResult, str]:
     """The result code for a failed request, and its one-line reason."""
     status, code = http_status(e), error_code(e)
-    if isinstance(e, PreconditionError) or status == 412:
+    conditional = isinstance(e, PreconditionError | AlreadyExistsError)
+    if status == 412 or (conditional and code not in TRANSIENT_CODES and status != 409):
         rc = RWResult.FILE_MODIFIED_EXTERNALLY
     elif code in STORAGE_CODES or status in (301, 307, 401):
         rc = RWResult.PERMANENT_FAILURE
-    elif code in TRANSIENT_CODES or status == 429 or (status is not None and status >= 500):
+    elif (
+        code in TRANSIENT_CODES
+        or status == 429
+        or (status is not None and status >= 500)
+        or (conditional and status == 409)
+    ):
         rc = RWResult.FAILURE
     elif status == 404 or (status is None and isinstance(e, FileNotFoundError)):
         rc = RWResult.FILE_MODIFIED_EXTERNALLY
