@@ -16,6 +16,18 @@ Policy:
   again, getting the new inode.  A getattr of an inode whose path now has
   another version answers the inode's own attributes and lets the path's
   next lookup find the new one.
+* A file changed through the mount has a working copy, a version of its
+  own ("local:N") whose content starts as the version it was made from.
+  The inode of that version *carries on* as the working copy (``carry``):
+  same number, attributes following the writes, since its pages are the
+  copy's first content and every write after goes through it.  Once the
+  copy is flushed and dropped, the source's new version is a new inode.
+* Names made, removed or renamed through the mount change the table at
+  once: a new entry is counted like a lookup and its directory listed
+  again; a removed path loses its number (a later file of that name is a
+  new inode; the kernel's references to the old one stay until forget);
+  a renamed entry keeps its number, as does everything below a renamed
+  directory, and the replaced target loses its own.
 * The kernel's lookup count is kept per inode.  ``forget`` lowers it; at
   zero the inode's state (attributes, listing) is dropped.  Only the
   path -> number map outlives it.
@@ -54,6 +66,11 @@ def child_id(parent_id: str, name: str) -> str:
     return f"{parent_id}/{name}" if parent_id else name
 
 
+def parent_id(file_id: str) -> str:
+    """The file id of the directory holding *file_id* (the root's own for the root)."""
+    return file_id.rpartition("/")[0]
+
+
 @dataclass(slots=True, eq=False)
 class Node:
     """One inode the kernel knows (lookup count > 0), or the root."""
@@ -69,6 +86,10 @@ class Node:
     listed_at: float = float("-inf")
     #: Handles open on this inode.
     opens: int = 0
+
+
+#: What a path's number stands for: (inode number, kind, file version).
+_Number = tuple[int, FileKind, str]
 
 
 def _version(attrs: FileAttrs) -> str:
@@ -88,7 +109,10 @@ class Namespace:
             ROOT_INODE: Node(ROOT_INODE, "", FileKind.DIR, root, lookups=1),
         }
         # path -> (inode number, kind, file version): outlives forgotten nodes.
-        self._numbers: dict[str, tuple[int, FileKind, str]] = {"": (ROOT_INODE, FileKind.DIR, "")}
+        self._numbers: dict[str, _Number] = {"": (ROOT_INODE, FileKind.DIR, "")}
+        # directory path -> the paths right under it in _numbers (to move or
+        # drop a subtree without scanning every path).
+        self._children: dict[str, set[str]] = {}
         self._next_ino = ROOT_INODE + 1
 
     # -- numbers --------------------------------------------------------
@@ -101,10 +125,36 @@ class Namespace:
             return known[0]
         ino = self._next_ino
         self._next_ino += 1
-        self._numbers[file_id] = (ino, *stands_for)
+        self._number(file_id, (ino, *stands_for))
         if known is not None:
             log.debug("%r is now %s %r: new inode %d", file_id, *stands_for, ino)
         return ino
+
+    def _number(self, file_id: str, number: _Number) -> None:
+        if file_id and file_id not in self._numbers:
+            self._children.setdefault(parent_id(file_id), set()).add(file_id)
+        self._numbers[file_id] = number
+
+    def _unnumber(self, file_id: str) -> _Number | None:
+        number = self._numbers.pop(file_id, None)
+        if number is not None and file_id:
+            parent = parent_id(file_id)
+            siblings = self._children.get(parent)
+            if siblings is not None:
+                siblings.discard(file_id)
+                if not siblings:
+                    del self._children[parent]
+        return number
+
+    def _subtree(self, file_id: str) -> list[str]:
+        """*file_id* and every path below it that has a number."""
+        found, todo = [], [file_id]
+        while todo:
+            path = todo.pop()
+            if path in self._numbers:
+                found.append(path)
+            todo.extend(self._children.get(path, ()))
+        return found
 
     def listed(self, file_id: str, attrs: FileAttrs) -> FileAttrs:
         """The attributes to show for *file_id* listed with *attrs*: for a
@@ -219,15 +269,41 @@ class Namespace:
             return
         known = self._numbers.get(node.file_id)
         if known is not None and known[0] == ino:
-            del self._numbers[node.file_id]
+            self._unnumber(node.file_id)
 
-    def bind(self, ino: int, attrs: FileAttrs) -> None:
+    def bind(self, ino: int, attrs: FileAttrs, continues: str | None = None) -> None:
         """A handle of *ino* opened the version of *attrs*: NewInode if the
-        inode stands for another one.  Undo with :meth:`unbind`."""
+        inode stands for another one.  Undo with :meth:`unbind`.
+
+        *continues*: the handle is on a working copy made from that version;
+        an inode standing for it, still its path's, carries on as the copy
+        (:meth:`carry`).
+        """
         node = self.node(ino)
         if _version(attrs) != _version(node.attrs):
-            raise NewInode(f"inode {ino} stands for version {node.attrs.version!r}")
+            if continues is None or not self.carries(ino, continues):
+                raise NewInode(f"inode {ino} stands for version {node.attrs.version!r}")
+            self.carry(ino, attrs)
         node.opens += 1
+
+    def carries(self, ino: int, version: str) -> bool:
+        """Whether *ino* is its path's inode and stands for the file's *version*:
+        a working copy made from that version may carry it on."""
+        node = self.node(ino)
+        return (
+            node.kind is FileKind.FILE
+            and node.attrs.version == version
+            and self.live_inode(node.file_id) == ino
+        )
+
+    def carry(self, ino: int, attrs: FileAttrs) -> None:
+        """*ino* goes on as the version of *attrs* (its file's working copy, or
+        the same content under new attributes): same number, new attributes.
+        The caller sees to it that the kernel's pages of *ino* are that
+        version's."""
+        node = self.node(ino)
+        self._number(node.file_id, (ino, attrs.kind, _version(attrs)))
+        node.attrs = attrs
 
     def unbind(self, ino: int) -> None:
         """A handle of *ino* was closed."""
@@ -240,8 +316,46 @@ class Namespace:
 
         Returns the inode the kernel knows for *file_id*, if any.
         """
-        for path in (file_id, file_id.rpartition("/")[0]):
-            ino = self.live_inode(path)
-            if ino is not None:
-                self._nodes[ino].listing = None
+        for path in (file_id, parent_id(file_id)):
+            self._relist(path)
         return self.live_inode(file_id)
+
+    def _relist(self, dir_id: str) -> None:
+        ino = self.live_inode(dir_id)
+        if ino is not None:
+            self._nodes[ino].listing = None
+
+    # -- changes made through the mount ---------------------------------
+
+    def added(self, file_id: str, attrs: FileAttrs) -> Node:
+        """*file_id* was made (create, mkdir, symlink) as *attrs* show it:
+        count the kernel's reference to it; its directory is listed again."""
+        self._relist(parent_id(file_id))
+        return self.remember(file_id, attrs)
+
+    def removed(self, file_id: str) -> None:
+        """*file_id* is gone (unlink, rmdir): it and what was below it lose
+        their numbers; its directory is listed again.  The kernel's nodes
+        stay until it forgets them."""
+        for path in self._subtree(file_id):
+            self._unnumber(path)
+        self._relist(parent_id(file_id))
+
+    def renamed(self, old_id: str, new_id: str) -> None:
+        """*old_id* is now *new_id*: it keeps its number, as does every path
+        below it; what *new_id* was loses its number; both directories are
+        listed again."""
+        if old_id == new_id:
+            return
+        for path in self._subtree(new_id):
+            self._unnumber(path)
+        moved = [(path, self._unnumber(path)) for path in self._subtree(old_id)]
+        for path, number in moved:
+            assert number is not None
+            to = new_id + path[len(old_id) :]
+            self._number(to, number)
+            node = self._nodes.get(number[0])
+            if node is not None and node.file_id == path:
+                node.file_id = to
+        self._relist(parent_id(old_id))
+        self._relist(parent_id(new_id))

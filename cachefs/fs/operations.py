@@ -2,9 +2,17 @@
 
 Every handler goes through :func:`_handler`, which is the single translation
 from the rest of cachefs to errno: a CacheFSError answers with its
-``errno`` (NotFound -> ENOENT, ReadFailed -> EIO, ...); anything else is a
-bug, logged with its traceback and answered with EIO, and the mount stays
-up.  The file system is read-only: every change answers EROFS.
+``errno`` (NotFound -> ENOENT, ReadFailed -> EIO, ChangeRefused -> its own,
+NoSpace -> ENOSPC, ReadOnly -> EROFS, ...); anything else is a bug, logged
+with its traceback and answered with EIO, and the mount stays up.
+
+Changes go to the engine: file content lands in the file's working copy
+and is written back later, names and attributes are written through
+(cachefs.engine.write).  On a read-only mount (``FileCache.writable``
+False) every change answers EROFS and no mode shows a write bit.  What the
+mount never does answers at once: hard links, owner changes and device,
+fifo or socket nodes EPERM; extended attributes, fallocate,
+copy_file_range and O_TMPFILE EOPNOTSUPP; an exchanging rename EINVAL.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from itertools import count
@@ -24,9 +33,22 @@ import trio
 from cachefs.contract import DirEntry, FileAttrs, FileKind
 from cachefs.engine import FileCache, OpenFile
 from cachefs.errors import CacheFSError
-from cachefs.fs.inodes import Namespace, NewInode, child_id
+from cachefs.fs.inodes import Namespace, NewInode, Node, child_id, parent_id
+from cachefs.fs.invalidator import KernelInvalidator
 from cachefs.fs.passthrough import OpenModes
-from cachefs.fuse.api import DirReply, Entry, FUSEError, Kernel, Opened, Payload, Statfs
+from cachefs.fuse.api import (
+    RENAME_NOREPLACE,
+    DirReply,
+    Entry,
+    FUSEError,
+    Kernel,
+    Opened,
+    Payload,
+    SetAttr,
+    Statfs,
+)
+
+__all__ = ["KernelInvalidator", "Operations"]
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +60,38 @@ _KIND_BITS = {
     FileKind.DIR: stat.S_IFDIR,
     FileKind.SYMLINK: stat.S_IFLNK,
 }
+#: The permission bits of an entry whose source has none (an object store).
 _DEFAULT_PERMS = {FileKind.FILE: 0o444, FileKind.DIR: 0o555, FileKind.SYMLINK: 0o777}
+_WRITABLE_PERMS = {FileKind.FILE: 0o644, FileKind.DIR: 0o755, FileKind.SYMLINK: 0o777}
 
+#: What ``change`` answers on a writable mount.
+_UNSUPPORTED = {"link": errno.EPERM}
 
 _DOT = FileAttrs(FileKind.DIR, size=0, mtime=0.0, version="")
 
 
 @dataclass(frozen=True, slots=True)
 class _OpenDir:
-    file_id: str
     ino: int
     parent_ino: int
     listing: list[DirEntry]
+
+
+class _Args:
+    """A request's arguments in a log line, written only if the line is: data as its size."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+
+    def __str__(self) -> str:
+        return ", ".join(
+            f"<{len(a)} bytes>"
+            if isinstance(a, (bytes, bytearray, memoryview)) and len(a) > 255
+            else repr(a)
+            for a in self.args
+        )
 
 
 def _handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -67,17 +109,18 @@ def _handler(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[A
         except FUSEError:
             raise
         except CacheFSError as e:
-            log.debug("%s%r: %s: %s", fn.__name__, args, type(e).__name__, e)
+            log.debug("%s(%s): %s: %s", fn.__name__, _Args(args), type(e).__name__, e)
             raise FUSEError(e.errno) from None
         except Exception:
-            log.exception("unexpected error in %s%r; answering EIO", fn.__name__, args)
+            log.exception("unexpected error in %s(%s); answering EIO", fn.__name__, _Args(args))
             raise FUSEError(errno.EIO) from None
 
     return cast(Callable[P, Coroutine[Any, Any, T]], handle)
 
 
 class Operations:
-    """A read-only view of the source, served through the engine (a cachefs.fuse.api.Operations).
+    """The source as a file system, served through the engine (a
+    cachefs.fuse.api.Operations).
 
     *kernel*: the mount's, whichever transport serves it.
     """
@@ -113,10 +156,14 @@ class Operations:
 
     def _entry(self, ino: int, attrs: FileAttrs) -> Entry:
         # The source's own bits, so that the kernel refuses what the source
-        # would (default_permissions); read-only defaults where it has none.
-        perms = _DEFAULT_PERMS[attrs.kind] if attrs.mode is None else attrs.mode & 0o7777
-        if attrs.kind is not FileKind.SYMLINK:
-            perms &= ~0o222  # read-only
+        # would (default_permissions); defaults where it has none.
+        writable = self._cache.writable
+        if attrs.mode is not None:
+            perms = attrs.mode & 0o7777
+        else:
+            perms = (_WRITABLE_PERMS if writable else _DEFAULT_PERMS)[attrs.kind]
+        if not writable and attrs.kind is not FileKind.SYMLINK:
+            perms &= ~0o222
         if attrs.kind is FileKind.SYMLINK:
             size = len(os.fsencode(attrs.link_target or ""))
         else:
@@ -132,6 +179,17 @@ class Operations:
             blksize=self._block_size,
             timeout=self._ttl,
         )
+
+    def _check_writable(self) -> None:
+        if not self._cache.writable:
+            raise FUSEError(errno.EROFS)
+
+    def _child(self, parent_inode: int, name: bytes) -> str:
+        """The file id of *name* in the directory *parent_inode*."""
+        parent = self._ns.node(parent_inode)
+        if parent.kind is not FileKind.DIR:
+            raise FUSEError(errno.ENOTDIR)
+        return child_id(parent.file_id, os.fsdecode(name))
 
     # -- names and attributes -------------------------------------------
 
@@ -158,15 +216,16 @@ class Operations:
 
     @_handler
     async def statfs(self) -> Statfs:
-        """The space of the disk that holds the cache, in cache blocks."""
-        disk = os.statvfs(self._cache.cache_dir)
-        scale = disk.f_frsize / self._block_size
+        """The cache's room, in cache blocks: its limit, and what is left of
+        it for new data (a file written needs room until it is flushed)."""
+        limit, available = self._cache.space()
+        bs = self._block_size
         return Statfs(
-            bsize=self._block_size,
-            frsize=self._block_size,
-            blocks=int(disk.f_blocks * scale),
-            bfree=int(disk.f_bfree * scale),
-            bavail=int(disk.f_bavail * scale),
+            bsize=bs,
+            frsize=bs,
+            blocks=limit // bs,
+            bfree=available // bs,
+            bavail=available // bs,
             files=len(self._ns),
         )
 
@@ -181,39 +240,111 @@ class Operations:
     async def listxattr(self, inode: int) -> list[bytes]:
         return []
 
+    @_handler
+    async def setattr(self, inode: int, attr: SetAttr) -> Entry:
+        """Size, mode and modification time; the access time is not kept, and
+        the owner is the mount's (a change of it: EPERM)."""
+        self._check_writable()
+        node = self._ns.node(inode)
+        if attr.uid not in (None, self._uid) or attr.gid not in (None, self._gid):
+            raise FUSEError(errno.EPERM)
+        attrs: FileAttrs | None = None
+        if attr.size is not None:
+            if node.kind is not FileKind.FILE:
+                raise FUSEError(errno.EISDIR if node.kind is FileKind.DIR else errno.EINVAL)
+            base = await self._version_of(node)
+            attrs = await self._cache.set_size(node.file_id, attr.size)
+            self._changed(node, base, attrs, content=True)
+        mode = None if attr.mode is None else attr.mode & 0o7777
+        if attr.mtime_now:
+            mtime: float | None = time.time()
+        elif attr.mtime_ns is not None:
+            mtime = attr.mtime_ns / 1_000_000_000
+        else:
+            mtime = None
+        if mode is not None or mtime is not None:
+            base = await self._version_of(node)
+            attrs = await self._cache.set_attrs(node.file_id, mode, mtime)
+            self._changed(node, base, attrs, content=False)
+        if attrs is None:  # the access time alone, or the owner as it is
+            node, attrs = await self._ns.getattr(inode)
+        return self._entry(node.ino, attrs)
+
+    async def _version_of(self, node: Node) -> str:
+        """The version of *node*'s file a change to it is made from."""
+        if node.kind is not FileKind.FILE:
+            return ""
+        return (await self._cache.getattr(node.file_id)).version
+
+    def _changed(self, node: Node, base: str, attrs: FileAttrs, *, content: bool) -> None:
+        """A change through *node* made its file *attrs*, from the version
+        *base*: the inode carries on as them if it stood for *base* (or
+        already for them).  A size change of an inode the kernel reads with
+        passthrough gives the file a new inode instead: those readers keep
+        the bytes they had."""
+        ino = node.ino
+        if self._ns.live_inode(node.file_id) != ino or attrs.kind is not node.kind:
+            return  # an inode its path no longer has: it stays as it was
+        if node.kind is FileKind.FILE and node.attrs.version != attrs.version:
+            if node.attrs.version != base:
+                return
+            if content and self._modes.has_backing(ino):
+                self._ns.renumber(ino)
+                return
+        self._ns.carry(ino, attrs)
+
     # -- files ------------------------------------------------------------
 
     @_handler
     async def open(self, inode: int, flags: int) -> Opened:
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise FUSEError(errno.EROFS)
+        write = flags & os.O_ACCMODE != os.O_RDONLY
+        truncate = bool(flags & os.O_TRUNC)
+        if write or truncate:
+            self._check_writable()
         node = self._ns.node(inode)
         if node.kind is not FileKind.FILE:
             raise FUSEError(errno.EISDIR if node.kind is FileKind.DIR else errno.ELOOP)
-        fh_obj = await self._cache.open(node.file_id)
+        fh_obj = await self._cache.open(node.file_id, write=write, truncate=truncate)
+        working = write or truncate or self._cache.has_working_copy(node.file_id)
         fh = next(self._handles)
         try:
-            self._ns.bind(inode, fh_obj.attrs)
-            try:
-                opened = self._modes.choose(inode, fh, fh_obj, flags)
-            except NewInode:
-                self._ns.unbind(inode)
-                raise
+            return self._bind(inode, fh, fh_obj, flags, working=working)
         except NewInode as e:
             # This open cannot share the inode (another version of the file,
-            # or a cache file it must not read): the file gets a new inode,
-            # which the kernel looks up when told ESTALE, and opens instead
-            # (once; open(2) sees nothing).
+            # a cache file it must not read, or a change to a file the kernel
+            # reads with passthrough): the file gets a new inode, which the
+            # kernel looks up when told ESTALE, and opens instead (once;
+            # open(2) sees nothing).
             log.debug("open of %r: %s: new inode", node.file_id, e)
             with trio.CancelScope(shield=True):  # an interrupted open leaves no handle
                 await self._cache.close(fh_obj)
             self._ns.renumber(inode)
             raise FUSEError(errno.ESTALE) from None
-        self._files[fh] = fh_obj
-        self._file_inodes[fh] = inode
+
+    def _bind(self, ino: int, fh: int, handle: OpenFile, flags: int, *, working: bool) -> Opened:
+        """Record *handle* as *fh* of *ino*; how the kernel reads it.
+
+        *working*: *handle* is on the file's working copy, which an inode
+        standing for the version it was made from carries on as.  Raises
+        NewInode (nothing recorded).
+        """
+        continues = None
+        if working:
+            if self._modes.has_backing(ino):
+                raise NewInode(f"inode {ino} is read with passthrough, its file is being changed")
+            continues = handle.continues
+        self._ns.bind(ino, handle.attrs, continues)
+        try:
+            opened = self._modes.choose(ino, fh, handle, flags, working=working)
+        except NewInode:
+            self._ns.unbind(ino)
+            raise
+        self._files[fh] = handle
+        self._file_inodes[fh] = ino
         if opened is not None:  # the kernel reads the cached file itself, or reads uncached
             return opened
-        # Warm re-reads never reach us: an inode's pages are of its one version.
+        # Warm re-reads never reach us: an inode's pages are of its one version,
+        # or of its working copy, every write to which goes through them.
         return Opened(fh, keep_cache=True)
 
     @_handler
@@ -221,14 +352,68 @@ class Operations:
         return await self._cache.read(self._files[fh], off, size)
 
     @_handler
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
+        return await self._cache.write(self._files[fh], offset, data)
+
+    @_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._cache.fsync(self._files[fh])
+
+    @_handler
     async def flush(self, fh: int) -> None:
-        pass
+        handle = self._files.get(fh)
+        if handle is not None:
+            await self._cache.flush_on_close(handle)
 
     @_handler
     async def release(self, fh: int) -> None:
         self._modes.released(fh)
         self._ns.unbind(self._file_inodes.pop(fh))
         await self._cache.close(self._files.pop(fh))
+
+    @_handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int
+    ) -> tuple[Entry, Opened]:
+        node, handle = await self._make_file(parent_inode, name, mode, bool(flags & os.O_EXCL))
+        fh = next(self._handles)
+        try:
+            opened = self._bind(node.ino, fh, handle, flags, working=True)
+        except BaseException:  # only a bug gets here
+            with trio.CancelScope(shield=True):
+                await self._cache.close(handle)
+            raise
+        return self._entry(node.ino, handle.attrs), opened
+
+    @_handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int) -> Entry:
+        self._check_writable()
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+            raise FUSEError(errno.EPERM)  # no devices, fifos or sockets in a mirror
+        node, handle = await self._make_file(parent_inode, name, mode, True)
+        with trio.CancelScope(shield=True):
+            await self._cache.close(handle)
+        return self._entry(node.ino, handle.attrs)
+
+    async def _make_file(
+        self, parent_inode: int, name: bytes, mode: int, exclusive: bool
+    ) -> tuple[Node, OpenFile]:
+        """A new file (or, unless *exclusive*, the existing one cut to nothing)
+        and a handle writing it; the kernel's reference to it counted."""
+        self._check_writable()
+        file_id = self._child(parent_inode, name)
+        handle = await self._cache.create(file_id, mode & 0o7777, exclusive=exclusive)
+        # An inode of the file cut to nothing carries on as it, as on an open
+        # with O_TRUNC (the kernel drops its pages when told the size).
+        ino = self._ns.live_inode(file_id)
+        if (
+            ino is not None
+            and handle.continues
+            and not self._modes.has_backing(ino)
+            and self._ns.carries(ino, handle.continues)
+        ):
+            self._ns.carry(ino, handle.attrs)
+        return self._ns.added(file_id, handle.attrs), handle
 
     # -- directories ------------------------------------------------------
 
@@ -238,15 +423,16 @@ class Operations:
         if node.kind is not FileKind.DIR:
             raise FUSEError(errno.ENOTDIR)
         listing = await self._ns.list_dir(inode)
-        parent = self._ns.live_inode(node.file_id.rpartition("/")[0]) if node.file_id else inode
+        parent = self._ns.live_inode(parent_id(node.file_id)) if node.file_id else inode
         fh = next(self._handles)
         # A snapshot per open directory keeps readdir offsets stable.
-        self._dirs[fh] = _OpenDir(node.file_id, inode, parent or inode, listing)
+        self._dirs[fh] = _OpenDir(inode, parent or inode, listing)
         return fh
 
     @_handler
     async def readdir(self, fh: int, start_id: int, reply: DirReply) -> None:
         d = self._dirs[fh]
+        dir_id = self._ns.node(d.ino).file_id  # where it is now, if it was moved
         # Offsets: 1 after ".", 2 after "..", 3 + i after listing[i].
         for index in range(start_id, 2 + len(d.listing)):
             if index < 2:
@@ -256,7 +442,7 @@ class Operations:
                     return
                 continue
             entry = d.listing[index - 2]
-            file_id = child_id(d.file_id, entry.name)
+            file_id = child_id(dir_id, entry.name)
             shown = self._ns.listed(file_id, entry.attrs)
             ino = self._ns.inode_number(file_id, shown)
             if not reply.add(os.fsencode(entry.name), self._entry(ino, shown), index + 1):
@@ -268,84 +454,54 @@ class Operations:
     async def releasedir(self, fh: int) -> None:
         del self._dirs[fh]
 
-    # -- changes: read-only -----------------------------------------------
+    @_handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int) -> Entry:
+        self._check_writable()
+        dir_id = self._child(parent_inode, name)
+        attrs = await self._cache.make_dir(dir_id, mode & 0o7777)
+        return self._entry(self._ns.added(dir_id, attrs).ino, attrs)
 
-    async def change(self, request: str) -> None:
-        """Writes, creation, removal, renames and attribute changes: read-only."""
-        raise FUSEError(errno.EROFS)
+    @_handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes) -> Entry:
+        self._check_writable()
+        file_id = self._child(parent_inode, name)
+        attrs = await self._cache.make_symlink(file_id, os.fsdecode(target))
+        return self._entry(self._ns.added(file_id, attrs).ino, attrs)
 
+    @_handler
+    async def unlink(self, parent_inode: int, name: bytes) -> None:
+        self._check_writable()
+        file_id = self._child(parent_inode, name)
+        await self._cache.remove_file(file_id)
+        self._ns.removed(file_id)
 
-class KernelInvalidator:
-    """Tells the namespace, and where asked the kernel, that a file changed.
+    @_handler
+    async def rmdir(self, parent_inode: int, name: bytes) -> None:
+        self._check_writable()
+        dir_id = self._child(parent_inode, name)
+        await self._cache.remove_dir(dir_id)
+        self._ns.removed(dir_id)
 
-    ``notify`` is the engine's ``on_invalidate`` callback (called on the trio
-    thread; never blocks): a version of the file was dropped, so its
-    directory is listed again.  The kernel needs no word of it: a new
-    version is a new inode (cachefs.fs.inodes), and the old inode's pages
-    are still the old version's.  ``drop_pages`` asks the kernel to drop
-    the pages of the file's inode too (after ``cachefs purge`` and
-    ``reset-file-errors``).  ``forget_entry`` asks it to forget the file's
-    name, so that its next use is looked up again although the kernel's
-    entry timeout (the mount's TTL) has not run out: for a new version
-    learned from elsewhere (a group member), which the kernel would
-    otherwise find only once that timeout ends.
-
-    The kernel is told from a worker thread, since it may wait for requests
-    this process must answer, and abandoned at unmount, since it may wait
-    for requests this process no longer answers.  Pending file ids are
-    sets, so the queue is bounded by the number of files.
-    """
-
-    def __init__(self) -> None:
-        self._pending: set[str] = set()
-        self._pages: set[str] = set()
-        self._entries: set[str] = set()
-        self._wakeup = trio.Event()
-
-    def notify(self, file_id: str) -> None:
-        self._pending.add(file_id)
-        self._wakeup.set()
-
-    def drop_pages(self, file_id: str) -> None:
-        self._pages.add(file_id)
-        self.notify(file_id)
-
-    def forget_entry(self, file_id: str) -> None:
-        self._entries.add(file_id)
-        self.notify(file_id)
-
-    async def serve(
-        self,
-        namespace: Namespace,
-        invalidate_inode: Callable[[int], None],
-        invalidate_entry: Callable[[int, bytes], None],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    @_handler
+    async def rename(
+        self, parent_inode: int, name: bytes, new_parent_inode: int, new_name: bytes, flags: int
     ) -> None:
-        """Tell the kernel with *invalidate_inode* and *invalidate_entry* (a
-        cachefs.fuse.api.Kernel's; blocking, run in a thread) until cancelled."""
-        task_status.started()
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            pending, self._pending = self._pending, set()
-            pages, self._pages = self._pages, set()
-            entries, self._entries = self._entries, set()
-            for file_id in sorted(pending):
-                ino = namespace.invalidated(file_id)
-                if ino is not None and file_id in pages:
-                    try:
-                        await trio.to_thread.run_sync(invalidate_inode, ino, abandon_on_cancel=True)
-                    except OSError as e:  # ENOENT: the kernel had already let it go
-                        if e.errno != errno.ENOENT:
-                            log.warning("could not invalidate inode %d (%r): %s", ino, file_id, e)
-                parent_id, _, name = file_id.rpartition("/")
-                parent = namespace.live_inode(parent_id) if file_id in entries and name else None
-                if parent is not None:
-                    try:
-                        await trio.to_thread.run_sync(
-                            invalidate_entry, parent, os.fsencode(name), abandon_on_cancel=True
-                        )
-                    except OSError as e:  # ENOENT: the kernel had already let it go
-                        if e.errno != errno.ENOENT:
-                            log.warning("could not invalidate the entry %r: %s", file_id, e)
+        """Moves keep the inode (and a directory's, those of everything in it);
+        open files stay open.  RENAME_EXCHANGE: EINVAL."""
+        self._check_writable()
+        if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE (or RENAME_WHITEOUT)
+            raise FUSEError(errno.EINVAL)
+        old_id = self._child(parent_inode, name)
+        new_id = self._child(new_parent_inode, new_name)
+        await self._cache.rename(old_id, new_id, replace=not flags & RENAME_NOREPLACE)
+        self._ns.renamed(old_id, new_id)
+
+    # -- the rest ---------------------------------------------------------
+
+    @_handler
+    async def change(self, request: str) -> None:
+        """Changes the mount does not make (*request*: "link", "setxattr",
+        "fallocate", ...): EROFS on a read-only mount, else EPERM for hard
+        links (a mirror has none) and EOPNOTSUPP for the rest."""
+        self._check_writable()
+        raise FUSEError(_UNSUPPORTED.get(request, errno.EOPNOTSUPP))

@@ -16,7 +16,12 @@ inode:
 - an O_DIRECT open is answered direct_io: through us, with no alignment
   rules, as on a mount without passthrough (the cache disk refuses
   unaligned direct reads).  Its file is not opened with passthrough again
-  in this mount, so that an O_DIRECT open never needs a second new inode.
+  in this mount, so that an O_DIRECT open never needs a second new inode;
+- an open of a file being changed (a handle on its working copy, to write
+  or to read) is never passthrough: the kernel's pages of the inode must
+  see every write.  Where passthrough opens exist it raises NewInode (the
+  caller checks :meth:`OpenModes.has_backing` before the inode carries on
+  as the working copy).
 
 A backing id is closed when the last passthrough open of its inode is
 released; the cache keeps the data file whole until each handle is closed.
@@ -52,9 +57,16 @@ class OpenModes:
         self._direct_files: set[str] = set()  # opened O_DIRECT: no passthrough any more
         self._refused = False
 
-    def choose(self, ino: int, fh: int, handle: OpenFile, flags: int) -> Opened | None:
+    def has_backing(self, ino: int) -> bool:
+        """Whether the kernel reads *ino*'s open files from a backing file."""
+        return ino in self._backings
+
+    def choose(
+        self, ino: int, fh: int, handle: OpenFile, flags: int, *, working: bool = False
+    ) -> Opened | None:
         """The answer for a passthrough or direct open; None: read through the
         page cache (the caller decides what the kernel keeps of it).
+        *working*: *handle* is on a working copy (never passthrough).
 
         Raises NewInode (nothing recorded for *fh*).
         """
@@ -65,6 +77,8 @@ class OpenModes:
         if backing is not None:
             if direct:
                 raise NewInode(f"an O_DIRECT open of inode {ino}, read with passthrough")
+            if working:
+                raise NewInode(f"inode {ino} is read with passthrough, its file is being changed")
             # Held whole by the first opens, whether or not this one can hold it.
             self._cache.hold_whole(handle)
             backing.opens += 1
@@ -75,6 +89,7 @@ class OpenModes:
             return Opened(fh, direct_io=True)
         if (
             self._kernel.passthrough
+            and not working
             and not self._refused
             and not self._cached[ino]
             and handle.file_id not in self._direct_files

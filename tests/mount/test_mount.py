@@ -587,6 +587,7 @@ class FakeCache:
         self.tree = tree
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}
+        self.writable = False
 
     def known_attrs(self, file_id: str) -> FileAttrs | None:
         return self.tree.get(file_id)
