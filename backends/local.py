@@ -37,33 +37,44 @@ Policy:
   listings and everything below it is absent.  A
   record that is missing answers None; one that does not parse answers None
   with a warning naming the file; any other OSError is raised.
+- Writes: every WriteCapability but WHOLE_FILE_ONLY (none when the root's
+  file system is mounted read-only).  WriteData transfers as
+  backends.localwrites says: a whole file is written beside its target as
+  ``.NAME.cachefs-XXXXXXXX`` and renamed over it; such names are never
+  shown and are absent, like ``.cachefs-ci``.  Namespace changes as
+  backends.localchanges says.  The file ids of a change are checked as a
+  read's (both of a rename, a symlink's name; a symlink's target is stored
+  as given, it is never followed); the root is never made, removed or
+  moved (EBUSY).  Changes run in worker threads that are never abandoned.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import stat as st
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import trio
 
-from backends import localci
+from backends import localchanges, localci
 from backends.localci import CI_DIR
-from cachefs._linux.pagecache import PAGE, cached_pages, open_direct
+from backends.localfs import attrs_of, has_version, is_temp, version_of
+from backends.localreads import OpenFile, pread_into, read_into
+from backends.localwrites import Transfers
 from cachefs.contract import (
+    ChangeResult,
     ContentInfo,
     DirEntry,
     FileAttrs,
-    FileKind,
     ReadData,
     RWEvent,
     RWResult,
+    WriteCapability,
+    WriteData,
     local_path,
 )
 from cachefs.errors import SourceError
@@ -77,139 +88,28 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # errnos meaning "the file the cache knows is no longer at that path"
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENODEV})
-# OpenFile.direct before the O_DIRECT fd is opened, and once it is refused.
-_UNOPENED, _REFUSED = -2, -3
-
-
-def version_of(s: os.stat_result) -> str:
-    """The version tag of a stat result: inode, mtime in ns, size and ctime in ns."""
-    return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}-{s.st_ctime_ns}"
-
-
-def has_version(s: os.stat_result, version: str) -> bool:
-    """Whether the open file of stat result *s* still holds *version*.
-
-    An inode unlinked from every directory (replaced by rename, deleted)
-    got a new ctime from the unlinking alone: its other fields decide.
-    """
-    tag = version_of(s)
-    if tag == version:
-        return True
-    return s.st_nlink == 0 and tag.rpartition("-")[0] == version.rpartition("-")[0]
-
-
-def _kind(mode: int) -> FileKind | None:
-    if st.S_ISREG(mode):
-        return FileKind.FILE
-    if st.S_ISDIR(mode):
-        return FileKind.DIR
-    if st.S_ISLNK(mode):
-        return FileKind.SYMLINK
-    return None
-
-
-def _attrs(s: os.stat_result, link_target: str | None = None) -> FileAttrs | None:
-    kind = _kind(s.st_mode)
-    if kind is None:
-        return None
-    return FileAttrs(
-        kind=kind,
-        size=s.st_size,
-        mtime=s.st_mtime_ns / 1e9,
-        version=version_of(s),
-        mode=s.st_mode & 0o7777,
-        link_target=link_target,
-    )
-
-
-class OpenFile:
-    """The file_context of an open file: the fd reads use.
-
-    A re-open after an external change replaces ``fd``; the old fd may still
-    be in use by another worker thread, so it is closed only by ``close``.
-    A read holds the context (``enter``/``leave``): ``close`` while one runs
-    (its caller abandoned it) leaves the fds to the last read to close, so
-    no thread ever reads an fd number that was closed and given to another
-    file meanwhile.
-    """
-
-    __slots__ = ("file_id", "fd", "direct", "_retired", "_lock", "_users", "_closed")
-
-    def __init__(self, file_id: str, fd: int) -> None:
-        self.file_id = file_id
-        self.fd = fd
-        self.direct = _UNOPENED  # the same file opened O_DIRECT, once asked for
-        self._retired: list[int] = []
-        self._lock = threading.Lock()
-        self._users = 0
-        self._closed = False
-
-    def enter(self) -> None:
-        with self._lock:
-            self._users += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if not self._closed or self._users:
-                return
-            fds = self._take_fds()
-        _close_all(fds)
-
-    def replace(self, fd: int) -> None:
-        with self._lock:
-            self._retired.append(self.fd)
-            if self.direct >= 0:
-                self._retired.append(self.direct)
-            self.fd = fd
-            self.direct = _UNOPENED
-
-    def direct_fd(self, fd: int) -> int:
-        """The file of *fd* opened again with O_DIRECT (the same inode); negative if refused."""
-        with self._lock:
-            if self.fd != fd or self._closed:  # replaced meanwhile: read through fd
-                return _REFUSED
-            if self.direct == _UNOPENED:
-                try:
-                    self.direct = open_direct(fd)
-                except OSError as e:  # a filesystem without O_DIRECT, no /proc
-                    log.debug("%s: no direct reads: %s", self.file_id, e)
-                    self.direct = _REFUSED
-            return self.direct
-
-    def refuse_direct(self, direct: int) -> None:
-        """Reads through *direct* were refused (EINVAL): read through the page cache."""
-        with self._lock:
-            if self.direct == direct:
-                self._retired.append(direct)
-                self.direct = _REFUSED
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._users:  # the last read closes them
-                return
-            fds = self._take_fds()
-        _close_all(fds)
-
-    def _take_fds(self) -> list[int]:
-        fds, self._retired = [self.fd, self.direct, *self._retired], []
-        self.fd = self.direct = -1
-        return fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        if fd >= 0:
-            os.close(fd)
+WRITE_CAPABILITIES = (
+    WriteCapability.RANDOM_WRITES
+    | WriteCapability.RENAME
+    | WriteCapability.RENAME_DIRS
+    | WriteCapability.SYMLINKS
+    | WriteCapability.MODES
+    | WriteCapability.TIMES
+    | WriteCapability.EMPTY_DIRS
+)
 
 
 class LocalBackend:
-    """Serve the directory *root* (which must exist) read-only."""
+    """Serve the directory *root* (which must exist), writable unless its
+    file system is mounted read-only."""
 
     def __init__(self, root: str | Path, *, max_threads: int = 16) -> None:
         self.root = os.path.realpath(root)
         self._limiter = trio.CapacityLimiter(max_threads)
+        self._transfers = Transfers()
+        self._caps = WRITE_CAPABILITIES
+        if os.statvfs(self.root).f_flag & os.ST_RDONLY:
+            self._caps = WriteCapability(0)
 
     def __repr__(self) -> str:
         return f"LocalBackend({self.root!r})"
@@ -222,7 +122,8 @@ class LocalBackend:
         if file_id == "":
             return self.root
         parts = _parts(file_id)
-        if CI_DIR in parts:  # at any depth: a source may hold a published subtree
+        if CI_DIR in parts or is_temp(parts[-1]):  # at any depth: a source may hold a
+            # published subtree; a temporary file is a whole file being written
             raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is cachefs's own")
         return self._below(self.root, parts)
 
@@ -258,7 +159,7 @@ class LocalBackend:
             target = os.readlink(path) if st.S_ISLNK(s.st_mode) else None
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return _attrs(s, target)
+        return attrs_of(s, target)
 
     async def stat(self, file_id: str) -> FileAttrs | None:
         return await self._run_abandonable(self._stat_sync, file_id)
@@ -275,7 +176,7 @@ class LocalBackend:
             out: list[DirEntry] = []
             with os.scandir(dir_fd) as it:
                 for entry in it:
-                    if entry.name == CI_DIR:
+                    if entry.name == CI_DIR or is_temp(entry.name):
                         continue
                     try:
                         s = entry.stat(follow_symlinks=False)
@@ -284,7 +185,7 @@ class LocalBackend:
                             target = os.readlink(entry.name, dir_fd=dir_fd)
                     except FileNotFoundError:
                         continue  # removed while listing
-                    attrs = _attrs(s, target)
+                    attrs = attrs_of(s, target)
                     if attrs is not None:
                         out.append(DirEntry(entry.name, attrs))
             return out
@@ -326,7 +227,7 @@ class LocalBackend:
             if ctx is None:
                 ctx = OpenFile(req.file_id, self._open_sync(req.file_id))
             fd = ctx.fd
-            done = _read_into(ctx, fd, req.buffer, req.position, req.bytes_to_read)
+            done = read_into(ctx, fd, req.buffer, req.position, req.bytes_to_read)
             if req.version and not has_version(os.fstat(fd), req.version):
                 # The open file changed; the path may have gone back to (or
                 # been renamed to) the version the cache asks for.
@@ -337,7 +238,7 @@ class LocalBackend:
                     req.result_code = RWResult.FILE_MODIFIED_EXTERNALLY
                     return
                 ctx.replace(fd)
-                done = _pread_into(fd, req.buffer, req.position, req.bytes_to_read)
+                done = pread_into(fd, req.buffer, req.position, req.bytes_to_read)
             req.bytes_read = done
             if done < req.bytes_to_read:
                 req.result_code = RWResult.RANGE_BEYOND_EOF
@@ -398,8 +299,62 @@ class LocalBackend:
         """The file ids that have a stored record (for pruning)."""
         return await self._run(localci.file_ids, os.path.join(self.root, CI_DIR))
 
+    # -- writes (backends.localwrites, backends.localchanges) ------------
+
+    @property
+    def write_capabilities(self) -> WriteCapability:
+        """Everything but WHOLE_FILE_ONLY; nothing on a read-only file system."""
+        return self._caps
+
+    async def write_data(self, req: WriteData) -> None:
+        """One call of a transfer; see backends.localwrites."""
+        await self._run(self._transfers.write, req, self._file_path)
+
+    def _file_path(self, file_id: str) -> str:
+        if not file_id:
+            raise IsADirectoryError(errno.EISDIR, "the root of the source is no file")
+        return self._path(file_id)
+
+    def _change_sync(
+        self, fn: Callable[..., ChangeResult], ids: tuple[str, ...], args: tuple[object, ...]
+    ) -> ChangeResult:
+        what = f"{fn.__name__} {' -> '.join(map(repr, ids))}"
+        try:
+            if "" in ids:  # the root is the mount's: never made, removed or moved
+                raise OSError(errno.EBUSY, "the root of the source")
+            return fn(*map(self._path, ids), *args)
+        except OSError as e:
+            return localchanges.refused(e, what)
+
+    async def _change(
+        self, fn: Callable[..., ChangeResult], ids: tuple[str, ...], *args: object
+    ) -> ChangeResult:
+        return await self._run(self._change_sync, fn, ids, args)
+
+    async def make_dir(self, dir_id: str, mode: int | None) -> ChangeResult:
+        return await self._change(localchanges.make_dir, (dir_id,), mode)
+
+    async def remove_file(self, file_id: str, version: str) -> ChangeResult:
+        return await self._change(localchanges.remove_file, (file_id,), version)
+
+    async def remove_dir(self, dir_id: str) -> ChangeResult:
+        return await self._change(localchanges.remove_dir, (dir_id,))
+
+    async def rename(self, old_id: str, new_id: str, replace: bool) -> ChangeResult:
+        return await self._change(localchanges.rename, (old_id, new_id), replace)
+
+    async def set_size(self, file_id: str, size: int, version: str) -> ChangeResult:
+        return await self._change(localchanges.set_size, (file_id,), size, version)
+
+    async def set_attrs(self, file_id: str, mode: int | None, mtime: float | None) -> ChangeResult:
+        return await self._change(localchanges.set_attrs, (file_id,), mode, mtime)
+
+    async def make_symlink(self, file_id: str, target: str) -> ChangeResult:
+        return await self._change(localchanges.make_symlink, (file_id,), target)
+
     async def aclose(self) -> None:
-        pass
+        """Drop the transfers the cache left unfinished (their temporary files)."""
+        await self._run(self._transfers.close_all)
 
 
 def _parts(file_id: str) -> list[str]:
@@ -408,53 +363,6 @@ def _parts(file_id: str) -> list[str]:
     if file_id.startswith("/") or "\0" in file_id or any(p in ("", ".", "..") for p in parts):
         raise FileNotFoundError(errno.ENOENT, f"invalid file id {file_id!r}")
     return parts
-
-
-def _read_into(ctx: OpenFile, fd: int, buffer: memoryview, position: int, count: int) -> int:
-    """Read up to *count* bytes at *position* into *buffer*; fewer only at EOF.
-
-    When no page of the range is in the page cache and the buffer and
-    position are page-aligned, the whole pages are read with O_DIRECT: the
-    disk writes straight into *buffer*, and the source's bytes are not kept
-    in the page cache beside the cache's copy of them.
-    """
-    whole = count - count % PAGE
-    if (
-        whole
-        and position % PAGE == 0
-        and _address(buffer) % PAGE == 0
-        and cached_pages(fd, position, count) == 0
-        and (direct := ctx.direct_fd(fd)) >= 0
-    ):
-        try:
-            done = _pread_into(direct, buffer, position, whole)
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # EINVAL: this file refuses these reads
-                raise
-            ctx.refuse_direct(direct)
-            return _pread_into(fd, buffer, position, count)
-        if done < whole:  # the end of the file
-            return done
-        return done + _pread_into(fd, buffer[done:], position + done, count - done)
-    return _pread_into(fd, buffer, position, count)
-
-
-def _address(buffer: memoryview) -> int:
-    """Where *buffer* starts in memory (1, never aligned, if it is read-only)."""
-    if buffer.readonly or not buffer.c_contiguous:
-        return 1
-    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-
-
-def _pread_into(fd: int, buffer: memoryview, position: int, count: int) -> int:
-    """Read up to *count* bytes at *position* into *buffer*; fewer only at EOF."""
-    done = 0
-    while done < count:
-        n = os.preadv(fd, [buffer[done:count]], position + done)
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 def _root_of(url: str) -> str:

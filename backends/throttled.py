@@ -2,14 +2,15 @@
 
 Policy:
 
-- Every request to the storage (``stat``, ``list_dir``, ``read_data``, the
-  content information calls) waits ``latency`` seconds before its first
-  byte.  ``open_file`` and ``close_file`` pass through at no cost: an
-  object store has no open.
-- A ReadData call is one connection: after its first byte, its bytes arrive
-  at ``bandwidth`` bytes per second.  The call returns when its last byte
-  would have arrived, ``start + latency + bytes_read / bandwidth``; time the
-  wrapped backend spends counts towards that, it is not added to it.
+- Every request to the storage (``stat``, ``list_dir``, ``read_data``,
+  ``write_data``, the namespace changes, the content information calls)
+  waits ``latency`` seconds before its first byte.  ``open_file`` and
+  ``close_file`` pass through at no cost: an object store has no open.
+- A ReadData or WriteData call is one connection: after its first byte, its
+  bytes travel at ``bandwidth`` bytes per second.  The call returns when
+  its last byte would have arrived, ``start + latency + bytes / bandwidth``
+  (bytes read, or bytes written); time the wrapped backend spends counts
+  towards that, it is not added to it.
 - Concurrent calls are concurrent connections, each at the full
   ``bandwidth`` (as range GETs on separate connections are); with
   ``max_connections`` set, further calls first wait for a free connection,
@@ -30,7 +31,16 @@ from typing import Any
 import trio
 
 from backends.wrapper import Wrapper
-from cachefs.contract import Backend, ContentInfo, DirEntry, FileAttrs, ReadData, RWEvent
+from cachefs.contract import (
+    Backend,
+    ChangeResult,
+    ContentInfo,
+    DirEntry,
+    FileAttrs,
+    ReadData,
+    RWEvent,
+    WriteData,
+)
 from cachefs.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,6 +73,7 @@ class ThrottledBackend(Wrapper):
         self._pool = trio.CapacityLimiter(max_connections) if max_connections else None
         self._requests = 0
         self._bytes = 0
+        self._written = 0
         self._active = 0
         self._peak = 0
         self._busy = 0.0
@@ -74,12 +85,13 @@ class ThrottledBackend(Wrapper):
         )
 
     def statistics(self) -> dict[str, Any]:
-        """Requests and bytes so far, connections open now and at most, and the
-        summed duration of the finished ReadData calls (over a wall time: the
-        mean number of connections in use)."""
+        """Requests and bytes read and written so far, connections open now and
+        at most, and the summed duration of the finished ReadData calls (over a
+        wall time: the mean number of connections in use)."""
         return {
             "requests": self._requests,
             "bytes": self._bytes,
+            "bytes_written": self._written,
             "connections": self._active,
             "peak_connections": self._peak,
             "read_seconds": self._busy,
@@ -114,6 +126,27 @@ class ThrottledBackend(Wrapper):
         async with self._pool:
             await self._read(req)
 
+    async def _write(self, req: WriteData) -> None:
+        self._active += 1
+        self._peak = max(self._peak, self._active)
+        try:
+            start = await self._first_byte()
+            await super().write_data(req)
+            self._written += req.bytes_written
+            await trio.sleep_until(start + self.latency + req.bytes_written / self.bandwidth)
+        finally:
+            self._active -= 1
+
+    async def write_data(self, req: WriteData) -> None:
+        if req.flags & RWEvent.CANCELED:
+            await super().write_data(req)
+            return
+        if self._pool is None:
+            await self._write(req)
+            return
+        async with self._pool:
+            await self._write(req)
+
     async def stat(self, file_id: str) -> FileAttrs | None:
         await self._first_byte()
         return await self.inner.stat(file_id)
@@ -121,6 +154,34 @@ class ThrottledBackend(Wrapper):
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         await self._first_byte()
         return await self.inner.list_dir(dir_id)
+
+    async def make_dir(self, dir_id: str, mode: int | None) -> ChangeResult:
+        await self._first_byte()
+        return await super().make_dir(dir_id, mode)
+
+    async def remove_file(self, file_id: str, version: str) -> ChangeResult:
+        await self._first_byte()
+        return await super().remove_file(file_id, version)
+
+    async def remove_dir(self, dir_id: str) -> ChangeResult:
+        await self._first_byte()
+        return await super().remove_dir(dir_id)
+
+    async def rename(self, old_id: str, new_id: str, replace: bool) -> ChangeResult:
+        await self._first_byte()
+        return await super().rename(old_id, new_id, replace)
+
+    async def set_size(self, file_id: str, size: int, version: str) -> ChangeResult:
+        await self._first_byte()
+        return await super().set_size(file_id, size, version)
+
+    async def set_attrs(self, file_id: str, mode: int | None, mtime: float | None) -> ChangeResult:
+        await self._first_byte()
+        return await super().set_attrs(file_id, mode, mtime)
+
+    async def make_symlink(self, file_id: str, target: str) -> ChangeResult:
+        await self._first_byte()
+        return await super().make_symlink(file_id, target)
 
     async def content_info(self, file_id: str) -> ContentInfo | None:
         await self._first_byte()

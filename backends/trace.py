@@ -1,11 +1,24 @@
-"""A wrapper that records every ReadData call as one JSON line.
+"""A wrapper that records every ReadData and WriteData call and every
+namespace change as one JSON line.
 
 Each line is written when the call completes and flushed at once, so a
-trace can be read while the mount runs::
+trace can be read while the mount runs.  A ReadData line has no ``op``::
 
     {"file_id": "a.bin", "size": 4194304, "position": 0, "bytes_to_read": 1048576,
      "flags": ["CONTINUOUS_STARTED", "TIL_END"], "result": "SUCCESS",
      "bytes_read": 1048576}
+
+A WriteData line says ``"op": "write"``; a namespace change names its
+method as ``op``, with its arguments but for versions and a symlink's
+target, and the errno of a refusal by name (null if none)::
+
+    {"op": "write", "file_id": "a.bin", "size": 5, "position": 0, "bytes_to_write": 5,
+     "flags": ["WHOLE_FILE", "CONTINUOUS_STARTED", "CONTINUOUS_FINISHED", "TIL_END"],
+     "result": "SUCCESS", "bytes_written": 5}
+    {"op": "rename", "file_id": "a.bin", "new_id": "b.bin", "replace": false,
+     "result": "FILE_FAILURE", "error": "EEXIST"}
+
+read_trace returns the ReadData lines unless asked for others.
 
 The file is opened (created mode 0600) to append, never through a symlink,
 and only if it is a regular file of the running user that no other user can
@@ -24,10 +37,11 @@ is encrypted, so the trace holds no file names either).
 CANCELED notifications are recorded like any call.  If the wrapped backend
 raises, the line says ``"result": "EXCEPTION"`` and the exception goes on.
 The lines are written on the trio loop (a small buffered write): this
-wrapper is for tests and diagnosis, not for production mounts.  Everything
-but ``read_data`` is passed through unrecorded.
+wrapper is for tests and diagnosis, not for production mounts.  Every
+other call (stat, list_dir, open, content information) is passed through
+unrecorded.
 
-A trace never fails a read.  When a line cannot be written (the disk is
+A trace never fails a call.  When a line cannot be written (the disk is
 full, an I/O error) one warning is logged and tracing stops for the rest of
 the mount: the trace then ends, and read_trace leaves out a last line cut
 short, rather than having gaps no one can see.
@@ -43,22 +57,24 @@ import logging
 import os
 import platform
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from backends.wrapper import Wrapper
-from cachefs.contract import Backend, ReadData, RWResult, flag_names
+from cachefs.contract import Backend, ChangeResult, ReadData, RWResult, WriteData, flag_names
 from cachefs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def read_trace(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a trace file, oldest first; a last line without its
+def read_trace(path: str | Path, op: str | None = "read") -> list[dict[str, Any]]:
+    """The records of a trace file of *op* (``read``, ``write``, a namespace
+    change's method; None: all), oldest first; a last line without its
     newline (cut short by a full disk, or still being written) is left out."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
+        records = [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
+    return [r for r in records if op is None or r.get("op", "read") == op]
 
 
 _OPEN_FLAGS = (
@@ -155,8 +171,15 @@ def _as_is(file_id: str) -> str:
     return file_id
 
 
+def _result_name(code: int) -> str:
+    try:
+        return RWResult(code).name
+    except ValueError:
+        return str(code)
+
+
 class TraceBackend(Wrapper):
-    """Wrap *inner*, appending one line per ReadData call to *trace_path*.
+    """Wrap *inner*, appending one line per ReadData, WriteData or change to *trace_path*.
 
     *name* maps a file id to what the line says (default: the id itself).
     """
@@ -176,23 +199,27 @@ class TraceBackend(Wrapper):
     def __repr__(self) -> str:
         return f"TraceBackend({self.inner!r}, {str(self.trace_path)!r})"
 
-    def _write(self, req: ReadData, result: str) -> None:
+    def _read_line(self, req: ReadData, result: str) -> None:
+        self._write(
+            {
+                "file_id": self._name(req.file_id),
+                "size": req.size,
+                "position": req.position,
+                "bytes_to_read": req.bytes_to_read,
+                "flags": flag_names(req.flags),
+                "result": result,
+                "bytes_read": req.bytes_read,
+            }
+        )
+
+    def _write(self, record: dict[str, object]) -> None:
         if self._out is None:
             return  # stopped after a failed write
-        record = {
-            "file_id": self._name(req.file_id),
-            "size": req.size,
-            "position": req.position,
-            "bytes_to_read": req.bytes_to_read,
-            "flags": flag_names(req.flags),
-            "result": result,
-            "bytes_read": req.bytes_read,
-        }
         try:
             self._out.write(json.dumps(record) + "\n")
         except OSError as e:
             log.warning(
-                "trace file %s cannot be written (%s): tracing stopped, reads go on",
+                "trace file %s cannot be written (%s): tracing stopped, calls go on",
                 self.trace_path,
                 e.strerror or e,
             )
@@ -208,13 +235,70 @@ class TraceBackend(Wrapper):
         try:
             await self.inner.read_data(req)
         except BaseException:
-            self._write(req, "EXCEPTION")
+            self._read_line(req, "EXCEPTION")
             raise
+        self._read_line(req, _result_name(req.result_code))
+
+    def _write_line(self, req: WriteData, result: str) -> None:
+        self._write(
+            {
+                "op": "write",
+                "file_id": self._name(req.file_id),
+                "size": req.size,
+                "position": req.position,
+                "bytes_to_write": req.bytes_to_write,
+                "flags": flag_names(req.flags),
+                "result": result,
+                "bytes_written": req.bytes_written,
+            }
+        )
+
+    async def write_data(self, req: WriteData) -> None:
         try:
-            result = RWResult(req.result_code).name
-        except ValueError:
-            result = str(req.result_code)
-        self._write(req, result)
+            await super().write_data(req)
+        except BaseException:
+            self._write_line(req, "EXCEPTION")
+            raise
+        self._write_line(req, _result_name(req.result_code))
+
+    async def _change(
+        self, op: str, file_id: str, change: Awaitable[ChangeResult], **args: object
+    ) -> ChangeResult:
+        line: dict[str, object] = {"op": op, "file_id": self._name(file_id), **args}
+        try:
+            result = await change
+        except BaseException:
+            self._write({**line, "result": "EXCEPTION", "error": None})
+            raise
+        error = errno.errorcode.get(result.error, str(result.error)) if result.error else None
+        self._write({**line, "result": _result_name(result.result_code), "error": error})
+        return result
+
+    async def make_dir(self, dir_id: str, mode: int | None) -> ChangeResult:
+        return await self._change("make_dir", dir_id, super().make_dir(dir_id, mode), mode=mode)
+
+    async def remove_file(self, file_id: str, version: str) -> ChangeResult:
+        return await self._change("remove_file", file_id, super().remove_file(file_id, version))
+
+    async def remove_dir(self, dir_id: str) -> ChangeResult:
+        return await self._change("remove_dir", dir_id, super().remove_dir(dir_id))
+
+    async def rename(self, old_id: str, new_id: str, replace: bool) -> ChangeResult:
+        change = super().rename(old_id, new_id, replace)
+        return await self._change(
+            "rename", old_id, change, new_id=self._name(new_id), replace=replace
+        )
+
+    async def set_size(self, file_id: str, size: int, version: str) -> ChangeResult:
+        change = super().set_size(file_id, size, version)
+        return await self._change("set_size", file_id, change, size=size)
+
+    async def set_attrs(self, file_id: str, mode: int | None, mtime: float | None) -> ChangeResult:
+        change = super().set_attrs(file_id, mode, mtime)
+        return await self._change("set_attrs", file_id, change, mode=mode, mtime=mtime)
+
+    async def make_symlink(self, file_id: str, target: str) -> ChangeResult:
+        return await self._change("make_symlink", file_id, super().make_symlink(file_id, target))
 
     async def aclose(self) -> None:
         """Close the trace file, then the wrapped backend."""
