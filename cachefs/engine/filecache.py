@@ -475,7 +475,7 @@ class FileCache:
         for _ in range(MAX_REPLANS):
             if not self.disk.usable:  # nothing fetched now would be kept
                 raise self.disk.failure()
-            fh = await self.open(file_id)  # the current version, stat again after a change
+            fh = await self._open_version(file_id)  # the current version, stat again after a change
             try:
                 if await self._misses.fetch_whole(fh.cf):
                     return

@@ -162,7 +162,7 @@ def test_nested_directories_and_symlinks(mount: MountFactory, source: Path) -> N
 
 
 def test_read_only_and_other_operations(mount: MountFactory, source: Path) -> None:
-    m = mount(source)
+    m = mount(source, "--read-only")
     for attempt in (
         lambda: os.open(m / "one.bin", os.O_RDWR),
         lambda: os.open(m / "new.txt", os.O_WRONLY | os.O_CREAT),

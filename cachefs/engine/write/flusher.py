@@ -200,24 +200,26 @@ class Flusher:
 
     # -- one flush -------------------------------------------------------------------
 
-    async def flush(self, wc: WorkingCopy, taken: bool = False) -> None:
+    async def flush(self, wc: WorkingCopy, taken: bool = False) -> str | None:
         """Send *wc* to the backend now; WriteFailed says why it did not reach it
-        (the copy stays, and is flushed later unless latched)."""
+        (the copy stays, and is flushed later unless latched).  Returns the
+        name of the conflict copy the changes went to, if the source had changed."""
         if not taken:
             wc.flushing = True
         try:
             async with wc.lock:
-                await self._flush_locked(wc)
+                conflict = await self._flush_locked(wc)
         finally:
             wc.flushing = False
             progress, self._progress = self._progress, trio.Event()
             progress.set()
         if not wc.dirty:
             self.on_clean(wc)
+        return conflict
 
-    async def _flush_locked(self, wc: WorkingCopy) -> None:
+    async def _flush_locked(self, wc: WorkingCopy) -> str | None:
         if wc.dropped or not wc.dirty:
-            return
+            return None
         if wc.header.error is not None:
             raise WriteFailed(f"{wc.file_id}: not flushed: {wc.header.error}")
         external = self._catalog.external_error
@@ -234,12 +236,12 @@ class Flusher:
             except _Outcome as e:
                 if e.code is RWResult.FILE_MODIFIED_LOCALLY:
                     continue
-                await self._failed(wc, e)
-                return  # a conflict copy was made: not an error
+                return await self._failed(wc, e)
             break
         else:
-            await self._failed(wc, _Outcome(RWResult.FAILURE, "the flush kept being re-planned"))
-            return
+            return await self._failed(
+                wc, _Outcome(RWResult.FAILURE, "the flush kept being re-planned")
+            )
         await self._set_meta(wc)
         if not version or self._caps & (WriteCapability.MODES | WriteCapability.TIMES):
             version = await self._backend_stat(wc.file_id)  # setting them made a new one
@@ -252,6 +254,7 @@ class Flusher:
         self.counters.flushed_bytes += sent
         log.info("flushed %s (%d bytes sent)", wc.file_id, sent)
         self._on_flushed(wc.file_id)
+        return None
 
     async def _backend_stat(self, file_id: str) -> str:
         try:
@@ -276,11 +279,11 @@ class Flusher:
                 "%s: flushed, but its mode and time were not set: %s", wc.file_id, result.reason
             )
 
-    async def _failed(self, wc: WorkingCopy, e: _Outcome) -> None:
+    async def _failed(self, wc: WorkingCopy, e: _Outcome) -> str:
+        """Act on a failed flush: the conflict copy's name, or WriteFailed."""
         code = e.code
         if code is RWResult.FILE_MODIFIED_EXTERNALLY:
-            await self._conflict(wc, e.reason)
-            return
+            return await self._conflict(wc, e.reason)
         self.counters.write_failures += 1
         if code is RWResult.PERMANENT_FAILURE:
             self._catalog.external_error = e.reason or "PERMANENT_FAILURE from a flush"
@@ -298,7 +301,7 @@ class Flusher:
         )
         raise WriteFailed(f"{wc.file_id}: not flushed: {e.reason}")
 
-    async def _conflict(self, wc: WorkingCopy, reason: str) -> None:
+    async def _conflict(self, wc: WorkingCopy, reason: str) -> str:
         original = wc.file_id
         copies = self._store.copies
         name = conflict_name(original, lambda n: n in copies or n in self._catalog.files)
@@ -321,6 +324,7 @@ class Flusher:
         self._on_flushed(original)
         self._on_flushed(name)
         self.schedule(wc, 0)
+        return name
 
     # -- transfers -------------------------------------------------------------------
 
@@ -333,7 +337,8 @@ class Flusher:
             or (h.cut == 0 and h.base_size > 0)
         )
         if whole:
-            runs = [(0, wc.size)]
+            size = wc.size
+            runs = [(at, min(CHUNK, size - at)) for at in range(0, size, CHUNK)] or [(0, 0)]
             return await self._transfer(wc, runs, h.base_version, whole=True)
         version = h.base_version
         remote = h.base_size

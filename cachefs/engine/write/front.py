@@ -74,6 +74,10 @@ class WriteStatistics:
     read_only: bool
 
 
+#: What an unknown parent directory is taken for while the storage is offline.
+_SOME_DIR = FileAttrs(FileKind.DIR, 0, 0.0, "")
+
+
 def _parent(file_id: str) -> str:
     return file_id.rpartition("/")[0]
 
@@ -188,7 +192,6 @@ class Writes:
             raise ChangeRefused(f"{file_id}: is a directory", errno.EISDIR)
         if attrs.kind is not FileKind.FILE:
             raise ChangeRefused(f"{file_id}: not a regular file", errno.EINVAL)
-        self._online(file_id)
         wc = await self._new(file_id, attrs.version, attrs.size, attrs.mode)
         try:
             if truncate or not attrs.size:
@@ -222,12 +225,14 @@ class Writes:
             if exclusive:
                 raise ChangeRefused(f"{file_id}: file exists", errno.EEXIST)
             return await self.copy_of(file_id, truncate=True), False
-        existing = await self._lookup(file_id)
+        # Offline, a name the cache knows nothing of is taken as free: if the
+        # source has it after all, the flush finds it there (a conflict copy).
+        existing = await self._lookup(file_id, offline=None)
         if existing is not None:
             if exclusive:
                 raise ChangeRefused(f"{file_id}: file exists", errno.EEXIST)
             return await self.copy_of(file_id, truncate=True), False
-        parent = await self._lookup(_parent(file_id))
+        parent = await self._lookup(_parent(file_id), offline=_SOME_DIR)
         if parent is None:
             raise NotFound(f"{_parent(file_id) or '/'}: no such directory")
         if parent.kind is not FileKind.DIR:
@@ -245,7 +250,11 @@ class Writes:
         self._on_changed(file_id)
         return wc, True
 
-    async def _lookup(self, file_id: str) -> FileAttrs | None:
+    async def _lookup(
+        self, file_id: str, offline: FileAttrs | None | bool = False
+    ) -> FileAttrs | None:
+        """What *file_id* is (None: nothing); while the storage is offline and
+        the cache knows nothing of it, *offline* unless that is False (raise)."""
         wc = self.copies.get(file_id)
         if wc is not None:
             return wc.attrs
@@ -253,6 +262,10 @@ class Writes:
             return await self._attrs.getattr(file_id)
         except NotFound:
             return None
+        except StorageQuarantined:
+            if offline is False:
+                raise
+            return offline if isinstance(offline, FileAttrs) else None
 
     def _online(self, file_id: str) -> None:
         """Raise unless the storage takes changes now (not latched offline)."""
@@ -334,9 +347,13 @@ class Writes:
                 except OSError as e:
                     raise _disk_error(wc, e) from None
             return
-        await flusher.flush(wc)
-        if wc.dirty and not wc.header.error and wc.file_id.find(".conflict-") < 0:
-            raise WriteFailed(f"{wc.file_id}: not flushed")
+        name = wc.file_id
+        conflict = await flusher.flush(wc)
+        if conflict is not None:
+            raise WriteFailed(
+                f"{name} changed in the source since it was read: the changes made here"
+                f" are kept as {conflict}"
+            )
 
     def opened(self, wc: WorkingCopy, writer: bool) -> None:
         wc.handles += 1
