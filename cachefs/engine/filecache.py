@@ -446,6 +446,10 @@ class FileCache:
         """Flush the changes to *file_ids* (every changed file when None) now."""
         return await self._writes.flush_files(file_ids, progress)
 
+    def changed_files(self) -> list[str]:
+        """The files whose changes the source does not have yet (latched ones too)."""
+        return sorted(f for f, wc in self._writes.copies.items() if wc.dirty)
+
     def write_statistics(self) -> WriteStatistics:
         return self._writes.statistics()
 

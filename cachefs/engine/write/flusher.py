@@ -395,7 +395,9 @@ class Flusher:
                     flags |= RWEvent.IN_PROGRESS
                 if last_run:
                     flags |= RWEvent.CONTINUOUS_FINISHED if whole else RWEvent.RANDOM_FINISHED
-                flags |= RWEvent.TIL_END if offset + length >= size else RWEvent.BEFORE_END
+                # A whole-file transfer runs to the end; a random run may stop before it.
+                til_end = whole or offset + length >= size
+                flags |= RWEvent.TIL_END if til_end else RWEvent.BEFORE_END
                 req = WriteData(
                     wc.file_id,
                     size,
@@ -426,7 +428,8 @@ class Flusher:
                     if done >= length:
                         break
                     continue
-                await self._cancel(wc, size, version, context, kind)
+                if not last_run:  # the backend holds a transfer that will not finish
+                    await self._cancel(wc, size, version, context, kind)
                 raise _Outcome(code, f"WriteData at {offset + done}: {code.name}")
             if last_run:
                 return req.new_version, sent
