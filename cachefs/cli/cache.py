@@ -101,7 +101,7 @@ def add_cache_commands(add: AddCommand) -> None:
     add_data.set_defaults(run=cmd_add_data)
 
 
-def _by_mount(paths: list[str]) -> dict[MountEntry, list[str]]:
+def by_mount(paths: list[str]) -> dict[MountEntry, list[str]]:
     """The file ids of *paths* (symlinks resolved), grouped by the mount holding them."""
     by_mount: dict[MountEntry, list[str]] = {}
     for path in paths:
@@ -114,7 +114,7 @@ def _by_mount(paths: list[str]) -> dict[MountEntry, list[str]]:
 def _whole_files(args: argparse.Namespace, verb_past: str) -> int:
     """prefetch and pin: progress on a terminal, a summary, the failures; exit 1 on any."""
     status = 0
-    for entry, file_ids in _by_mount(args.paths).items():
+    for entry, file_ids in by_mount(args.paths).items():
         bar = ProgressBar(args.command, sys.stderr) if sys.stderr.isatty() else None
         started = time.monotonic()
         try:
@@ -143,7 +143,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_unpin(args: argparse.Namespace) -> int:
-    for entry, file_ids in _by_mount(args.paths).items():
+    for entry, file_ids in by_mount(args.paths).items():
         result = request(entry, Unpin(tuple(file_ids)))
         n = len(result["unpinned"])
         print(f"unpinned {n} file{'s' * (n != 1)}")
@@ -155,7 +155,7 @@ def cmd_unpin(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    for entry, file_ids in _by_mount(args.paths).items():
+    for entry, file_ids in by_mount(args.paths).items():
         result = request(entry, Purge(tuple(file_ids)))
         n, kept = result["purged"], len(result["pinned"])
         line = f"purged {n} file{'s' * (n != 1)}, freed {format_size(result['freed'])}"

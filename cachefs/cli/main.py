@@ -1,12 +1,13 @@
-"""The ``cachefs`` command: mount, unmount, the cache commands, stats and the resets.
+"""The ``cachefs`` command: mount, unmount, the cache commands, flush, stats and the resets.
 
 Every error a user can cause ends as one line, ``cachefs: error: ...``, on
 stderr and the error's exit code (2 for bad input); a traceback appears only
 with ``--log-level debug``.  The commands are declared by family: mount and
 publish in cachefs.cli.mount, the cache commands in cachefs.cli.cache,
-unmount, stats and the resets in cachefs.cli.running; the options they share
-in cachefs.cli.options.  Output cut short by its reader (``| head``) ends
-the command quietly, with 141 as a shell would give it.
+flush in cachefs.cli.flushing, unmount, stats and the resets in
+cachefs.cli.running; the options they share in cachefs.cli.options.
+Output cut short by its reader (``| head``) ends the command quietly,
+with 141 as a shell would give it.
 """
 
 from __future__ import annotations

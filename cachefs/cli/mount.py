@@ -24,6 +24,7 @@ from cachefs.cli.options import (
     MAX_FETCHES,
     MAX_READAHEAD_KB,
     MAX_RETRIES,
+    MAX_TIMEOUT,
     MAX_TTL,
     AddCommand,
     block_size,
@@ -54,6 +55,8 @@ from cachefs.units import format_size
 
 READY_TIMEOUT = 60.0
 DEFAULTS = CacheConfig()
+#: The least --max-dirty: room for the largest write the kernel sends, and then some.
+MIN_MAX_DIRTY = 1 << 20
 
 
 def _throttle(text: str) -> str:
@@ -64,8 +67,9 @@ def add_mount(add: AddCommand) -> None:
     mount = add(
         "mount",
         "mount SOURCE on MOUNTPOINT",
-        "Mount SOURCE (a directory, file:///abs/path or s3://BUCKET[/PREFIX]) read-only "
-        "on MOUNTPOINT. "
+        "Mount SOURCE (a directory, file:///abs/path or s3://BUCKET[/PREFIX]) on "
+        "MOUNTPOINT, read-write where SOURCE can be written (read-only with --read-only, "
+        "or over an encrypted cache). "
         "Returns once the mount is ready, or with the reason it failed; "
         "the daemon logs to cachefs.log in the cache dir.",
     )
@@ -217,9 +221,57 @@ def add_mount(add: AddCommand) -> None:
         help=f"kernel readahead of the mount in KiB, 0 to {MAX_READAHEAD_KB} (default: 1024)",
     )
     option("--foreground", action="store_true", help="serve in this process, logging to stderr")
+    _write_options(mount)
     s3options.add_arguments(mount)
     _group_options(mount)
     mount.set_defaults(run=cmd_mount)
+
+
+def _write_options(parser: argparse.ArgumentParser) -> None:
+    writes = parser.add_argument_group(
+        "Changes",
+        "A change lands in the cache dir first (a write returns once it is there) and is "
+        "sent to SOURCE later: --write-back-delay seconds after the last process that "
+        "changed a file closed it, at once on fsync (which returns when SOURCE has it), "
+        "`cachefs flush PATH` and `cachefs unmount` (unless --keep-dirty). Every reader of "
+        "the mount sees a change at once. While SOURCE is offline, changes keep landing in "
+        "the cache and are sent once it is back (`cachefs reset-external-error`); what is "
+        "not sent when the mount ends waits in the cache dir and is sent by the next mount "
+        "of it (after a crash too: at least all that fsync acknowledged). A file changed in "
+        "SOURCE meanwhile is never overwritten: the changes made here go to "
+        "NAME.conflict-<UTC time> beside it. "
+        "`cachefs stats` shows the changes not yet sent.",
+    )
+    writes.add_argument(
+        "--read-only",
+        action="store_true",
+        help="take no change: every write, create, delete or rename fails with EROFS "
+        "(read-only file system), and nothing is sent to SOURCE",
+    )
+    writes.add_argument(
+        "--write-back-delay",
+        metavar="SECONDS",
+        type=number(float, 0, MAX_TIMEOUT),
+        default=DEFAULTS.write_back_delay,
+        help="how long after a changed file was last closed it is sent to SOURCE, 0 to "
+        f"{MAX_TIMEOUT}; 0: when it is closed, and close waits until SOURCE has it "
+        f"(default: {DEFAULTS.write_back_delay:g})",
+    )
+    writes.add_argument(
+        "--max-dirty",
+        metavar="SIZE",
+        type=_max_dirty,
+        help="most bytes of changes not yet sent to SOURCE, at least 1M and at most "
+        "--cache-size; above it, writers wait while changed files are sent (ENOSPC only if "
+        "none can be) (default: half the cache size)",
+    )
+
+
+def _max_dirty(text: str) -> int:
+    value = size(text)
+    if value < MIN_MAX_DIRTY:
+        raise argparse.ArgumentTypeError(f"must be at least 1M, not {text!r}")
+    return value
 
 
 def _group_options(parser: argparse.ArgumentParser) -> None:
@@ -320,6 +372,11 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
             f"--cache-size {format_size(args.cache_size)} is smaller than one cache block "
             f"({format_size(block_size)})"
         )
+    if args.cache_size is not None and (args.max_dirty or 0) > args.cache_size:
+        raise ConfigError(
+            f"--max-dirty {format_size(args.max_dirty)} is more than --cache-size "
+            f"{format_size(args.cache_size)}: changes not yet sent are kept in the cache"
+        )
     source = normalize_source(args.source)
     backend_options = s3options.from_args(args, source)
     cache_dir = Path(
@@ -350,6 +407,9 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         min_free=min_free,
         max_readahead=args.max_readahead,
         max_fetches=args.max_fetches,
+        read_only=args.read_only,
+        write_back_delay=args.write_back_delay,
+        max_dirty=args.max_dirty,
     )
     config.validate()
     mountpoint = Path(os.path.realpath(args.mountpoint))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from cachefs.cli.cache import add_cache_commands
+from cachefs.cli.flushing import add_flush
 from cachefs.cli.group import add_group_commands
 from cachefs.cli.mount import add_mount, add_publish
 from cachefs.cli.options import Parser, common_options
@@ -17,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = Parser(
         prog="cachefs",
-        description="A read-only FUSE file system that serves a source (a directory, "
-        "file:///path, s3://bucket/prefix) through a persistent block cache.",
+        description="A FUSE file system that serves a source (a directory, "
+        "file:///path, s3://bucket/prefix) through a persistent block cache, and writes "
+        "changes back to it.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mount(add)
     add_unmount(add)
     add_cache_commands(add)
+    add_flush(add)
     add_stats_and_resets(add)
     add_publish(add)
     add_group_commands(add)

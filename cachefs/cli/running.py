@@ -4,6 +4,12 @@ A PATH names its mount (found in /proc/self/mountinfo, no request to the
 file system) and a file id within it; the mount is asked through its
 control socket with the protocol's typed requests; errors are raised as
 CacheFSError for the command line to print as one line.
+
+``unmount`` has the mount flush its changed files first (reported as
+``cachefs flush`` reports, cachefs.cli.flushing), unless --keep-dirty:
+it exits with 1 when a changed file did not reach the source as the
+mount showed it, 0 otherwise, and the mount is gone either way.  The
+files not sent stay in the cache dir for the next mount of it.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import logging
 import os
 import pwd
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from cachefs.cli.flushing import progress_bar, report_flush
 from cachefs.cli.options import MAX_TIMEOUT, AddCommand, non_empty, number, paths_argument
 from cachefs.control.client import request
 from cachefs.control.mounts import (
@@ -29,7 +37,13 @@ from cachefs.control.mounts import (
     mount_at,
     wait_for_exit,
 )
-from cachefs.control.protocol import ResetExternalError, ResetFileErrors, Stats, Unmount
+from cachefs.control.protocol import (
+    ResetExternalError,
+    ResetFileErrors,
+    Stats,
+    Unmount,
+    UnmountReply,
+)
 from cachefs.daemon.tuning import abort_connection
 from cachefs.errors import CacheFSError, MountBusy, MountUnreachable, NotInMount
 from cachefs.units import format_size
@@ -41,8 +55,13 @@ def add_unmount(add: AddCommand) -> None:
     unmount = add(
         "unmount",
         "unmount a cachefs mount cleanly",
-        "Ask the mount's daemon to unmount, commit the cache metadata and exit; "
-        "returns when it has. A daemon that does not answer within 5 s (stopped, hung "
+        "Ask the mount's daemon to send every changed file to the source (a progress bar on "
+        "a terminal, then a summary line), unmount, commit the cache metadata and exit; "
+        "returns when it has. A changed file that cannot be sent (the source offline, or "
+        "refusing it) or that ran into a conflict is named on stderr and the exit code is 1, "
+        "but the mount is gone either way: such a file stays in the cache dir, and the next "
+        "mount of that cache dir flushes it. Interrupted (Ctrl-C) while it flushes, the "
+        "mount stays as it was. A daemon that does not answer within 5 s (stopped, hung "
         "or gone) or does not exit in time has its FUSE connection aborted, so processes "
         "blocked on the mount get an error at once; the mount is detached and the daemon "
         "told to exit.",
@@ -53,8 +72,14 @@ def add_unmount(add: AddCommand) -> None:
         metavar="SECONDS",
         type=number(float, 0, MAX_TIMEOUT),
         default=30.0,
-        help="how long to wait for the daemon to exit before aborting its connection and "
-        f"detaching the mount, 0 to {MAX_TIMEOUT} (default: 30)",
+        help="how long to wait for the daemon to exit, once it has flushed, before aborting "
+        f"its connection and detaching the mount, 0 to {MAX_TIMEOUT} (default: 30)",
+    )
+    unmount.add_argument(
+        "--keep-dirty",
+        action="store_true",
+        help="unmount at once, without sending the changed files to the source: they stay in "
+        "the cache dir, and the next mount of that cache dir sends them",
     )
     unmount.set_defaults(run=cmd_unmount)
 
@@ -65,7 +90,9 @@ def add_stats_and_resets(add: AddCommand) -> None:
         "show a mount's counters",
         "Show the counters of the mount containing PATH: backend calls and bytes, cache hits "
         "and misses, hit ratio, cached, pinned and evicted bytes, the cache limit and free "
-        "space floor, latched file errors and the external error; for a mount in a group, "
+        "space floor, latched file errors and the external error; changes: whether the mount "
+        "is read-only (and why), changed files and bytes not yet sent to the source, "
+        "flushes, WriteData calls, conflicts and failed flushes; for a mount in a group, "
         "bytes from the origin and from the hosted cache, the hosted cache's hits, misses, "
         "offers and uploads, rejected blocks and records, and each group pin's progress.",
     )
@@ -75,10 +102,11 @@ def add_stats_and_resets(add: AddCommand) -> None:
 
     reset_files = add(
         "reset-file-errors",
-        "serve files again after FILE_FAILURE or an early end of file",
+        "read or flush files again after FILE_FAILURE, forget early ends of file",
         "Lift the FILE_FAILURE latch of each PATH (a directory: of every file below it; "
-        "the mount point: of all files), so reads ask the source again, and forget where "
-        "a RANGE_BEYOND_EOF answer said such a file ends (the zeros cached for it go).",
+        "the mount point: of all files), so reads ask the source again and a changed file "
+        "the source refused is sent again now, and forget where a RANGE_BEYOND_EOF answer "
+        "said such a file ends (the zeros cached for it go).",
     )
     paths_argument(reset_files)
     reset_files.set_defaults(run=cmd_reset_file_errors)
@@ -87,7 +115,8 @@ def add_stats_and_resets(add: AddCommand) -> None:
         "reset-external-error",
         "use the source again after PERMANENT_FAILURE",
         "Lift the PERMANENT_FAILURE latch of the mount containing PATH: reads that miss the "
-        "cache ask the source again.",
+        "cache ask the source again, and the changes made while it was offline are sent "
+        "to it now.",
     )
     reset_external.add_argument(
         "path", metavar="PATH", type=non_empty, help="any path inside the mount"
@@ -113,16 +142,43 @@ def cmd_unmount(args: argparse.Namespace) -> int:
             f"permission denied: the mount at {entry.mountpoint} is {_user(entry.owner)}'s; "
             "only its owner and root may unmount it"
         )
-    deadline = time.monotonic() + args.timeout
+    started = time.monotonic()
     try:
-        pid = _ask_to_unmount(entry)
+        reply = _ask_to_unmount(entry, args.keep_dirty)
     except MountUnreachable as e:
-        return _force_unmount(entry, str(e), deadline)
-    if wait_for_exit(pid, max(0.0, deadline - time.monotonic())):
-        return 0
-    return _force_unmount(
-        entry, f"the daemon (pid {pid}) did not exit within {args.timeout:g} s", deadline, pid
-    )
+        return _force_unmount(entry, str(e), time.monotonic() + args.timeout)
+    status = _report_unmount(entry, reply, args.keep_dirty, time.monotonic() - started)
+    pid = reply["pid"]
+    if wait_for_exit(pid, args.timeout):
+        return status
+    why = f"the daemon (pid {pid}) did not exit within {args.timeout:g} s"
+    return max(status, _force_unmount(entry, why, time.monotonic(), pid))
+
+
+def _report_unmount(
+    entry: MountEntry, reply: UnmountReply, keep_dirty: bool, seconds: float
+) -> int:
+    """Print what the daemon flushed and what it leaves in the cache dir;
+    1 if a changed file did not reach the source as it is (see cli.flushing)."""
+    status = 0
+    flush = reply.get("flush")
+    if flush is not None and (flush["flushed"] or flush["failed"] or flush["conflicts"]):
+        status = report_flush(entry.mountpoint, flush, seconds)
+    kept = reply.get("kept", 0)
+    if kept:
+        where = entry.cache_dir or "the cache dir"
+        files = f"{kept} changed file{'s' * (kept != 1)}"
+        if keep_dirty:
+            print(f"{files} left in {where}: the next mount of it sends them to the source")
+        else:
+            print(
+                f"cachefs: warning: {files} not sent to the source "
+                f"{'stays' if kept == 1 else 'stay'} in {where}: "
+                "the next mount of it that can write sends them (one the source refused "
+                "once `cachefs reset-file-errors` is run on it)",
+                file=sys.stderr,
+            )
+    return status
 
 
 def _user(uid: int) -> str:
@@ -149,14 +205,20 @@ def _daemon_of(entry: MountEntry) -> int | None:
     return pid
 
 
-def _ask_to_unmount(entry: MountEntry) -> int:
-    """Ask the daemon to unmount; its pid.  MountUnreachable if it cannot be asked.
+def _ask_to_unmount(entry: MountEntry, keep_dirty: bool) -> UnmountReply:
+    """Ask the daemon to flush (unless *keep_dirty*) and unmount; its answer.
+    MountUnreachable if it cannot be asked.
 
-    A mount busy with other requests is asked by SIGTERM, which stops it as
-    the request does (its reserved control places are all taken too).
+    The flush may take long: the daemon is waited for as long as it
+    reports progress.  A mount busy with other requests is asked by
+    SIGTERM, which stops it as the request does (its reserved control
+    places are all taken too), flushing for a while on its way out.
     """
+    bar = progress_bar()
     try:
-        return request(entry, Unmount(), timeout=ANSWER_DEADLINE)["pid"]
+        on_progress = bar.update if bar is not None else None
+        unmount = Unmount(keep_dirty=keep_dirty)
+        return request(entry, unmount, timeout=ANSWER_DEADLINE, on_progress=on_progress)
     except MountBusy:
         pid = _daemon_of(entry)
         if pid is None:
@@ -166,7 +228,10 @@ def _ask_to_unmount(entry: MountEntry) -> int:
         except ProcessLookupError:
             raise MountUnreachable(f"the mount at {entry.mountpoint} has no daemon") from None
         log.info("the mount is busy: asked its daemon (pid %d) to unmount by SIGTERM", pid)
-        return pid
+        return {"pid": pid}
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _force_unmount(entry: MountEntry, why: str, deadline: float, asked: int | None = None) -> int:
@@ -221,13 +286,27 @@ _STATS_ROWS = (
     ("files in error", "files_in_error", str),
     ("external error", "external_error", lambda v: v or "none"),
     ("cache disk error", "cache_disk_error", lambda v: v or "none"),
+    ("read-only", "read_only", lambda v: "yes" if v else "no"),
+    ("write-back delay", "write_back_delay", lambda v: f"{v:g} s"),
+    ("max dirty", "max_dirty", format_size),
+    ("dirty files", "dirty_files", str),
+    ("dirty", "dirty_bytes", format_size),
+    ("flushing", "flushing_files", str),
+    ("flushed files", "flushed_files", str),
+    ("flushed", "flushed_bytes", format_size),
+    ("WriteData calls", "write_data_calls", str),
+    ("write failures", "write_failures", str),
+    ("write conflicts", "write_conflicts", str),
 )
 
 
 def format_stats(stats: dict[str, Any]) -> str:
     """The human-readable table of ``cachefs stats``."""
     rows = [(label, fmt(stats[key])) for label, key, fmt in _STATS_ROWS if key in stats]
-    shown = {key for _, key, _ in _STATS_ROWS} | {"file_errors", "short_files"}
+    reason = stats.get("read_only_reason")
+    if stats.get("read_only") and reason:
+        rows = [(lb, f"yes: {reason}" if lb == "read-only" else v) for lb, v in rows]
+    shown = {key for _, key, _ in _STATS_ROWS} | {"file_errors", "short_files", "read_only_reason"}
     rows += [
         (key.replace("_", " "), str(value))
         for key, value in sorted(stats.items())
@@ -235,6 +314,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     ]
     rows += [("  in error", file_id) for file_id in stats.get("file_errors", [])]
     rows += [("  ends early", file_id) for file_id in stats.get("short_files", [])]
+    rows += [("  not flushed", file_id) for file_id in stats.get("latched_writes", [])]
     group = stats.get("group")
     if isinstance(group, dict):
         rows += _group_rows(group, stats.get("bytes_from_backend"))
@@ -312,10 +392,18 @@ def cmd_reset_file_errors(args: argparse.Namespace) -> int:
         for file_id in reset:
             print(f"reset {entry.mountpoint / file_id}")
         if not reset:
-            print(f"no latched file errors or early ends of file under {', '.join(args.paths)}")
+            print(
+                "no latched file errors (failed reads, flushes the source refused) or early "
+                f"ends of file under {', '.join(args.paths)}"
+            )
     return 0
 
 
 def cmd_reset_external_error(args: argparse.Namespace) -> int:
-    request(find_mount(args.path), ResetExternalError())
+    entry = find_mount(args.path)
+    request(entry, ResetExternalError())
+    print(
+        f"the source of {entry.mountpoint} is used again: reads ask it, and changed files "
+        "waiting for it are sent now"
+    )
     return 0

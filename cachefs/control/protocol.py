@@ -3,7 +3,8 @@
 A client sends one JSON object per line, ``{"command": NAME, ...}``; the
 mount answers each with one line, ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": MESSAGE, "exit_code": N}``.  A long request (a
-prefetch) may first send any number of ``{"progress": {...}}`` lines.
+prefetch, a flush, an unmount flushing changed files) may first send any
+number of ``{"progress": {...}}`` lines.
 
 A line that is not such an object (not UTF-8, not JSON, NaN or a number
 beyond 64 bits, arrays and objects nested deeper than MAX_DEPTH, longer
@@ -89,6 +90,7 @@ _ARGUMENTS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "offset": ("an integer", lambda v: type(v) is int),
     "data": ("a string", lambda v: isinstance(v, str)),
     "trust": ("true or false", lambda v: isinstance(v, bool)),
+    "keep_dirty": ("true or false", lambda v: isinstance(v, bool)),
 }
 
 
@@ -213,8 +215,39 @@ class AddDataReply(TypedDict):
     pending: int
 
 
-class UnmountReply(TypedDict):
+class FlushFailure(TypedDict):
+    """One changed file a flush could not send: it stays in the cache dir."""
+
+    file: str
+    error: str
+
+
+class Conflict(TypedDict):
+    """A changed file whose source changed meanwhile: the changes went to *copy*."""
+
+    file: str
+    copy: str
+
+
+class FlushReply(TypedDict):
+    """What a flush did: *flushed* files of *bytes* in all reached the source."""
+
+    flushed: int
+    bytes: int
+    failed: list[FlushFailure]
+    conflicts: list[Conflict]
+
+
+class _Unmounted(TypedDict):
     pid: int
+
+
+class UnmountReply(_Unmounted, total=False):
+    """The daemon to wait for; what its flush did (none with keep_dirty), and
+    how many changed files stay in the cache dir for the next mount."""
+
+    flush: FlushReply
+    kept: int
 
 
 #: The counters of a mount, by name (the engine's statistics and the mount's own).
@@ -268,10 +301,16 @@ class Stats(Request[StatsReply]):
 
 @dataclass(frozen=True, slots=True)
 class Unmount(Request[UnmountReply]):
-    """Unmount and exit; the answer names the daemon, to wait for its exit."""
+    """Flush every changed file (progress lines meanwhile), unless *keep_dirty*,
+    then unmount and exit; the answer names the daemon, to wait for its exit."""
 
     command: ClassVar[str] = "unmount"
     returns: ClassVar[Any] = UnmountReply
+
+    keep_dirty: bool = False
+
+    def arguments(self) -> Message:
+        return {"keep_dirty": True} if self.keep_dirty else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +354,14 @@ class Purge(_Files[PurgeReply]):
 
 
 @dataclass(frozen=True, slots=True)
+class Flush(_Files[FlushReply]):
+    """Send the changes below each file id to the source now."""
+
+    command: ClassVar[str] = "flush"
+    returns: ClassVar[Any] = FlushReply
+
+
+@dataclass(frozen=True, slots=True)
 class ResetFileErrors(_Files[list[str]]):
     """Answered with the file ids reset."""
 
@@ -345,17 +392,16 @@ class AddData(Request[AddDataReply]):
 
 MountRequest = (
     Stats | Unmount | ResetExternalError | Prefetch | Pin | Unpin | Purge | ResetFileErrors
-) | AddData
+) | (Flush | AddData)
 
 #: What a connection in a reserved place may ask: commands answered at once,
-#: from memory, so that a busy mount can still be inspected and stopped.
+#: from memory (an unmount once it has flushed the changed files), so that a
+#: busy mount can still be inspected and stopped.
 RESERVED_COMMANDS = frozenset({Stats.command, Unmount.command})
 
-_PLAIN: dict[str, Callable[[], MountRequest]] = {
-    r.command: r for r in (Stats, Unmount, ResetExternalError)
-}
+_PLAIN: dict[str, Callable[[], MountRequest]] = {r.command: r for r in (Stats, ResetExternalError)}
 _ON_FILES: dict[str, Callable[[tuple[str, ...]], MountRequest]] = {
-    r.command: r for r in (Prefetch, Pin, Unpin, Purge, ResetFileErrors)
+    r.command: r for r in (Prefetch, Pin, Unpin, Purge, Flush, ResetFileErrors)
 }
 
 
@@ -365,6 +411,8 @@ def decode_request(message: Message) -> MountRequest:
     command = message["command"]
     if command in _PLAIN:
         return _PLAIN[command]()
+    if command == Unmount.command:
+        return Unmount(keep_dirty=message.get("keep_dirty") is True)
     if command in _ON_FILES:
         file_ids = message.get("file_ids")
         if not isinstance(file_ids, list) or not _conforms(file_ids, list[str]):

@@ -13,6 +13,19 @@ Policy:
   pinned) when they would not fit under the cache limit together.
 * ``unpin`` and ``purge`` act on what the cache holds, without asking the
   source: they work while the source is offline.
+* ``flush`` sends the changed files at or below each file id now (those
+  a flush turns into a conflict copy: that copy too), progress as for
+  ``prefetch``; a read-only mount refuses it (ReadOnly).  A file that
+  cannot be sent stays changed in the cache dir and is named in the
+  answer, as is every conflict.
+* ``unmount`` flushes every changed file the same way, then stops the
+  mount (a read-only one flushes nothing: its changes wait for a
+  writable mount); with ``keep_dirty`` it stops at once and the changes
+  stay in the cache dir for the next mount (the daemon does not flush
+  them on its way out either).  A client that leaves during the flush
+  cancels it: the mount stays.
+* Files latched because the source refused their flush are files in error
+  too: ``stats`` counts them there, ``reset-file-errors`` lifts them.
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ from cachefs.control.protocol import (
     AddData,
     AddDataReply,
     Failure,
+    Flush,
+    FlushFailure,
+    FlushReply,
     Message,
     Pin,
     Prefetch,
@@ -49,8 +65,10 @@ from cachefs.control.protocol import (
     decode_request,
 )
 from cachefs.control.server import Progress
+from cachefs.daemon.flushes import changed_files, flush_files
 from cachefs.engine import FileCache
-from cachefs.errors import CacheFSError, NotFound, PinLimitExceeded
+from cachefs.engine.miss.fetch import first_error
+from cachefs.errors import CacheFSError, NotFound, PinLimitExceeded, ReadOnly
 from cachefs.fs.inodes import Namespace, child_id
 from cachefs.units import format_size
 
@@ -98,13 +116,17 @@ class ControlCommands:
         stop: Callable[[], None],
         invalidate: Callable[[str], None],
         member: Member | None = None,
+        keep_dirty: Callable[[], None] = lambda: None,
     ) -> None:
+        """*stop* ends the mount; *keep_dirty*, called before it by an unmount
+        that keeps the changes, tells the daemon not to flush them on its way out."""
         self._cache = cache
         self._member = member
         self._namespace = namespace
         self._source = source
         self._mountpoint = mountpoint
         self._stop = stop
+        self._keep_dirty = keep_dirty
         self._invalidate = invalidate
         self._fetch_limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
 
@@ -124,13 +146,15 @@ class ControlCommands:
                 return await self.purge(file_ids)
             case AddData():
                 return await self.add_data(request)
+            case Flush(file_ids):
+                return await self.flush(file_ids, progress)
             case ResetFileErrors(file_ids):
                 return await self.reset_file_errors(file_ids)
             case ResetExternalError():
                 await self.reset_external_error()
                 return None
-            case Unmount():
-                return await self.unmount()
+            case Unmount(keep_dirty):
+                return await self.unmount(keep_dirty, progress)
             case _:
                 assert_never(request)
 
@@ -138,8 +162,25 @@ class ControlCommands:
 
     async def stats(self) -> StatsReply:
         cache = self._cache
+        statistics = cache.statistics()
+        writes = cache.write_statistics()
+        in_error = {*statistics["file_errors"], *writes.latched}
         return {
-            **cache.statistics(),
+            **statistics,
+            "files_in_error": len(in_error),
+            "dirty_files": writes.dirty_files,
+            "dirty_bytes": writes.dirty_bytes,
+            "flushing_files": writes.flushing,
+            "flushed_files": writes.flushed_files,
+            "flushed_bytes": writes.flushed_bytes,
+            "write_conflicts": writes.conflicts,
+            "write_failures": writes.write_failures,
+            "write_data_calls": writes.write_data_calls,
+            "latched_writes": writes.latched,
+            "max_dirty": writes.max_dirty,
+            "write_back_delay": writes.write_back_delay,
+            "read_only": writes.read_only,
+            "read_only_reason": cache.read_only_reason,
             "pinned_files": len(cache.pinned()),
             "max_readahead": cache.config.max_readahead,
             "max_fetches": cache.config.max_fetches,
@@ -151,12 +192,15 @@ class ControlCommands:
         }
 
     async def reset_file_errors(self, file_ids: tuple[str, ...]) -> list[str]:
-        """Reset the latched and the short files below the given file ids."""
+        """Reset the latched and the short files below the given file ids:
+        latched by a read, or by a flush the source refused (then flushed again)."""
+        cache = self._cache
         if "" in file_ids:
-            reset = await self._cache.reset_file_errors(None)
+            reset = await cache.reset_file_errors(None)
         else:
-            known = {*self._cache.file_errors(), *self._cache.short_files()}
-            reset = await self._cache.reset_file_errors(set(_below(file_ids, known)))
+            latched = cache.write_statistics().latched
+            known = {*cache.file_errors(), *cache.short_files(), *latched}
+            reset = await cache.reset_file_errors(set(_below(file_ids, known)))
         for file_id in reset:
             self._invalidate(file_id)  # the kernel's pages of the zeros go too
         return reset
@@ -176,10 +220,32 @@ class ControlCommands:
     async def reset_external_error(self) -> None:
         await self._cache.reset_external_error()
 
-    async def unmount(self) -> UnmountReply:
-        log.info("unmount requested")
+    async def unmount(self, keep_dirty: bool, progress: Progress) -> UnmountReply:
+        """Flush the changed files (unless *keep_dirty*), then stop the mount,
+        whatever the flush did.  ``kept``: the changed files left in the cache
+        dir (the daemon tries those that failed once more on its way out, and
+        flushes those changed meanwhile)."""
+        cache = self._cache
+        reply: UnmountReply = {"pid": os.getpid()}
+        if keep_dirty or not cache.writable:  # read-only: changes wait for a writable mount
+            log.info("unmount requested; changed files are kept for the next mount")
+            self._keep_dirty()
+            reply["kept"] = cache.write_statistics().dirty_files
+        else:
+            log.info("unmount requested")
+            try:
+                flushed = await flush_files(cache, changed_files(cache), progress)
+                kept = len(flushed["failed"])
+            except Exception as e:  # the unmount happens all the same
+                log.exception("flushing before the unmount failed")
+                cause = first_error(e) if isinstance(e, ExceptionGroup) else e
+                failure: FlushFailure = {"file": "", "error": f"flushing failed: {cause}"}
+                flushed = {"flushed": 0, "bytes": 0, "failed": [failure], "conflicts": []}
+                kept = cache.write_statistics().dirty_files
+            reply["flush"] = flushed
+            reply["kept"] = kept
         self._stop()
-        return {"pid": os.getpid()}
+        return reply
 
     async def unpin(self, file_ids: tuple[str, ...]) -> UnpinReply:
         """Unpin every pinned file below the given file ids."""
@@ -211,6 +277,20 @@ class ControlCommands:
                 freed += n
                 self._invalidate(file_id)  # the kernel's pages of it go too
         return {"purged": len(purged), "freed": freed, "pinned": kept, "in_use": in_use}
+
+    # -- flushing changed files ---------------------------------------------------
+
+    async def flush(self, file_ids: tuple[str, ...], progress: Progress) -> FlushReply:
+        """Flush every changed file at or below the given file ids; ReadOnly
+        on a mount that takes no changes."""
+        cache = self._cache
+        if not cache.writable:
+            reason = cache.read_only_reason or "the mount is read-only"
+            raise ReadOnly(f"nothing can be flushed: {reason}")
+        changed = changed_files(cache)
+        return await flush_files(
+            cache, changed if "" in file_ids else _below(file_ids, changed), progress
+        )
 
     # -- whole files --------------------------------------------------------------
 

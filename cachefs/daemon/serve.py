@@ -3,7 +3,11 @@
 ``serve_mount`` runs a mount in this process until it is unmounted (by
 ``cachefs unmount``, SIGTERM/SIGINT/SIGHUP, or ``fusermount3 -u``); on every
 way out the FUSE session is closed, the engine commits its metadata and the
-backend is closed.  ``cachefs.daemon.spawn`` runs the same thing as a
+backend is closed.  A clean way out flushes the changed files first, once
+the kernel has let go of the mount, for at most EXIT_FLUSH_DEADLINE
+seconds (``cachefs unmount`` flushed them already, unless --keep-dirty
+asked to leave them): what is left waits in the cache dir, and the next
+mount of it flushes it.  ``cachefs.daemon.spawn`` runs the same thing as a
 detached process.
 """
 
@@ -19,6 +23,7 @@ import trio
 
 from cachefs.contract import Backend
 from cachefs.daemon.checks import check_fuse, check_mountpoint
+from cachefs.daemon.flushes import flush_on_exit, log_left
 from cachefs.daemon.options import MountOptions
 from cachefs.daemon.sealedlog import NameTags, seal_log
 from cachefs.daemon.session import serve_fuse
@@ -33,6 +38,8 @@ from cachefs.registry import open_backend, open_blob_store, wrapper
 log = logging.getLogger(__name__)
 
 LOG_NAME = "cachefs.log"
+#: How long a daemon on its way out flushes changed files before it closes the cache.
+EXIT_FLUSH_DEADLINE = 60.0
 
 
 def run_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -> None:
@@ -102,7 +109,10 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
                 if cache.catalog.key is not None:
                     tags.use(cache.catalog.key.name_tag)
                 namespace = Namespace(cache)
-                await serve_fuse(opts, cache, namespace, invalidator, on_ready, member)
+                if await serve_fuse(opts, cache, namespace, invalidator, on_ready, member):
+                    await flush_on_exit(cache, EXIT_FLUSH_DEADLINE)
+                else:
+                    log_left(cache, "left for the next mount", logging.INFO)
             log.info("cache metadata committed")
     finally:
         with trio.CancelScope(shield=True):

@@ -1,4 +1,10 @@
-"""The FUSE session's life in the daemon: mounted, served, stopped gently, then by cancellation."""
+"""The FUSE session's life in the daemon: mounted, served, stopped gently, then by cancellation.
+
+However the session ends, the kernel is let go first; ``serve_fuse`` then
+says whether the daemon is to flush the changed files on its way out
+(cachefs.daemon.serve): always, unless ``cachefs unmount --keep-dirty``
+asked to leave them for the next mount.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +43,11 @@ class _Session:
         self._nursery = nursery
         self.fuse: fuse.Mounted | None = None
         self.stopping = False
+        #: The changed files are left in the cache dir, unflushed (unmount --keep-dirty).
+        self.keep_dirty = False
+
+    def keep_changes(self) -> None:
+        self.keep_dirty = True
 
     def serve(self, session: fuse.Mounted) -> None:
         self.fuse = session
@@ -74,7 +85,9 @@ async def serve_fuse(
     invalidator: KernelInvalidator,
     on_ready: Callable[[], None],
     member: Member | None = None,
-) -> None:
+) -> bool:
+    """Mount, serve until unmounted, let the kernel go; whether the changed
+    files are to be flushed now (False: kept for the next mount)."""
     mount_fs = fuse.transport(opts.fuse)
     mounted: fuse.Mounted | None = None
     try:
@@ -89,6 +102,7 @@ async def serve_fuse(
                 stop=session.stop,
                 invalidate=invalidator.drop_pages,
                 member=member,
+                keep_dirty=session.keep_changes,
             )
             # The control socket first: once the mount is visible, it answers.
             await nursery.start(serve_control, opts.cache_dir, commands)
@@ -120,11 +134,22 @@ async def serve_fuse(
                     member.serve, cache, opts.cache_dir, invalidator.forget_entry, described
                 )
             log.info("mounted %s on %s (cache %s)", opts.source, opts.mountpoint, opts.cache_dir)
+            if cache.read_only_reason is not None and not opts.config.read_only:
+                log.info("mounted read-only: %s", cache.read_only_reason)
+            limit = cache.space()[0]
+            if cache.writable and (opts.config.max_dirty or 0) > limit:
+                log.warning(
+                    "--max-dirty %d is more than the cache size (%d bytes): changes not yet"
+                    " flushed may fill the cache",
+                    opts.config.max_dirty,
+                    limit,
+                )
             on_ready()
     finally:
         if mounted is not None:
             mounted.close()
             log.info("unmounted %s", opts.mountpoint)
+    return not session.keep_dirty
 
 
 def _software() -> str:
