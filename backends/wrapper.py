@@ -20,23 +20,20 @@ from typing import Any
 
 from cachefs.contract import (
     Backend,
-    ChangeResult,
     ContentInfo,
     ContentInfoSource,
     DirEntry,
     FileAttrs,
+    PassesWrites,
     ReadData,
-    WritableBackend,
-    WriteCapability,
-    WriteData,
 )
 
 
-class Wrapper:
+class Wrapper(PassesWrites):
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         # Checked once: a backend's capabilities do not change while it is open.
-        self._writer = inner if isinstance(inner, WritableBackend) else None
+        self.pass_writes_to(inner)
 
     async def stat(self, file_id: str) -> FileAttrs | None:
         return await self.inner.stat(file_id)
@@ -76,39 +73,3 @@ class Wrapper:
         if call is None:
             raise NotImplementedError(f"{self.inner!r} cannot store content information")
         return call
-
-    # -- writes ------------------------------------------------------------------
-
-    @property
-    def write_capabilities(self) -> WriteCapability:
-        writer = self._writer
-        return writer.write_capabilities if writer is not None else WriteCapability(0)
-
-    def _writable(self) -> WritableBackend:
-        if self._writer is None:
-            raise NotImplementedError(f"{self.inner!r} is read-only: it cannot be written to")
-        return self._writer
-
-    async def write_data(self, req: WriteData) -> None:
-        await self._writable().write_data(req)
-
-    async def make_dir(self, dir_id: str, mode: int | None) -> ChangeResult:
-        return await self._writable().make_dir(dir_id, mode)
-
-    async def remove_file(self, file_id: str, version: str) -> ChangeResult:
-        return await self._writable().remove_file(file_id, version)
-
-    async def remove_dir(self, dir_id: str) -> ChangeResult:
-        return await self._writable().remove_dir(dir_id)
-
-    async def rename(self, old_id: str, new_id: str, replace: bool) -> ChangeResult:
-        return await self._writable().rename(old_id, new_id, replace)
-
-    async def set_size(self, file_id: str, size: int, version: str) -> ChangeResult:
-        return await self._writable().set_size(file_id, size, version)
-
-    async def set_attrs(self, file_id: str, mode: int | None, mtime: float | None) -> ChangeResult:
-        return await self._writable().set_attrs(file_id, mode, mtime)
-
-    async def make_symlink(self, file_id: str, target: str) -> ChangeResult:
-        return await self._writable().make_symlink(file_id, target)

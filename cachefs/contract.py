@@ -371,6 +371,54 @@ class WritableBackend(Protocol):
     async def make_symlink(self, file_id: str, target: str) -> ChangeResult: ...
 
 
+class PassesWrites:
+    """The WritableBackend calls of a backend that stands in front of another
+    (a wrapper): they go to *that* one when it is writable; otherwise its
+    ``write_capabilities`` are empty (what the cache goes by) and every call
+    raises NotImplementedError naming it.  Call :meth:`pass_writes_to` once."""
+
+    _writes_to: WritableBackend | None = None
+    _writes_name = ""
+
+    def pass_writes_to(self, backend: object) -> None:
+        self._writes_to = backend if isinstance(backend, WritableBackend) else None
+        self._writes_name = repr(backend)
+
+    @property
+    def write_capabilities(self) -> WriteCapability:
+        writer = self._writes_to
+        return writer.write_capabilities if writer is not None else WriteCapability(0)
+
+    def _writable(self) -> WritableBackend:
+        if self._writes_to is None:
+            raise NotImplementedError(f"{self._writes_name} is read-only: it cannot be written to")
+        return self._writes_to
+
+    async def write_data(self, req: WriteData) -> None:
+        await self._writable().write_data(req)
+
+    async def make_dir(self, dir_id: str, mode: int | None) -> ChangeResult:
+        return await self._writable().make_dir(dir_id, mode)
+
+    async def remove_file(self, file_id: str, version: str) -> ChangeResult:
+        return await self._writable().remove_file(file_id, version)
+
+    async def remove_dir(self, dir_id: str) -> ChangeResult:
+        return await self._writable().remove_dir(dir_id)
+
+    async def rename(self, old_id: str, new_id: str, replace: bool) -> ChangeResult:
+        return await self._writable().rename(old_id, new_id, replace)
+
+    async def set_size(self, file_id: str, size: int, version: str) -> ChangeResult:
+        return await self._writable().set_size(file_id, size, version)
+
+    async def set_attrs(self, file_id: str, mode: int | None, mtime: float | None) -> ChangeResult:
+        return await self._writable().set_attrs(file_id, mode, mtime)
+
+    async def make_symlink(self, file_id: str, target: str) -> ChangeResult:
+        return await self._writable().make_symlink(file_id, target)
+
+
 @runtime_checkable
 class BlobStore(Protocol):
     """A flat store of immutable objects by name (a hosted cache's blocks).

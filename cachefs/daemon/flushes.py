@@ -42,7 +42,7 @@ async def flush_files(cache: FileCache, file_ids: list[str], progress: Progress)
     """Flush *file_ids* (changed files) and the conflict copies they turn into."""
     if not file_ids:
         return {"flushed": 0, "bytes": 0, "failed": [], "conflicts": []}
-    sizes = {f: attrs.size if (attrs := cache.known_attrs(f)) else 0 for f in file_ids}
+    sizes = {f: attrs.size if (attrs := cache.shown_attrs(f)) else 0 for f in file_ids}
     report: WholeFilesProgress = {
         "scanning": False,
         "done": 0,

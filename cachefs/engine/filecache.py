@@ -161,11 +161,15 @@ class FileCache:
     def known_attrs(self, file_id: str) -> FileAttrs | None:
         """The attributes of the version of *file_id* the cache serves now,
         without asking the backend; None if it holds none."""
-        wc = self._writes.copies.get(file_id)
-        if wc is not None:
-            return wc.attrs
         cf = self.catalog.files.get(file_id)
         return None if cf is None else cf.attrs
+
+    def shown_attrs(self, file_id: str) -> FileAttrs | None:
+        """What the mount shows of *file_id* now without asking the backend:
+        its working copy's attributes while it is being changed, else
+        :meth:`known_attrs`."""
+        wc = self._writes.copies.get(file_id)
+        return wc.attrs if wc is not None else self.known_attrs(file_id)
 
     async def revalidate(self, file_id: str) -> FileAttrs:
         """Ask the backend for *file_id* now, whatever the TTL (a group member

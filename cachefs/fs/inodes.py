@@ -161,7 +161,7 @@ class Namespace:
         file, those of the version the engine knows now if it learned a newer
         one since the listing (a listing lives up to the TTL)."""
         if attrs.kind is FileKind.FILE:
-            known = self._cache.known_attrs(file_id)
+            known = self._cache.shown_attrs(file_id)
             if known is not None:
                 return known
         return attrs

@@ -45,6 +45,7 @@ from cachefs.contract import (
     ContentInfoSource,
     DirEntry,
     FileAttrs,
+    PassesWrites,
     ReadData,
     RWEvent,
     RWResult,
@@ -60,8 +61,9 @@ INFO_HASHES = 1 << 18  # block hashes of content information kept in memory, per
 _DATA = (RWResult.SUCCESS, RWResult.PARTIAL)
 
 
-class SharedBackend:
-    """*origin* with the hosted cache in front of it (see the module's policy)."""
+class SharedBackend(PassesWrites):
+    """*origin* with the hosted cache in front of it (see the module's policy).
+    Writes go to the origin as they are."""
 
     def __init__(
         self,
@@ -71,6 +73,7 @@ class SharedBackend:
         block_size: int,
     ) -> None:
         self.origin = origin
+        self.pass_writes_to(origin)
         self.hosted = hosted
         self.records = records
         self._bs = block_size

@@ -437,6 +437,20 @@ def test_a_version_change_reaches_members_whose_ttl_is_an_hour(rig: Rig) -> None
     assert all(group_stats(m)["versions_applied"] >= 1 for m in (b, c))
 
 
+def test_a_change_written_through_one_member_reaches_the_others_at_its_flush(rig: Rig) -> None:
+    old, new = os.urandom(MiB), os.urandom(MiB + 5)
+    rig.put("data.bin", old)
+    a = rig.mount(1, "--write-back-delay", "0")
+    b = rig.mount(2, "--ttl", "3600")
+    assert (b / "data.bin").read_bytes() == old
+    with open(a / "data.bin", "wb") as f:
+        f.write(new)  # closed: flushed before close returns (write-back delay 0)
+    got = rig.origin_server.admin.get_object(Bucket=rig.origin, Key="data.bin")["Body"].read()
+    assert got == new
+    wait_for("the change read where the TTL is an hour", partial(holds, b / "data.bin", new))
+    assert group_stats(a)["versions_published"] >= 1
+
+
 def node_mountpoints(rig: Rig) -> set[str]:
     """The mount points of the live nodes ``cachefs group status`` shows the administrator."""
     shown = json.loads(group_cli(rig.dirs[0], "status", GROUP, "--json"))

@@ -589,7 +589,7 @@ class FakeCache:
         self.fail: dict[str, Exception] = {}
         self.writable = False
 
-    def known_attrs(self, file_id: str) -> FileAttrs | None:
+    def shown_attrs(self, file_id: str) -> FileAttrs | None:
         return self.tree.get(file_id)
 
     async def getattr(self, file_id: str) -> FileAttrs:

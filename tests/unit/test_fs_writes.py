@@ -85,7 +85,7 @@ class FakeCache:
 
     # -- reading
 
-    def known_attrs(self, file_id: str) -> FileAttrs | None:
+    def shown_attrs(self, file_id: str) -> FileAttrs | None:
         return self.tree.get(file_id)
 
     async def getattr(self, file_id: str) -> FileAttrs:
