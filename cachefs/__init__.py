@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachefs.contract import (
     Backend,
+    ChangeResult,
     ContentInfo,
     ContentInfoSource,
     ContentInfoStore,
@@ -31,6 +32,9 @@ from cachefs.contract import (
     ReadData,
     RWEvent,
     RWResult,
+    WritableBackend,
+    WriteCapability,
+    WriteData,
 )
 from cachefs.errors import (
     AccessDenied,
@@ -61,6 +65,7 @@ __all__ = [
     "AccessDenied",
     "BadKey",
     "Backend",
+    "ChangeResult",
     "ContentInfo",
     "ContentInfoSource",
     "ContentInfoStore",
@@ -88,6 +93,9 @@ __all__ = [
     "RulesError",
     "RWEvent",
     "RWResult",
+    "WritableBackend",
+    "WriteCapability",
+    "WriteData",
     "SourceError",
     "StorageQuarantined",
     "TransientFailure",

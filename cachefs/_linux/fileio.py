@@ -24,14 +24,16 @@ _fallocate.restype = ctypes.c_int
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of *data* at *offset*, the range allocated first.
+def pwrite_all(fd: int, data: memoryview, offset: int, allocate: bool = True) -> None:
+    """Write all of *data* at *offset*, the range allocated first (*allocate*).
 
     Allocating first makes ext4 fill a sparse file several times cheaper in
     CPU; it is the space the write takes anyway.  Where it is not
-    supported, just write.
+    supported, just write.  A small write gains nothing from it: it costs a
+    syscall.
     """
-    _fallocate(fd, 0, offset, len(data))
+    if allocate:
+        _fallocate(fd, 0, offset, len(data))
     while data:
         n = os.pwrite(fd, data, offset)
         data = data[n:]

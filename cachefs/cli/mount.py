@@ -198,13 +198,15 @@ def add_mount(add: AddCommand) -> None:
         "--faults",
         metavar="FILE",
         type=non_empty,
-        help="inject read failures from a JSON rules file, re-read while mounted (testing)",
+        help="inject failures of reads, writes and name changes from a JSON rules file,"
+        " re-read while mounted (testing)",
     )
     option(
         "--trace",
         metavar="FILE",
         type=non_empty,
-        help="append one JSON line per backend ReadData call to FILE (testing, diagnosis)",
+        help="append one JSON line per backend ReadData and WriteData call and name change"
+        " to FILE (testing, diagnosis)",
     )
     option(
         "--throttle",

@@ -55,6 +55,8 @@ class Attributes:
         known = cf.attrs if cf is not None else cat.other.get(file_id, (None, 0))[0]
         if cat.external_error is not None:
             if known is None:
+                if file_id and self._absent_offline(file_id):
+                    raise NotFound(f"{file_id}: no such file or directory")
                 raise StorageQuarantined(
                     f"{file_id or '/'}: storage is offline: {cat.external_error}"
                 )
@@ -73,6 +75,20 @@ class Attributes:
             cat.forget(file_id)
             raise NotFound(f"{file_id or '/'}: no such file or directory")
         return cat.learn(file_id, attrs, trio.current_time())
+
+    def _absent_offline(self, file_id: str) -> bool:
+        """Offline, a name the cache knows nothing of in a directory it knows
+        is taken as absent (so that a new file can be made there; should the
+        source have one after all, the flush finds it: a conflict, both kept).
+        In a directory the cache does not know, it is unknown."""
+        parent, _, name = file_id.rpartition("/")
+        listing = self._listings.get(parent)
+        if listing is not None:
+            return all(e.name != name for e in listing)
+        if not parent:
+            return True
+        known = self._catalog.other.get(parent)
+        return known is not None and known[0].kind is FileKind.DIR
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         """The entries of *dir_id*; their attributes refresh what the cache knows.

@@ -253,6 +253,11 @@ class FileCache:
                     self._writes.opened(wc, False)
         return fh
 
+    def attrs_of(self, fh: OpenFile) -> FileAttrs:
+        """What the file *fh* reads is now: its working copy's size and time
+        (even once unlinked or renamed), or the version it was opened at."""
+        return fh.wc.attrs if fh.wc is not None else fh.attrs
+
     def has_working_copy(self, file_id: str) -> bool:
         """Whether *file_id* is being changed (never open it with passthrough)."""
         return file_id in self._writes.copies
@@ -393,9 +398,13 @@ class FileCache:
             raise ChangeRefused(f"{fh.file_id}: not open for writing", errno.EBADF)
         return await self._writes.write(fh.wc, offset, data)
 
-    async def set_size(self, file_id: str, size: int) -> FileAttrs:
-        """Cut or extend *file_id* to *size* bytes."""
-        wc = await self._writes.copy_of(file_id, truncate=size == 0)
+    async def set_size(self, file_id: str, size: int, fh: OpenFile | None = None) -> FileAttrs:
+        """Cut or extend *file_id* to *size* bytes; through *fh* (ftruncate),
+        the file that handle writes, whatever its name now."""
+        if fh is not None and fh.wc is not None and fh.writer:
+            wc = fh.wc
+        else:
+            wc = await self._writes.copy_of(file_id, truncate=size == 0)
         if wc.size == size:
             return wc.attrs
         return await self._writes.set_size(wc, size)

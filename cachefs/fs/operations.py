@@ -142,6 +142,9 @@ class Operations:
         self._handles = count(1)
         self._files: dict[int, OpenFile] = {}
         self._file_inodes: dict[int, int] = {}
+        # Inodes with handles open on a working copy: how many, and one of them.
+        self._copy_opens: dict[int, int] = {}
+        self._copy_handle: dict[int, OpenFile] = {}
         self._modes = OpenModes(kernel, cache)
         self._dirs: dict[int, _OpenDir] = {}
 
@@ -204,6 +207,11 @@ class Operations:
 
     @_handler
     async def getattr(self, inode: int) -> Entry:
+        handle = self._copy_handle.get(inode)
+        if handle is not None:
+            # Open on a working copy: the file those handles write, whatever
+            # its name has become (unlinked, renamed, replaced).
+            return self._entry(inode, self._cache.attrs_of(handle))
         node, attrs = await self._ns.getattr(inode)
         return self._entry(node.ino, attrs)
 
@@ -253,7 +261,9 @@ class Operations:
             if node.kind is not FileKind.FILE:
                 raise FUSEError(errno.EISDIR if node.kind is FileKind.DIR else errno.EINVAL)
             base = await self._version_of(node)
-            attrs = await self._cache.set_size(node.file_id, attr.size)
+            # ftruncate: the file of that handle, even unlinked or renamed since.
+            handle = None if attr.fh is None else self._files.get(attr.fh)
+            attrs = await self._cache.set_size(node.file_id, attr.size, handle)
             self._changed(node, base, attrs, content=True)
         mode = None if attr.mode is None else attr.mode & 0o7777
         if attr.mtime_now:
@@ -341,6 +351,9 @@ class Operations:
             raise
         self._files[fh] = handle
         self._file_inodes[fh] = ino
+        if handle.wc is not None:
+            self._copy_opens[ino] = self._copy_opens.get(ino, 0) + 1
+            self._copy_handle[ino] = handle
         if opened is not None:  # the kernel reads the cached file itself, or reads uncached
             return opened
         # Warm re-reads never reach us: an inode's pages are of its one version,
@@ -368,8 +381,17 @@ class Operations:
     @_handler
     async def release(self, fh: int) -> None:
         self._modes.released(fh)
-        self._ns.unbind(self._file_inodes.pop(fh))
-        await self._cache.close(self._files.pop(fh))
+        ino = self._file_inodes.pop(fh)
+        self._ns.unbind(ino)
+        handle = self._files.pop(fh)
+        if handle.wc is not None:
+            left = self._copy_opens.get(ino, 1) - 1
+            if left:
+                self._copy_opens[ino] = left
+            else:
+                self._copy_opens.pop(ino, None)
+                self._copy_handle.pop(ino, None)
+        await self._cache.close(handle)
 
     @_handler
     async def create(

@@ -290,3 +290,59 @@ async def test_a_read_only_mount_refuses_every_change(tmp_path):
                 await change()
         assert await read_all(cache, "f") == b"data"
     assert held(rig, "f") == b"data"
+
+
+async def test_a_flush_cut_short_midway_is_finished_whole_without_a_conflict(tmp_path, monkeypatch):
+    """The source took the first run of a random flush, then the engine stopped
+    (as under kill -9): the next engine sends the file whole against the
+    version that half-flush made, not a conflict copy and never a mix."""
+    old = os.urandom(8 * PAGE)
+    rig = Rig(tmp_path, {"f": old})
+    memory = rig.memory
+    real = type(memory).write_data
+    calls = 0
+    stuck = trio.Event()
+
+    async def second_call_never_returns(self: Any, req: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            stuck.set()
+            await trio.sleep_forever()
+        await real(self, req)
+
+    monkeypatch.setattr(type(memory), "write_data", second_call_never_returns)
+    async with rig.engine(write_back_delay=3600) as cache:
+        fh = await cache.open("f", write=True)
+        await cache.write(fh, 0, b"A" * 10)  # page 0
+        await cache.write(fh, 4 * PAGE, b"B" * 10)  # page 4: a second run
+        await cache.close(fh)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.flush_files)
+            await stuck.wait()
+            nursery.cancel_scope.cancel()  # the daemon goes away mid-flush
+    half = held(rig, "f")
+    assert half is not None and half[:10] == b"A" * 10  # the first run reached the source
+    assert half[4 * PAGE : 4 * PAGE + 10] != b"B" * 10  # the second did not
+    monkeypatch.setattr(type(memory), "write_data", real)
+    want = b"A" * 10 + old[10 : 4 * PAGE] + b"B" * 10 + old[4 * PAGE + 10 :]
+    async with rig.engine(write_back_delay=3600) as cache:
+        await cache.flush_files()
+        assert cache.write_statistics().conflicts == 0
+        names = [e.name for e in await cache.list_dir("")]
+    assert held(rig, "f") == want
+    assert names == ["f"]
+
+
+async def test_a_failure_on_the_first_change_leaves_a_later_conflict_a_conflict(tmp_path):
+    """A flush the source refused before changing anything does not make the
+    next one overwrite: a change made meanwhile in the source is kept."""
+    rig = Rig(tmp_path, {"f": b"base"})
+    rig.faults([{"op": "write", "file": "*", "result": "FAILURE", "count": 1}])
+    async with rig.engine(write_back_delay=3600) as cache:
+        await write_file(cache, "f", b"mine")
+        assert (await cache.flush_files()).failed
+        rig.memory.put("f", b"theirs")
+        await cache.flush_files()
+        assert cache.write_statistics().conflicts == 1
+    assert held(rig, "f") == b"theirs"

@@ -39,6 +39,7 @@ class Handle:
     file_id: str
     attrs: FileAttrs
     continues: str = ""
+    wc: object = None
 
 
 class FakeCache:
@@ -133,7 +134,7 @@ class FakeCache:
         self.tree[handle.file_id] = dataclasses.replace(attrs, size=size)
         return len(data)
 
-    async def set_size(self, file_id: str, size: int) -> FileAttrs:
+    async def set_size(self, file_id: str, size: int, fh: object = None) -> FileAttrs:
         self._copy(file_id, False)
         self.tree[file_id] = dataclasses.replace(self.tree[file_id], size=size)
         return self.tree[file_id]

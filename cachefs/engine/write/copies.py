@@ -47,6 +47,8 @@ FORMAT = "cachefs-working-copy/1"
 #: Writes up to this size are done on the event loop (a page-cache copy);
 #: larger ones in a worker thread.
 INLINE_IO = 64 << 10
+#: Writes from this size on allocate their range first (fileio.pwrite_all).
+ALLOCATE_FROM = 64 << 10
 
 
 def pages_of(size: int) -> int:
@@ -71,6 +73,9 @@ class Header:
     error: str | None = None
     #: Changed since the last flush (data, size or a new file).
     changed: bool = False
+    #: A flush began changing the source and has not ended well: the source
+    #: may be at a version of the flush's own making (see write/flusher.py).
+    flushing: bool = False
 
     def encode(self) -> bytes:
         raw = json.dumps(
@@ -84,6 +89,7 @@ class Header:
                 "filling": self.filling,
                 "error": self.error,
                 "changed": self.changed,
+                "flushing": self.flushing,
             },
             ensure_ascii=True,
         ).encode()
@@ -108,6 +114,7 @@ class Header:
             filling=bool(data["filling"]),
             error=None if error is None else str(error),
             changed=bool(data["changed"]),
+            flushing=bool(data.get("flushing", False)),
         )
         return header
 
@@ -137,6 +144,8 @@ class WorkingCopy:
         #: When the background flusher should flush it (trio clock), if at all.
         self.due: float | None = None
         self.retry_delay = 0.0
+        #: Flush it when due even while it is open for writing (max-dirty).
+        self.urgent = False
         self.flushing = False
         self.dropped = False
         #: Its directory entries were synced: later syncs need only sync the files.
@@ -190,13 +199,13 @@ class WorkingCopy:
                 pass
 
     def write_header(self) -> None:
-        fileio.pwrite_all(self.meta_fd, memoryview(self.header.encode()), 0)
+        fileio.pwrite_all(self.meta_fd, memoryview(self.header.encode()), 0, allocate=False)
 
     # -- changes (blocking; the caller picks the thread) ----------------------------
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         """Store *data* at *offset*, then mark its pages (the file grows as needed)."""
-        fileio.pwrite_all(self.fd, memoryview(data), offset)
+        fileio.pwrite_all(self.fd, memoryview(data), offset, len(data) >= ALLOCATE_FROM)
         end = offset + len(data)
         if end > self.size:
             self._resize_map(end)
@@ -241,7 +250,9 @@ class WorkingCopy:
         fresh = stop - first - pages.count(1, first, stop)
         pages[first:stop] = b"\x01" * (stop - first)
         self.changed_pages += fresh
-        fileio.pwrite_all(self.meta_fd, memoryview(pages)[first:stop], HEADER + first)
+        fileio.pwrite_all(
+            self.meta_fd, memoryview(pages)[first:stop], HEADER + first, allocate=False
+        )
 
     def read_at(self, offset: int, length: int) -> bytearray:
         out = bytearray(max(0, min(length, self.size - offset)))
@@ -277,6 +288,7 @@ class WorkingCopy:
         os.ftruncate(self.meta_fd, HEADER)
         os.ftruncate(self.meta_fd, HEADER + len(self.pages))
         self.header.changed = False
+        self.header.flushing = False
         self.header.cut = self.size
         self.header.base_size = self.size
         self.write_header()

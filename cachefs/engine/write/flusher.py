@@ -38,6 +38,7 @@ import trio
 from cachefs.contract import (
     Backend,
     ChangeResult,
+    FileKind,
     RWEvent,
     RWResult,
     WritableBackend,
@@ -56,7 +57,7 @@ FLUSHERS = 4
 MAX_REPLANS = 3
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
-#: How long a writer waits for room under max_dirty while flushes progress.
+#: How long a writer waits under max_dirty for a flush to end before ENOSPC.
 ROOM_WAIT = 60.0
 #: A PARTIAL answer that stores nothing, this many times in a row, is a FAILURE.
 MAX_STALLS = 3
@@ -77,6 +78,16 @@ class WriteCounters:
 
 class WritableSource(Backend, WritableBackend, Protocol):
     """A backend the cache writes to (it reads from it too)."""
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """How far a flush got: whether the backend saw the first call of its
+    transfer (and its context), and whether any change was applied."""
+
+    started: bool = False
+    context: object = None
+    applied: bool = False
 
 
 class _Outcome(Exception):
@@ -152,6 +163,11 @@ class Flusher:
                         if not wc.dirty:
                             wc.due = None
                             continue
+                        if wc.writers and not wc.urgent:
+                            # Due from an earlier close, open for writing again:
+                            # its next close sets the time.
+                            wc.due = None
+                            continue
                         if wc.due <= now:
                             wc.due = None
                             wc.flushing = True  # taken: not started twice
@@ -170,33 +186,40 @@ class Flusher:
 
     async def room(self, nbytes: int) -> None:
         """Wait until *nbytes* more dirty bytes fit under max_dirty, flushing
-        the largest copies; NoSpace when no flush can make room."""
+        the largest copies; NoSpace when no flush can make room (the storage
+        is offline, every changed file is latched, or no flush ends within
+        ROOM_WAIT)."""
         if self.dirty_bytes + nbytes <= self.max_dirty or nbytes > self.max_dirty:
             return
-        with trio.move_on_after(ROOM_WAIT):
-            while self.dirty_bytes + nbytes > self.max_dirty:
-                if self._catalog.external_error is not None:
-                    raise NoSpace(
-                        f"{self.dirty_bytes} bytes wait to be flushed (max-dirty"
-                        f" {self.max_dirty}) and the storage is offline:"
-                        f" {self._catalog.external_error}"
-                    )
-                flushable = [
-                    wc for wc in self._store.copies.values() if wc.dirty and wc.header.error is None
-                ]
-                if not flushable:
-                    break
-                for wc in sorted(flushable, key=lambda w: -w.dirty_bytes)[:FLUSHERS]:
-                    if wc.retry_delay == 0:
-                        self.schedule(wc, 0)
-                progress = self._progress
-                await progress.wait()
-            else:
-                return
-        raise NoSpace(
-            f"{self.dirty_bytes} bytes wait to be flushed (max-dirty {self.max_dirty})"
-            " and flushing makes no progress"
-        )
+        while self.dirty_bytes + nbytes > self.max_dirty:
+            if self._catalog.external_error is not None:
+                raise NoSpace(
+                    f"{self.dirty_bytes} bytes wait to be flushed (max-dirty"
+                    f" {self.max_dirty}) and the storage is offline:"
+                    f" {self._catalog.external_error}"
+                )
+            copies = list(self._store.copies.values())
+            flushable = [wc for wc in copies if wc.dirty and wc.header.error is None]
+            if not flushable and not any(wc.flushing for wc in copies):
+                # What is counted is latched, or a flush just ended: count again.
+                self.dirty_bytes = sum(wc.dirty_bytes for wc in copies if wc.dirty)
+                if self.dirty_bytes + nbytes <= self.max_dirty:
+                    return
+                raise NoSpace(
+                    f"{self.dirty_bytes} bytes wait to be flushed (max-dirty {self.max_dirty})"
+                    " and the source refused every one of them"
+                )
+            for wc in sorted(flushable, key=lambda w: -w.dirty_bytes)[:FLUSHERS]:
+                if wc.retry_delay == 0:
+                    wc.urgent = True  # even while it is being written
+                    self.schedule(wc, 0)
+            with trio.move_on_after(ROOM_WAIT) as waited:
+                await self._progress.wait()  # a flush ended, one way or another
+            if waited.cancelled_caught:
+                raise NoSpace(
+                    f"{self.dirty_bytes} bytes wait to be flushed (max-dirty {self.max_dirty})"
+                    f" and no flush ended in {ROOM_WAIT:.0f} s"
+                )
 
     # -- one flush -------------------------------------------------------------------
 
@@ -208,6 +231,7 @@ class Flusher:
             wc.flushing = True
         try:
             async with wc.lock:
+                wc.urgent = False
                 conflict = await self._flush_locked(wc)
         finally:
             wc.flushing = False
@@ -231,9 +255,17 @@ class Flusher:
             wc.synced_dir = True
         sent = 0
         for _ in range(MAX_REPLANS):
+            redo = wc.header.flushing
+            if not redo:  # before the source changes: a crash from here on is known
+                wc.header.flushing = True
+                await trio.to_thread.run_sync(wc.write_header, limiter=self._disk_limiter)
+            attempt = _Transfer()
             try:
-                version, sent = await self._send(wc)
+                version, sent = await self._send(wc, redo, attempt)
             except _Outcome as e:
+                if not attempt.applied and not redo:  # the source said no to the first change
+                    wc.header.flushing = False
+                    await trio.to_thread.run_sync(wc.write_header, limiter=self._disk_limiter)
                 if e.code is RWResult.FILE_MODIFIED_LOCALLY:
                     continue
                 return await self._failed(wc, e)
@@ -309,6 +341,7 @@ class Flusher:
         wc.header.base_size = 0
         wc.header.cut = 0
         wc.header.changed = True
+        wc.header.flushing = False
         await trio.to_thread.run_sync(self._store.move, wc, name, limiter=self._disk_limiter)
         self.counters.conflicts += 1
         recent = self.counters.recent_conflicts
@@ -328,9 +361,24 @@ class Flusher:
 
     # -- transfers -------------------------------------------------------------------
 
-    async def _send(self, wc: WorkingCopy) -> tuple[str, int]:
-        """Run the planned transfer; (new version, bytes sent); _Outcome otherwise."""
+    async def _send(self, wc: WorkingCopy, redo: bool, attempt: _Transfer) -> tuple[str, int]:
+        """Run the planned transfer; (new version, bytes sent); _Outcome otherwise.
+
+        *redo*: an earlier flush of this copy began changing the source and
+        never ended well (the daemon was killed, or the source failed
+        midway): the source's version now is taken to be of its making, and
+        the file is sent whole against it (a random transfer would leave
+        what the earlier one half did).  Should someone else have changed
+        the file in that window, this overwrites it: the price of finishing
+        a flush that was cut short (docs/writes.md).
+        """
         h = wc.header
+        if redo:
+            version = await self._current_version(wc.file_id)
+            log.warning("%s: finishing a flush that was cut short, the file whole", wc.file_id)
+            size = wc.size
+            runs = [(at, min(CHUNK, size - at)) for at in range(0, size, CHUNK)] or [(0, 0)]
+            return await self._transfer(wc, runs, version, True, attempt)
         whole = (
             bool(self._caps & WriteCapability.WHOLE_FILE_ONLY)
             or not h.base_version
@@ -339,20 +387,32 @@ class Flusher:
         if whole:
             size = wc.size
             runs = [(at, min(CHUNK, size - at)) for at in range(0, size, CHUNK)] or [(0, 0)]
-            return await self._transfer(wc, runs, h.base_version, whole=True)
+            return await self._transfer(wc, runs, h.base_version, True, attempt)
         version = h.base_version
         remote = h.base_size
         if h.cut < remote:
-            version = await self._set_size(wc.file_id, h.cut, version)
+            version = await self._set_size(wc.file_id, h.cut, version, attempt)
             remote = h.cut
         if wc.size != remote:
-            version = await self._set_size(wc.file_id, wc.size, version)
+            version = await self._set_size(wc.file_id, wc.size, version, attempt)
         runs = list(wc.changed_runs(CHUNK))
         if not runs:
             return version, 0
-        return await self._transfer(wc, runs, version, whole=False)
+        return await self._transfer(wc, runs, version, False, attempt)
 
-    async def _set_size(self, file_id: str, size: int, version: str) -> str:
+    async def _current_version(self, file_id: str) -> str:
+        """The version the source has now ("" for none: the file is made)."""
+        try:
+            attrs = await self._backend.stat(file_id)
+        except Exception as e:
+            raise _Outcome(RWResult.FAILURE, f"stat before finishing a flush: {e}") from e
+        if attrs is None:
+            return ""
+        if attrs.kind is not FileKind.FILE:
+            raise _Outcome(RWResult.FILE_FAILURE, f"the source has a {attrs.kind.value} there")
+        return attrs.version
+
+    async def _set_size(self, file_id: str, size: int, version: str, attempt: _Transfer) -> str:
         try:
             result = await self._backend.set_size(file_id, size, version)
         except Exception as e:
@@ -366,12 +426,34 @@ class Flusher:
         return await self._backend_stat(file_id)
 
     async def _transfer(
-        self, wc: WorkingCopy, runs: list[tuple[int, int]], version: str, whole: bool
+        self,
+        wc: WorkingCopy,
+        runs: list[tuple[int, int]],
+        version: str,
+        whole: bool,
+        state: _Transfer,
+    ) -> tuple[str, int]:
+        kind = RWEvent.WHOLE_FILE if whole else RWEvent(0)
+        state.started, state.context = False, None  # the transfer's own calls
+        try:
+            return await self._calls(wc, runs, version, whole, kind, state)
+        except _Outcome:
+            raise  # the backend was told what it had to be
+        except BaseException:
+            if state.started:  # cancelled (the mount stops) or broken midway
+                await self._cancel(wc, wc.size, version, state.context, kind)
+            raise
+
+    async def _calls(
+        self,
+        wc: WorkingCopy,
+        runs: list[tuple[int, int]],
+        version: str,
+        whole: bool,
+        kind: RWEvent,
+        state: _Transfer,
     ) -> tuple[str, int]:
         size = wc.size
-        kind = RWEvent.WHOLE_FILE if whole else RWEvent(0)
-        started = False
-        context: object = None
         sent = 0
         buf = bytearray(min(CHUNK, max((n for _, n in runs), default=0)))
         for i, (offset, length) in enumerate(runs):
@@ -389,7 +471,7 @@ class Flusher:
             while True:
                 rest = length - done
                 flags = kind
-                if not started:
+                if not state.started:
                     flags |= RWEvent.CONTINUOUS_STARTED if whole else RWEvent.RANDOM_STARTED
                 elif not last_run:
                     flags |= RWEvent.IN_PROGRESS
@@ -405,31 +487,33 @@ class Flusher:
                     flags,
                     view[done:],
                     rest,
-                    file_context=context,
+                    file_context=state.context,
                     version=version,
                 )
                 await self._call(req)
-                started = True
-                context = req.file_context
+                state.started = True
+                state.context = req.file_context
                 code = req.result_code
                 written = max(0, min(req.bytes_written, rest))
                 if code is RWResult.SUCCESS and written < rest and rest:
                     code = RWResult.PARTIAL
                 if code is RWResult.SUCCESS:
                     sent += rest
+                    state.applied = True
                     break
                 if code is RWResult.PARTIAL:
+                    state.applied = state.applied or written > 0
                     done += written
                     sent += written
                     stalls = 0 if written else stalls + 1
                     if stalls >= MAX_STALLS:
-                        await self._cancel(wc, size, version, context, kind)
+                        await self._cancel(wc, size, version, state.context, kind)
                         raise _Outcome(RWResult.FAILURE, "the backend stored nothing, again")
                     if done >= length:
                         break
                     continue
                 if not last_run:  # the backend holds a transfer that will not finish
-                    await self._cancel(wc, size, version, context, kind)
+                    await self._cancel(wc, size, version, state.context, kind)
                 raise _Outcome(code, f"WriteData at {offset + done}: {code.name}")
             if last_run:
                 return req.new_version, sent

@@ -116,6 +116,7 @@ class Writes:
         self._disk_limiter = disk_limiter
         self._read_only_reason = read_only_reason
         self._making: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
         self.counters = WriteCounters()
         self.flusher: Flusher | None = None
         if backend is not None:
@@ -145,6 +146,7 @@ class Writes:
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Flush what a previous mount left dirty; drop what it left clean."""
+        self._nursery = nursery
         for wc in list(self.copies.values()):
             if not wc.dirty and wc.header.error is None:
                 await self._run(self.store.drop, wc)
@@ -366,7 +368,7 @@ class Writes:
             wc.writers -= 1
         if wc.dropped:
             if not wc.handles:
-                wc.close_files()
+                self._in_background(self._close_files, wc)
             return
         if wc.dirty:
             if not wc.writers and self.flusher is not None:
@@ -380,11 +382,22 @@ class Writes:
         if self.copies.get(wc.file_id) is wc:
             del self.copies[wc.file_id]
         wc.dropped = True
+        self._on_changed(wc.file_id)
+        # Removing a large file can take seconds (discards): never on the loop.
+        self._in_background(self._remove, wc)
+
+    def _in_background(self, fn: Callable[[WorkingCopy], Awaitable[None]], wc: WorkingCopy) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, wc)
+
+    async def _remove(self, wc: WorkingCopy) -> None:
         try:
-            wc.remove_files()
+            await self._run(wc.remove_files)
         except OSError as e:
             log.warning("cannot remove the working copy of %s: %s", wc.file_id, e)
-        self._on_changed(wc.file_id)
+
+    async def _close_files(self, wc: WorkingCopy) -> None:
+        await self._run(wc.close_files)  # the last fd of an unlinked file frees it
 
     def _flushed(self, file_id: str) -> None:
         """A flush (or a conflict) changed *file_id* in the source: the cache
@@ -551,13 +564,18 @@ class Writes:
                 self.flusher.dirty_bytes -= wc.dirty_bytes
             wc.dropped = True
             wc.header.changed = False
-            for suffix in (".meta", ".data"):
-                try:
-                    os.unlink(f"{wc.path}{suffix}")
-                except FileNotFoundError:
-                    pass
-            if not wc.handles:
-                wc.close_files()
+            await self._run(self._unlink_copy, wc)
+
+    @staticmethod
+    def _unlink_copy(wc: WorkingCopy) -> None:
+        """Remove *wc*'s files; open handles keep its fds until they close."""
+        for suffix in (".meta", ".data"):
+            try:
+                os.unlink(f"{wc.path}{suffix}")
+            except FileNotFoundError:
+                pass
+        if not wc.handles:
+            wc.close_files()
 
     async def remove_dir(self, dir_id: str) -> None:
         prefix = f"{dir_id}/"
@@ -585,6 +603,8 @@ class Writes:
                 raise ChangeRefused(f"{new_id}: is a directory", errno.EISDIR)
             if source.kind is FileKind.DIR and target.kind is not FileKind.DIR:
                 raise ChangeRefused(f"{new_id}: not a directory", errno.ENOTDIR)
+            if target.kind is FileKind.DIR and any(f.startswith(f"{new_id}/") for f in self.copies):
+                raise ChangeRefused(f"{new_id}: directory not empty", errno.ENOTEMPTY)
         wc = self.copies.get(old_id)
         target_wc = self.copies.get(new_id)
         if wc is not None and not wc.header.base_version:
