@@ -1,5 +1,5 @@
 """Permissions mirror the source: an entry is shown with the source's mode
-bits (write bits off: the mount is read-only), and an entry the daemon may
+bits (write bits too: the mount is read-write), and an entry the daemon may
 not read is refused with EACCES at once, as reading the source would be.
 
 The daemon runs as root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH
@@ -41,6 +41,10 @@ def source(tmp_path: Path) -> Path:
     return root
 
 
+def source_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o7777
+
+
 def errno_of(fn: object, *args: object) -> int:
     try:
         fn(*args)  # type: ignore[operator]
@@ -57,11 +61,12 @@ def test_modes_are_the_sources_and_what_the_daemon_may_not_read_is_eacces(
     mount: MountFactory, source: Path
 ) -> None:
     m = mount(source, prefix=NO_DAC)
-    # Shown as in the source, write bits off.
+    # Shown as in the source (a read-write mount: write bits too).
     assert os.stat(m / "secret.bin").st_mode & 0o7777 == 0o000
-    assert os.stat(m / "owner.txt").st_mode & 0o7777 == 0o440
-    assert os.stat(m / "locked").st_mode & 0o7777 == 0o400
-    assert os.stat(m / "ok.txt").st_mode & 0o7777 == 0o444
+    assert os.stat(m / "owner.txt").st_mode & 0o7777 == 0o640
+    assert os.stat(m / "locked").st_mode & 0o7777 == 0o600
+    assert os.stat(m / "ok.txt").st_mode & 0o7777 == (root_mode := source_mode(source / "ok.txt"))
+    assert root_mode & 0o222  # the file is writable in the source: so in the mount
     assert (m / "ok.txt").read_bytes() == b"readable\n"
 
     # A reader bound by modes is refused by the kernel, as by the source.
