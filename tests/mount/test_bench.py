@@ -1,5 +1,6 @@
 """The benchmark suite: its rounds and report (fake targets), its arguments,
-and one short real run of ``python -m bench --quick`` over a cachefs mount."""
+and one short real run of ``python -m bench --quick`` over a cachefs mount;
+one short real run of the write bench, ``python -m bench.writes --quick``."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from typing import Any
 import pytest
 from conftest import kernel_has_passthrough
 
-from bench.dataset import QUICK
+from bench.dataset import QUICK, MiB
 from bench.jobs import JOBS, Job
 from bench.report import check_goals, markdown, ratios
 from bench.suite import Rounds, Run, run_jobs, typical
 from bench.system import BenchError
+from bench.writejobs import QUICK as WRITES_QUICK
 
 REPO = Path(__file__).resolve().parents[2]
 TTFB = next(j for j in JOBS if j.key == "ttfb")
@@ -301,3 +303,29 @@ def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -
     # nothing left mounted
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(tmp_path) not in mounts
+
+
+def test_a_quick_write_run_over_raw_and_cachefs_measures_and_flushes(tmp_path: Path) -> None:
+    """``python -m bench.writes``, small: fio writes a file with an fsync at the
+    end through raw and a cachefs mount, and the source holds what cachefs was
+    given (the bench checks it after ``cachefs flush``)."""
+    out = tmp_path / "writes.json"
+    args = ["--quick", "--targets", "raw,cachefs", "--jobs", "seq1m_j1_fsync"]
+    args += ["--workdir", str(tmp_path / "work"), "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.writes", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout[-2000:]
+    figures = json.loads(out.read_text())["results"]["seq1m_j1_fsync"]
+    assert figures["raw"]["value"] > 0
+    assert figures["cachefs"]["value"] > 0
+    # the fsync at the end sent the whole file before fio was done
+    assert figures["cachefs"]["flushed_during_mib"] == WRITES_QUICK.seq_bytes / MiB
+    assert "| seq write 1M, 1 job, end fsync (MiB/s) |" in done.stdout
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
