@@ -155,7 +155,11 @@ class Transfers:
                 log.warning("write %s @%d: no transfer under way", req.file_id, req.position)
                 req.bytes_written, req.result_code = 0, RWResult.FAILURE
                 return
-            _pwrite_all(tr.fd, req.buffer[: req.bytes_to_write], req.position)
+            data = req.buffer[: req.bytes_to_write]
+            # A fresh temporary file reads as zeros where nothing was written:
+            # zeros are skipped, so a sparse file stays sparse in the source.
+            if tr.temp is None or not _all_zero(data):
+                _pwrite_all(tr.fd, data, req.position)
             if req.flags & _FINISHING:
                 req.new_version = _finish(tr, req.size)
                 self._drop(tr)
@@ -184,6 +188,17 @@ class Transfers:
         req.bytes_written, req.result_code = 0, code
         if tr is not None:
             self._drop(tr)
+
+
+_ZEROS = bytes(4 << 20)
+
+
+def _all_zero(data: memoryview) -> bool:
+    """Whether *data* holds only zeros (a look at three bytes rejects most data)."""
+    n = len(data)
+    if n and (data[0] or data[n // 2] or data[n - 1]):
+        return False
+    return bytes(data) == (_ZEROS if n == len(_ZEROS) else bytes(n))
 
 
 def _start(req: WriteData, path: str) -> Transfer:

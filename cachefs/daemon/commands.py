@@ -65,7 +65,7 @@ from cachefs.control.protocol import (
     decode_request,
 )
 from cachefs.control.server import Progress
-from cachefs.daemon.flushes import changed_files, flush_files
+from cachefs.daemon.flushes import flush_files
 from cachefs.engine import FileCache
 from cachefs.engine.miss.fetch import first_error
 from cachefs.errors import CacheFSError, NotFound, PinLimitExceeded, ReadOnly
@@ -234,7 +234,7 @@ class ControlCommands:
         else:
             log.info("unmount requested")
             try:
-                flushed = await flush_files(cache, changed_files(cache), progress)
+                flushed = await flush_files(cache, cache.changed_files(), progress)
                 kept = len(flushed["failed"])
             except Exception as e:  # the unmount happens all the same
                 log.exception("flushing before the unmount failed")
@@ -287,7 +287,10 @@ class ControlCommands:
         if not cache.writable:
             reason = cache.read_only_reason or "the mount is read-only"
             raise ReadOnly(f"nothing can be flushed: {reason}")
-        changed = changed_files(cache)
+        changed = cache.changed_files()
+        for file_id in file_ids:  # a mistyped path is an error, not "nothing to flush"
+            if file_id and file_id not in changed:
+                await cache.getattr(file_id)  # NotFound names it
         return await flush_files(
             cache, changed if "" in file_ids else _below(file_ids, changed), progress
         )

@@ -32,12 +32,6 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.25
 
 
-def changed_files(cache: FileCache) -> list[str]:
-    """The files with changes not yet flushed (latched ones too), sorted."""
-    # FileCache has no public list of them (wanted: FileCache.changed_files()).
-    return cache.changed_files()
-
-
 async def flush_files(cache: FileCache, file_ids: list[str], progress: Progress) -> FlushReply:
     """Flush *file_ids* (changed files) and the conflict copies they turn into."""
     if not file_ids:

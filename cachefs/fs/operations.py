@@ -67,6 +67,9 @@ _WRITABLE_PERMS = {FileKind.FILE: 0o644, FileKind.DIR: 0o755, FileKind.SYMLINK: 
 #: What ``change`` answers on a writable mount.
 _UNSUPPORTED = {"link": errno.EPERM}
 
+#: The longest name a directory entry takes (statfs namelen), in bytes.
+NAME_MAX = 255
+
 _DOT = FileAttrs(FileKind.DIR, size=0, mtime=0.0, version="")
 
 
@@ -192,12 +195,16 @@ class Operations:
         parent = self._ns.node(parent_inode)
         if parent.kind is not FileKind.DIR:
             raise FUSEError(errno.ENOTDIR)
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
         return child_id(parent.file_id, os.fsdecode(name))
 
     # -- names and attributes -------------------------------------------
 
     @_handler
     async def lookup(self, parent_inode: int, name: bytes) -> Entry:
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
         node, attrs = await self._ns.lookup(parent_inode, os.fsdecode(name))
         return self._entry(node.ino, attrs)
 

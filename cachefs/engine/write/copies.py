@@ -185,10 +185,11 @@ class WorkingCopy:
             raise
 
     def close_files(self) -> None:
-        for fd in (self.fd, self.meta_fd):
+        """Close the fds once (a second call does nothing)."""
+        fds, self.fd, self.meta_fd = (self.fd, self.meta_fd), -1, -1
+        for fd in fds:
             if fd >= 0:
                 os.close(fd)
-        self.fd = self.meta_fd = -1
 
     def remove_files(self) -> None:
         self.close_files()
@@ -223,16 +224,14 @@ class WorkingCopy:
     def truncate(self, size: int) -> None:
         """Cut or extend the file to *size* (an extension reads as zeros)."""
         os.ftruncate(self.fd, size)
-        old = self.size
         self.size = size
         if size < self.header.cut:
             self.header.cut = size
             self.write_header()
+        # No page is marked: a random flush cuts the source where the file was
+        # cut and sizes it (zeros, as here); a whole flush sends it all anyway.
+        # So a file extended to 64 GiB is no 64 GiB of changes.
         self._resize_map(size)
-        if size > old:  # the new pages are zeros the source does not have
-            self._mark(old // PAGE, pages_of(size))
-        elif size % PAGE:
-            self._mark(size // PAGE, size // PAGE + 1)
 
     def _resize_map(self, size: int) -> None:
         n = pages_of(size)
@@ -338,11 +337,16 @@ class CopyStore:
         if header.filling:  # nothing was written to it: made again when needed
             WorkingCopy(n, path, header, 0, 0.0).remove_files()
             return None
-        if header.file_id in self.copies:  # two copies of one file: only a bug gets here
-            log.error(
-                "working copy %s duplicates another of %r: left as it is", path, header.file_id
-            )
-            return None
+        other = self.copies.get(header.file_id)
+        if other is not None:
+            # Two copies of one file: a clean one whose removal a crash cut
+            # short, and a newer one; the changed one wins, else the newer.
+            if other.dirty or not header.changed:
+                log.warning("working copy %s duplicates %s: removed", path, other.path)
+                WorkingCopy(n, path, header, 0, 0.0).remove_files()
+                return None
+            log.warning("working copy %s duplicates %s: that one removed", path, other.path)
+            other.remove_files()
         wc = WorkingCopy(n, path, header, st.st_size, st.st_mtime)
         marks = raw[HEADER : HEADER + len(wc.pages)]
         wc.pages[: len(marks)] = marks

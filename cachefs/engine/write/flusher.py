@@ -57,8 +57,13 @@ FLUSHERS = 4
 MAX_REPLANS = 3
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+#: How long a writer waits under max_dirty in all before ENOSPC.
+ROOM_DEADLINE = 600.0
 #: How long a writer waits under max_dirty for a flush to end before ENOSPC.
 ROOM_WAIT = 60.0
+#: A backend call (WriteData, set_size) not answered in this long is a FAILURE:
+#: the copy's lock is held meanwhile, and its writers wait.
+CALL_DEADLINE = 120.0
 #: A PARTIAL answer that stores nothing, this many times in a row, is a FAILURE.
 MAX_STALLS = 3
 
@@ -97,6 +102,11 @@ class _Outcome(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def _whole_runs(size: int) -> list[tuple[int, int]]:
+    """The calls of a whole-file transfer: CHUNK bytes each (one of 0 for an empty file)."""
+    return [(at, min(CHUNK, size - at)) for at in range(0, size, CHUNK)] or [(0, 0)]
 
 
 def conflict_name(file_id: str, taken: Callable[[str], bool]) -> str:
@@ -191,7 +201,13 @@ class Flusher:
         ROOM_WAIT)."""
         if self.dirty_bytes + nbytes <= self.max_dirty or nbytes > self.max_dirty:
             return
+        give_up = trio.current_time() + ROOM_DEADLINE
         while self.dirty_bytes + nbytes > self.max_dirty:
+            if trio.current_time() > give_up:
+                raise NoSpace(
+                    f"{self.dirty_bytes} bytes wait to be flushed (max-dirty {self.max_dirty})"
+                    f" and flushes have not made room in {ROOM_DEADLINE:.0f} s"
+                )
             if self._catalog.external_error is not None:
                 raise NoSpace(
                     f"{self.dirty_bytes} bytes wait to be flushed (max-dirty"
@@ -244,15 +260,16 @@ class Flusher:
     async def _flush_locked(self, wc: WorkingCopy) -> str | None:
         if wc.dropped or not wc.dirty:
             return None
+        # Durable here first, whether or not it can be sent now.
+        await trio.to_thread.run_sync(wc.sync, limiter=self._disk_limiter)
+        if not wc.synced_dir:
+            await trio.to_thread.run_sync(self._store.sync_dir, limiter=self._disk_limiter)
+            wc.synced_dir = True
         if wc.header.error is not None:
             raise WriteFailed(f"{wc.file_id}: not flushed: {wc.header.error}")
         external = self._catalog.external_error
         if external is not None:
             raise WriteFailed(f"{wc.file_id}: the storage is offline: {external}")
-        await trio.to_thread.run_sync(wc.sync, limiter=self._disk_limiter)
-        if not wc.synced_dir:
-            await trio.to_thread.run_sync(self._store.sync_dir, limiter=self._disk_limiter)
-            wc.synced_dir = True
         sent = 0
         for _ in range(MAX_REPLANS):
             redo = wc.header.flushing
@@ -373,21 +390,17 @@ class Flusher:
         a flush that was cut short (docs/writes.md).
         """
         h = wc.header
-        if redo:
+        whole_only = bool(self._caps & WriteCapability.WHOLE_FILE_ONLY)
+        # A whole-file-only backend replaces a file in one step: a flush cut
+        # short left the old version or the new one whole, and the backend
+        # itself tells its own upload from another's (backends/s3writes.py).
+        if redo and not whole_only:
             version = await self._current_version(wc.file_id)
-            log.warning("%s: finishing a flush that was cut short, the file whole", wc.file_id)
-            size = wc.size
-            runs = [(at, min(CHUNK, size - at)) for at in range(0, size, CHUNK)] or [(0, 0)]
-            return await self._transfer(wc, runs, version, True, attempt)
-        whole = (
-            bool(self._caps & WriteCapability.WHOLE_FILE_ONLY)
-            or not h.base_version
-            or (h.cut == 0 and h.base_size > 0)
-        )
-        if whole:
-            size = wc.size
-            runs = [(at, min(CHUNK, size - at)) for at in range(0, size, CHUNK)] or [(0, 0)]
-            return await self._transfer(wc, runs, h.base_version, True, attempt)
+            if version != h.base_version:
+                log.warning("%s: finishing a flush that was cut short, the file whole", wc.file_id)
+                return await self._transfer(wc, _whole_runs(wc.size), version, True, attempt)
+        if whole_only or not h.base_version or (h.cut == 0 and h.base_size > 0):
+            return await self._transfer(wc, _whole_runs(wc.size), h.base_version, True, attempt)
         version = h.base_version
         remote = h.base_size
         if h.cut < remote:
@@ -414,13 +427,17 @@ class Flusher:
 
     async def _set_size(self, file_id: str, size: int, version: str, attempt: _Transfer) -> str:
         try:
-            result = await self._backend.set_size(file_id, size, version)
+            with trio.fail_after(CALL_DEADLINE):
+                result = await self._backend.set_size(file_id, size, version)
+        except trio.TooSlowError:
+            result = ChangeResult(RWResult.FAILURE, reason="set_size: no answer")
         except Exception as e:
-            result = ChangeResult(RWResult.FAILURE, reason=f"set_size raised {e!r}")
+            result = ChangeResult(RWResult.FAILURE, reason=f"set_size raised {e}")
         if result.result_code is not RWResult.SUCCESS:
             raise _Outcome(
                 result.result_code, result.reason or f"set_size: {result.result_code.name}"
             )
+        attempt.applied = True  # the source is cut or grown: no longer at the base
         if result.attrs is not None:
             return result.attrs.version
         return await self._backend_stat(file_id)
@@ -522,11 +539,15 @@ class Flusher:
     async def _call(self, req: WriteData) -> None:
         self.counters.write_data_calls += 1
         try:
-            await self._backend.write_data(req)
-        except trio.Cancelled:
-            raise
+            with trio.fail_after(CALL_DEADLINE):
+                await self._backend.write_data(req)
+        except trio.TooSlowError:
+            log.warning(
+                "write_data of %s: no answer in %.0f s: FAILURE", req.file_id, CALL_DEADLINE
+            )
+            req.result_code = RWResult.FAILURE
         except Exception as e:
-            log.warning("write_data of %s raised %r: FAILURE", req.file_id, e)
+            log.warning("write_data of %s raised %s: FAILURE", req.file_id, e)
             req.result_code = RWResult.FAILURE
 
     async def _cancel(

@@ -19,6 +19,7 @@ Policy:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -203,6 +204,8 @@ class Writes:
             else:
                 await self._fill(wc, attrs)
             await self._run(self.store.ready, wc)
+            if wc.header.changed and self.flusher is not None:  # cut by name (truncate)
+                self.flusher.schedule(wc, self.flusher.delay)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._run(wc.remove_files)
@@ -305,7 +308,8 @@ class Writes:
             except OSError as e:
                 raise _disk_error(wc, e) from None
             finally:
-                flusher.dirty_bytes += (wc.changed_pages - before) * PAGE
+                if not wc.dropped:  # an unlinked file's changes are never flushed
+                    flusher.dirty_bytes += (wc.changed_pages - before) * PAGE
         return len(data)
 
     async def _changed(self, wc: WorkingCopy) -> None:
@@ -379,6 +383,8 @@ class Writes:
     def _maybe_drop(self, wc: WorkingCopy) -> None:
         if wc.handles or wc.dirty or wc.flushing or wc.header.error is not None or wc.dropped:
             return
+        if wc.lock.locked() or wc.lock.statistics().tasks_waiting:
+            return  # a change waits for it: dropped after, if still clean
         if self.copies.get(wc.file_id) is wc:
             del self.copies[wc.file_id]
         wc.dropped = True
@@ -539,43 +545,61 @@ class Writes:
 
     async def remove_file(self, file_id: str) -> None:
         wc = self.copies.get(file_id)
-        if wc is not None and not wc.header.base_version:
-            await self._forget_copy(wc)  # never flushed: the source has nothing
-            self._on_changed(file_id)
+        if wc is None:
+            await self._remove_in_source(file_id)
             return
-        attrs = await self._lookup(file_id)
+        async with wc.lock:  # a flush of it (creating it, maybe) ends first
+            if wc.dropped:  # flushed and let go meanwhile: the source's file now
+                await self._remove_in_source(file_id)
+                return
+            if wc.header.base_version:  # the source has it: removed there too
+                await self._remove_in_source(file_id)
+            self._forget_copy(wc)
+        self._on_changed(file_id)
+
+    async def _remove_in_source(self, file_id: str) -> None:
+        attrs = await self._attrs_or_none(file_id)
         if attrs is None:
             raise NotFound(f"{file_id}: no such file")
         if attrs.kind is FileKind.DIR:
             raise ChangeRefused(f"{file_id}: is a directory", errno.EISDIR)
         backend = self._backend(file_id)
         await self._ask("unlink", file_id, backend.remove_file(file_id, ""))
-        if wc is not None:
-            await self._forget_copy(wc)
         self._catalog.forget(file_id)
         self._on_changed(file_id)
 
-    async def _forget_copy(self, wc: WorkingCopy) -> None:
-        """The file of *wc* is gone: its copy with it (open handles keep the bytes)."""
-        async with wc.lock:
-            if self.copies.get(wc.file_id) is wc:
-                del self.copies[wc.file_id]
-            if self.flusher is not None:
-                self.flusher.dirty_bytes -= wc.dirty_bytes
-            wc.dropped = True
-            wc.header.changed = False
-            await self._run(self._unlink_copy, wc)
+    async def _attrs_or_none(self, file_id: str) -> FileAttrs | None:
+        try:
+            return await self._attrs.getattr(file_id)
+        except NotFound:
+            return None
+
+    def _forget_copy(self, wc: WorkingCopy) -> None:
+        """The file of *wc* is gone: its copy with it; open handles keep its
+        fds (and bytes) until they close.  The caller holds ``wc.lock``."""
+        if wc.dropped:
+            return
+        if self.copies.get(wc.file_id) is wc:
+            del self.copies[wc.file_id]
+        if self.flusher is not None and wc.dirty:
+            self.flusher.dirty_bytes -= wc.dirty_bytes
+        wc.dropped = True
+        wc.header.changed = False
+        self._in_background(self._unlink_files, wc)
+
+    async def _unlink_files(self, wc: WorkingCopy) -> None:
+        await self._run(self._unlink_copy, wc)
+        if not wc.handles:
+            wc.close_files()
 
     @staticmethod
     def _unlink_copy(wc: WorkingCopy) -> None:
-        """Remove *wc*'s files; open handles keep its fds until they close."""
+        """Remove *wc*'s files (in a thread: a large file can take seconds)."""
         for suffix in (".meta", ".data"):
             try:
                 os.unlink(f"{wc.path}{suffix}")
             except FileNotFoundError:
                 pass
-        if not wc.handles:
-            wc.close_files()
 
     async def remove_dir(self, dir_id: str) -> None:
         prefix = f"{dir_id}/"
@@ -605,55 +629,74 @@ class Writes:
                 raise ChangeRefused(f"{new_id}: not a directory", errno.ENOTDIR)
             if target.kind is FileKind.DIR and any(f.startswith(f"{new_id}/") for f in self.copies):
                 raise ChangeRefused(f"{new_id}: directory not empty", errno.ENOTEMPTY)
-        wc = self.copies.get(old_id)
-        target_wc = self.copies.get(new_id)
-        if wc is not None and not wc.header.base_version:
-            # Only here: it takes the target's place when flushed.
-            async with wc.lock:
-                if target is not None and target_wc is None:
-                    wc.header.base_version = target.version
-                    wc.header.base_size = target.size
-                    wc.header.cut = 0
-                elif target_wc is not None and target_wc.header.base_version:
-                    wc.header.base_version = target_wc.header.base_version
-                    wc.header.base_size = target_wc.header.base_size
-                    wc.header.cut = 0
-                if target_wc is not None:
-                    await self._forget_copy(target_wc)
-                await self._run(self.store.move, wc, new_id)
-            self._on_changed(old_id)
-            self._on_changed(new_id)
-            return
-        if source.kind is FileKind.DIR and not self.caps & WriteCapability.RENAME_DIRS:
-            raise ChangeRefused(f"{old_id}: the source cannot rename directories", errno.EXDEV)
-        backend = self._backend(old_id)
-        if wc is not None:
-            await wc.lock.acquire()
-        try:
-            await self._ask("rename", old_id, backend.rename(old_id, new_id, replace))
-            if target_wc is not None:
-                await self._forget_copy(target_wc)
-            moved = [wc] if wc is not None else []
-            prefix = f"{old_id}/"
-            moved += [c for f, c in list(self.copies.items()) if f.startswith(prefix)]
-            for c in moved:
-                new = new_id + c.file_id[len(old_id) :]
-                if c.header.base_version:
-                    try:
-                        now = await backend.stat(new)
-                    except Exception:
-                        now = None
-                    if now is not None and now.kind is FileKind.FILE:
-                        c.header.base_version = now.version
-                await self._run(self.store.move, c, new)
-        finally:
-            if wc is not None:
-                wc.lock.release()
+        # Every copy the rename touches is locked, in file id order (the one
+        # lock order of this module), so no flush of one runs meanwhile.
+        prefix = f"{old_id}/"
+        touched = [
+            c for f, c in self.copies.items() if f in (old_id, new_id) or f.startswith(prefix)
+        ]
+        async with contextlib.AsyncExitStack() as locks:
+            for c in sorted(touched, key=lambda c: c.file_id):
+                await locks.enter_async_context(c.lock)
+            wc = self.copies.get(old_id)
+            target_wc = self.copies.get(new_id)
+            if wc is not None and not wc.header.base_version:
+                self._rename_here(wc, target, target_wc, new_id)
+            else:
+                await self._rename_in_source(old_id, new_id, replace, source, target_wc)
         for f in (old_id, new_id):
             self._catalog.forget(f)
             self._on_changed(f)
-        for f in [f for f in self._catalog.files if f.startswith(f"{old_id}/")]:
+        for f in [f for f in self._catalog.files if f.startswith(prefix)]:
             self._catalog.forget(f)
+
+    def _rename_here(
+        self,
+        wc: WorkingCopy,
+        target: FileAttrs | None,
+        target_wc: WorkingCopy | None,
+        new_id: str,
+    ) -> None:
+        """Rename a file only this mount has (never flushed): it takes the
+        target's place in the source when it is flushed."""
+        if target_wc is not None and target_wc.header.base_version:
+            wc.header.base_version = target_wc.header.base_version
+            wc.header.base_size = target_wc.header.base_size
+            wc.header.cut = 0
+        elif target is not None and target_wc is None:
+            wc.header.base_version = target.version
+            wc.header.base_size = target.size
+            wc.header.cut = 0
+        if target_wc is not None:
+            self._forget_copy(target_wc)
+        self.store.move(wc, new_id)
+
+    async def _rename_in_source(
+        self,
+        old_id: str,
+        new_id: str,
+        replace: bool,
+        source: FileAttrs,
+        target_wc: WorkingCopy | None,
+    ) -> None:
+        if source.kind is FileKind.DIR and not self.caps & WriteCapability.RENAME_DIRS:
+            raise ChangeRefused(f"{old_id}: the source cannot rename directories", errno.EXDEV)
+        backend = self._backend(old_id)
+        await self._ask("rename", old_id, backend.rename(old_id, new_id, replace))
+        if target_wc is not None:
+            self._forget_copy(target_wc)
+        prefix = f"{old_id}/"
+        moved = [c for f, c in list(self.copies.items()) if f == old_id or f.startswith(prefix)]
+        for c in moved:
+            new = new_id + c.file_id[len(old_id) :]
+            if c.header.base_version:  # what the source calls it there (S3 copies anew)
+                try:
+                    now = await backend.stat(new)
+                except Exception:
+                    now = None
+                if now is not None and now.kind is FileKind.FILE:
+                    c.header.base_version = now.version
+            await self._run(self.store.move, c, new)
 
     async def set_attrs(self, file_id: str, mode: int | None, mtime: float | None) -> FileAttrs:
         wc = self.copies.get(file_id)
