@@ -77,18 +77,13 @@ class Attributes:
         return cat.learn(file_id, attrs, trio.current_time())
 
     def _absent_offline(self, file_id: str) -> bool:
-        """Offline, a name the cache knows nothing of in a directory it knows
-        is taken as absent (so that a new file can be made there; should the
-        source have one after all, the flush finds it: a conflict, both kept).
-        In a directory the cache does not know, it is unknown."""
+        """Offline, a name the last listing of its directory did not have is
+        taken as absent (so that a new file can be made there; should the
+        source have one after all, the flush finds it: a conflict, both
+        kept).  Without a listing it is unknown: the storage's error."""
         parent, _, name = file_id.rpartition("/")
         listing = self._listings.get(parent)
-        if listing is not None:
-            return all(e.name != name for e in listing)
-        if not parent:
-            return True
-        known = self._catalog.other.get(parent)
-        return known is not None and known[0].kind is FileKind.DIR
+        return listing is not None and all(e.name != name for e in listing)
 
     async def list_dir(self, dir_id: str) -> list[DirEntry]:
         """The entries of *dir_id*; their attributes refresh what the cache knows.

@@ -913,13 +913,20 @@ def test_a_file_made_while_the_source_is_offline_is_sent_after_the_reset(
     rules = tmp_path / "rules.json"
     m = offline_mount(mount, source, rules)
     (m / "first.bin").write_bytes(b"first\n")
+    os.listdir(m / "dir")  # listed while online: offline, a name it lacks is free
     go_offline(m, m / "first.bin")
     (m / "second.bin").write_bytes(b"second\n")  # a name the mount has not listed since
-    (m / "dir" / "third.bin").write_bytes(b"third\n")  # in a directory never listed
+    (m / "dir" / "third.bin").write_bytes(b"third\n")
+    (m / "dir" / "fourth.bin").write_bytes(b"fourth\n")  # a second one, in the same place
     assert (m / "second.bin").read_bytes() == b"second\n"
+    # No file is made under a directory the mount cannot know offline.
+    with pytest.raises(OSError) as info:
+        (m / "dir" / "sub" / "x").write_bytes(b"x")
+    assert info.value.errno in (errno.EIO, errno.ENOENT)
     back_online(m, rules)
     assert (source / "second.bin").read_bytes() == b"second\n"
     assert (source / "dir" / "third.bin").read_bytes() == b"third\n"
+    assert (source / "dir" / "fourth.bin").read_bytes() == b"fourth\n"
 
 
 # -- fio and conflicts -----------------------------------------------------------------
