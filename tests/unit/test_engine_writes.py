@@ -346,3 +346,12 @@ async def test_a_failure_on_the_first_change_leaves_a_later_conflict_a_conflict(
         await cache.flush_files()
         assert cache.write_statistics().conflicts == 1
     assert held(rig, "f") == b"theirs"
+
+
+async def test_a_file_extended_by_truncate_takes_no_room_and_is_no_change_to_send(tmp_path):
+    rig = Rig(tmp_path, {"f": b"x" * 100})
+    async with rig.engine(write_back_delay=3600, cache_size=64 * BS, min_free=0) as cache:
+        before = cache.space()[1]
+        await cache.set_size("f", 1 << 40)  # holes, not bytes (never flushed here)
+        assert cache.space()[1] >= before - PAGE
+        assert cache.write_statistics().dirty_bytes == 0

@@ -172,6 +172,14 @@ class WorkingCopy:
     def dirty_bytes(self) -> int:
         return self.changed_pages * PAGE
 
+    @property
+    def disk_bytes(self) -> int:
+        """About what it takes on the cache disk: what was filled from the
+        version it was made from, and the pages written since (a file
+        extended by truncate is holes, not bytes)."""
+        h = self.header
+        return min(self.size, min(h.base_size, h.cut) + self.changed_pages * PAGE)
+
     # -- files ---------------------------------------------------------------------
 
     def open_files(self, create: bool) -> None:

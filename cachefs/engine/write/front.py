@@ -167,7 +167,7 @@ class Writes:
 
     def disk_bytes(self) -> int:
         """What the working copies take on the cache disk (about)."""
-        return sum(wc.size for wc in self.copies.values())
+        return sum(wc.disk_bytes for wc in self.copies.values())
 
     # -- copies ----------------------------------------------------------------------
 
@@ -506,7 +506,7 @@ class Writes:
         try:
             result = await call
         except Exception as e:
-            result = ChangeResult(RWResult.FAILURE, reason=f"{e!r}")
+            result = ChangeResult(RWResult.FAILURE, reason=str(e) or type(e).__name__)
         code = result.result_code
         if code is RWResult.SUCCESS:
             return result
