@@ -88,15 +88,7 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # errnos meaning "the file the cache knows is no longer at that path"
 _GONE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENODEV})
-WRITE_CAPABILITIES = (
-    WriteCapability.RANDOM_WRITES
-    | WriteCapability.RENAME
-    | WriteCapability.RENAME_DIRS
-    | WriteCapability.SYMLINKS
-    | WriteCapability.MODES
-    | WriteCapability.TIMES
-    | WriteCapability.EMPTY_DIRS
-)
+WRITE_CAPABILITIES = WriteCapability.POSIX
 
 
 class LocalBackend:

@@ -47,15 +47,7 @@ from cachefs.contract import (
 
 log = logging.getLogger(__name__)
 
-WRITE_CAPABILITIES = (
-    WriteCapability.RANDOM_WRITES
-    | WriteCapability.RENAME
-    | WriteCapability.RENAME_DIRS
-    | WriteCapability.SYMLINKS
-    | WriteCapability.MODES
-    | WriteCapability.TIMES
-    | WriteCapability.EMPTY_DIRS
-)
+WRITE_CAPABILITIES = WriteCapability.POSIX
 
 
 class MemoryBackend:

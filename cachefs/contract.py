@@ -181,6 +181,8 @@ class WriteCapability(enum.IntFlag):
     MODES = 0x20
     TIMES = 0x40
     EMPTY_DIRS = 0x80
+    #: All of them: what a local file system can do.
+    POSIX = 0xFD
 
 
 @dataclass(slots=True)
