@@ -243,15 +243,18 @@ class Writes:
         if parent.kind is not FileKind.DIR:
             raise ChangeRefused(f"{_parent(file_id)}: not a directory", errno.ENOTDIR)
         lock = self._making.setdefault(file_id, trio.Lock())
-        async with lock:
-            if file_id in self.copies:  # made meanwhile
-                if exclusive:
-                    raise ChangeRefused(f"{file_id}: file exists", errno.EEXIST)
-                return self.copies[file_id], False
-            wc = await self._new(file_id, "", 0, mode)
-            wc.header.changed = True
-            await self._run(self.store.ready, wc)
-        self._making.pop(file_id, None)
+        try:
+            async with lock:
+                if file_id in self.copies:  # made meanwhile
+                    if exclusive:
+                        raise ChangeRefused(f"{file_id}: file exists", errno.EEXIST)
+                    return self.copies[file_id], False
+                wc = await self._new(file_id, "", 0, mode)
+                wc.header.changed = True
+                await self._run(self.store.ready, wc)
+        finally:
+            if not lock.statistics().tasks_waiting and self._making.get(file_id) is lock:
+                del self._making[file_id]
         self._on_changed(file_id)
         return wc, True
 
