@@ -20,9 +20,11 @@ from bench.system import (
     REPO,
     BenchError,
     can_drop_caches,
+    choose,
     host_takes_free_memory,
     machine,
     missing_tools,
+    rounds_arg,
     set_memory_retouch,
 )
 from bench.targets import ENCRYPTED_JOBS, TARGETS
@@ -33,7 +35,6 @@ RETOUCH_FACTOR = 3
 # a 1-minute load average above this at start means someone else is using the CPUs
 BUSY_LOAD = 0.5
 # each round of seq 1M (1 job) for raw, cachefs and cachefs-enc costs about 30 s
-MAX_ROUNDS = 9
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes, short runs (< 2 min)")
     parser.add_argument(
         "--rounds",
-        type=_rounds,
+        type=rounds_arg,
         metavar="N",
         help="how many times seq 1M (1 job) is measured for raw, cachefs and cachefs-enc, "
         "alternating; "
@@ -99,24 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rounds(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= MAX_ROUNDS:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_ROUNDS}")
-    return n
-
-
-def _choose(text: str, known: list[str], what: str) -> list[str]:
-    chosen = [t for t in text.split(",") if t]
-    unknown = [t for t in chosen if t not in known]
-    if unknown or not chosen:
-        raise BenchError(f"unknown {what} {','.join(unknown)}: choose from {','.join(known)}")
-    return chosen
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -141,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, say: Any, t0: float) -> int:
-    names = _choose(args.targets, list(TARGETS), "targets")
-    job_keys = _choose(args.jobs, [j.key for j in JOBS], "jobs")
+    names = choose(args.targets, list(TARGETS), "targets")
+    job_keys = choose(args.jobs, [j.key for j in JOBS], "jobs")
     missing = missing_tools(names)
     if missing:
         raise BenchError(f"missing: {', '.join(missing)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import mmap
 import os
 import platform
@@ -289,3 +290,24 @@ class DaemonWatch:
             "daemon_rss_mib": round(_status_kb(self.pid, "VmRSS") / 1024, 1),
             "peak_is_per_run": self._reset,
         }
+
+
+#: The most rounds a bench measures each job (``--rounds``).
+MAX_ROUNDS = 9
+
+
+def rounds_arg(text: str) -> int:
+    """``--rounds N``: a whole number from 1 to MAX_ROUNDS."""
+    n = int(text) if text.isdigit() else 0
+    if not 1 <= n <= MAX_ROUNDS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_ROUNDS}")
+    return n
+
+
+def choose(text: str, known: list[str], what: str) -> list[str]:
+    """A comma-separated choice among *known* (``--targets``, ``--jobs``)."""
+    chosen = [t for t in text.split(",") if t]
+    unknown = [t for t in chosen if t not in known]
+    if unknown or not chosen:
+        raise BenchError(f"unknown {what} {','.join(unknown)}: choose from {','.join(known)}")
+    return chosen

@@ -48,9 +48,11 @@ from bench.system import (
     DaemonWatch,
     cachefs_cmd,
     can_drop_caches,
+    choose,
     drop_caches,
     host_takes_free_memory,
     machine,
+    rounds_arg,
     set_memory_retouch,
 )
 from bench.targets import CachefsTarget, RcloneTarget, Target
@@ -62,7 +64,6 @@ TARGET_NAMES = ("raw", "cachefs", "rclone")
 # memory touched after each drop of the caches, per byte the job writes: a FUSE
 # target fills the page cache twice (the mount's pages and its cache file's)
 RETOUCH_FACTOR = 3
-MAX_ROUNDS = 9
 FLUSH_DEADLINE = 300.0
 STATS_DEADLINE = 120.0  # a daemon busy in a blocking call does not answer meanwhile
 
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small files, 1 s rand runs")
     parser.add_argument(
         "--rounds",
-        type=_rounds,
+        type=rounds_arg,
         metavar="N",
         default=None,
         help="measure every job N times, the targets alternating, and keep the median "
@@ -216,21 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure to FILE")
     return parser
-
-
-def _rounds(text: str) -> int:
-    n = int(text) if text.isdigit() else 0
-    if not 1 <= n <= MAX_ROUNDS:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_ROUNDS}")
-    return n
-
-
-def _choose(text: str, known: list[str], what: str) -> list[str]:
-    chosen = [t for t in text.split(",") if t]
-    unknown = [t for t in chosen if t not in known]
-    if unknown or not chosen:
-        raise BenchError(f"unknown {what} {','.join(unknown)}: choose from {','.join(known)}")
-    return chosen
 
 
 def _missing(names: list[str]) -> list[str]:
@@ -275,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, say: Callable[[str], None], t0: float) -> int:
-    names = _choose(args.targets, list(TARGET_NAMES), "targets")
-    keys = _choose(args.jobs, [j.key for j in JOBS], "jobs")
+    names = choose(args.targets, list(TARGET_NAMES), "targets")
+    keys = choose(args.jobs, [j.key for j in JOBS], "jobs")
     missing = _missing(names)
     if missing:
         raise BenchError(f"missing: {', '.join(missing)}")

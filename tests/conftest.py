@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -142,6 +143,39 @@ def kernel_has_passthrough() -> bool:
             return "CONFIG_FUSE_PASSTHROUGH=y\n" in f.read()
     except OSError:
         return True
+
+
+def run_on_a_terminal(*args: object) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run ``cachefs ARGS`` with stderr on a pseudo-terminal (where progress
+    lines are drawn); the finished process and what the terminal showed."""
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cachefs", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal was closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    return proc, shown.decode()
 
 
 def wait_for(what: str, check: Callable[[], bool], deadline: float = 20.0) -> None:

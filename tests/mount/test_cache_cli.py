@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import io
 import os
-import pty
 import random
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import REPO, disk_usage, pread_direct
+from conftest import disk_usage, pread_direct, run_on_a_terminal
 
 from backends.trace import read_trace
 from cachefs.cli.progress import ProgressBar, format_duration, render, summary
@@ -177,36 +175,10 @@ def test_prefetch_shows_a_progress_bar_on_a_terminal(mount: MountFactory, tmp_pa
     src = tmp_path / "src"
     make_tree(src, {f"f{i}": 100_000 for i in range(4)})
     m = mount(src)
-    controller, terminal = pty.openpty()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "cachefs", "prefetch", str(m.mountpoint)],
-            stdout=subprocess.PIPE,
-            stderr=terminal,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        os.close(terminal)
-        terminal = -1
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # EIO: the terminal was closed and drained
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        os.close(controller)
-        if terminal >= 0:
-            os.close(terminal)
+    proc, text = run_on_a_terminal("prefetch", m.mountpoint)
     assert proc.returncode == 0
     assert one_line(proc.stdout).startswith("prefetched 4 files")
-    segments = shown.decode().split("\r")
+    segments = text.split("\r")
     assert any(s.startswith("prefetch ") and s.rstrip().endswith("files") for s in segments)
     assert segments[-1] == "" and segments[-2].strip() == ""  # the bar is erased at the end
 

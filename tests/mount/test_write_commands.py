@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import errno
 import os
-import pty
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import EXIT_DEADLINE, REPO, assert_one_line_error, wait_for
+from conftest import EXIT_DEADLINE, assert_one_line_error, run_on_a_terminal, wait_for
 
 from cachefs.control.mounts import mount_at
 
@@ -68,36 +66,10 @@ def test_unmount_shows_its_flush_on_a_terminal(mount: MountFactory, src: Path) -
     m = mount(src, *LATER)
     for i in range(4):
         (m / f"f{i}").write_bytes(bytes([i]) * 100_000)
-    controller, terminal = pty.openpty()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "cachefs", "unmount", str(m.mountpoint)],
-            stdout=subprocess.PIPE,
-            stderr=terminal,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        os.close(terminal)
-        terminal = -1
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(controller, 4096)
-            except OSError:  # EIO: the terminal was closed and drained
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        os.close(controller)
-        if terminal >= 0:
-            os.close(terminal)
+    proc, text = run_on_a_terminal("unmount", m.mountpoint)
     assert proc.returncode == 0
     assert proc.stdout.startswith("flushed 4 files (390.6 KiB) in "), proc.stdout
-    segments = shown.decode().split("\r")
+    segments = text.split("\r")
     assert any(s.startswith("flushing ") and s.rstrip().endswith("files") for s in segments)
     assert segments[-1] == "" and segments[-2].strip() == ""  # the bar is erased at the end
     assert all((src / f"f{i}").read_bytes() == bytes([i]) * 100_000 for i in range(4))
