@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import cast
 
@@ -41,6 +41,7 @@ from cachefs.contract import (
 )
 from cachefs.engine.config import CacheConfig
 from cachefs.engine.handle import OpenFile
+from cachefs.engine.miss.ahead import Ahead
 from cachefs.engine.miss.reads import MAX_REPLANS
 from cachefs.engine.miss.supply import AddResult
 from cachefs.engine.state.catalog import Catalog
@@ -139,6 +140,7 @@ class FileCache:
             self.read_only_reason or "",
         )
         self.evictor.outside = self._writes.disk_bytes
+        self._ahead = Ahead(self.prefetch, nursery, self._stats)
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the write path: what a previous mount left changed is flushed."""
@@ -419,10 +421,15 @@ class FileCache:
         if fh.wc is not None:
             await self._writes.fsync(fh.wc)
 
+    def flushes_on_close(self, fh: OpenFile) -> bool:
+        """Whether a close of *fh* has work for :meth:`flush_on_close`."""
+        return fh.wc is not None and fh.writer and self.config.write_back_delay == 0
+
     async def flush_on_close(self, fh: OpenFile) -> None:
         """A close of *fh* (FUSE FLUSH): with write_back_delay 0 the changes
         are flushed before it returns."""
-        if fh.wc is not None and fh.writer and self.config.write_back_delay == 0:
+        if self.flushes_on_close(fh):
+            assert fh.wc is not None
             await self._writes.fsync(fh.wc)
 
     async def make_dir(self, dir_id: str, mode: int) -> FileAttrs:
@@ -499,6 +506,16 @@ class FileCache:
             finally:
                 await self.close(fh)
         raise TransientFailure(f"{file_id}: the file kept changing while being fetched")
+
+    def fetch_ahead(self, file_ids: Iterable[str]) -> None:
+        """Fetch *file_ids* whole in the background, those the cache does not
+        hold whole: a reader is expected to open them next (miss/ahead.py)."""
+        files = self.catalog.files
+        self._ahead.want(
+            f
+            for f in file_ids
+            if (cf := files.get(f)) is None or cf.retired or cf.present.find(0) >= 0
+        )
 
     async def pin(self, file_id: str) -> None:
         """Fetch *file_id* whole and keep it: eviction never touches a pinned file.

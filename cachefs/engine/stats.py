@@ -22,6 +22,7 @@ class Counters(TypedDict):
     corrupt_in_cache: int
     add_data_accepted: int
     add_data_rejected: int
+    fetched_ahead: int
 
 
 @dataclass(slots=True)
@@ -43,6 +44,8 @@ class Stats:
     corrupt_in_cache: int = 0
     add_data_accepted: int = 0
     add_data_rejected: int = 0
+    #: Files fetched whole ahead of a reader walking their directory.
+    fetched_ahead: int = 0
 
     def as_dict(self) -> Counters:
         """The counters by name, in declaration order."""

@@ -34,6 +34,8 @@ Policy:
 * Attributes come from the engine, which revalidates them with the backend
   after its TTL.  Directory listings are cached here for the same TTL; a
   fresh listing also answers negative lookups without asking the backend.
+  A directory whose names are looked up one by one (LIST_AFTER_LOOKUPS of
+  them) is listed: one listing instead of a stat per name.
 
 No FUSE in this module: it speaks file ids, FileAttrs and NotFound, and the
 FUSE layer translates.
@@ -54,6 +56,8 @@ from cachefs.errors import CacheFSError, NotFound
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+#: Names looked up one by one in a directory before it is listed instead.
+LIST_AFTER_LOOKUPS = 16
 
 
 class NewInode(Exception):
@@ -84,8 +88,12 @@ class Node:
     listing: list[DirEntry] | None = None
     names: frozenset[str] = frozenset()
     listed_at: float = float("-inf")
+    #: The listing the kernel was last given to cache (FOPEN_CACHE_DIR).
+    kernel_listing: list[DirEntry] | None = None
     #: Handles open on this inode.
     opens: int = 0
+    #: Names looked up in this directory since its listing went stale.
+    unlisted_lookups: int = 0
 
 
 #: What a path's number stands for: (inode number, kind, file version).
@@ -220,6 +228,16 @@ class Namespace:
             file_id = parent.file_id.rpartition("/")[0]
         else:
             file_id = child_id(parent.file_id, name)
+            if not self._fresh_listing(parent):
+                # Names looked up one by one (paths given whole, not found by
+                # listing): past a few, one listing answers them all, and
+                # shows the order a walk of the directory follows (walks.py).
+                parent.unlisted_lookups += 1
+                if parent.unlisted_lookups >= LIST_AFTER_LOOKUPS:
+                    try:
+                        await self.list_dir(parent_ino)
+                    except CacheFSError as e:  # the name's own lookup says what fails
+                        log.debug("listing %r for its lookups: %s", parent.file_id, e)
             if self._fresh_listing(parent) and name not in parent.names:
                 raise NotFound(f"no such entry: {file_id!r}")
         attrs = await self._cache.getattr(file_id)
@@ -251,6 +269,7 @@ class Namespace:
             listed_at = self._clock()
             listing = sorted(await self._cache.list_dir(node.file_id), key=lambda e: e.name)
             node.listing, node.listed_at = listing, listed_at
+            node.unlisted_lookups = 0
             node.names = frozenset(e.name for e in listing)
         assert node.listing is not None
         return node.listing

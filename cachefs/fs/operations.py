@@ -24,7 +24,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -36,6 +36,7 @@ from cachefs.errors import CacheFSError
 from cachefs.fs.inodes import Namespace, NewInode, Node, child_id, parent_id
 from cachefs.fs.invalidator import KernelInvalidator
 from cachefs.fs.passthrough import OpenModes
+from cachefs.fs.walks import Walks
 from cachefs.fuse.api import (
     RENAME_NOREPLACE,
     DirReply,
@@ -150,6 +151,7 @@ class Operations:
         self._copy_handle: dict[int, OpenFile] = {}
         self._modes = OpenModes(kernel, cache)
         self._dirs: dict[int, _OpenDir] = {}
+        self._walks = Walks()
 
     def init(self) -> None:
         """The kernel's INIT request: calls *on_init*.
@@ -325,7 +327,7 @@ class Operations:
         working = write or truncate or self._cache.has_working_copy(node.file_id)
         fh = next(self._handles)
         try:
-            return self._bind(inode, fh, fh_obj, flags, working=working)
+            opened = self._bind(inode, fh, fh_obj, flags, working=working)
         except NewInode as e:
             # This open cannot share the inode (another version of the file,
             # a cache file it must not read, or a change to a file the kernel
@@ -337,6 +339,22 @@ class Operations:
                 await self._cache.close(fh_obj)
             self._ns.renumber(inode)
             raise FUSEError(errno.ESTALE) from None
+        if not working:
+            self._walked(node)
+        return opened
+
+    def _walked(self, node: Node) -> None:
+        """*node* was opened to read: fetch ahead if its directory is being walked."""
+        dir_id, _, name = node.file_id.rpartition("/")
+        dir_ino = self._ns.live_inode(dir_id)
+        if dir_ino is None:
+            return
+        listing = self._ns.node(dir_ino).listing
+        if listing is None:
+            return
+        names = self._walks.opened(dir_ino, listing, name)
+        if names:
+            self._cache.fetch_ahead(child_id(dir_id, n) for n in names)
 
     def _bind(self, ino: int, fh: int, handle: OpenFile, flags: int, *, working: bool) -> Opened:
         """Record *handle* as *fh* of *ino*; how the kernel reads it.
@@ -361,11 +379,15 @@ class Operations:
         if handle.wc is not None:
             self._copy_opens[ino] = self._copy_opens.get(ino, 0) + 1
             self._copy_handle[ino] = handle
-        if opened is not None:  # the kernel reads the cached file itself, or reads uncached
+        if opened is None:
+            # Warm re-reads never reach us: an inode's pages are of its one
+            # version, or of its working copy, every write to which goes
+            # through them.  (Otherwise the kernel reads the cached file
+            # itself, or reads uncached.)
+            opened = Opened(fh, keep_cache=True)
+        if self._cache.flushes_on_close(handle):
             return opened
-        # Warm re-reads never reach us: an inode's pages are of its one version,
-        # or of its working copy, every write to which goes through them.
-        return Opened(fh, keep_cache=True)
+        return replace(opened, noflush=True)  # one request less per close
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> Payload:
@@ -447,7 +469,7 @@ class Operations:
     # -- directories ------------------------------------------------------
 
     @_handler
-    async def opendir(self, inode: int) -> int:
+    async def opendir(self, inode: int) -> Opened:
         node = self._ns.node(inode)
         if node.kind is not FileKind.DIR:
             raise FUSEError(errno.ENOTDIR)
@@ -456,7 +478,12 @@ class Operations:
         fh = next(self._handles)
         # A snapshot per open directory keeps readdir offsets stable.
         self._dirs[fh] = _OpenDir(inode, parent or inode, listing)
-        return fh
+        # The kernel caches what it reads of this snapshot, and keeps it while
+        # the snapshot is the one it was given last: any change, through the
+        # mount or seen in the source, makes a new snapshot.
+        keep = node.kernel_listing is listing
+        node.kernel_listing = listing
+        return Opened(fh, keep_cache=keep, cache_dir=True)
 
     @_handler
     async def readdir(self, fh: int, start_id: int, reply: DirReply) -> None:

@@ -57,15 +57,22 @@ class Entry:
 class Opened:
     """The answer to OPEN: a handle, and how the kernel reads through it.
 
-    *keep_cache*: the kernel keeps the pages it has of the file.  *backing_id*
-    (from ``Kernel.open_backing``) sends reads straight to that file.
+    *keep_cache*: the kernel keeps the pages it has of the file (of a
+    directory: the listing it cached).  *backing_id* (from
+    ``Kernel.open_backing``) sends reads straight to that file.
     *direct_io*: every read comes to the file system, none is cached.
+    *noflush*: a close sends no FLUSH (it would do nothing).
+    *cache_dir*: the kernel caches the directory's listing and serves the
+    next opens that keep it without READDIR.  Transports that cannot say
+    *noflush* or *cache_dir* leave them out: both only save requests.
     """
 
     fh: int
     keep_cache: bool = False
     direct_io: bool = False
     backing_id: int = 0
+    noflush: bool = False
+    cache_dir: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +150,7 @@ class Operations(Protocol):
     async def read(self, fh: int, offset: int, size: int) -> Payload: ...
     async def release(self, fh: int) -> None: ...
     async def flush(self, fh: int) -> None: ...
-    async def opendir(self, ino: int) -> int: ...
+    async def opendir(self, ino: int) -> Opened: ...
     async def readdir(self, fh: int, offset: int, reply: DirReply) -> None: ...
     async def releasedir(self, fh: int) -> None: ...
     async def create(

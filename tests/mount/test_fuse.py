@@ -98,8 +98,8 @@ class MemoryOps:
     async def flush(self, fh: int) -> None:
         pass
 
-    async def opendir(self, ino: int) -> int:
-        return 1
+    async def opendir(self, ino: int) -> Opened:
+        return Opened(1)
 
     async def readdir(self, fh: int, offset: int, reply: DirReply) -> None:
         names = [b".", b"..", b"data", b"bug", *NAMES]

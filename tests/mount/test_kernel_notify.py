@@ -83,8 +83,8 @@ class OneFile:
     async def flush(self, fh: int) -> None:
         pass
 
-    async def opendir(self, ino: int) -> int:
-        return 1
+    async def opendir(self, ino: int) -> Opened:
+        return Opened(1)
 
     async def readdir(self, fh: int, offset: int, reply: DirReply) -> None:
         pass

@@ -119,8 +119,8 @@ class Recorder:
     async def flush(self, fh: int) -> None:
         self._call("flush", fh)
 
-    async def opendir(self, ino: int) -> int:
-        return 1
+    async def opendir(self, ino: int) -> Opened:
+        return Opened(1)
 
     async def readdir(self, fh: int, offset: int, reply: DirReply) -> None:
         pass

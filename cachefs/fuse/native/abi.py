@@ -89,6 +89,8 @@ PASSTHROUGH = 1 << 37
 # -- OPEN answer flags ----------------------------------------------------------
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3  # the kernel caches the listing (with KEEP_CACHE: keeps it)
+FOPEN_NOFLUSH = 1 << 5  # a close of the file sends no FLUSH (Linux 5.17+)
 FOPEN_PASSTHROUGH = 1 << 7
 
 # -- SETATTR: which fields of fuse_setattr_in are set ------------------------------
@@ -204,6 +206,10 @@ def open_out(opened: Opened) -> bytes:
         flags |= FOPEN_DIRECT_IO
     if opened.backing_id:
         flags |= FOPEN_PASSTHROUGH
+    if opened.noflush:
+        flags |= FOPEN_NOFLUSH
+    if opened.cache_dir:
+        flags |= FOPEN_CACHE_DIR
     return OPEN_OUT.pack(opened.fh, flags, opened.backing_id)
 
 

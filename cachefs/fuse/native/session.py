@@ -49,7 +49,6 @@ from cachefs.fuse.api import (
     SPARE_WORKERS,
     FUSEError,
     Kernel,
-    Opened,
     Operations,
     Payload,
 )
@@ -413,7 +412,7 @@ class Session:
         return _sized(b"".join(n + b"\0" for n in names), size)
 
     async def _opendir(self, nodeid: int, body: bytes) -> Payload:
-        return abi.open_out(Opened(await self._ops.opendir(nodeid)))
+        return abi.open_out(await self._ops.opendir(nodeid))
 
     async def _readdir(self, nodeid: int, body: bytes) -> Payload:
         return await self._list(body, plus=False)

@@ -244,9 +244,9 @@ class Adapter(pyfuse3.Operations):
         await self._plain(self._ops.release, fh)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        fh = await self._interruptible(ctx.pid, self._ops.opendir, inode)
-        self._openers[fh] = ctx.pid
-        return fh
+        opened = await self._interruptible(ctx.pid, self._ops.opendir, inode)
+        self._openers[opened.fh] = ctx.pid
+        return opened.fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         reply: DirReply = _DirReply(token)
