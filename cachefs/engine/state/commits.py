@@ -13,6 +13,10 @@ from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.disk import CacheDisk, DiskError
 from cachefs.errors import CacheDiskFailed
 
+#: How long an early commit waits for more files to become whole, seconds.
+#: Until it, a whole file is read through the page cache, not passthrough.
+EARLY_COMMIT_GATHER = 0.2
+
 
 class Committer:
     """Commits the catalog to the index; :meth:`serve_early_commits` runs in a nursery."""
@@ -51,5 +55,8 @@ class Committer:
     async def serve_early_commits(self) -> None:
         while True:
             await self._soon.wait()
+            # Files that become whole together share one commit: a reader
+            # of many small files would otherwise pay a sync per file.
+            await trio.sleep(EARLY_COMMIT_GATHER)
             self._soon = trio.Event()
             await self.commit_if_usable()
