@@ -121,6 +121,52 @@ def test_a_block_opens_into_a_buffer_only_when_authentic(
     assert not key.open_block_into(7, "etag-1", 3, sealed, memoryview(out))
 
 
+def split(sealed: bytes) -> tuple[bytes, bytes]:
+    """A sealed block as the data files keep a chunk: its nonce apart from
+    its ciphertext and tag."""
+    return sealed[: crypto.NONCE_SIZE], sealed[crypto.NONCE_SIZE :]
+
+
+@pytest.mark.parametrize("into", [True, False], ids=["decrypt_into", "older cryptography"])
+def test_a_chunk_kept_apart_from_its_nonce_opens_only_where_it_was_sealed(
+    key: CacheKey, other_key: CacheKey, monkeypatch: pytest.MonkeyPatch, into: bool
+) -> None:
+    monkeypatch.setattr(crypto, "_DECRYPT_INTO", into)
+    nonce, body = split(key.seal_block(7, "etag-1", 3, BLOCK))
+    out = bytearray(len(BLOCK))
+    assert key.open_chunk(7, "etag-1", 3, nonce, body) == BLOCK
+    assert key.open_chunk_into(7, "etag-1", 3, memoryview(nonce), bytearray(body), memoryview(out))
+    assert out == BLOCK
+    for where in [(8, "etag-1", 3), (7, "etag-2", 3), (7, "etag-1", 2), (7, "etag-1", 4)]:
+        assert key.open_chunk(*where, nonce, body) is None  # another file, version or place
+        assert not key.open_chunk_into(*where, nonce, body, memoryview(out))
+    assert other_key.open_chunk(7, "etag-1", 3, nonce, body) is None
+
+
+def test_a_tampered_cut_or_punched_chunk_does_not_open(key: CacheKey) -> None:
+    nonce, body = split(key.seal_block(7, "etag-1", 3, BLOCK))
+    other_nonce, other_body = split(key.seal_block(7, "etag-1", 3, BLOCK))
+    out = memoryview(bytearray(len(BLOCK)))
+    cases = [
+        (nonce, body[:-1]),  # cut short
+        (nonce, body[: crypto.TAG_SIZE - 1]),  # not even a tag
+        (nonce[:-1], body),  # a short nonce
+        (other_nonce, body),  # another sealing's nonce
+        (nonce, other_body),  # another sealing's ciphertext and tag
+        (nonce, body[:-16] + other_body[-16:]),  # another sealing's tag
+        (bytes(crypto.NONCE_SIZE), bytes(len(body))),  # a hole
+    ]
+    for i in (0, len(BLOCK) - 1, len(body) - 1):  # ciphertext, its last byte, the tag
+        flipped = bytearray(body)
+        flipped[i] ^= 1
+        cases.append((nonce, bytes(flipped)))
+    for n, b in cases:
+        assert key.open_chunk(7, "etag-1", 3, n, b) is None
+        size = max(len(b) - crypto.TAG_SIZE, 0)
+        assert not key.open_chunk_into(7, "etag-1", 3, n, b, out[:size])
+    assert not key.open_chunk_into(7, "etag-1", 3, nonce, body, out[:-1])  # wrong size
+
+
 def test_block_under_another_key_does_not_open(key: CacheKey, other_key: CacheKey) -> None:
     sealed = key.seal_block(7, "etag-1", 3, BLOCK)
     assert other_key.open_block(7, "etag-1", 3, sealed) is None

@@ -8,11 +8,13 @@ reader (see :mod:`cachefs.engine.hit.direct`); otherwise it is read on the trio
 loop when the page cache holds the bytes (RWF_NOWAIT), else through
 io_uring (see :mod:`cachefs._linux.uring`) or, where there is none, in a
 reader thread; either way readers of the cache disk run in parallel.
-Encrypted, or not yet checked in this process, whole blocks (or, encrypted,
-the 64 KiB chunks read) are opened and checked in a reader thread first; a
-block that fails is dropped.  Encrypted with nothing to check but the
-seals, a large read none of whose pages is cached goes direct too, its
-chunks opened in the buffer they were read into.
+Not yet checked in this process, whole blocks are opened (encrypted) and
+checked against their hashes in a reader thread first; encrypted with
+nothing to check but the seals, only the 64 KiB chunks read are opened, on
+the loop, once read like any hit.  A block that fails is dropped.
+Encrypted with nothing to check but the seals, a large read none of whose
+pages is cached goes direct too, its chunks opened in the buffer they were
+read into.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cachefs.engine.policy.content import Content
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.disk import CacheDisk
 from cachefs.engine.state.index import CachedFile
+from cachefs.engine.state.store import DataFile
 from cachefs.engine.state.threads import ReaderPool
 
 
@@ -229,7 +232,7 @@ class HitReader:
         data.acquire()
         try:
             if expected is None and data.key is not None:  # open only what is read
-                buf, bad = await self._readers.run(data.read_range, fd, offset, end)
+                buf, bad = await self._open_range(data, fd, offset, end)
                 lo = 0
             else:
                 buf, bad = await self._readers.run(data.read_blocks, fd, first, last, expected)
@@ -246,3 +249,35 @@ class HitReader:
         if lo == 0 and end - offset == len(buf):
             return buf
         return buf[lo : lo + end - offset]
+
+    async def _open_range(
+        self, data: DataFile, fd: int, offset: int, end: int
+    ) -> tuple[bytearray | memoryview, list[int]]:
+        """Encrypted: bytes [offset, end), opening only the chunks they lie in,
+        and the blocks with a chunk that failed.
+
+        The chunks and their seals are read as any hit is (the page cache
+        without blocking, else the ring or a reader thread) and opened here,
+        on the loop: a chunk opens in microseconds, and AES-GCM would hold
+        the GIL in a thread anyway, with a thread hop and a lock hand-over on
+        top.
+        """
+        chunk, bs = data.chunk, self._block_size
+        start = offset // chunk * chunk
+        stop = min(-(-end // chunk) * chunk, data.size)
+        at, length = data.tags_of(start, stop)
+        tags = bytearray(length)
+        have_tags = await self._read_buffered(fd, tags, at)
+        buf = bytearray(stop - start)
+        got = await self._read_buffered(fd, buf, start)
+        if stop - start <= chunk:  # one chunk (a small read): opened with a copy less
+            c = start // chunk
+            plain = data.open_chunk(c, buf, tags[:have_tags]) if got == len(buf) else None
+            if plain is None:
+                return bytearray(), [c * chunk // bs]
+            return memoryview(plain)[offset - start : end - start], []
+        failed = data.open_in_place(memoryview(buf), start, got, memoryview(tags)[:have_tags])
+        bad = sorted({c * chunk // bs for c in failed})
+        if offset == start and end == stop:
+            return buf, bad
+        return buf[offset - start : end - start], bad

@@ -258,6 +258,47 @@ class CacheKey:
             return False
         return True
 
+    def open_chunk(
+        self,
+        row_id: int,
+        version: str,
+        index: int,
+        nonce: bytes | bytearray | memoryview,
+        body: bytes | bytearray | memoryview,
+    ) -> bytes | None:
+        """Like open_block, for a block whose nonce is kept apart from *body*
+        (its ciphertext, then its tag): how the data files keep chunks."""
+        if not _openable(nonce, body):
+            return None
+        try:
+            return self._blocks.decrypt(nonce, body, _block_ad(row_id, version, index))
+        except InvalidTag:
+            return None
+
+    def open_chunk_into(
+        self,
+        row_id: int,
+        version: str,
+        index: int,
+        nonce: bytes | bytearray | memoryview,
+        body: bytes | bytearray | memoryview,
+        out: memoryview,
+    ) -> bool:
+        """Like open_chunk, the plaintext written into *out* (exactly its size,
+        apart from *body*); False when it does not authenticate, and *out*
+        then holds nothing to use."""
+        if not _openable(nonce, body) or len(out) != len(body) - TAG_SIZE:
+            return False
+        ad = _block_ad(row_id, version, index)
+        try:
+            if _DECRYPT_INTO:
+                self._blocks.decrypt_into(nonce, body, ad, out)
+            else:
+                out[:] = self._blocks.decrypt(nonce, body, ad)
+        except InvalidTag:
+            return False
+        return True
+
     def name_tag(self, file_id: str) -> str:
         """A stable hex tag for *file_id*, stored in the index in place of the name.
 
@@ -297,6 +338,13 @@ def _sealed(sealed: bytes | bytearray | memoryview) -> memoryview | None:
     if view[:NONCE_SIZE] == _ZERO_NONCE and view[-TAG_SIZE:] == _ZERO_TAG:
         return None  # a hole: skip the pass over a block that cannot authenticate
     return view
+
+
+def _openable(nonce: bytes | bytearray | memoryview, body: bytes | bytearray | memoryview) -> bool:
+    """Whether a chunk can open at all: a nonce, a tag, and not a hole (all zeros)."""
+    if len(nonce) != NONCE_SIZE or len(body) < TAG_SIZE:
+        return False
+    return not (nonce == _ZERO_NONCE and body[-TAG_SIZE:] == _ZERO_TAG)
 
 
 def _subkey(master: bytes, salt: bytes, info: bytes) -> bytes:

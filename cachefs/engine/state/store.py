@@ -290,21 +290,6 @@ class DataFile:
                     bad.append(b)
         return out, sorted(set(bad))
 
-    def read_range(self, fd: int, offset: int, end: int) -> tuple[bytearray, list[int]]:
-        """Encrypted: bytes [offset, end) opening only the chunks they lie in.
-
-        Blocking.  Returns the bytes and the blocks with a chunk that failed.
-        """
-        chunk, bs = self.chunk, self.block_size
-        start = offset // chunk * chunk
-        stop = min(-(-end // chunk) * chunk, self.size)
-        out = bytearray(stop - start)
-        failed = self._open_chunks(fd, start, stop, memoryview(out))
-        bad = sorted({c * chunk // bs for c in failed})
-        if offset == start and end == stop:
-            return out, bad
-        return out[offset - start : end - start], bad
-
     def _open_chunks(self, fd: int, start: int, stop: int, view: memoryview) -> list[int]:
         """Decrypt the chunks of [start, stop) (chunk-aligned) into *view*; the failed ones."""
         at, length = self.tags_of(start, stop)
@@ -332,7 +317,7 @@ class DataFile:
         chunk = self.chunk
         first = start // chunk
         size = len(view)
-        rec = bytearray(min(chunk, size) + OVERHEAD)
+        body = memoryview(bytearray(min(chunk, size) + TAG))  # one chunk's ciphertext, its tag
         failed = []
         for at in range(0, size, chunk):
             c = first + at // chunk
@@ -341,13 +326,30 @@ class DataFile:
             if len(tags) < t + OVERHEAD or have < at + n:
                 failed.append(c)
                 continue
-            record = memoryview(rec)[: n + OVERHEAD]
-            record[:NONCE] = tags[t : t + NONCE]
-            record[NONCE : NONCE + n] = view[at : at + n]
-            record[NONCE + n :] = tags[t + NONCE : t + OVERHEAD]
-            if not key.open_block_into(self.row_id, self.version, c, record, view[at : at + n]):
+            record = body[: n + TAG]
+            record[:n] = view[at : at + n]
+            record[n:] = tags[t + NONCE : t + OVERHEAD]
+            nonce = tags[t : t + NONCE]
+            if not key.open_chunk_into(
+                self.row_id, self.version, c, nonce, record, view[at : at + n]
+            ):
                 failed.append(c)
         return failed
+
+    def open_chunk(self, c: int, body: bytearray, tags: bytes | bytearray) -> bytes | None:
+        """Chunk *c* as plain bytes, from *body* (its ciphertext as read) and
+        *tags* (its nonce and tag as read); None when short or not authentic.
+
+        *body* is the chunk's ciphertext, read whole: its tag is appended to
+        it here, saving a copy of the chunk.
+        """
+        key = self.key
+        assert key is not None
+        n = min(self.chunk, self.size - c * self.chunk)
+        if len(body) != n or len(tags) < OVERHEAD:
+            return None
+        body += tags[NONCE:OVERHEAD]
+        return key.open_chunk(self.row_id, self.version, c, tags[:NONCE], body)
 
     async def punch(self, ranges: list[tuple[int, int]], limiter: trio.CapacityLimiter) -> None:
         """Give the space of (offset, length) *ranges* back to the filesystem."""
