@@ -34,9 +34,12 @@ Policy:
 - Content information (``cachefs publish``; backends.s3ci) is the object
   ``<prefix>/.cachefs-ci/<key relative to prefix>``, the record's JSON.
   ``.cachefs-ci`` is never shown, at any depth: it is left out of listings
-  and everything below it is absent.  A missing record answers None; one that
-  does not parse answers None with a warning naming the file; a failed
-  request raises OSError with a one-line reason.
+  and everything below it is absent.  Whether a file has a record is read
+  from a listing of its directory's records, trusted for a few seconds
+  (backends.s3ci.Records), so a file without one costs no request of its
+  own.  A missing record answers None; one that does not parse answers None
+  with a warning naming the file; a failed request raises OSError with a
+  one-line reason.
 - Writable (WHOLE_FILE_ONLY | RENAME_DIRS): a flush uploads the whole file,
   conditional on the version it was made from (backends.s3writes); mkdir,
   unlink, rmdir and rename are backends.s3names.  Files show mode 0644 and
@@ -130,8 +133,9 @@ class S3Backend:
         self._names = Names(store, stream_store)
         self._dir = dir_attrs()
         self._files: weakref.WeakSet[S3File] = weakref.WeakSet()
+        self._records = s3ci.Records(self._list_records)
         kinds = ("heads", "lists", "gets", "streams", "stream_reads", "uploads", "changes")
-        self._counts = dict.fromkeys(kinds, 0)
+        self._counts = dict.fromkeys((*kinds, "record_lists", "record_gets"), 0)
 
     def __repr__(self) -> str:
         return f"S3Backend({self.url!r} at {self.endpoint})"
@@ -375,17 +379,36 @@ class S3Backend:
 
     # -- content information ---------------------------------------------
 
+    async def _list_records(self, dir_id: str, after: str) -> s3ci.Window:
+        self._counts["record_lists"] += 1
+        return await self._run_abandonable(s3ci.list_window, self._store, dir_id, after)
+
     async def content_info(self, file_id: str) -> ContentInfo | None:
-        """The stored record of *file_id*, as stored; None if none or malformed."""
+        """The stored record of *file_id*, as stored; None if none or malformed.
+
+        No GET unless the listing of the directory's records shows one."""
+        if not s3ci.key_ok(file_id) or not await self._records.may_have(file_id):
+            return None
+        self._counts["record_gets"] += 1
         return await self._run_abandonable(s3ci.read, self._store, file_id)
 
     async def put_content_info(self, file_id: str, info: ContentInfo) -> None:
         """Store *info* for *file_id* (one PUT: S3 replaces objects atomically)."""
-        await self._run(s3ci.write, self._store, file_id, info.to_bytes())
+        try:
+            await self._run(s3ci.write, self._store, file_id, info.to_bytes())
+        except BaseException:
+            self._records.wrote(file_id, None)
+            raise
+        self._records.wrote(file_id, True)
 
     async def delete_content_info(self, file_id: str) -> None:
         """Remove the record of *file_id*, if any."""
-        await self._run(s3ci.delete, self._store, file_id)
+        try:
+            await self._run(s3ci.delete, self._store, file_id)
+        except BaseException:
+            self._records.wrote(file_id, None)
+            raise
+        self._records.wrote(file_id, False)
 
     async def content_info_ids(self) -> list[str]:
         """The file ids that have a stored record (for pruning)."""
