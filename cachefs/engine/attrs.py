@@ -44,7 +44,7 @@ class Attributes:
         cf = self._catalog.files.get(file_id)
         if cf is not None and now - cf.validated_at < self._ttl:
             return cf.attrs
-        other = self._catalog.other.get(file_id)
+        other = self._catalog.other.get(file_id) or self._catalog.listed.get(file_id)
         if other is not None and now - other[1] < self._ttl:
             return other[0]
         return await self.revalidate(file_id)
@@ -114,18 +114,33 @@ class Attributes:
         self._listings[dir_id] = entries
         prefix = f"{dir_id}/" if dir_id else ""
         now = trio.current_time()
+        listed = cat.listed
         for entry in entries:
             file_id = prefix + entry.name
             if entry.attrs.kind is not FileKind.FILE or file_id in cat.files:
                 cat.learn(file_id, entry.attrs, now)
+            else:  # a stat it spares, not a row: many of them are never opened
+                listed[file_id] = (entry.attrs, now)
         return entries
 
     async def current(self, file_id: str) -> CachedFile:
         """The version of *file_id* the cache serves now (revalidated past the TTL)."""
         attrs = await self.getattr(file_id)
-        cf = self._catalog.files.get(file_id)
+        cf = self.row(file_id, attrs)
         if cf is None or attrs.kind is not FileKind.FILE:
             raise NotFound(f"{file_id}: no such file")
+        return cf
+
+
+    def row(self, file_id: str, attrs: FileAttrs) -> CachedFile | None:
+        """The cache's version of *file_id* that :meth:`getattr` just answered
+        *attrs* for, made now if it came from a listing."""
+        cat = self._catalog
+        cf = cat.files.get(file_id)
+        listed = cat.listed.get(file_id)
+        if cf is None and listed is not None and listed[0] is attrs:
+            cat.learn(file_id, attrs, listed[1])
+            cf = cat.files.get(file_id)
         return cf
 
 

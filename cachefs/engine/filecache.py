@@ -268,7 +268,7 @@ class FileCache:
         attrs = await self._attrs.getattr(file_id)
         if attrs.kind is not FileKind.FILE:
             raise NotAFile(f"{file_id or '/'}: not a regular file")
-        cf = self.catalog.files.get(file_id)
+        cf = self._attrs.row(file_id, attrs)
         if cf is None:  # getattr learned it; only a bug gets here
             raise NotFound(f"{file_id}: no such file")
         fh = OpenFile(cf)

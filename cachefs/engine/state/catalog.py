@@ -46,6 +46,9 @@ class Catalog:
         self.block_size = block_size
         self.files: dict[str, CachedFile] = {cf.file_id: cf for cf in files}
         self.other: dict[str, tuple[FileAttrs, float]] = {}
+        #: Files a listing showed that have no row yet, and when (a stat
+        #: spared: a row is made when one is opened).
+        self.listed: dict[str, tuple[FileAttrs, float]] = {}
         # What a file's next version inherits from its last (error, pinned),
         # for files whose version was retired before the next was learned.
         self._carry: dict[str, tuple[str | None, bool]] = {}
@@ -66,6 +69,7 @@ class Catalog:
     def learn(self, file_id: str, attrs: FileAttrs, now: float) -> FileAttrs:
         """Record what the backend says *file_id* is; a new version drops the old one."""
         cf = self.files.get(file_id)
+        self.listed.pop(file_id, None)
         if attrs.kind is not FileKind.FILE:
             if cf is not None:
                 self.retire(cf)
@@ -85,6 +89,7 @@ class Catalog:
     def forget(self, file_id: str) -> None:
         """The path is gone from the source."""
         self.other.pop(file_id, None)
+        self.listed.pop(file_id, None)
         cf = self.files.get(file_id)
         if cf is not None:
             self.retire(cf)
