@@ -35,7 +35,10 @@ Policy:
   after its TTL.  Directory listings are cached here for the same TTL; a
   fresh listing also answers negative lookups without asking the backend.
   A directory whose names are looked up one by one (LIST_AFTER_LOOKUPS of
-  them) is listed: one listing instead of a stat per name.
+  them) is listed: one listing instead of a stat per name.  The listings of
+  directories the kernel forgets (it dropped its caches) are kept for the
+  rest of their TTL (the last KEPT_LISTINGS of them), so the next ``ls``
+  does not list the source again.
 
 No FUSE in this module: it speaks file ids, FileAttrs and NotFound, and the
 FUSE layer translates.
@@ -44,6 +47,7 @@ FUSE layer translates.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,6 +62,8 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1
 #: Names looked up one by one in a directory before it is listed instead.
 LIST_AFTER_LOOKUPS = 16
+#: Listings kept, for their TTL, of directories the kernel forgot.
+KEPT_LISTINGS = 256
 
 
 class NewInode(Exception):
@@ -118,6 +124,9 @@ class Namespace:
         }
         # path -> (inode number, kind, file version): outlives forgotten nodes.
         self._numbers: dict[str, _Number] = {"": (ROOT_INODE, FileKind.DIR, "")}
+        # Fresh listings of directories the kernel forgot (it dropped its
+        # caches): a lookup of one again within the TTL finds it listed.
+        self._kept: OrderedDict[str, tuple[list[DirEntry], float, frozenset[str]]] = OrderedDict()
         # directory path -> the paths right under it in _numbers (to move or
         # drop a subtree without scanning every path).
         self._children: dict[str, set[str]] = {}
@@ -200,6 +209,9 @@ class Namespace:
         node = self._nodes.get(ino)
         if node is None:
             node = self._nodes[ino] = Node(ino, file_id, attrs.kind, attrs)
+            kept = self._kept.pop(file_id, None)
+            if kept is not None and attrs.kind is FileKind.DIR:
+                node.listing, node.listed_at, node.names = kept
         node.attrs = attrs
         node.lookups += 1
         return node
@@ -216,6 +228,10 @@ class Namespace:
             node.lookups = 0
         if node.lookups == 0 and ino != ROOT_INODE:
             del self._nodes[ino]
+            if node.listing is not None and self._fresh_listing(node):
+                self._kept[node.file_id] = (node.listing, node.listed_at, node.names)
+                if len(self._kept) > KEPT_LISTINGS:
+                    self._kept.popitem(last=False)
 
     # -- attributes and listings ----------------------------------------
 
@@ -340,9 +356,16 @@ class Namespace:
         return self.live_inode(file_id)
 
     def _relist(self, dir_id: str) -> None:
+        self._kept.pop(dir_id, None)
         ino = self.live_inode(dir_id)
         if ino is not None:
             self._nodes[ino].listing = None
+
+    def _drop_kept(self, file_id: str) -> None:
+        """Forget the kept listings of *file_id* and of the directories below it."""
+        below = f"{file_id}/"
+        for path in [p for p in self._kept if p == file_id or p.startswith(below)]:
+            del self._kept[path]
 
     # -- changes made through the mount ---------------------------------
 
@@ -358,6 +381,7 @@ class Namespace:
         stay until it forgets them."""
         for path in self._subtree(file_id):
             self._unnumber(path)
+        self._drop_kept(file_id)
         self._relist(parent_id(file_id))
 
     def renamed(self, old_id: str, new_id: str) -> None:
@@ -366,6 +390,8 @@ class Namespace:
         listed again."""
         if old_id == new_id:
             return
+        self._drop_kept(old_id)
+        self._drop_kept(new_id)
         for path in self._subtree(new_id):
             self._unnumber(path)
         moved = [(path, self._unnumber(path)) for path in self._subtree(old_id)]

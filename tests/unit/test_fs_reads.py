@@ -150,3 +150,48 @@ def test_a_name_the_listing_lacks_is_no_walk() -> None:
     walks, names = Walks(), listing(10)
     assert walks.opened(1, names, "zzz") == []
     assert walks.opened(1, names, "f00000a") == []
+
+
+async def test_a_listing_outlives_the_kernel_forgetting_its_directory() -> None:
+    cache = FakeCache(corpus(3))
+    ops, _ = mount(cache)
+    c = await ops.lookup(ROOT_INODE, b"c")
+    await ops.opendir(c.ino)
+    ops.forget([(c.ino, 1)])  # the kernel dropped its caches
+    c = await ops.lookup(ROOT_INODE, b"c")
+    await ops.opendir(c.ino)
+    assert cache.listings == ["c"]  # listed once
+
+
+async def test_a_kept_listing_goes_with_its_directory() -> None:
+    cache = FakeCache(corpus(3))
+    ops, _ = mount(cache)
+    c = await ops.lookup(ROOT_INODE, b"c")
+    await ops.opendir(c.ino)
+    ops.forget([(c.ino, 1)])
+    await ops.rename(ROOT_INODE, b"c", ROOT_INODE, b"moved", 0)
+    await ops.mkdir(ROOT_INODE, b"c", 0o755)  # another directory, empty
+    c = await ops.lookup(ROOT_INODE, b"c")
+    fh = (await ops.opendir(c.ino)).fh
+    assert await names_of(ops, fh) == []
+    moved = await ops.lookup(ROOT_INODE, b"moved")
+    fh = (await ops.opendir(moved.ino)).fh
+    assert await names_of(ops, fh) == [b"f000", b"f001", b"f002"]
+
+
+class Names:
+    plus = False
+
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+
+    def add(self, name: bytes, entry: object, next_offset: int) -> bool:
+        self.names.append(name)
+        return True
+
+
+async def names_of(ops: Operations, fh: int) -> list[bytes]:
+    listing = Names()
+    await ops.readdir(fh, 0, listing)  # type: ignore[arg-type]
+    await ops.releasedir(fh)
+    return listing.names[2:]
