@@ -7,14 +7,17 @@ import os
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from bench.dataset import FULL, QUICK, ensure_data
+from bench.goals import check_goals
 from bench.jobs import JOBS
-from bench.report import check_goals, ratios, write_outputs
+from bench.report import ratios, write_outputs
 from bench.s3like import run_moto, run_s3like
+from bench.s3source import S3_JOBS, S3_TARGETS, serve_bucket
 from bench.suite import Run, default_workdir, run_jobs
 from bench.system import (
     REPO,
@@ -27,7 +30,7 @@ from bench.system import (
     rounds_arg,
     set_memory_retouch,
 )
-from bench.targets import ENCRYPTED_JOBS, TARGETS
+from bench.targets import ENCRYPTED_JOBS, TARGETS, Target
 
 # Memory touched after each drop of the caches, per byte the measurement reads
 # (where the VM hands freed memory back to its host; see set_memory_retouch).
@@ -40,10 +43,12 @@ BUSY_LOAD = 0.5
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="fio, small files, metadata and time to first byte through cachefs, "
+        description="fio, small files (1 and 8 readers), metadata (a tree, one big "
+        "directory) and time to first byte through cachefs, "
         "against the raw source and rclone mount --vfs-cache-mode full, cold / cache-hit / "
-        "warm; cachefs --encrypt against plain cachefs on cache hits and warm (seq 1M, "
-        "rand 4k); then cold reads through a throttled backend and from a moto-served S3 "
+        "warm; the 8 readers and the big directory also over an S3 bucket (hadro), cachefs "
+        "against rclone; cachefs --encrypt against plain cachefs on cache hits and warm (seq "
+        "1M, rand 4k); then cold reads through a throttled backend and from a moto-served S3 "
         "bucket. seq 1M (1 job) is measured three times (--quick: once) for raw, cachefs and "
         "cachefs-enc, alternating, and the median kept. Run as root (it drops kernel caches).",
     )
@@ -70,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--targets",
-        default=",".join(TARGETS),
+        default=",".join([*TARGETS, *S3_TARGETS]),
         help="comma-separated subset of %(default)s (default: all; cachefs-enc, "
         f"cachefs --encrypt, measures only {','.join(sorted(ENCRYPTED_JOBS))} "
-        "on cache hits and warm)",
+        "on cache hits and warm; cachefs-s3 and rclone-s3 mount a bucket of a hadro "
+        f"server and measure only {','.join(sorted(S3_JOBS))})",
     )
     parser.add_argument(
         "--jobs",
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, say: Any, t0: float) -> int:
-    names = choose(args.targets, list(TARGETS), "targets")
+    names = choose(args.targets, [*TARGETS, *S3_TARGETS], "targets")
     job_keys = choose(args.jobs, [j.key for j in JOBS], "jobs")
     missing = missing_tools(names)
     if missing:
@@ -151,9 +157,19 @@ def _main(args: argparse.Namespace, say: Any, t0: float) -> int:
     load_before = os.getloadavg()[0]
     if load_before > BUSY_LOAD:
         say(f"the machine is busy (load {load_before:.2f}): figures will be noisy")
-    targets = [TARGETS[n](source, workdir) for n in names]
     jobs = [j for j in JOBS if j.key in job_keys]
-    results = run_jobs(Run(jobs, targets, sizes, drop, say))
+    with ExitStack() as stack:
+        targets: list[Target] = [TARGETS[n](source, workdir) for n in names if n in TARGETS]
+        s3_names = [n for n in names if n in S3_TARGETS]
+        if s3_names and any(j.key in S3_JOBS for j in jobs):
+            try:
+                bucket = stack.enter_context(serve_bucket(source, workdir, sizes, say))
+            except BenchError as e:
+                say(f"S3 source FAILED, {', '.join(s3_names)} left out: {e}")
+            else:
+                say(f"S3 source: hadro at {bucket.endpoint}, bucket {bucket.name}")
+                targets += [S3_TARGETS[n](source, workdir, bucket) for n in s3_names]
+        results = run_jobs(Run(jobs, targets, sizes, drop, say))
     s3like = None
     if not args.no_throttled:
         try:

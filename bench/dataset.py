@@ -19,10 +19,22 @@ GiB = 1 << 30
 BIG = "big.bin"
 SEQ4_DIR = "seq4"
 SMALL_DIR = "small"
+SMALL8_DIR = "small8"
 TREE_DIR = "tree"
+BIG_DIR = "bigdir"
 MANIFEST = ".bench-manifest.json"
 # the fields of Sizes that shape the data (the others are durations)
-DATA_FIELDS = ("big", "seq4_file", "small_count", "small_size", "tree_dirs", "tree_files_per_dir")
+DATA_FIELDS = (
+    "big",
+    "seq4_file",
+    "small_count",
+    "small_size",
+    "small8_count",
+    "small8_size",
+    "tree_dirs",
+    "tree_files_per_dir",
+    "bigdir_entries",
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +46,12 @@ class Sizes:
     seq4_file: int  # each of the 4 files of seq x4
     small_count: int
     small_size: int
+    small8_count: int  # the files the 8 parallel readers share
+    small8_size: int
     tree_dirs: int  # the tree has tree_dirs * tree_files_per_dir entries
     tree_files_per_dir: int
+    bigdir_entries: int  # the one big directory, local source
+    s3_bigdir_entries: int  # its first entries, the big directory of the S3 bucket
     rand_seconds: int  # time_based rand jobs
     seq_cap_seconds: int  # a seq job stops here even if the file is not read through
     warm_seq_seconds: int  # warm seq jobs loop over their files this long
@@ -56,8 +72,14 @@ FULL = Sizes(
     seq4_file=256 * MiB,
     small_count=2000,
     small_size=64 << 10,
+    small8_count=4000,
+    small8_size=16 << 10,
     tree_dirs=100,
     tree_files_per_dir=100,  # the directory itself and 99 files
+    bigdir_entries=100_000,
+    # hadro lists a directory in pages of 1,000, each a walk and a stat of the
+    # whole directory: 100,000 entries take 105 s to list, 10,000 about 1 s
+    s3_bigdir_entries=10_000,
     rand_seconds=10,
     seq_cap_seconds=30,
     warm_seq_seconds=3,
@@ -74,8 +96,12 @@ QUICK = Sizes(
     seq4_file=64 * MiB,
     small_count=500,
     small_size=64 << 10,
+    small8_count=400,
+    small8_size=16 << 10,
     tree_dirs=20,
     tree_files_per_dir=100,
+    bigdir_entries=5000,
+    s3_bigdir_entries=2000,
     rand_seconds=1,
     seq_cap_seconds=10,
     warm_seq_seconds=1,
@@ -94,6 +120,15 @@ def seq4_files(root: Path) -> list[Path]:
 
 def small_files(root: Path, sizes: Sizes) -> list[Path]:
     return [root / SMALL_DIR / f"f{i:05d}" for i in range(sizes.small_count)]
+
+
+def small8_files(root: Path, sizes: Sizes) -> list[Path]:
+    return [root / SMALL8_DIR / f"f{i:05d}" for i in range(sizes.small8_count)]
+
+
+def bigdir_names(count: int) -> list[str]:
+    """The first *count* entries of the big directory, in the order made."""
+    return [f"e{i:06d}" for i in range(count)]
 
 
 def _random_file(path: Path, size: int) -> None:
@@ -139,7 +174,13 @@ def ensure_data(workdir: Path, sizes: Sizes, say: Callable[[str], None]) -> Path
     (root / SMALL_DIR).mkdir()
     for path in small_files(root, sizes):
         path.write_bytes(os.urandom(sizes.small_size))
+    (root / SMALL8_DIR).mkdir()
+    for path in small8_files(root, sizes):
+        path.write_bytes(os.urandom(sizes.small8_size))
     _tree(root / TREE_DIR, sizes)
+    (root / BIG_DIR).mkdir()
+    for name in bigdir_names(sizes.bigdir_entries):
+        (root / BIG_DIR / name).write_bytes(name.encode())
     os.sync()
     manifest.write_text(json.dumps(wanted))
     return root

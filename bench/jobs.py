@@ -1,4 +1,5 @@
-"""The jobs: fio seq/rand, small files, metadata, time to first byte.
+"""The jobs: fio seq/rand, small files (1 and 8 readers), metadata (``ls -lR``
+of a tree, ``ls -l`` of one big directory), time to first byte.
 
 Each job has ``run(root, sizes, warm)``, the measurement, returning a dict
 whose ``value`` is the figure compared across targets, and ``fill(root,
@@ -16,12 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.dataset import BIG, SEQ4_DIR, TREE_DIR, MiB, Sizes, seq4_files, small_files
+from bench.dataset import (
+    BIG,
+    BIG_DIR,
+    SEQ4_DIR,
+    TREE_DIR,
+    MiB,
+    Sizes,
+    seq4_files,
+    small8_files,
+    small_files,
+)
 from bench.system import BenchError
 
 CHUNK = MiB
 FIRST_BYTES = 4096
 TTFB_FILL = 8 * MiB
+READERS = 8  # the parallel small-file readers
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,61 @@ def _small(root: Path, sizes: Sizes, warm: bool) -> dict[str, Any]:
     }
 
 
+def _small8(root: Path, sizes: Sizes, warm: bool) -> dict[str, Any]:
+    """READERS ``cat`` processes at once, each over its own run of consecutive
+    files (as a program reading a directory's files one after another would),
+    timed until the last one is done."""
+    files = small8_files(root, sizes)
+    n = len(files)
+    runs = [files[i * n // READERS : (i + 1) * n // READERS] for i in range(READERS)]
+    runs = [run for run in runs if run]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["cat", *map(str, run)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for run in runs
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - start
+    for proc, err in zip(procs, errors, strict=True):
+        if proc.returncode != 0:
+            last = err.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+            raise BenchError(f"cat of the small files failed ({proc.returncode}): {last[0]}")
+    return {
+        "value": round(len(files) / elapsed),
+        "files": len(files),
+        "readers": len(runs),
+        "mib_s": round(len(files) * sizes.small8_size / MiB / elapsed, 1),
+        "seconds": round(elapsed, 3),
+    }
+
+
+def _bigdir(root: Path, sizes: Sizes, warm: bool) -> dict[str, Any]:
+    """``ls -l`` of the big directory (a readdir and a stat of every entry);
+    the entries are counted from its output, so a listing cut short shows."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        ["ls", "-l", str(root / BIG_DIR)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    )
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+        raise BenchError(f"ls -l of the big directory failed ({done.returncode}): {last[0]}")
+    entries = done.stdout.count(b"\n") - 1  # less ls's "total" line
+    return {
+        "value": round(entries / elapsed),
+        "entries": entries,
+        "seconds": round(elapsed, 3),
+    }
+
+
 def _metadata(root: Path, sizes: Sizes, warm: bool) -> dict[str, Any]:
     elapsed = _timed(["ls", "-lR", str(root / TREE_DIR)], "ls -lR")
     return {
@@ -207,6 +274,17 @@ def _fill_small(root: Path, sizes: Sizes) -> None:
         read_file(path)
 
 
+def _fill_small8(root: Path, sizes: Sizes) -> None:
+    for path in small8_files(root, sizes):
+        read_file(path)
+
+
+def _fill_bigdir(root: Path, sizes: Sizes) -> None:
+    with os.scandir(root / BIG_DIR) as entries:
+        for entry in entries:
+            entry.stat(follow_symlinks=False)
+
+
 def _fill_tree(root: Path, sizes: Sizes) -> None:
     for dirpath, dirnames, filenames in os.walk(root / TREE_DIR):
         for name in dirnames + filenames:
@@ -244,12 +322,30 @@ JOBS = [
         lambda sizes: sizes.small_count * sizes.small_size,
     ),
     Job(
+        "small8",
+        f"small files, {READERS} parallel readers",
+        "files/s",
+        True,
+        _small8,
+        _fill_small8,
+        lambda sizes: sizes.small8_count * sizes.small8_size,
+    ),
+    Job(
         "metadata",
         "ls -lR (stat every entry)",
         "entries/s",
         True,
         _metadata,
         _fill_tree,
+        lambda sizes: 0,
+    ),
+    Job(
+        "bigdir",
+        "ls -l of one big directory",
+        "entries/s",
+        True,
+        _bigdir,
+        _fill_bigdir,
         lambda sizes: 0,
     ),
     Job(

@@ -1,99 +1,41 @@
-"""Ratios, the goals (issue 6 §3, encryption), and the JSON / Markdown / PNG outputs.
+"""Ratios, and the JSON / Markdown / PNG outputs (the goals: bench/goals.py).
 
 A ratio is always "how many times as fast as": for a time (time to first
 byte) the other target's time is divided by cachefs's, so > 1 means cachefs
 is faster everywhere.  ``cachefs-enc/cachefs`` is the encrypted cache against
 the plain one (> 1: encrypted faster), where the encrypted one was measured;
 ``cachefs-pyfuse3/cachefs`` the pyfuse3 transport against the native one
-(> 1: pyfuse3 faster).
+(> 1: pyfuse3 faster); ``cachefs-s3/...`` cachefs over the S3 bucket against
+rclone over it, against cachefs over the local source, and against raw.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.goals import ENC_RATIO, ENC_RAW, S3_LOCAL, S3_RAW, S3_RCLONE
 from bench.jobs import JOBS, Job
 from bench.suite import CONDITIONS
 
-PEERS = ("raw", "rclone")
 ENCRYPTED = "cachefs-enc"
-ENC_RATIO = f"{ENCRYPTED}/cachefs"
 PYFUSE3 = "cachefs-pyfuse3"
 PYFUSE3_RATIO = f"{PYFUSE3}/cachefs"
-
-
-@dataclass(frozen=True)
-class Goal:
-    title: str
-    job: str  # a job key, or "s3like"
-    condition: str
-    ratio: str  # a key of the rows of ratios(); unused for "s3like"
-    at_least: float
-    # what stops it on this machine where it misses, found by profiling (README,
-    # "What still limits"); said beside a MISS
-    limit: str = ""
-
-
-WARM_SEQ_LIMIT = (
-    "with passthrough the kernel reads the cache file's own pages, one layer more than raw; "
-    "without it (no passthrough opens in the run), the kernel (6.18) holds a FUSE file's page "
-    "cache in 4 KiB pages and ext4's in large folios"
+S3_CACHEFS, S3_RCLONE_TARGET = "cachefs-s3", "rclone-s3"
+# the ratios of every row: key, the target measured against, the other
+RATIOS = (
+    ("cachefs/raw", "cachefs", "raw"),
+    ("cachefs/rclone", "cachefs", "rclone"),
+    ("rclone/raw", "rclone", "raw"),
+    (ENC_RATIO, ENCRYPTED, "cachefs"),
+    (ENC_RAW, ENCRYPTED, "raw"),
+    (PYFUSE3_RATIO, PYFUSE3, "cachefs"),
+    (S3_RCLONE, S3_CACHEFS, S3_RCLONE_TARGET),
+    (S3_LOCAL, S3_CACHEFS, "cachefs"),
+    (S3_RAW, S3_CACHEFS, "raw"),
 )
-WARM_RAND_LIMIT = (
-    "each 4 KiB read passes FUSE's passthrough on its way to the cache file's pages: "
-    "0.83-0.96 x raw in alternating runs on this machine, which moves 20% run to run"
-)
-RAND_HIT_LIMIT = (
-    "both daemons are CPU-bound: cachefs's one loop thread spends about 85 us per 4 KiB "
-    "read (half in the interpreter, half in the kernel: FUSE, io_uring, wake-ups)"
-)
-COLD_SEQ_LIMIT = (
-    "source and cache share one disk, and every byte is also written, copied and "
-    "hashed: about 1 s of daemon CPU per GiB on 2 cores"
-)
-HIT_SEQ_LIMIT = (
-    "the disk reads at 0.45-2.5 GB/s from one minute to the next; with passthrough cachefs "
-    "reads its cache file as raw reads its source, through the same page cache and readahead"
-)
-
-GOALS = [
-    Goal("warm seq 1M >= 0.9 x raw", "seq1m_j1", "warm", "cachefs/raw", 0.9, WARM_SEQ_LIMIT),
-    Goal(
-        "warm rand 4k (1 job) >= 0.9 x raw",
-        "rand4k_j1",
-        "warm",
-        "cachefs/raw",
-        0.9,
-        WARM_RAND_LIMIT,
-    ),
-    Goal("warm rand 4k (4 jobs) >= 0.9 x raw", "rand4k_j4", "warm", "cachefs/raw", 0.9),
-    Goal(
-        "cache-hit seq 1M >= 0.9 x raw", "seq1m_j1", "cache-hit", "cachefs/raw", 0.9, HIT_SEQ_LIMIT
-    ),
-    Goal("cache-hit seq 1M >= 1.0 x rclone", "seq1m_j1", "cache-hit", "cachefs/rclone", 1.0),
-    Goal("cold seq 1M >= 0.5 x raw", "seq1m_j1", "cold", "cachefs/raw", 0.5, COLD_SEQ_LIMIT),
-    Goal("cold seq 1M >= 3 x rclone", "seq1m_j1", "cold", "cachefs/rclone", 3.0),
-    Goal(
-        "cache-hit rand 4k (4 jobs) >= 1.0 x rclone",
-        "rand4k_j4",
-        "cache-hit",
-        "cachefs/rclone",
-        1.0,
-        RAND_HIT_LIMIT,
-    ),
-    Goal("throttled-S3 cold seq >= 6 x naive single stream", "s3like", "cold", "", 6.0),
-    Goal(
-        "encrypted cache-hit seq 1M >= 0.5 x plain cache-hit",
-        "seq1m_j1",
-        "cache-hit",
-        ENC_RATIO,
-        0.5,
-    ),
-]
 
 
 def _speed_ratio(job: Job, ours: Any, theirs: Any) -> float | None:
@@ -105,8 +47,7 @@ def _speed_ratio(job: Job, ours: Any, theirs: Any) -> float | None:
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """cachefs/raw, cachefs/rclone, rclone/raw, cachefs-enc/cachefs and
-    cachefs-pyfuse3/cachefs for every job and condition measured (None where
+    """Every ratio of RATIOS for every job and condition measured (None where
     either side is missing)."""
     out = []
     for job in JOBS:
@@ -114,34 +55,12 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         for condition in CONDITIONS:
             row = results[job.key][condition]
-            ours = row.get("cachefs", {}).get("value")
             entry: dict[str, Any] = {"job": job.key, "condition": condition}
-            for peer in PEERS:
-                entry[f"cachefs/{peer}"] = _speed_ratio(job, ours, row.get(peer, {}).get("value"))
-            entry["rclone/raw"] = _speed_ratio(
-                job, row.get("rclone", {}).get("value"), row.get("raw", {}).get("value")
-            )
-            entry[ENC_RATIO] = _speed_ratio(job, row.get(ENCRYPTED, {}).get("value"), ours)
-            entry[PYFUSE3_RATIO] = _speed_ratio(job, row.get(PYFUSE3, {}).get("value"), ours)
+            for key, ours, theirs in RATIOS:
+                entry[key] = _speed_ratio(
+                    job, row.get(ours, {}).get("value"), row.get(theirs, {}).get("value")
+                )
             out.append(entry)
-    return out
-
-
-def check_goals(table: list[dict[str, Any]], s3like: dict[str, Any] | None) -> list[dict[str, Any]]:
-    out = []
-    for goal in GOALS:
-        ratio = None
-        if goal.job == "s3like":
-            ratio = s3like.get("ratio") if s3like else None
-        else:
-            for row in table:
-                if row["job"] == goal.job and row["condition"] == goal.condition:
-                    ratio = row[goal.ratio]
-        verdict = "n/a" if ratio is None else ("PASS" if ratio >= goal.at_least else "MISS")
-        entry = {"goal": goal.title, "ratio": ratio, "at_least": goal.at_least, "verdict": verdict}
-        if verdict == "MISS" and goal.limit:
-            entry["known_limit"] = goal.limit
-        out.append(entry)
     return out
 
 
@@ -261,6 +180,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"single-stream 1 MiB ranged GETs {_fmt(moto['naive']['value'])} MiB/s: "
             f"**{_fmt(moto['ratio'])} x**.",
         ]
+    lines += _s3_lines(report)
     lines += _encrypted_lines(report)
     lines += _transport_lines(report)
     lines += ["", "| goal | ratio | verdict |", "|---|---:|---|"]
@@ -297,6 +217,56 @@ def _rounds_lines(report: dict[str, Any]) -> list[str]:
         "",
         "| job | condition | target | each round, in order | median |",
         "|---|---|---|---|---:|",
+        *rows,
+    ]
+
+
+def _s3_lines(report: dict[str, Any]) -> list[str]:
+    """cachefs and rclone over the S3 bucket, beside cachefs over the local source."""
+    by_key = {(r["job"], r["condition"]): r for r in report["ratios"]}
+    rows = []
+    entries = []
+    for job in JOBS:
+        for condition in CONDITIONS:
+            row = report["results"].get(job.key, {}).get(condition, {})
+            if S3_CACHEFS not in row and S3_RCLONE_TARGET not in row:
+                continue
+            ours, theirs = row.get(S3_CACHEFS, {}), row.get(S3_RCLONE_TARGET, {})
+            r = by_key[(job.key, condition)]
+            if condition == "cold" and "entries" in ours:
+                local = row.get("cachefs", row.get("raw", {})).get("entries")
+                entries.append(
+                    f"{job.title}: {_fmt(ours['entries'])} entries over S3, {_fmt(local)} local"
+                )
+            cells = [
+                f"{job.title} ({job.unit})",
+                condition,
+                _cell(row.get("raw", {})),
+                _cell(row.get("cachefs", {})),
+                _cell(ours),
+                _cell(theirs),
+                _fmt(r[S3_RCLONE]),
+                _fmt(r[S3_LOCAL]),
+                _fmt(ours.get("daemon_cpu_s")),
+                _fmt(ours.get("daemon_peak_rss_mib")),
+                _fmt(theirs.get("daemon_cpu_s")),
+                _fmt(theirs.get("daemon_peak_rss_mib")),
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    sizes = f" ({'; '.join(entries)})" if entries else ""
+    return [
+        "",
+        "S3 source: a bucket of a hadro server on 127.0.0.1 (bench/s3source.py) holding the "
+        f"same files{sizes}: cachefs-s3 is `cachefs mount s3://bench MNT --s3-endpoint URL`, "
+        "rclone-s3 `rclone mount benchs3:bench MNT --vfs-cache-mode full` (an S3 remote); "
+        "s3/local is cachefs over S3 against cachefs over the local source.",
+        "",
+        "| job | condition | raw | cachefs (local) | cachefs-s3 | rclone-s3 "
+        "| cachefs-s3/rclone-s3 | s3/local | cachefs-s3 CPU s | cachefs-s3 RSS MiB "
+        "| rclone-s3 CPU s | rclone-s3 RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ]
 

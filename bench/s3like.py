@@ -15,8 +15,6 @@ readahead may use many connections.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -33,7 +31,7 @@ from backends.local import LocalBackend
 from backends.throttled import ThrottledBackend, parse_throttle
 from bench.dataset import BIG, MiB, Sizes
 from bench.jobs import fio
-from bench.system import BenchError, DaemonWatch, drop_caches, stop_process
+from bench.system import BenchError, DaemonWatch, drop_caches, free_port, serve_on
 from bench.targets import CachefsTarget, ThrottledTarget
 from cachefs.contract import ReadData, RWEvent, RWResult
 
@@ -147,44 +145,15 @@ def run_s3like(
 # -- on a moto-served bucket ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def moto_server(log: Path) -> Iterator[str]:
     """A moto_server on 127.0.0.1 (a free port) while within; its endpoint."""
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
         raise BenchError(f"{exe} is missing: pip install -e '.[test]' (moto[server])")
-    port = _free_port()
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [str(exe), "-H", "127.0.0.1", "-p", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        end = time.monotonic() + MOTO_START_DEADLINE
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"moto_server exited with {proc.returncode}; see {log}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    raise BenchError(
-                        f"moto_server not listening after {MOTO_START_DEADLINE:g} s"
-                    ) from None
-                time.sleep(0.05)
+    port = free_port()
+    with serve_on([str(exe), "-H", "127.0.0.1", "-p", str(port)], port, log, MOTO_START_DEADLINE):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
 
 
 @contextmanager

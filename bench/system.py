@@ -8,9 +8,12 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ class BenchError(Exception):
 def missing_tools(targets: list[str]) -> list[str]:
     """What this run needs and cannot find, as ``name (how to get it)``."""
     need = dict(TOOLS)
-    if "rclone" not in targets:
+    if not any(t.startswith("rclone") for t in targets):
         need.pop("rclone")
     missing = [f"{tool} ({how})" for tool, how in need.items() if shutil.which(tool) is None]
     if not os.path.exists("/dev/fuse"):
@@ -220,6 +223,42 @@ def wait_mounted(path: Path, proc: subprocess.Popen[bytes], log: Path, deadline:
         if time.monotonic() > end:
             raise BenchError(f"{path} not mounted after {deadline:g} s; see {log}")
         time.sleep(0.05)
+
+
+@contextmanager
+def serve_on(cmd: list[str], port: int, log: Path, deadline: float) -> Iterator[None]:
+    """Run the server *cmd* while within, once it listens on 127.0.0.1:*port*;
+    always stopped on the way out."""
+    name = Path(cmd[0]).name
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        end = time.monotonic() + deadline
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited with {proc.returncode}; see {log}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    raise BenchError(f"{name} not listening after {deadline:g} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        stop_process(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

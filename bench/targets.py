@@ -1,5 +1,5 @@
 """What the jobs run against: the raw source, a cachefs mount (plain or
-encrypted), an rclone mount.
+encrypted), an rclone mount (the same over an S3 bucket: bench/s3source.py).
 
 ``fresh()`` of a mounted target mounts it with an empty cache and always
 unmounts it on the way out (``fusermount3 -u -z`` as the last resort); the
@@ -103,6 +103,7 @@ class CachefsTarget(Target):
             stdin=subprocess.DEVNULL,
             timeout=MOUNT_DEADLINE,
             check=False,
+            env=self.environment(),
         )
         try:
             if done.returncode != 0:
@@ -123,6 +124,10 @@ class CachefsTarget(Target):
     def mount_options(self) -> list[str]:
         """Options of ``cachefs mount`` beyond the cache dir."""
         return []
+
+    def environment(self) -> dict[str, str] | None:
+        """The environment of ``cachefs mount`` (None: this process's)."""
+        return None
 
     def counters(self) -> dict[str, Any]:
         from cachefs.control.client import request
@@ -167,11 +172,16 @@ class RcloneTarget(Target):
     @contextmanager
     def fresh(self) -> Iterator[None]:
         mnt, cache, log = self._prepare(self.name)
-        cmd = ["rclone", "mount", str(self.source), str(mnt), "--vfs-cache-mode", "full"]
+        cmd = ["rclone", "mount", self.remote(), str(mnt), "--vfs-cache-mode", "full"]
         cmd += ["--cache-dir", str(cache), "--config", "/dev/null"]
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                env=self.environment(),
             )
         try:
             wait_mounted(mnt, proc, log, MOUNT_DEADLINE)
@@ -188,6 +198,14 @@ class RcloneTarget(Target):
                 lazy_unmount(mnt)
                 shutil.rmtree(cache, ignore_errors=True)
                 self.root, self.pid = self.source, None
+
+    def remote(self) -> str:
+        """What ``rclone mount`` mounts."""
+        return str(self.source)
+
+    def environment(self) -> dict[str, str] | None:
+        """The environment of ``rclone mount`` (None: this process's)."""
+        return None
 
 
 class EncryptedTarget(CachefsTarget):

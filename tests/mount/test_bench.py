@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from conftest import kernel_has_passthrough
 
-from bench.dataset import QUICK, MiB
+from bench.dataset import BIG_DIR, QUICK, SMALL8_DIR, MiB, bigdir_names, small8_files
+from bench.goals import check_goals
 from bench.jobs import JOBS, Job
-from bench.report import check_goals, markdown, ratios
+from bench.report import markdown, ratios
 from bench.suite import Rounds, Run, run_jobs, typical
 from bench.system import BenchError
 from bench.writejobs import QUICK as WRITES_QUICK
@@ -199,6 +200,73 @@ def test_the_report_shows_each_round_and_judges_the_goals_on_the_median() -> Non
     assert "| warm seq 1M >= 0.9 x raw | 0.88 | MISS: with passthrough the kernel reads" in md
 
 
+def test_the_report_sets_the_s3_source_beside_the_local_one_and_judges_its_goals() -> None:
+    def hit(value: int) -> dict[str, Any]:
+        return {"value": value, "daemon_peak_rss_mib": 70.0}
+
+    results = {
+        "small8": {
+            "cold": {
+                "raw": {"value": 9000},
+                "cachefs": {"value": 4000},
+                "rclone": {"value": 1000},
+                "cachefs-s3": {"value": 3000},
+                "rclone-s3": {"value": 1000},
+            },
+            "cache-hit": {
+                "raw": {"value": 9000},
+                "cachefs": {"value": 6000},
+                "cachefs-s3": hit(5000),
+                "rclone-s3": {"value": 4000},
+            },
+            "warm": {"raw": {"value": 30000}, "cachefs": {"value": 20000}},
+        },
+        "bigdir": {
+            "cold": {
+                "raw": {"value": 100000, "entries": 5000},
+                "cachefs": {"value": 30000, "entries": 5000},
+                "cachefs-s3": {"value": 20000, "entries": 2000},
+                "rclone-s3": {"value": 500, "entries": 2000},
+            },
+            "cache-hit": {},
+            "warm": {},
+        },
+    }
+    report = _report(results)
+    goals = {g["goal"]: (g["ratio"], g["verdict"]) for g in report["goals"]}
+    assert goals["small files, 8 readers: cold >= 0.35 x raw"] == (0.444, "PASS")
+    assert goals["small files, 8 readers: cold >= 3 x rclone"] == (4.0, "PASS")
+    assert goals["small files, 8 readers: cache-hit >= 0.6 x raw"] == (0.667, "PASS")
+    assert goals["small files, 8 readers, S3 source: cold >= 2 x rclone"] == (3.0, "PASS")
+    s3_hit = "small files, 8 readers, S3 source: cache-hit >= 0.9 x local cache-hit"
+    assert goals[s3_hit] == (0.833, "MISS")
+    assert goals["small files, 8 readers, S3 source: cache-hit >= 1.5 x rclone"] == (
+        1.25,
+        "MISS",
+    )
+    assert goals["big directory, S3 source: cold >= 1 x rclone"] == (40.0, "PASS")
+    assert goals["big directory, local source: cold >= 1 x rclone"] == (None, "n/a")
+    # the goals of issue 6 stay
+    assert goals["cold seq 1M >= 3 x rclone"] == (None, "n/a")
+    md = markdown(report)
+    assert "ls -l of one big directory: 2,000 entries over S3, 5,000 local" in md
+    row = "| small files, 8 parallel readers (files/s) | cache-hit | 9,000 | 6,000 | 5,000 | 4,000"
+    assert f"{row} | 1.25 | 0.833 | – | 70.0 | – | – |" in md
+
+
+def test_time_to_first_byte_goals_bound_the_time_against_raw() -> None:
+    results = {
+        "ttfb": {
+            "cold": {},
+            "cache-hit": {"raw": {"value": 1.0}, "cachefs": {"value": 2.9}},
+            "warm": {"raw": {"value": 0.1}, "cachefs": {"value": 0.25}},
+        }
+    }
+    goals = {g["goal"]: g["verdict"] for g in _report(results)["goals"]}
+    assert goals["time to first byte, cache-hit: <= 3 x raw"] == "PASS"
+    assert goals["time to first byte, warm: <= 2 x raw"] == "MISS"
+
+
 def test_the_report_sets_the_two_fuse_transports_side_by_side() -> None:
     results = {
         "seq1m_j1": {
@@ -218,6 +286,27 @@ def test_the_report_sets_the_two_fuse_transports_side_by_side() -> None:
     md = markdown(report)
     assert "| seq read 1M, 1 job (MiB/s) | cache-hit | 900 | 450 | 0.5 | 1.5 | 3 |" in md
     assert "| seq read 1M, 1 job (MiB/s) | warm | 4,400 |" not in md
+
+
+def test_the_8_readers_read_every_file_and_ls_l_counts_every_entry(tmp_path: Path) -> None:
+    """The two jobs of issue 23 on a plain directory (no mount): what they count
+    is what is there, and a file that cannot be read fails the job."""
+    sizes = replace(QUICK, small8_count=21, small8_size=100, bigdir_entries=37)
+    (tmp_path / SMALL8_DIR).mkdir()
+    for path in small8_files(tmp_path, sizes):
+        path.write_bytes(b"x" * 100)
+    (tmp_path / BIG_DIR).mkdir()
+    for name in bigdir_names(sizes.bigdir_entries):
+        (tmp_path / BIG_DIR / name).write_text(name)
+    jobs = {j.key: j for j in JOBS}
+
+    small8 = jobs["small8"].run(tmp_path, sizes, False)
+    assert (small8["files"], small8["readers"]) == (21, 8)
+    assert jobs["bigdir"].run(tmp_path, sizes, False)["entries"] == 37
+
+    small8_files(tmp_path, sizes)[20].unlink()
+    with pytest.raises(BenchError, match=r"^cat of the small files failed \(1\): cat: "):
+        jobs["small8"].run(tmp_path, sizes, False)
 
 
 def _bench(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -262,7 +351,7 @@ def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -
     installs; without them the suite names them."""
     results = tmp_path / "results"
     args = ["--quick", "--workdir", str(tmp_path / "work"), "--results", str(results)]
-    args += ["--targets", "raw,cachefs,cachefs-pyfuse3", "--jobs", "seq1m_j1,ttfb"]
+    args += ["--targets", "raw,cachefs,cachefs-pyfuse3", "--jobs", "seq1m_j1,ttfb,small8"]
     args += ["--no-throttled", "--no-moto"]
     args += ["--rounds", "2"]
     if os.geteuid() != 0:
@@ -296,6 +385,13 @@ def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -
         assert counters["passthrough_opens"] == 0
     assert seq["cold"]["cachefs-pyfuse3"]["cachefs_counters"]["bytes_from_backend"] > 0
     assert seq["cache-hit"]["cachefs-pyfuse3"]["cachefs_counters"]["bytes_from_backend"] == 0
+    # the 8 readers read every file, cache hits from the cache alone
+    small8 = report["results"]["small8"]
+    for condition in ("cold", "cache-hit", "warm"):
+        for target in ("raw", "cachefs", "cachefs-pyfuse3"):
+            figures = small8[condition][target]
+            assert (figures["files"], figures["readers"]) == (QUICK.small8_count, 8)
+    assert small8["cache-hit"]["cachefs"]["cachefs_counters"]["bytes_from_backend"] == 0
     assert (results / "latest-quick.png").stat().st_size > 0
     md = (results / "latest-quick.md").read_text()
     assert "| seq read 1M, 1 job (MiB/s) | cold | raw |" in md
