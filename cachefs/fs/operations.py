@@ -24,7 +24,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import count
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -369,8 +369,9 @@ class Operations:
                 raise NewInode(f"inode {ino} is read with passthrough, its file is being changed")
             continues = handle.continues
         self._ns.bind(ino, handle.attrs, continues)
+        noflush = not self._cache.flushes_on_close(handle)  # one request less per close
         try:
-            opened = self._modes.choose(ino, fh, handle, flags, working=working)
+            opened = self._modes.choose(ino, fh, handle, flags, working=working, noflush=noflush)
         except NewInode:
             self._ns.unbind(ino)
             raise
@@ -379,15 +380,11 @@ class Operations:
         if handle.wc is not None:
             self._copy_opens[ino] = self._copy_opens.get(ino, 0) + 1
             self._copy_handle[ino] = handle
-        if opened is None:
-            # Warm re-reads never reach us: an inode's pages are of its one
-            # version, or of its working copy, every write to which goes
-            # through them.  (Otherwise the kernel reads the cached file
-            # itself, or reads uncached.)
-            opened = Opened(fh, keep_cache=True)
-        if self._cache.flushes_on_close(handle):
+        if opened is not None:  # the kernel reads the cached file itself, or reads uncached
             return opened
-        return replace(opened, noflush=True)  # one request less per close
+        # Warm re-reads never reach us: an inode's pages are of its one version,
+        # or of its working copy, every write to which goes through them.
+        return Opened(fh, keep_cache=True, noflush=noflush)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> Payload:

@@ -62,11 +62,19 @@ class OpenModes:
         return ino in self._backings
 
     def choose(
-        self, ino: int, fh: int, handle: OpenFile, flags: int, *, working: bool = False
+        self,
+        ino: int,
+        fh: int,
+        handle: OpenFile,
+        flags: int,
+        *,
+        working: bool = False,
+        noflush: bool = False,
     ) -> Opened | None:
         """The answer for a passthrough or direct open; None: read through the
         page cache (the caller decides what the kernel keeps of it).
         *working*: *handle* is on a working copy (never passthrough).
+        *noflush*: its close has nothing to flush (Opened.noflush).
 
         Raises NewInode (nothing recorded for *fh*).
         """
@@ -83,10 +91,10 @@ class OpenModes:
             self._cache.hold_whole(handle)
             backing.opens += 1
             self._modes[fh] = (ino, "pass")
-            return Opened(fh, backing_id=backing.backing_id)
+            return Opened(fh, backing_id=backing.backing_id, noflush=noflush)
         if direct:
             self._modes[fh] = (ino, "direct")
-            return Opened(fh, direct_io=True)
+            return Opened(fh, direct_io=True, noflush=noflush)
         if (
             self._kernel.passthrough
             and not working
@@ -106,7 +114,7 @@ class OpenModes:
                 else:
                     self._backings[ino] = _Backing(backing_id)
                     self._modes[fh] = (ino, "pass")
-                    return Opened(fh, backing_id=backing_id)
+                    return Opened(fh, backing_id=backing_id, noflush=noflush)
         self._cached[ino] += 1
         self._modes[fh] = (ino, "cache")
         return None
