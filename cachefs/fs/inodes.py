@@ -202,10 +202,12 @@ class Namespace:
 
     # -- lookup counts --------------------------------------------------
 
-    def remember(self, file_id: str, attrs: FileAttrs) -> Node:
+    def remember(self, file_id: str, attrs: FileAttrs, ino: int | None = None) -> Node:
         """Count one more kernel reference to *file_id* as *attrs* show it (a
-        lookup or readdirplus entry)."""
-        ino = self.inode_number(file_id, attrs)
+        lookup or readdirplus entry); *ino*: its :meth:`inode_number`, when
+        the caller has just asked for it."""
+        if ino is None:
+            ino = self.inode_number(file_id, attrs)
         node = self._nodes.get(ino)
         if node is None:
             node = self._nodes[ino] = Node(ino, file_id, attrs.kind, attrs)

@@ -176,16 +176,17 @@ class Operations:
             size = len(os.fsencode(attrs.link_target or ""))
         else:
             size = attrs.size
+        # Positional: one of these per entry of every listing.
         return Entry(
-            ino=ino,
-            mode=_KIND_BITS[attrs.kind] | perms,
-            size=size,
-            mtime_ns=int(attrs.mtime * 1_000_000_000),
-            uid=self._uid,
-            gid=self._gid,
-            nlink=2 if attrs.kind is FileKind.DIR else 1,
-            blksize=self._block_size,
-            timeout=self._ttl,
+            ino,
+            _KIND_BITS[attrs.kind] | perms,
+            size,
+            int(attrs.mtime * 1_000_000_000),
+            self._uid,
+            self._gid,
+            2 if attrs.kind is FileKind.DIR else 1,
+            self._block_size,
+            self._ttl,
         )
 
     def _check_writable(self) -> None:
@@ -501,7 +502,7 @@ class Operations:
             if not reply.add(os.fsencode(entry.name), self._entry(ino, shown), index + 1):
                 return
             if reply.plus:  # the kernel now holds a reference
-                self._ns.remember(file_id, shown)
+                self._ns.remember(file_id, shown, ino)
 
     @_handler
     async def releasedir(self, fh: int) -> None:

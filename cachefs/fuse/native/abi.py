@@ -293,19 +293,37 @@ class DirReply:
         if end > len(self._buf):
             return False
         kind = stat.S_IFMT(entry.mode) >> 12
-        if self.plus:
-            valid, valid_nsec, *attr = _attr_fields(entry)
+        if self.plus:  # _attr_fields written out: one of these per entry listed
+            ino, size, timeout = entry.ino, entry.size, entry.timeout
+            valid = int(timeout)
+            valid_nsec = int((timeout - valid) * 1e9)
+            sec, nsec = divmod(entry.mtime_ns, 1_000_000_000)
             DIRENTPLUS.pack_into(
                 self._buf,
                 at,
-                entry.ino,
+                ino,
                 0,
                 valid,
                 valid,
                 valid_nsec,
                 valid_nsec,
-                *attr,
-                entry.ino,
+                ino,
+                size,
+                (size + 511) // 512,
+                sec,
+                sec,
+                sec,
+                nsec,
+                nsec,
+                nsec,
+                entry.mode,
+                entry.nlink,
+                entry.uid,
+                entry.gid,
+                0,
+                entry.blksize,
+                0,
+                ino,
                 next_offset,
                 n,
                 kind,
