@@ -51,17 +51,23 @@ def kind_of(mode: int) -> FileKind | None:
 
 def attrs_of(s: os.stat_result, link_target: str | None = None) -> FileAttrs | None:
     """The attributes of a stat result; None for what the backend never shows."""
-    kind = kind_of(s.st_mode)
+    mode = s.st_mode
+    kind = _KINDS.get(st.S_IFMT(mode))
     if kind is None:
         return None
+    # Positional, version_of written out: one of these per entry listed.
+    mtime_ns = s.st_mtime_ns
     return FileAttrs(
-        kind=kind,
-        size=s.st_size,
-        mtime=s.st_mtime_ns / 1e9,
-        version=version_of(s),
-        mode=s.st_mode & 0o7777,
-        link_target=link_target,
+        kind,
+        s.st_size,
+        mtime_ns / 1e9,
+        f"{s.st_ino}-{mtime_ns}-{s.st_size}-{s.st_ctime_ns}",
+        mode & 0o7777,
+        link_target,
     )
+
+
+_KINDS = {st.S_IFREG: FileKind.FILE, st.S_IFDIR: FileKind.DIR, st.S_IFLNK: FileKind.SYMLINK}
 
 
 def attrs_at(path: str) -> FileAttrs | None:
@@ -80,7 +86,7 @@ _NAME_MAX = 255
 
 def is_temp(name: str) -> bool:
     """Whether *name* is one of the backend's temporary files (never shown)."""
-    return _TEMP.fullmatch(name) is not None
+    return name[:1] == "." and _TEMP.fullmatch(name) is not None
 
 
 def temp_name(name: str) -> str:
