@@ -44,7 +44,7 @@ class Attributes:
         cf = self._catalog.files.get(file_id)
         if cf is not None and now - cf.validated_at < self._ttl:
             return cf.attrs
-        other = self._catalog.other.get(file_id) or self._catalog.listed.get(file_id)
+        other = self._catalog.other.get(file_id) or self._catalog.listed(file_id)
         if other is not None and now - other[1] < self._ttl:
             return other[0]
         return await self.revalidate(file_id)
@@ -93,6 +93,7 @@ class Attributes:
         """
         cat = self._catalog
         name = dir_id or "/"
+        forgotten = cat.forgotten
         try:
             if cat.external_error is not None:
                 raise StorageQuarantined(f"{name}: storage is offline: {cat.external_error}")
@@ -114,13 +115,15 @@ class Attributes:
         self._listings[dir_id] = entries
         prefix = f"{dir_id}/" if dir_id else ""
         now = trio.current_time()
-        listed = cat.listed
+        unknown: dict[str, FileAttrs] = {}
         for entry in entries:
             file_id = prefix + entry.name
             if entry.attrs.kind is not FileKind.FILE or file_id in cat.files:
                 cat.learn(file_id, entry.attrs, now)
             else:  # a stat it spares, not a row: many of them are never opened
-                listed[file_id] = (entry.attrs, now)
+                unknown[entry.name] = entry.attrs
+        if cat.forgotten == forgotten:  # else a removal may be older than the listing
+            cat.note_listing(dir_id, now, unknown, self._ttl)
         return entries
 
     async def current(self, file_id: str) -> CachedFile:
@@ -131,13 +134,12 @@ class Attributes:
             raise NotFound(f"{file_id}: no such file")
         return cf
 
-
     def row(self, file_id: str, attrs: FileAttrs) -> CachedFile | None:
         """The cache's version of *file_id* that :meth:`getattr` just answered
         *attrs* for, made now if it came from a listing."""
         cat = self._catalog
         cf = cat.files.get(file_id)
-        listed = cat.listed.get(file_id)
+        listed = cat.listed(file_id)
         if cf is None and listed is not None and listed[0] is attrs:
             cat.learn(file_id, attrs, listed[1])
             cf = cat.files.get(file_id)

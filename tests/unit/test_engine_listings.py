@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import trio
 from enginerig import BS, MemorySource, Rig, read_sequential
 
 from cachefs.errors import NotFound, VersionGone
@@ -67,3 +68,39 @@ async def test_a_file_changed_after_its_listing_is_read_as_one_version(tmp_path)
         else:
             assert got in (old, new)
         assert await read_sequential(cache, "d/f") == new  # the next open
+
+
+async def test_the_files_of_a_renamed_directory_are_not_shown_under_its_old_name(tmp_path):
+    rig = Rig(tmp_path, {"d/a": b"a", "d/s/b": b"b"})
+    async with rig.engine(ttl=3600) as cache:
+        await cache.list_dir("d")
+        await cache.list_dir("d/s")
+        await cache.rename("d", "e")
+        for gone in ("d/a", "d/s/b"):
+            with pytest.raises(NotFound):
+                await cache.getattr(gone)
+        assert await read_sequential(cache, "e/s/b") == b"b"
+
+
+async def test_a_removal_during_a_slow_listing_is_not_undone_by_it(tmp_path):
+    source = MemorySource({"d/a": b"a", "d/b": b"b"})
+    rig = Rig(tmp_path, source=source)
+    real = source.memory.list_dir
+    listed, go_on = trio.Event(), trio.Event()
+
+    async def slow(dir_id: str):  # type: ignore[no-untyped-def]
+        out = await real(dir_id)
+        listed.set()
+        await go_on.wait()
+        return out
+
+    async with rig.engine(ttl=3600) as cache:
+        source.memory.list_dir = slow  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.list_dir, "d")
+            await listed.wait()
+            await cache.remove_file("d/a")
+            go_on.set()
+        with pytest.raises(NotFound):
+            await cache.getattr("d/a")
+        assert await read_sequential(cache, "d/b") == b"b"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,9 +47,12 @@ class Catalog:
         self.block_size = block_size
         self.files: dict[str, CachedFile] = {cf.file_id: cf for cf in files}
         self.other: dict[str, tuple[FileAttrs, float]] = {}
-        #: Files a listing showed that have no row yet, and when (a stat
-        #: spared: a row is made when one is opened).
-        self.listed: dict[str, tuple[FileAttrs, float]] = {}
+        # Per directory, when it was listed and the files it showed that have
+        # no row yet (a stat spared each: a row is made when one is opened);
+        # oldest listing first.
+        self._listed: OrderedDict[str, tuple[float, dict[str, FileAttrs]]] = OrderedDict()
+        #: Paths forgotten so far (a listing under way when one was is not kept).
+        self.forgotten = 0
         # What a file's next version inherits from its last (error, pinned),
         # for files whose version was retired before the next was learned.
         self._carry: dict[str, tuple[str | None, bool]] = {}
@@ -69,7 +73,7 @@ class Catalog:
     def learn(self, file_id: str, attrs: FileAttrs, now: float) -> FileAttrs:
         """Record what the backend says *file_id* is; a new version drops the old one."""
         cf = self.files.get(file_id)
-        self.listed.pop(file_id, None)
+        self._unlist(file_id)
         if attrs.kind is not FileKind.FILE:
             if cf is not None:
                 self.retire(cf)
@@ -88,12 +92,46 @@ class Catalog:
 
     def forget(self, file_id: str) -> None:
         """The path is gone from the source."""
+        self.forgotten += 1
+        self._unlist(file_id)
+        if file_id in self.other or file_id in self._listed:  # a directory: and below it
+            below = f"{file_id}/"
+            for d in [d for d in self._listed if d == file_id or d.startswith(below)]:
+                del self._listed[d]
         self.other.pop(file_id, None)
-        self.listed.pop(file_id, None)
         cf = self.files.get(file_id)
         if cf is not None:
             self.retire(cf)
         self._carry.pop(file_id, None)
+
+    def note_listing(
+        self, dir_id: str, when: float, files: dict[str, FileAttrs], ttl: float
+    ) -> None:
+        """*dir_id* was listed at *when* showing *files* (by name) that have no
+        row: each stands in for a stat until *ttl* has passed."""
+        self._listed.pop(dir_id, None)
+        self._listed[dir_id] = (when, files)
+        while self._listed:  # the expired ones, oldest first
+            oldest = next(iter(self._listed.values()))
+            if when - oldest[0] < ttl:
+                break
+            self._listed.popitem(last=False)
+
+    def listed(self, file_id: str) -> tuple[FileAttrs, float] | None:
+        """What the last listing of its directory showed of *file_id* (a file
+        with no row), and when; None if it showed nothing of it."""
+        parent, _, name = file_id.rpartition("/")
+        got = self._listed.get(parent)
+        if got is None:
+            return None
+        attrs = got[1].get(name)
+        return None if attrs is None else (attrs, got[0])
+
+    def _unlist(self, file_id: str) -> None:
+        parent, _, name = file_id.rpartition("/")
+        got = self._listed.get(parent)
+        if got is not None:
+            got[1].pop(name, None)
 
     def _new_file(
         self, file_id: str, attrs: FileAttrs, error: str | None, pinned: bool
