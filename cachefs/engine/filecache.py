@@ -64,6 +64,9 @@ from cachefs.errors import (
 
 log = logging.getLogger(__name__)
 
+#: How long closing the open handles may take when the cache closes, seconds.
+CLOSE_DEADLINE = 5
+
 __all__ = ["FileCache", "FlushReport", "OpenFile", "WriteStatistics"]
 
 #: Bytes copied at a time into a working copy from the version it is made from.
@@ -679,9 +682,12 @@ class FileCache:
         the background work stops with the nursery (:func:`open_file_cache`
         does all this on exit)."""
         try:
-            for fh in list(self._open):
-                with trio.move_on_after(5):
-                    await self.close(fh)
+            # All at once: handles whose transfers hang (a source that stopped
+            # answering) cost the deadline once, not once each.
+            with trio.move_on_after(CLOSE_DEADLINE):
+                async with trio.open_nursery() as nursery:
+                    for fh in list(self._open):
+                        nursery.start_soon(self.close, fh)
             await self._source.close_all_contexts()
             try:
                 await self.flush()

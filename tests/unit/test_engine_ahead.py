@@ -69,5 +69,5 @@ async def test_fetching_ahead_is_bounded(tmp_path):
         cache.fetch_ahead(files)
         assert len(cache._ahead._queued) == MAX_QUEUED  # noqa: SLF001
         rig.faults([])
-        cache.fetch_ahead(files)  # a full queue takes nothing more
+        cache.fetch_ahead(files)  # a full queue takes nothing more, even now the source answers
         assert len(cache._ahead._queued) == MAX_QUEUED  # noqa: SLF001

@@ -36,3 +36,14 @@ async def test_many_concurrent_calls_each_get_their_own_answer():
     finally:
         pool.close()
     assert results == {i: i * i for i in range(50)}
+
+
+async def test_a_call_after_the_pool_closed_still_gets_its_answer():
+    """Work finishing while the cache closes (a hash of a block fetched ahead)
+    must not wait for ever behind the pool's end."""
+    pool = ReaderPool(threads=2)
+    pool.close()
+    with trio.fail_after(10):
+        assert await pool.run(lambda x: x * 2, 21) == 42
+        with pytest.raises(ZeroDivisionError):
+            await pool.run(lambda: 1 / 0)

@@ -28,6 +28,7 @@ class ReaderPool:
         self._on_start = on_start
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
+        self._closed = False
         self._threads = [
             threading.Thread(target=self._work, name="cachefs-reader", daemon=True)
             for _ in range(threads)
@@ -36,7 +37,14 @@ class ReaderPool:
             t.start()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` in a pool thread: its result, or its exception raised here."""
+        """``fn(*args)`` in a pool thread: its result, or its exception raised here.
+
+        After :meth:`close` (work still finishing while the cache closes) in
+        a thread of its own: a job queued behind the pool's end would wait
+        for ever, and cannot be cancelled.
+        """
+        if self._closed:
+            return await trio.to_thread.run_sync(fn, *args)
         task = trio.lowlevel.current_task()
         token = self._token
 
@@ -54,5 +62,6 @@ class ReaderPool:
             deliver(outcome.capture(fn, *args))
 
     def close(self) -> None:
+        self._closed = True
         for _ in self._threads:
             self._queue.put(None)
