@@ -94,8 +94,10 @@ class Node:
     listing: list[DirEntry] | None = None
     names: frozenset[str] = frozenset()
     listed_at: float = float("-inf")
-    #: The listing the kernel was last given to cache (FOPEN_CACHE_DIR).
+    #: The listing the kernel was last given to cache (FOPEN_CACHE_DIR), and
+    #: its snapshot number (fs/operations.py).
     kernel_listing: list[DirEntry] | None = None
+    kernel_gen: int = 0
     #: Handles open on this inode.
     opens: int = 0
     #: Names looked up in this directory since its listing went stale.
@@ -230,7 +232,9 @@ class Namespace:
             node.lookups = 0
         if node.lookups == 0 and ino != ROOT_INODE:
             del self._nodes[ino]
-            if node.listing is not None and self._fresh_listing(node):
+            known = self._numbers.get(node.file_id)  # not if its path is another's now
+            if known is not None and known[0] == ino and self._fresh_listing(node):
+                assert node.listing is not None
                 self._kept[node.file_id] = (node.listing, node.listed_at, node.names)
                 if len(self._kept) > KEPT_LISTINGS:
                     self._kept.popitem(last=False)
@@ -251,11 +255,12 @@ class Namespace:
                 # listing): past a few, one listing answers them all, and
                 # shows the order a walk of the directory follows (walks.py).
                 parent.unlisted_lookups += 1
-                if parent.unlisted_lookups >= LIST_AFTER_LOOKUPS:
+                if parent.unlisted_lookups == LIST_AFTER_LOOKUPS:  # once: the others stat
                     try:
                         await self.list_dir(parent_ino)
                     except CacheFSError as e:  # the name's own lookup says what fails
                         log.debug("listing %r for its lookups: %s", parent.file_id, e)
+                        parent.unlisted_lookups = 0  # again after as many more
             if self._fresh_listing(parent) and name not in parent.names:
                 raise NotFound(f"no such entry: {file_id!r}")
         attrs = await self._cache.getattr(file_id)
@@ -374,6 +379,7 @@ class Namespace:
     def added(self, file_id: str, attrs: FileAttrs) -> Node:
         """*file_id* was made (create, mkdir, symlink) as *attrs* show it:
         count the kernel's reference to it; its directory is listed again."""
+        self._kept.pop(file_id, None)
         self._relist(parent_id(file_id))
         return self.remember(file_id, attrs)
 

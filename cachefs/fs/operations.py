@@ -71,14 +71,19 @@ _UNSUPPORTED = {"link": errno.EPERM}
 #: The longest name a directory entry takes (statfs namelen), in bytes.
 NAME_MAX = 255
 
+#: Snapshot numbers wrap within 30 bits (offsets stay below 2**62).
+GEN_MASK = (1 << 30) - 1
+
 _DOT = FileAttrs(FileKind.DIR, size=0, mtime=0.0, version="")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _OpenDir:
     ino: int
     parent_ino: int
     listing: list[DirEntry]
+    #: The snapshot's number, in the high bits of each of its offsets.
+    gen: int
 
 
 class _Args:
@@ -152,6 +157,7 @@ class Operations:
         self._modes = OpenModes(kernel, cache)
         self._dirs: dict[int, _OpenDir] = {}
         self._walks = Walks()
+        self._gens = count(1)
 
     def init(self) -> None:
         """The kernel's INIT request: calls *on_init*.
@@ -474,32 +480,53 @@ class Operations:
         listing = await self._ns.list_dir(inode)
         parent = self._ns.live_inode(parent_id(node.file_id)) if node.file_id else inode
         fh = next(self._handles)
-        # A snapshot per open directory keeps readdir offsets stable.
-        self._dirs[fh] = _OpenDir(inode, parent or inode, listing)
         # The kernel caches what it reads of this snapshot, and keeps it while
         # the snapshot is the one it was given last: any change, through the
         # mount or seen in the source, makes a new snapshot.
         keep = node.kernel_listing is listing
-        node.kernel_listing = listing
+        if not keep:
+            node.kernel_listing, node.kernel_gen = listing, next(self._gens) & GEN_MASK
+        # A snapshot per open directory keeps readdir offsets stable.
+        self._dirs[fh] = _OpenDir(inode, parent or inode, listing, node.kernel_gen)
         return Opened(fh, keep_cache=keep, cache_dir=True)
+
+    def _snapshot(self, d: _OpenDir, gen: int) -> None:
+        """The kernel goes on reading *d* at an offset of snapshot *gen*: it
+        served the start from its cache, filled from another open of the
+        directory.  The rest comes from that snapshot, while one of the
+        directory's opens still has it (else, rarely, from *d*'s own)."""
+        for other in self._dirs.values():
+            if other.gen == gen and other.ino == d.ino:
+                d.listing, d.gen = other.listing, gen
+                return
+        node = self._ns.node(d.ino)
+        if node.kernel_gen == gen and node.kernel_listing is not None:
+            d.listing, d.gen = node.kernel_listing, gen
 
     @_handler
     async def readdir(self, fh: int, start_id: int, reply: DirReply) -> None:
         d = self._dirs[fh]
         dir_id = self._ns.node(d.ino).file_id  # where it is now, if it was moved
-        # Offsets: 1 after ".", 2 after "..", 3 + i after listing[i].
-        for index in range(start_id, 2 + len(d.listing)):
+        # Offsets: 1 after ".", 2 after "..", 3 + i after listing[i], each
+        # with the snapshot's number above bit 32: the kernel's cache of a
+        # directory is shared by its opens, and an offset must say which
+        # snapshot it counts in.
+        gen = start_id >> 32
+        if start_id and gen != d.gen:
+            self._snapshot(d, gen)
+        high = d.gen << 32
+        for index in range(start_id & 0xFFFFFFFF, 2 + len(d.listing)):
             if index < 2:
                 name, ino = (b".", d.ino) if index == 0 else (b"..", d.parent_ino)
                 # The kernel takes no reference for these: no lookup count.
-                if not reply.add(name, self._entry(ino, _DOT), index + 1):
+                if not reply.add(name, self._entry(ino, _DOT), high | (index + 1)):
                     return
                 continue
             entry = d.listing[index - 2]
             file_id = child_id(dir_id, entry.name)
             shown = self._ns.listed(file_id, entry.attrs)
             ino = self._ns.inode_number(file_id, shown)
-            if not reply.add(os.fsencode(entry.name), self._entry(ino, shown), index + 1):
+            if not reply.add(os.fsencode(entry.name), self._entry(ino, shown), high | (index + 1)):
                 return
             if reply.plus:  # the kernel now holds a reference
                 self._ns.remember(file_id, shown, ino)
