@@ -237,7 +237,8 @@ class FileCache:
         if write or truncate:
             wc = await self._writes.copy_of(file_id, truncate)
         if wc is not None:
-            return self._wc_handle(wc, write)
+            # A truncating open changed the file: its close is a writer's.
+            return self._wc_handle(wc, write or truncate)
         return await self._open_version(file_id)
 
     def _wc_handle(self, wc: WorkingCopy, write: bool) -> OpenFile:

@@ -98,6 +98,8 @@ class Catalog:
             below = f"{file_id}/"
             for d in [d for d in self._listed if d == file_id or d.startswith(below)]:
                 del self._listed[d]
+            for p in [p for p in self.other if p.startswith(below)]:
+                del self.other[p]
         self.other.pop(file_id, None)
         cf = self.files.get(file_id)
         if cf is not None:
