@@ -159,12 +159,19 @@ class Records:
         self._listing: dict[str, trio.Event] = {}
         # Directories whose records this process changed while they were being listed.
         self._changed: set[str] = set()
+        # Directories whose listing failed, and when: not listed again before
+        # ``fresh`` has passed (every waiter would list again, one by one).
+        self._failed: OrderedDict[str, float] = OrderedDict()
 
     async def may_have(self, file_id: str) -> bool:
         """False if *file_id* has no record (as of at most ``fresh`` s ago);
         True if it has one, or the listing failed (then the GET finds out)."""
         dir_id, _, name = file_id.rpartition("/")
         while True:
+            failed = self._failed.get(dir_id)
+            if failed is not None and trio.current_time() - failed < self._fresh:
+                await trio.lowlevel.checkpoint()
+                return True
             window = self._windows.get(dir_id)
             if window is not None and self._answers(window, name):
                 await trio.lowlevel.checkpoint()
@@ -177,6 +184,10 @@ class Records:
                 window = await self._list_from(dir_id, self._start(window, name))
             except OSError as e:
                 log.debug("records of %s/ not listed (%s): asking for %s", dir_id, e, file_id)
+                self._failed.pop(dir_id, None)
+                self._failed[dir_id] = trio.current_time()
+                if len(self._failed) > self._max_dirs:
+                    self._failed.popitem(last=False)
                 return True
             if window.covers(name):
                 return name in window.names

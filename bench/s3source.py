@@ -1,15 +1,12 @@
 """The S3 source of the speed jobs: a bucket on a hadro server, mounted by
 cachefs and by rclone.
 
-moto answers one request at a time, slowly (about 260 GETs and 400 HEADs of
-16 KiB objects a second here), so it measures moto; it stays where
+moto answers one request at a time, slowly, so it measures moto; it stays where
 behaviour is tested (tests/s3server.py) and for the cold read of one big
 object (bench/s3like.py).  The small-file and big-directory jobs read from
 hadro (PyPI: a read-only, S3-compatible server of a local directory, FastAPI
 on uvicorn): GET with ranges, HEAD, ListObjects v1 and v2, ETags from size
-and mtime.  It answered 4.3x moto's GETs and 3.4x its HEADs, and 2.2x the
-single-stream GETs of npm's s3rver, measured with obstore on this machine
-(docs/benchmarks.md).  It ignores If-Match, which cachefs does not rely on (it
+and mtime.  How much faster than moto and npm's s3rver it is: docs/benchmarks.md.  It ignores If-Match, which cachefs does not rely on (it
 checks the ETag of every response itself), and nothing changes under the
 benchmark.
 

@@ -24,7 +24,7 @@ from cachefs.contract import DirEntry, FileKind
 #: Files named ahead of a walk's last open.
 FILES_AHEAD = 8
 #: Files larger than this are not fetched ahead.
-SMALL_FILE = 4 << 20
+SMALL_FILE = 2 << 20
 #: Walks followed in one directory.
 WALKS = 8
 #: How far past a cursor an open still continues its walk (skipped entries:

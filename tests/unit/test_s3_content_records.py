@@ -141,3 +141,26 @@ async def test_a_record_stored_while_its_directory_is_listed_is_not_lost(
         assert await backend.content_info("f") == info_of(b"one", "v1")
     finally:
         await backend.aclose()
+
+
+async def test_a_failed_listing_is_not_tried_again_by_every_waiter() -> None:
+    """S3 refusing the listing (a timeout, no ListBucket): the readers asking
+    at once all go on to their GET, with one listing tried, not one each."""
+    tried: list[str] = []
+
+    async def refuse(dir_id: str, after: str) -> Any:
+        tried.append(dir_id)
+        await trio.sleep(0.01)
+        raise OSError("listing refused")
+
+    records = s3ci.Records(refuse, fresh=60)
+    answers: list[bool] = []
+
+    async def ask(n: int) -> None:
+        answers.append(await records.may_have(f"d/f{n}"))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(40):
+            nursery.start_soon(ask, n)
+    assert answers == [True] * 40
+    assert tried == ["d"]

@@ -50,8 +50,11 @@ class Ahead:
             if len(self._queued) >= MAX_QUEUED:
                 return
             if file_id not in self._queued:
+                try:
+                    self._nursery.start_soon(self._run, file_id)
+                except RuntimeError:  # the cache is closing
+                    return
                 self._queued.add(file_id)
-                self._nursery.start_soon(self._run, file_id)
 
     async def _run(self, file_id: str) -> None:
         try:
