@@ -6,7 +6,8 @@ behaviour is tested (tests/s3server.py) and for the cold read of one big
 object (bench/s3like.py).  The small-file and big-directory jobs read from
 hadro (PyPI: a read-only, S3-compatible server of a local directory, FastAPI
 on uvicorn): GET with ranges, HEAD, ListObjects v1 and v2, ETags from size
-and mtime.  How much faster than moto and npm's s3rver it is: docs/benchmarks.md.  It ignores If-Match, which cachefs does not rely on (it
+and mtime; how much faster than moto and npm's s3rver it is: docs/benchmarks.md.
+It ignores If-Match, which cachefs does not rely on (it
 checks the ETag of every response itself), and nothing changes under the
 benchmark.
 
