@@ -4,7 +4,8 @@ deadline) until the mount point is mounted, and always unmounts at the end.
 The ``mount`` fixture runs its test once per FUSE transport (test ids end in
 ``[native]`` / ``[pyfuse3]``; ``Mount.fuse`` says which); a test that does
 not depend on the transport pins one with
-``@pytest.mark.parametrize("mount", ["native"], indirect=True)``.
+``@pytest.mark.parametrize("mount", ["native"], indirect=True)``
+(``NATIVE_ONLY``).
 *source* is a directory or a URL (``s3://bucket``, with ``--s3-endpoint``
 among the options); the daemon inherits this process's environment.
 Also the helpers those tests share: reads that bypass the kernel's page
@@ -34,14 +35,23 @@ import pytest
 from redisserver import redis_server as redis_server
 
 from cachefs._linux import pagecache
-from cachefs.control.mounts import mount_at
+from cachefs.control.client import request
+from cachefs.control.mounts import find_mount, mount_at
+from cachefs.control.protocol import Stats, Unmount
 from cachefs.daemon.tuning import abort_connection
+from cachefs.errors import CacheFSError
 
 REPO = Path(__file__).resolve().parent.parent
 #: The FUSE transports (``cachefs mount --fuse``) every mount test runs over.
 FUSE_TRANSPORTS = ("native", "pyfuse3")
+#: Runs a test of the ``mount`` fixture over the native transport only: for what
+#: does not depend on the transport (a command's output, the control socket,
+#: the cache dir), where the FUSE requests made are only a means.
+NATIVE_ONLY = pytest.mark.parametrize("mount", ["native"], indirect=True)
 MOUNT_DEADLINE = 20.0
 EXIT_DEADLINE = 30.0
+#: How long a daemon has to answer a request of the tests (cachefs unmount's own).
+ANSWER_DEADLINE = 5.0
 
 
 TIERS = {
@@ -238,10 +248,12 @@ class Mount:
         return self.log.read_text(errors="replace")
 
     def stats(self) -> dict[str, Any]:
-        """``cachefs stats --json`` of this mount."""
-        done = run_cachefs("stats", "--json", self.mountpoint)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
+        """What ``cachefs stats --json`` of this mount prints: its request, made
+        here (tests/mount/test_mount.py runs the command itself)."""
+        stats: dict[str, Any] = json.loads(
+            json.dumps(request(find_mount(self.mountpoint), Stats()))
+        )
+        return stats
 
     def kill(self) -> None:
         """kill -9 the daemon, then detach the dead mount (``fusermount3 -u -z``).
@@ -270,10 +282,19 @@ class Mount:
         assert mount_at(self.mountpoint) is None
 
     def stop(self) -> None:
-        """Whatever state it is in: unmounted, daemon gone (for finally)."""
+        """Whatever state it is in: unmounted, daemon gone (for finally).
+
+        A daemon that answers is asked here, as ``cachefs unmount`` asks it
+        (flush, then unmount); any other is left to ``cachefs unmount``
+        (a busy, stopped or hung daemon: signalled, or aborted and detached).
+        """
         try:
-            if self.proc.poll() is None and mount_at(self.mountpoint) is not None:
-                run_cachefs("unmount", self.mountpoint, "--timeout", EXIT_DEADLINE)
+            entry = mount_at(self.mountpoint) if self.proc.poll() is None else None
+            if entry is not None:
+                try:
+                    request(entry, Unmount(keep_dirty=False), timeout=ANSWER_DEADLINE)
+                except CacheFSError:
+                    run_cachefs("unmount", self.mountpoint, "--timeout", EXIT_DEADLINE)
             try:
                 self.proc.wait(timeout=EXIT_DEADLINE)
             except subprocess.TimeoutExpired:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import disk_usage, pread_direct, run_on_a_terminal
+from conftest import NATIVE_ONLY, disk_usage, pread_direct, run_on_a_terminal
 
 from backends.trace import read_trace
 from cachefs.cli.progress import ProgressBar, format_duration, render, summary
@@ -90,6 +90,7 @@ def test_mount_help_states_the_cache_defaults(cachefs: Cachefs) -> None:
     assert "--max-fetches N ReadData calls in flight at once (default: 8)" in text
 
 
+@NATIVE_ONLY
 def test_options_reach_the_engine(mount: MountFactory, tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     m = mount(
@@ -136,6 +137,7 @@ def test_prefetch_of_a_directory_then_remount_serves_with_zero_calls(
     assert {c["file_id"] for c in read_trace(second_trace)} == {"other.bin"}
 
 
+@NATIVE_ONLY
 def test_prefetch_names_the_files_that_failed(
     mount: MountFactory, tmp_path: Path, cachefs: Cachefs
 ) -> None:
@@ -154,6 +156,7 @@ def test_prefetch_names_the_files_that_failed(
     assert errors[1].startswith("cachefs: error: b: backend failed")
 
 
+@NATIVE_ONLY
 def test_an_answer_over_a_mebibyte_reaches_the_command(
     mount: MountFactory, tmp_path: Path, cachefs: Cachefs
 ) -> None:
@@ -171,6 +174,7 @@ def test_an_answer_over_a_mebibyte_reaches_the_command(
         assert error.startswith(f"cachefs: error: {name}: no such file"), error
 
 
+@NATIVE_ONLY
 def test_prefetch_shows_a_progress_bar_on_a_terminal(mount: MountFactory, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_tree(src, {f"f{i}": 100_000 for i in range(4)})
@@ -220,6 +224,7 @@ def test_pinned_files_survive_pressure_and_remounts(
     assert m.stats()["pinned_bytes"] == 0
 
 
+@NATIVE_ONLY
 def test_pinning_beyond_the_limit_is_refused(
     mount: MountFactory, tmp_path: Path, cachefs: Cachefs
 ) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import assert_one_line_error, pread_direct
+from conftest import NATIVE_ONLY, assert_one_line_error, pread_direct
 from enginerig import BS, Rig, read_sequential
 
 from cachefs import CacheDirError
@@ -104,6 +104,7 @@ async def test_loose_modes_left_by_an_older_version_are_tightened(tmp_path: Path
 
 
 @needs_root
+@NATIVE_ONLY
 def test_a_mounted_cache_dir_is_owner_only_and_others_cannot_read_it(
     mount: MountFactory, tmp_path: Path, reachable: Path
 ) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from conftest import assert_one_line_error
+from conftest import NATIVE_ONLY, assert_one_line_error
 
 from cachefs.cli.main import build_parser
 from cachefs.cli.mount import mount_options
@@ -241,6 +241,7 @@ def test_path_not_in_a_mount(cachefs: Cachefs, tmp_path: Path, args: list[str]) 
     assert_one_line_error(cachefs(*args, tmp_path), str(tmp_path), "not inside a cachefs mount")
 
 
+@NATIVE_ONLY
 def test_cache_dir_in_use(cachefs: Cachefs, mount: MountFactory, tmp_path: Path, src: Path) -> None:
     m = mount(src)
     (tmp_path / "other").mkdir()
@@ -422,6 +423,7 @@ async def test_a_client_that_leaves_cancels_its_request(tmp_path: Path) -> None:
 
 
 @needs_fuse
+@NATIVE_ONLY
 def test_output_cut_short_by_its_reader_ends_quietly(mount: MountFactory, src: Path) -> None:
     m = mount(src)
     proc = subprocess.Popen(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 import trio.testing
-from conftest import EXIT_DEADLINE, REPO, lazy_unmount, run_cachefs
+from conftest import EXIT_DEADLINE, NATIVE_ONLY, REPO, lazy_unmount, run_cachefs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -673,6 +673,7 @@ async def _open_cache(
 
 
 @needs_fuse
+@NATIVE_ONLY
 def test_a_mount_survives_nested_json_and_idle_connections(
     mount: MountFactory, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import EXIT_DEADLINE, assert_one_line_error, wait_for
+from conftest import EXIT_DEADLINE, NATIVE_ONLY, assert_one_line_error, wait_for
 
 from backends.faulty import MAX_RULES, MAX_RULES_BYTES, FaultyBackend
 from backends.memory import MemoryBackend
@@ -138,6 +138,7 @@ def cat(path: Path) -> tuple[int, bytes]:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "oversized", "bad JSON"])
+@NATIVE_ONLY
 def test_a_bad_rules_file_renamed_over_keeps_the_previous_rules(
     mount: MountFactory, tmp_path: Path, kind: str
 ) -> None:

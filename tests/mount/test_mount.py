@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from conftest import FUSE_TRANSPORTS, cached_pages, evict_page_cache, pread_direct, sha256
+from conftest import (
+    FUSE_TRANSPORTS,
+    NATIVE_ONLY,
+    cached_pages,
+    evict_page_cache,
+    pread_direct,
+    sha256,
+)
 
 from backends.trace import read_trace
 from cachefs.contract import DirEntry, FileAttrs, FileKind
@@ -439,6 +446,7 @@ def test_recoverable_results_are_invisible_to_readers(mount: MountFactory, tmp_p
 # -- the commands around a mount ---------------------------------------------------------
 
 
+@NATIVE_ONLY
 def test_stats_table_and_json(mount: MountFactory, source: Path, cachefs: Cachefs) -> None:
     m = mount(source)
     sha256(m / "10blocks+7.bin")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import assert_one_line_error, pread_direct, sha256, wait_for
+from conftest import NATIVE_ONLY, assert_one_line_error, pread_direct, sha256, wait_for
 
 from backends.trace import read_trace
 from cachefs.cli.mount import mount_options
@@ -139,6 +139,7 @@ def test_remount_serves_every_byte_from_the_cache(
     assert read_trace(trace) == []
 
 
+@NATIVE_ONLY
 def test_stats(mount: MountFactory, served: Served, cachefs: Cachefs) -> None:
     m = mount(served.source, *served.options)
     sha256(m / "10blocks+7.bin")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import REPO, run_cachefs
+from conftest import NATIVE_ONLY, REPO, run_cachefs
 
 from backends.trace import read_trace
 
@@ -120,6 +120,7 @@ def test_add_data_from_a_file_then_reads_need_no_source(
     assert read_trace(trace) == []
 
 
+@NATIVE_ONLY
 def test_add_data_from_stdin_reports_rejected_and_pending_blocks(
     mount: MountFactory, src: Path
 ) -> None:
@@ -138,6 +139,7 @@ def test_add_data_from_stdin_reports_rejected_and_pending_blocks(
     assert m.stats()["cached_bytes"] == 2 * KB64
 
 
+@NATIVE_ONLY
 def test_add_data_refusals_have_their_own_exit_codes(
     mount: MountFactory, src: Path, tmp_path: Path
 ) -> None:
