@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -28,6 +27,7 @@ from bench.system import (
     machine,
     missing_tools,
     rounds_arg,
+    run_main,
     set_memory_retouch,
 )
 from bench.targets import ENCRYPTED_JOBS, TARGETS, Target
@@ -106,27 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    t0 = time.monotonic()
-    # SIGTERM unwinds like Ctrl-C, so every mount is unmounted on the way out.
-    signal.signal(signal.SIGTERM, _interrupt)
-
-    def say(message: str) -> None:
-        print(f"[{time.monotonic() - t0:6.1f}s] {message}", flush=True)
-
-    try:
-        return _main(args, say, t0)
-    except BenchError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted (mounts were unmounted)", file=sys.stderr)
-        return 130
+    return run_main("bench", _main, build_parser().parse_args(argv))
 
 
 def _main(args: argparse.Namespace, say: Any, t0: float) -> int:

@@ -8,11 +8,12 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,3 +351,31 @@ def choose(text: str, known: list[str], what: str) -> list[str]:
     if unknown or not chosen:
         raise BenchError(f"unknown {what} {','.join(unknown)}: choose from {','.join(known)}")
     return chosen
+
+
+def run_main(
+    prog: str,
+    main: Callable[[argparse.Namespace, Callable[[str], None], float], int],
+    args: argparse.Namespace,
+) -> int:
+    """Run a bench command's *main* with a progress line printer timed from
+    its start; a BenchError is one line and exit 2, and SIGTERM unwinds like
+    Ctrl-C (every mount is unmounted on the way out), exit 130."""
+    t0 = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {message}", flush=True)
+
+    try:
+        return main(args, say, t0)
+    except BenchError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (mounts were unmounted)", file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -53,6 +52,7 @@ from bench.system import (
     host_takes_free_memory,
     machine,
     rounds_arg,
+    run_main,
     set_memory_retouch,
 )
 from bench.targets import CachefsTarget, RcloneTarget, Target
@@ -238,26 +238,8 @@ def make_targets(names: list[str], workdir: Path) -> list[Target]:
     return [made[n]() for n in names]
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    t0 = time.monotonic()
-    signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C: mounts unmounted
-
-    def say(message: str) -> None:
-        print(f"[{time.monotonic() - t0:6.1f}s] {message}", flush=True)
-
-    try:
-        return _main(args, say, t0)
-    except BenchError as e:
-        print(f"bench.writes: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench.writes: interrupted (mounts were unmounted)", file=sys.stderr)
-        return 130
+    return run_main("bench.writes", _main, build_parser().parse_args(argv))
 
 
 def _main(args: argparse.Namespace, say: Callable[[str], None], t0: float) -> int:

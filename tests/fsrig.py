@@ -15,7 +15,7 @@ from cachefs.engine import CacheConfig
 from cachefs.errors import ChangeRefused, NotFound
 from cachefs.fs.inodes import Namespace
 from cachefs.fs.operations import Operations
-from cachefs.fuse.api import FUSEError
+from cachefs.fuse.api import Entry, FUSEError
 
 BLOCK = 4096
 
@@ -231,3 +231,22 @@ async def errno_of(call: object) -> int:
     with pytest.raises(FUSEError) as info:
         await call  # type: ignore[misc]
     return info.value.errno
+
+
+class Listing:
+    plus = True
+
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+
+    def add(self, name: bytes, entry: Entry, next_offset: int) -> bool:
+        self.names.append(name)
+        return True
+
+
+async def names(ops: Operations, ino: int) -> list[bytes]:
+    fh = (await ops.opendir(ino)).fh
+    listing = Listing()
+    await ops.readdir(fh, 0, listing)
+    await ops.releasedir(fh)
+    return listing.names[2:]

@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 
-from fsrig import BLOCK, FakeCache, directory, errno_of, file, mount, tree
+from fsrig import BLOCK, FakeCache, directory, errno_of, file, mount, names, tree
 
 from cachefs.fs.inodes import ROOT_INODE
 from cachefs.fs.operations import Operations
@@ -36,25 +36,6 @@ async def test_a_created_file_is_found_under_its_inode() -> None:
     assert cache.flushed == ["new"] and [h.file_id for h in cache.closed] == ["new"]
     exclusive = os.O_CREAT | os.O_EXCL | os.O_WRONLY
     assert await errno_of(ops.create(ROOT_INODE, b"new", 0o600, exclusive)) == errno.EEXIST
-
-
-class Listing:
-    plus = True
-
-    def __init__(self) -> None:
-        self.names: list[bytes] = []
-
-    def add(self, name: bytes, entry: Entry, next_offset: int) -> bool:
-        self.names.append(name)
-        return True
-
-
-async def names(ops: Operations, ino: int) -> list[bytes]:
-    fh = (await ops.opendir(ino)).fh
-    listing = Listing()
-    await ops.readdir(fh, 0, listing)
-    await ops.releasedir(fh)
-    return listing.names[2:]
 
 
 async def test_a_file_made_after_an_unlink_is_a_new_inode() -> None:

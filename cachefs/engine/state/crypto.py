@@ -222,15 +222,8 @@ class CacheKey:
         bytes, a block of another file, position or version, or a hole (all
         zeros).  Never raises on bad data; the caller treats None as not cached.
         """
-        view = _sealed(sealed)
-        if view is None:
-            return None
-        try:
-            return self._blocks.decrypt(
-                view[:NONCE_SIZE], view[NONCE_SIZE:], _block_ad(row_id, version, index)
-            )
-        except InvalidTag:
-            return None
+        view = memoryview(sealed).cast("B")
+        return self.open_chunk(row_id, version, index, view[:NONCE_SIZE], view[NONCE_SIZE:])
 
     def open_block_into(
         self,
@@ -245,18 +238,10 @@ class CacheKey:
         False when it does not authenticate; *out* then holds no plaintext
         to use.  One allocation and copy less than open_block.
         """
-        view = _sealed(sealed)
-        if view is None or len(out) != len(view) - OVERHEAD:
-            return False
-        ad = _block_ad(row_id, version, index)
-        try:
-            if _DECRYPT_INTO:
-                self._blocks.decrypt_into(view[:NONCE_SIZE], view[NONCE_SIZE:], ad, out)
-            else:
-                out[:] = self._blocks.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], ad)
-        except InvalidTag:
-            return False
-        return True
+        view = memoryview(sealed).cast("B")
+        return self.open_chunk_into(
+            row_id, version, index, view[:NONCE_SIZE], view[NONCE_SIZE:], out
+        )
 
     def open_chunk(
         self,
@@ -328,16 +313,6 @@ class CacheKey:
             return self._meta.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], context)
         except InvalidTag:
             return None
-
-
-def _sealed(sealed: bytes | bytearray | memoryview) -> memoryview | None:
-    """*sealed* as bytes, or None when it cannot open: too short, or a hole (all zeros)."""
-    view = memoryview(sealed).cast("B")
-    if len(view) < OVERHEAD:
-        return None
-    if view[:NONCE_SIZE] == _ZERO_NONCE and view[-TAG_SIZE:] == _ZERO_TAG:
-        return None  # a hole: skip the pass over a block that cannot authenticate
-    return view
 
 
 def _openable(nonce: bytes | bytearray | memoryview, body: bytes | bytearray | memoryview) -> bool:
