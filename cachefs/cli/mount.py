@@ -29,6 +29,7 @@ from cachefs.cli.options import (
     AddCommand,
     block_size,
     checked_by,
+    listen_address,
     non_empty,
     number,
     size,
@@ -223,6 +224,21 @@ def add_mount(add: AddCommand) -> None:
         help=f"kernel readahead of the mount in KiB, 0 to {MAX_READAHEAD_KB} (default: 1024)",
     )
     option("--foreground", action="store_true", help="serve in this process, logging to stderr")
+    option(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=listen_address,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics: the counters of "
+        "`cachefs stats`, and latency histograms of ReadData calls and of FUSE requests by "
+        "operation (docs/metrics.md). Off by default; 127.0.0.1:9464 serves this machine only",
+    )
+    option(
+        "--allow-other",
+        action="store_true",
+        help="let users other than the one who mounts use the mount (FUSE allow_other), "
+        "each checked against the mode and owner of every file as SOURCE gives them. A user "
+        "other than root needs user_allow_other in /etc/fuse.conf (docs/service.md)",
+    )
     _write_options(mount)
     s3options.add_arguments(mount)
     _group_options(mount)
@@ -434,6 +450,8 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         key_file=key_file,
         passthrough=args.passthrough,
         fuse=args.fuse,
+        metrics=args.metrics,
+        allow_other=args.allow_other,
     )
 
 

@@ -64,6 +64,20 @@ def common_options() -> Parser:
     return common
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 HOST in brackets) as (host, port); the port from 1 to 65535."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or any(c in host for c in "[]/ ") or (":" in host and "[" not in text):
+        raise argparse.ArgumentTypeError(
+            f"not HOST:PORT: {text!r} (like 127.0.0.1:9464, or [::1]:9464 for IPv6)"
+        )
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port from 1 to 65535: {port!r} in {text!r}")
+    return host, int(port)
+
+
 def number(kind: type[N], low: int, high: int) -> Callable[[str], N]:
     """A converter to a finite *kind* from *low* to *high*; the error states the range."""
     noun = "a whole number" if kind is int else "a number"

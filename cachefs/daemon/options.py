@@ -45,6 +45,10 @@ class MountOptions:
     fuse: str = "native"
     #: the group this mount takes part in, None for none
     group: MemberOptions | None = None
+    #: where to serve Prometheus metrics, (host, port); None: not served
+    metrics: tuple[str, int] | None = None
+    #: let users other than the mounting one in (FUSE allow_other)
+    allow_other: bool = False
 
     def wrapper(self, name: str) -> str | None:
         """The value of wrapper *name*, None if it is not stacked."""

@@ -113,12 +113,18 @@ async def serve_fuse(
 
             # Registering a backing file needs CAP_SYS_ADMIN: offered as root only.
             passthrough = opts.passthrough and os.geteuid() == 0
+            if opts.passthrough and not passthrough:
+                log.info(
+                    "passthrough off: registering cache files for the kernel to read needs "
+                    "root; every read of the mount is answered by cachefs"
+                )
             mounted = await mount_fs(
                 opts.mountpoint,
                 fsname_for(opts.cache_dir),
                 SUBTYPE,
                 make_ops,
                 passthrough=passthrough,
+                allow_other=opts.allow_other,
             )
             session.serve(mounted)
             kernel = mounted.kernel

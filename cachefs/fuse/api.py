@@ -247,7 +247,9 @@ class Transport(Protocol):
     passthrough=...)``; *make_ops* builds the Operations from the mount's Kernel.
 
     *passthrough*: offer the kernel to read files straight from backing
-    files.  Raises MountError (cachefs.errors.CacheFSError) when refused.
+    files.  *allow_other*: let users other than the mounting one in (each
+    checked against the files' modes, ``default_permissions``).  Raises
+    MountError (cachefs.errors.CacheFSError) when refused.
     """
 
     async def __call__(
@@ -258,4 +260,5 @@ class Transport(Protocol):
         make_ops: Callable[[Kernel], Operations],
         *,
         passthrough: bool,
+        allow_other: bool = False,
     ) -> Mounted: ...

@@ -526,10 +526,13 @@ async def mount_fs(
     make_ops: Callable[[Kernel], Operations],
     *,
     passthrough: bool,
+    allow_other: bool = False,
 ) -> Session:
     """Mount on *mountpoint* and return the Session that serves *make_ops*'s
     operations there (the native cachefs.fuse.api.Transport).  Raises MountError."""
-    connection = await mount(mountpoint, fsname, subtype)
+    connection = await mount(
+        mountpoint, fsname, subtype, options=["allow_other"] if allow_other else None
+    )
     try:
         return Session(make_ops(connection), connection, passthrough=passthrough)
     except BaseException:

@@ -128,6 +128,7 @@ async def mount_fs(
     make_ops: Callable[[Kernel], Operations],
     *,
     passthrough: bool,
+    allow_other: bool = False,
 ) -> Pyfuse3Mount:
     """Mount on *mountpoint* through libfuse and return what serves *make_ops*'s
     operations there (the pyfuse3 cachefs.fuse.api.Transport).  Raises MountError.
@@ -143,6 +144,7 @@ async def mount_fs(
         "default_permissions",
         f"fsname={_escape(fsname)}",
         f"subtype={_escape(subtype)}",
+        *(["allow_other"] if allow_other else []),
     }
     _in_use = True
     try:
