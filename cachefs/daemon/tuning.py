@@ -67,7 +67,11 @@ def abort_connection(mount: MountEntry, fusectl: Path = FUSECTL) -> bool:
     False, with the reason logged, where that cannot be done; False, and
     nothing logged, once the connection has ended.
     """
-    # fusectl names a connection by its device number as the kernel encodes it.
+    # fusectl names a connection by its device number as the kernel encodes it,
+    # and gives an ended connection's number to the next mount: a mount no
+    # longer attached is not aborted, or another mount's connection would be.
+    if not attached(mount):
+        return False
     path = fusectl / str((mount.major << 20) | mount.minor) / "abort"
     if fusectl.is_dir() and not any(fusectl.iterdir()):
         with contextlib.suppress(OSError, subprocess.SubprocessError):

@@ -799,6 +799,28 @@ def test_a_mount_its_daemon_has_detached_needs_no_abort_and_no_detaching(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
+@needs_fuse
+def test_aborting_a_mount_that_ended_spares_the_mount_its_device_number_went_to(
+    mount: MountFactory, tmp_path: Path
+) -> None:
+    """The kernel gives an ended FUSE connection's number to the next mount:
+    an abort of the ended one (cachefs unmount's last resort) must not reach it."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    gone = mount(source_with_a_file(tmp_path / "a"))
+    ended = mount_at(gone.mountpoint)
+    assert ended is not None
+    subprocess.run(["fusermount3", "-u", str(gone.mountpoint)], check=True, timeout=WAIT)
+    assert gone.proc.wait(timeout=EXIT_DEADLINE) == 0, gone.log_text()
+    live = mount(source_with_a_file(tmp_path / "b"))
+    now = mount_at(live.mountpoint)
+    assert now is not None
+    # As if the live mount had been given the ended one's number.
+    reused = MountEntry(ended.mountpoint, now.major, now.minor, ended.cache_dir, ended.owner)
+    assert abort_connection(reused) is False
+    assert (live.mountpoint / "f").read_bytes() == b"data" * 1000
+
+
 NOBODY = 65534
 
 
