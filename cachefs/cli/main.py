@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from cachefs.cli.parser import build_parser
+from cachefs.daemon.logs import COMMAND_FORMAT, DAEMON_FORMAT, log_to_stderr
 from cachefs.errors import CacheFSError
 
 __all__ = ["build_parser", "main"]
@@ -27,13 +28,10 @@ log = logging.getLogger("cachefs")
 
 
 def _configure_logging(level: str | None, foreground: bool) -> None:
+    """A foreground mount logs as its daemon would, one line per event; any
+    other command says only what went wrong, prefixed ``cachefs:``."""
     level = level or ("info" if foreground else "warning")
-    fmt = (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        if foreground
-        else "cachefs: %(levelname)s: %(message)s"
-    )
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    log_to_stderr(level, DAEMON_FORMAT if foreground else COMMAND_FORMAT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import PackageNotFoundError, version
 
 from cachefs.cli.cache import add_cache_commands
 from cachefs.cli.flushing import add_flush
@@ -22,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         "file:///path, s3://bucket/prefix) through a persistent block cache, and writes "
         "changes back to it.",
     )
+    parser.add_argument(
+        "-V", "--version", action="version", version=_version(), help="print the version and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -39,3 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_group_commands(add)
     add_records_commands(add)
     return parser
+
+
+def _version() -> str:
+    """``cachefs X.Y.Z``: the version of the installed distribution, the one
+    a bug report needs (not the source tree's)."""
+    try:
+        return f"cachefs {version('cachefs')}"
+    except PackageNotFoundError:
+        return "cachefs (not installed)"

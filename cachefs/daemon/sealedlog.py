@@ -73,6 +73,10 @@ class SealNames(logging.Filter):
         text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
         if text in _VOCABULARY:
             return text
+        return self.seal(text)
+
+    def seal(self, text: str) -> str:
+        """``[sealed:TAG]`` for *text*."""
         return f"[sealed:{self._tag(text)[:16]}]"
 
 
@@ -88,6 +92,17 @@ class NameTags:
 
     def __call__(self, text: str) -> str:
         return "no-key-yet" if self._tag is None else self._tag(text)
+
+
+def names_as_logged() -> Callable[[str], str]:
+    """How to write a name into a line logged with no arguments (which the
+    filter cannot see into): sealed while the log is (:func:`seal_log`),
+    else quoted."""
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, SealNames):
+                return f.seal
+    return repr
 
 
 def seal_log(tag: Callable[[str], str]) -> None:

@@ -21,6 +21,7 @@ from cachefs import fuse
 from cachefs.control.mounts import SUBTYPE, fsname_for
 from cachefs.control.server import serve_control
 from cachefs.daemon.commands import ControlCommands
+from cachefs.daemon.dump import log_state
 from cachefs.daemon.options import MountOptions
 from cachefs.daemon.tuning import tune_when_initialized
 from cachefs.engine import FileCache
@@ -39,8 +40,10 @@ UNMOUNT_GRACE = 10.0
 class _Session:
     """The FUSE session's life: mounting, and stopping gently, then by cancellation."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, cache: FileCache, namespace: Namespace) -> None:
         self._nursery = nursery
+        self._cache = cache  # what a state dump shows (SIGUSR1), with the namespace
+        self._namespace = namespace
         self.fuse: fuse.Mounted | None = None
         self.stopping = False
         #: The changed files are left in the cache dir, unflushed (unmount --keep-dirty).
@@ -72,8 +75,14 @@ class _Session:
         self._nursery.cancel_scope.cancel()
 
     async def watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        """SIGTERM, SIGINT and SIGHUP unmount; SIGUSR1 logs the mount's state
+        (cachefs.daemon.dump) and it goes on serving."""
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*stops, signal.SIGUSR1) as signals:
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    log_state(self._cache, self._namespace)
+                    continue
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 self.stop()
 
@@ -92,7 +101,7 @@ async def serve_fuse(
     mounted: fuse.Mounted | None = None
     try:
         async with trio.open_nursery() as nursery:
-            session = _Session(nursery)
+            session = _Session(nursery, cache, namespace)
             nursery.start_soon(session.watch_signals)
             commands = ControlCommands(
                 cache,

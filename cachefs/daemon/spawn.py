@@ -9,6 +9,10 @@ reads its orders to their end before it does anything else, mounts, and
 reports.  MOUNTPOINT on its command line only names the mount for ``ps``:
 it must equal the one in the orders.
 
+The daemon's stdout and stderr are ``cachefs.log`` in the cache dir: its
+log, one line per event, capped and rotated (cachefs.daemon.logs), and
+whatever else is written there (a traceback of a crash: faulthandler is on).
+
 The daemon of an encrypted mount writes no name in clear from its first
 line: its log (its stderr) is sealed (cachefs.daemon.sealedlog), and an
 error that stops it is logged by kind only, since its message already went
@@ -18,6 +22,7 @@ to the mount command through the pipe.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -31,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cachefs
+from cachefs.daemon.logs import log_to_file
 from cachefs.daemon.options import MountOptions
 from cachefs.daemon.sealedlog import NameTags, describe, seal_log
-from cachefs.daemon.serve import run_mount
+from cachefs.daemon.serve import LOG_NAME, run_mount
 from cachefs.engine.state.cachedir import open_own_file
 from cachefs.errors import CacheFSError, MountFailed
 
@@ -239,11 +245,15 @@ def daemon_main(argv: Sequence[str] | None = None) -> int:
         print(f"cachefs: error: {message}", file=sys.stderr)
         return 1
     opts = orders.options
-    logging.basicConfig(
-        level=orders.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        log_to_file(orders.log_level, opts.cache_dir / LOG_NAME)
+    except ValueError as e:
+        readiness.failed(2, str(e))
+        print(f"cachefs: error: {e}", file=sys.stderr)
+        return 2
+    # A crash of the interpreter (or of a C library in it) leaves its
+    # Python traceback in the log too.
+    faulthandler.enable()
     if opts.encrypt:
         seal_log(NameTags())
     try:

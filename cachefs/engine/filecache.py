@@ -477,6 +477,52 @@ class FileCache:
     def write_statistics(self) -> WriteStatistics:
         return self._writes.statistics()
 
+    def activity(self) -> dict[str, list[tuple[str, str]]]:
+        """What the cache is busy with now, for a state dump of a mount that
+        seems stuck (cachefs.daemon.dump): (file id, what) pairs under
+        ``handles`` (each file's open handles), ``fetches`` (blocks held by a
+        fetch, an eviction or a supply), ``writes`` (changed files, flushing
+        or waiting) and ``queues`` (no file id).  Reads only; the texts hold
+        no name but the file ids."""
+        opened: dict[str, list[OpenFile]] = {}
+        for fh in self._open:
+            opened.setdefault(fh.file_id, []).append(fh)
+        handles = [
+            (
+                file_id,
+                f"handles={len(fhs)} versions={len({fh.cf.version for fh in fhs})}"
+                f" writing={sum(fh.writer for fh in fhs)}"
+                f" on_working_copy={sum(fh.wc is not None for fh in fhs)}"
+                f" read_by_kernel={sum(fh.whole is not None for fh in fhs)}",
+            )
+            for file_id, fhs in sorted(opened.items())
+        ]
+        held = {id(cf): cf for cf in self.catalog.files.values() if cf.inflight}
+        held.update((id(fh.cf), fh.cf) for fh in self._open if fh.cf.inflight)
+        fetches = []
+        for cf in held.values():
+            runs = sorted({(f.first, f.last) for f in (cf.inflight or {}).values()})
+            fetches.append((cf.file_id, "blocks " + ", ".join(f"{a}-{b}" for a, b in runs)))
+        writes = [
+            (
+                wc.file_id,
+                f"dirty_bytes={wc.dirty_bytes} "
+                + ("flushing" if wc.flushing else "latched" if wc.header.error else "waiting"),
+            )
+            for wc in self._writes.copies.values()
+            if wc.dirty or wc.flushing
+        ]
+        queues = [
+            ("", f"blocks waiting for their hash: {self._hasher.backlog}"),
+            ("", f"open handles: {len(self._open)}"),
+        ]
+        return {
+            "handles": handles,
+            "fetches": sorted(fetches),
+            "writes": sorted(writes),
+            "queues": queues,
+        }
+
     # -- content from elsewhere ---------------------------------------------------
 
     async def add_data(

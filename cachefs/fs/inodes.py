@@ -199,6 +199,11 @@ class Namespace:
             raise NotFound(f"unknown inode {ino}")
         return node
 
+    def open_inodes(self) -> list[tuple[int, str, int]]:
+        """(inode number, file id, handles open) of each inode with handles
+        open, for a state dump (cachefs.daemon.dump)."""
+        return sorted((n.ino, n.file_id, n.opens) for n in self._nodes.values() if n.opens)
+
     def __len__(self) -> int:
         return len(self._nodes)
 
