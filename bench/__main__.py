@@ -30,7 +30,7 @@ from bench.system import (
     run_main,
     set_memory_retouch,
 )
-from bench.targets import ENCRYPTED_JOBS, TARGETS, Target
+from bench.targets import ENCRYPTED_JOBS, METRICS_JOBS, TARGETS, Target
 
 # Memory touched after each drop of the caches, per byte the measurement reads
 # (where the VM hands freed memory back to its host; see set_memory_retouch).
@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join([*TARGETS, *S3_TARGETS]),
         help="comma-separated subset of %(default)s (default: all; cachefs-enc, "
         f"cachefs --encrypt, measures only {','.join(sorted(ENCRYPTED_JOBS))} "
-        "on cache hits and warm; cachefs-s3 and rclone-s3 mount a bucket of a hadro "
-        f"server and measure only {','.join(sorted(S3_JOBS))})",
+        "on cache hits and warm; cachefs-metrics, cachefs --metrics, measures only "
+        f"{','.join(sorted(METRICS_JOBS))} on cache hits and warm; cachefs-s3 and "
+        f"rclone-s3 mount a bucket of a hadro server and measure only {','.join(sorted(S3_JOBS))})",
     )
     parser.add_argument(
         "--jobs",

@@ -23,6 +23,8 @@ from bench.suite import CONDITIONS
 ENCRYPTED = "cachefs-enc"
 PYFUSE3 = "cachefs-pyfuse3"
 PYFUSE3_RATIO = f"{PYFUSE3}/cachefs"
+METRICS = "cachefs-metrics"
+METRICS_RATIO = f"{METRICS}/cachefs"
 S3_CACHEFS, S3_RCLONE_TARGET = "cachefs-s3", "rclone-s3"
 # the ratios of every row: key, the target measured against, the other
 RATIOS = (
@@ -32,6 +34,7 @@ RATIOS = (
     (ENC_RATIO, ENCRYPTED, "cachefs"),
     (ENC_RAW, ENCRYPTED, "raw"),
     (PYFUSE3_RATIO, PYFUSE3, "cachefs"),
+    (METRICS_RATIO, METRICS, "cachefs"),
     (S3_RCLONE, S3_CACHEFS, S3_RCLONE_TARGET),
     (S3_LOCAL, S3_CACHEFS, "cachefs"),
     (S3_RAW, S3_CACHEFS, "raw"),
@@ -183,6 +186,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _s3_lines(report)
     lines += _encrypted_lines(report)
     lines += _transport_lines(report)
+    lines += _metrics_lines(report)
     lines += ["", "| goal | ratio | verdict |", "|---|---:|---|"]
     for g in report["goals"]:
         limit = f": {g['known_limit']}" if g.get("known_limit") else ""
@@ -312,32 +316,58 @@ def _encrypted_lines(report: dict[str, Any]) -> list[str]:
 
 def _transport_lines(report: dict[str, Any]) -> list[str]:
     """The two FUSE transports side by side, where pyfuse3 was measured."""
+    return _beside_cachefs(
+        report,
+        PYFUSE3,
+        PYFUSE3_RATIO,
+        "FUSE transports: `--fuse native` (the default, with passthrough) against "
+        "`--fuse pyfuse3` (libfuse, no passthrough); ratio > 1: pyfuse3 faster.",
+        ("native", "pyfuse3"),
+    )
+
+
+def _metrics_lines(report: dict[str, Any]) -> list[str]:
+    """cachefs with and without ``--metrics``, where both were measured."""
+    return _beside_cachefs(
+        report,
+        METRICS,
+        METRICS_RATIO,
+        "Metrics: `cachefs mount --metrics` (every FUSE request timed) against cachefs "
+        "without; ratio < 1: the metrics cost that much.",
+        ("off", "on"),
+    )
+
+
+def _beside_cachefs(
+    report: dict[str, Any], other: str, ratio: str, intro: str, names: tuple[str, str]
+) -> list[str]:
+    """A table of cachefs against target *other*, where *other* was measured."""
     by_key = {(r["job"], r["condition"]): r for r in report["ratios"]}
     rows = []
     for job in JOBS:
         for condition in CONDITIONS:
             row = report["results"].get(job.key, {}).get(condition, {})
-            if PYFUSE3 not in row:
+            if other not in row:
                 continue
-            native, pyfuse3 = row.get("cachefs", {}), row[PYFUSE3]
+            ours, theirs = row.get("cachefs", {}), row[other]
             cells = [
                 f"{job.title} ({job.unit})",
                 condition,
-                _cell(native),
-                _cell(pyfuse3),
-                _fmt(by_key[(job.key, condition)][PYFUSE3_RATIO]),
-                _fmt(native.get("daemon_cpu_s")),
-                _fmt(pyfuse3.get("daemon_cpu_s")),
+                _cell(ours),
+                _cell(theirs),
+                _fmt(by_key[(job.key, condition)][ratio]),
+                _fmt(ours.get("daemon_cpu_s")),
+                _fmt(theirs.get("daemon_cpu_s")),
             ]
             rows.append("| " + " | ".join(cells) + " |")
     if not rows:
         return []
+    a, b = names
     return [
         "",
-        "FUSE transports: `--fuse native` (the default, with passthrough) against "
-        "`--fuse pyfuse3` (libfuse, no passthrough); ratio > 1: pyfuse3 faster.",
+        intro,
         "",
-        "| job | condition | native | pyfuse3 | pyfuse3/native | native CPU s | pyfuse3 CPU s |",
+        f"| job | condition | {a} | {b} | {b}/{a} | {a} CPU s | {b} CPU s |",
         "|---|---|---:|---:|---:|---:|---:|",
         *rows,
     ]

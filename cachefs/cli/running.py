@@ -271,6 +271,11 @@ _STATS_ROWS = (
     ("block size", "block_size", format_size),
     ("ttl", "ttl", lambda v: f"{v:g} s"),
     ("ReadData calls", "read_data_calls", str),
+    (
+        "  by result",
+        "read_data_results",
+        lambda by_code: ", ".join(f"{code} {n}" for code, n in by_code.items() if n) or "none",
+    ),
     ("from backend", "bytes_from_backend", format_size),
     ("cache hits", "hit_bytes", format_size),
     ("cache misses", "miss_bytes", format_size),

@@ -27,6 +27,7 @@ from cachefs.daemon.tuning import tune_when_initialized
 from cachefs.engine import FileCache
 from cachefs.fs.inodes import Namespace
 from cachefs.fs.operations import KernelInvalidator, Operations
+from cachefs.latency import Latencies
 
 if TYPE_CHECKING:  # the record store is loaded by mounts in a group only
     from cachefs.group.member import Member
@@ -115,6 +116,14 @@ async def serve_fuse(
             )
             # The control socket first: once the mount is visible, it answers.
             await nursery.start(serve_control, opts.cache_dir, commands)
+            timer = None
+            if opts.metrics is not None:
+                # Before the mount: an address it cannot listen on fails it, nothing
+                # mounted.  (prometheus_client is loaded by such mounts only.)
+                from cachefs.daemon.metrics import MetricsServer
+
+                timer = Latencies()
+                await nursery.start(MetricsServer(commands.stats, timer).serve, opts.metrics)
             initialized = trio.Event()
 
             def make_ops(kernel: fuse.Kernel) -> Operations:
@@ -134,6 +143,7 @@ async def serve_fuse(
                 make_ops,
                 passthrough=passthrough,
                 allow_other=opts.allow_other,
+                timer=timer,
             )
             session.serve(mounted)
             kernel = mounted.kernel

@@ -668,6 +668,8 @@ class FileCache:
         hits, misses = stats.hit_bytes, stats.miss_bytes
         return {
             **stats.as_dict(),
+            "read_data_results": dict(stats.read_data_results),
+            "read_data_seconds": stats.read_data_seconds.data(),
             "hit_ratio": hits / (hits + misses) if hits + misses else None,
             "cached_bytes": self.catalog.cached_bytes,
             "cache_limit": self.evictor.limit,

@@ -6,8 +6,11 @@ into it (``stats.hit_bytes += n``); nothing else writes the counters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import TypedDict, cast
+
+from cachefs.contract import RWResult
+from cachefs.latency import Histogram, HistogramData
 
 
 class Counters(TypedDict):
@@ -46,15 +49,25 @@ class Stats:
     add_data_rejected: int = 0
     #: Files fetched whole ahead of a reader walking their directory.
     fetched_ahead: int = 0
+    #: ReadData calls answered, by result code name (FAILURE too for a backend
+    #: that raised or answered what cannot be); a call cancelled before its
+    #: answer is in ``read_data_calls`` only.
+    read_data_results: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(RWResult.__members__, 0)
+    )
+    #: How long the answered ReadData calls took.
+    read_data_seconds: Histogram = field(default_factory=Histogram)
 
     def as_dict(self) -> Counters:
         """The counters by name, in declaration order."""
-        return cast(Counters, {f.name: getattr(self, f.name) for f in fields(self)})
+        return cast(Counters, {name: getattr(self, name) for name in Counters.__annotations__})
 
 
 class CacheStatistics(Counters):
     """What :meth:`FileCache.statistics` returns: the counters, then gauges."""
 
+    read_data_results: dict[str, int]
+    read_data_seconds: HistogramData
     hit_ratio: float | None
     cached_bytes: int
     cache_limit: int

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cachefs.errors import CacheFSError
+from cachefs.latency import Latencies
 
 #: What a READ may be answered with.
 Payload = bytes | bytearray | memoryview
@@ -248,8 +249,10 @@ class Transport(Protocol):
 
     *passthrough*: offer the kernel to read files straight from backing
     files.  *allow_other*: let users other than the mounting one in (each
-    checked against the files' modes, ``default_permissions``).  Raises
-    MountError (cachefs.errors.CacheFSError) when refused.
+    checked against the files' modes, ``default_permissions``).  *timer*:
+    observe how long each request took to answer, by the name of its
+    operation (``read``, ``lookup``...); without one nothing is timed, at
+    no cost.  Raises MountError (cachefs.errors.CacheFSError) when refused.
     """
 
     async def __call__(
@@ -261,4 +264,5 @@ class Transport(Protocol):
         *,
         passthrough: bool,
         allow_other: bool = False,
+        timer: Latencies | None = None,
     ) -> Mounted: ...

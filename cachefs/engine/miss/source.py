@@ -76,8 +76,21 @@ class Source:
     # -- calls ----------------------------------------------------------------------
 
     async def call(self, req: ReadData) -> tuple[RWResult, int]:
-        """One ReadData call; a raising or lying backend answers FAILURE, 0 bytes."""
-        self._stats.read_data_calls += 1
+        """One ReadData call; a raising or lying backend answers FAILURE, 0 bytes.
+
+        Counted by its result code, and timed, once answered."""
+        stats = self._stats
+        stats.read_data_calls += 1
+        started = trio.current_time()
+        rc, n = await self._ask(req)
+        stats.read_data_seconds.observe(trio.current_time() - started)
+        stats.read_data_results[rc.name] += 1
+        stats.bytes_from_backend += n
+        return rc, n
+
+    async def _ask(self, req: ReadData) -> tuple[RWResult, int]:
+        """The backend's answer to *req*: its result code, and the bytes it
+        moved when the code says it moved any."""
         try:
             await self._backend.read_data(req)
         except Exception:
@@ -103,7 +116,6 @@ class Source:
             )
             return RWResult.FAILURE, 0
         if rc in (RWResult.SUCCESS, RWResult.PARTIAL, RWResult.RANGE_BEYOND_EOF):
-            self._stats.bytes_from_backend += n
             return rc, n
         return rc, 0
 

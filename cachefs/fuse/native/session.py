@@ -38,6 +38,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from cachefs.fuse.dying import dying
 from cachefs.fuse.native import abi, device
 from cachefs.fuse.native.abi import DirReply
 from cachefs.fuse.native.device import Connection
+from cachefs.latency import Histogram, Latencies
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +94,21 @@ class Session:
 
     *passthrough*: offer the kernel to read files straight from backing
     files (``Connection.open_backing``); ``connection.passthrough`` then
-    says whether it took the offer.
+    says whether it took the offer.  *timer*: observe how long each request
+    took, from its read to its answer, by operation: the name of its
+    handler (``lookup``, ``read``, ``readdirplus``...) or of the change
+    (``link``...).  FORGET, INTERRUPT and INIT are not timed, nor a request
+    an INTERRUPT cancelled.  Without a timer, the one cost is an ``is None``
+    test per request.
     """
 
-    def __init__(self, ops: Operations, connection: Connection, passthrough: bool = True) -> None:
+    def __init__(
+        self,
+        ops: Operations,
+        connection: Connection,
+        passthrough: bool = True,
+        timer: Latencies | None = None,
+    ) -> None:
         self._ops = ops
         self.connection = connection
         self._fd = connection.fd
@@ -140,6 +153,9 @@ class Session:
             abi.SETATTR: self._setattr,
             abi.WRITE: self._write,
         }
+        self._timer = timer
+        # opcode -> its histogram, made on the first request of that kind
+        self._histograms: dict[int, Histogram] = {}
 
     @property
     def kernel(self) -> Kernel:
@@ -178,6 +194,7 @@ class Session:
         # cancels it (a scope per request cost the daemon-bound encrypted
         # cache hits about 10% of their IOPS).  It is cancelled only while
         # the request it was lent to is being answered (self._running).
+        timer = self._timer
         try:
             while True:
                 scope = trio.CancelScope()
@@ -190,7 +207,12 @@ class Session:
                         if self._idle == 0 and self._workers < MAX_WORKERS:
                             self._add_worker()
                         answering = request[1]
-                        await self._answer(*request, scope)
+                        if timer is None:
+                            await self._answer(*request, scope)
+                        else:
+                            started = time.perf_counter()
+                            await self._answer(*request, scope)
+                            self._observe(request[0], time.perf_counter() - started)
                         answering = None
                         if self._idle > SPARE_WORKERS:
                             return
@@ -198,6 +220,16 @@ class Session:
                     self._send(answering, -errno.EINTR, b"")
         finally:
             self._workers -= 1
+
+    def _observe(self, opcode: int, seconds: float) -> None:
+        histogram = self._histograms.get(opcode)
+        if histogram is None:
+            handler = self._handlers.get(opcode)
+            name = abi.CHANGES.get(opcode) if handler is None else handler.__name__.lstrip("_")
+            if name is None or self._timer is None:  # FORGET, INTERRUPT, INIT, unknown
+                return
+            histogram = self._histograms[opcode] = self._timer.histogram(name)
+        histogram.observe(seconds)
 
     async def _next_request(self) -> Request | None:
         """(opcode, unique, nodeid, pid, body) of the next request; None to stop."""
@@ -527,6 +559,7 @@ async def mount_fs(
     *,
     passthrough: bool,
     allow_other: bool = False,
+    timer: Latencies | None = None,
 ) -> Session:
     """Mount on *mountpoint* and return the Session that serves *make_ops*'s
     operations there (the native cachefs.fuse.api.Transport).  Raises MountError."""
@@ -534,7 +567,7 @@ async def mount_fs(
         mountpoint, fsname, subtype, options=["allow_other"] if allow_other else None
     )
     try:
-        return Session(make_ops(connection), connection, passthrough=passthrough)
+        return Session(make_ops(connection), connection, passthrough=passthrough, timer=timer)
     except BaseException:
         connection.close()
         raise

@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ import trio
 
 from cachefs.fuse.api import DirReply, Entry, FUSEError, Opened, Operations, Payload, SetAttr
 from cachefs.fuse.dying import dying
+from cachefs.latency import Latencies
 
 log = logging.getLogger(__name__)
 
@@ -326,3 +328,28 @@ class Adapter(pyfuse3.Operations):
 
     async def removexattr(self, *args: Any) -> None:
         await self._change("removexattr")
+
+
+class TimedAdapter(Adapter):
+    """An :class:`Adapter` that observes in *timer* how long each request's
+    operation took, by its name (``lookup``, ``read``, ``readdir``...; a
+    change by the request's: ``link``...).  forget and init are not timed,
+    nor a request cancelled.  A subclass, so that an untimed mount pays
+    nothing for it."""
+
+    def __init__(
+        self, ops: Operations, timer: Latencies, on_init: Callable[[], None] = lambda: None
+    ) -> None:
+        super().__init__(ops, on_init)
+        self._timer = timer
+
+    async def _plain(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        name = args[0] if fn.__name__ == "change" else fn.__name__
+        started = time.perf_counter()
+        try:
+            result = await super()._plain(fn, *args)
+        except pyfuse3.FUSEError:  # answered with an errno: timed as well
+            self._timer.observe(name, time.perf_counter() - started)
+            raise
+        self._timer.observe(name, time.perf_counter() - started)
+        return result

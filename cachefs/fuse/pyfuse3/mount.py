@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -33,7 +34,8 @@ from cachefs.fuse.api import (
     MountError,
     Operations,
 )
-from cachefs.fuse.pyfuse3.adapter import Adapter
+from cachefs.fuse.pyfuse3.adapter import Adapter, TimedAdapter
+from cachefs.latency import Latencies
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +131,20 @@ async def mount_fs(
     *,
     passthrough: bool,
     allow_other: bool = False,
+    timer: Latencies | None = None,
 ) -> Pyfuse3Mount:
     """Mount on *mountpoint* through libfuse and return what serves *make_ops*'s
     operations there (the pyfuse3 cachefs.fuse.api.Transport).  Raises MountError.
 
     *passthrough*: asked for; pyfuse3 cannot, which is said once in the log.
+    *timer*: requests are answered by a TimedAdapter.
     """
     global _in_use
     if _in_use:
         raise MountError(f"cannot mount on {mountpoint}: pyfuse3 serves one mount per process")
     kernel = Pyfuse3Kernel()
-    adapter = Adapter(make_ops(kernel), on_init=lambda: _tune(mountpoint))
+    ops, on_init = make_ops(kernel), partial(_tune, mountpoint)
+    adapter = Adapter(ops, on_init) if timer is None else TimedAdapter(ops, timer, on_init)
     options = {
         "default_permissions",
         f"fsname={_escape(fsname)}",
