@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from cachefs.daemon.checks import (
     check_shared_cache_apart,
     prepare_cache_dir,
 )
+from cachefs.daemon.notify import notify
 from cachefs.daemon.options import MountOptions, default_cache_dir, normalize_source
 from cachefs.daemon.serve import LOG_NAME, run_mount
 from cachefs.daemon.spawn import Orders, spawn_daemon
@@ -235,9 +237,10 @@ def add_mount(add: AddCommand) -> None:
     option(
         "--allow-other",
         action="store_true",
-        help="let users other than the one who mounts use the mount (FUSE allow_other), "
-        "each checked against the mode and owner of every file as SOURCE gives them. A user "
-        "other than root needs user_allow_other in /etc/fuse.conf (docs/service.md)",
+        help="let users other than the one who mounts use the mount (FUSE allow_other). Every "
+        "file shows as owned by the user who mounted, with its mode from SOURCE, and each "
+        "user is checked against that. A user other than root needs user_allow_other in "
+        "/etc/fuse.conf (docs/service.md#non-root-mounts)",
     )
     _write_options(mount)
     s3options.add_arguments(mount)
@@ -518,7 +521,7 @@ def _check_before_cache_dir(args: argparse.Namespace) -> None:
     """What can fail before the cache dir is made: FUSE, the mount point, the source."""
     source = normalize_source(args.source)
     options = s3options.from_args(args, source)
-    check_fuse()
+    check_fuse(args.allow_other)
     mountpoint = Path(os.path.realpath(args.mountpoint))
     check_mountpoint(mountpoint)
     check_apart(source, mountpoint)
@@ -532,7 +535,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     opts = mount_options(args)
     prepare_cache_dir(opts.cache_dir)  # only now: a refused mount leaves nothing behind
     if args.foreground:
-        run_mount(opts)
+        # Run by systemd (Type=notify), the unit is started once the mount serves.
+        run_mount(opts, on_ready=partial(notify, "READY=1"))
     else:
         orders = Orders(opts, args.log_level or "info")
         spawn_daemon(orders, opts.cache_dir / LOG_NAME, READY_TIMEOUT)

@@ -31,22 +31,63 @@ def prepare_cache_dir(path: Path) -> Path:
     return path
 
 
-def check_fuse(device: str = "/dev/fuse", fusermount: str = "fusermount3") -> None:
-    """ConfigError unless this machine can mount FUSE file systems."""
+def check_fuse(
+    allow_other: bool = False,
+    device: str = "/dev/fuse",
+    fusermount: str = "fusermount3",
+    fuse_conf: str = "/etc/fuse.conf",
+) -> None:
+    """ConfigError unless this machine can mount FUSE file systems (with
+    *allow_other*, for this user).
+
+    A user other than root mounts through fusermount3, which needs
+    /dev/fuse open to all (as distributions make it) and, for allow_other,
+    the line ``user_allow_other`` in /etc/fuse.conf: said here in one line,
+    rather than by fusermount3 in its own words mid-mount.
+    """
     if not os.path.exists(device):
         raise ConfigError(
             f"{device} is missing: install fuse3 (apt-get install fuse3), "
             "or give the container the device (--device /dev/fuse)"
         )
     if not os.access(device, os.R_OK | os.W_OK):
-        raise ConfigError(f"no permission to open {device}: run as root or fix its mode")
-    if os.geteuid() != 0 and shutil.which(fusermount) is None:
+        raise ConfigError(
+            f"no permission to open {device}: run as root, or as root let every user "
+            f"open it, as distributions do (chmod 0666 {device})"
+        )
+    if os.geteuid() == 0:
+        return
+    if shutil.which(fusermount) is None:
         raise ConfigError("fusermount3 is missing: install fuse3 (apt-get install fuse3)")
+    if allow_other and not _users_may_allow_other(fuse_conf):
+        raise ConfigError(
+            f"--allow-other needs the line user_allow_other in {fuse_conf} when the "
+            "mounting user is not root: add it as root, or mount without --allow-other"
+        )
+
+
+def _users_may_allow_other(fuse_conf: str) -> bool:
+    """Whether *fuse_conf* has ``user_allow_other`` on a line by itself, as
+    fusermount3 reads it: ``#`` starts a comment, blanks around are ignored
+    (unreadable or missing: no)."""
+    try:
+        with open(fuse_conf) as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def check_mountpoint(path: Path) -> None:
     """ConfigError unless *path* is an empty directory that is not mounted on."""
     if mount_at(path) is not None:
+        try:
+            os.stat(path)
+        except OSError as e:
+            # Its daemon is gone (killed, crashed): the kernel answers ENOTCONN.
+            raise ConfigError(
+                f"{path} is a cachefs mount whose daemon has gone ({e.strerror}); "
+                f"detach it first: cachefs unmount {path} (or umount -l {path})"
+            ) from None
         raise ConfigError(f"{path} is already a cachefs mount point")
     try:
         entries = os.listdir(path)

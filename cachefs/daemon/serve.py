@@ -65,7 +65,7 @@ async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda:
     tags = NameTags()
     if opts.encrypt:
         seal_log(tags)
-    check_fuse()
+    check_fuse(opts.allow_other)
     check_mountpoint(opts.mountpoint)
     # A remote source is checked when opened (an S3 bucket is listed once,
     # within its own deadline): off the loop, which serves nothing yet anyway.
