@@ -41,7 +41,8 @@ async def tune_when_initialized(opts: MountOptions, initialized: trio.Event) -> 
 
 
 def tune(entry: MountEntry, readahead_kb: int) -> None:
-    """Raise the mount's readahead; warn on failure.
+    """Raise the mount's readahead; warn on failure (as root: a user may not,
+    which is said at info level).
 
     Call it after the FUSE INIT handshake, or the kernel resets the readahead
     (to at most what it offered in INIT, its 128 KiB default).
@@ -51,7 +52,8 @@ def tune(entry: MountEntry, readahead_kb: int) -> None:
     try:
         bdi.write_text(f"{readahead_kb}\n")
     except OSError as e:
-        log.warning("cannot set readahead (%s): %s", bdi, e.strerror)
+        level = logging.INFO if os.geteuid() != 0 else logging.WARNING
+        log.log(level, "cannot set readahead (%s): %s", bdi, e.strerror)
     else:
         log.debug("%s: %s", bdi, bdi.read_text().strip())
 
