@@ -26,12 +26,10 @@ import shlex
 import sys
 import textwrap
 from collections.abc import Collection, Sequence
-from pathlib import Path
 
 from cachefs.cli.main import main as cachefs_main
-from cachefs.cli.mount import add_mount, mount_options
+from cachefs.cli.mount import add_mount, check_before_cache_dir, mount_options
 from cachefs.cli.options import Parser, common_options
-from cachefs.daemon.checks import check_fuse, check_mountpoint
 from cachefs.errors import CacheFSError, ConfigError
 from cachefs.fuse import check_transport
 
@@ -43,13 +41,24 @@ MOUNT_FAILURE = 32
 #: FUSE mount of cachefs has no use for; ``x-*`` and ``comment=*`` too.
 DROPPED = frozenset(
     {
-        "defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
-        "owner", "group", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "async",
+        "defaults", "auto", "noauto", "nofail", "_netdev", "nouser",
+        "rw", "nosuid", "nodev", "exec", "async",
         "atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime",
         "lazytime", "nolazytime", "diratime", "nodiratime", "silent", "loud",
     }
 )  # fmt: skip
 DROPPED_PREFIXES = ("x-", "comment=")
+#: Generic mount options a cachefs mount cannot honour: refused by name (even
+#: with -s), rather than mounted without them.
+REFUSED = {
+    "noexec": "cachefs mounts always allow exec",
+    "suid": "cachefs mounts are always nosuid",
+    "dev": "cachefs mounts are always nodev",
+    "user": "mounts by users through fstab are not supported (docs/service.md#non-root-mounts)",
+    "users": "mounts by users through fstab are not supported (docs/service.md#non-root-mounts)",
+    "owner": "mounts by users through fstab are not supported (docs/service.md#non-root-mounts)",
+    "group": "mounts by users through fstab are not supported (docs/service.md#non-root-mounts)",
+}
 #: Generic mount options that mean a cachefs option.
 TRANSLATED = {"ro": "read-only", "allow_other": "allow-other"}
 #: ``cachefs mount`` options that make no sense from mount(8): it waits for the helper.
@@ -76,8 +85,10 @@ def option_names(parser: argparse.ArgumentParser) -> dict[str, str | None]:
     names: dict[str, str | None] = {}
     for action in parser._actions:
         for flag in action.option_strings:
+            metavar = action.metavar if isinstance(action.metavar, str) else None
+            if "," in (metavar or ""):
+                continue  # mount(8) splits a value at its commas: not given through -o
             if flag.startswith("--") and flag not in NOT_MOUNT_OPTIONS:
-                metavar = action.metavar if isinstance(action.metavar, str) else None
                 names[flag[2:]] = (metavar or action.dest.upper()) if action.nargs != 0 else None
     return names
 
@@ -92,6 +103,8 @@ def cachefs_arguments(
         name, equals, value = item.partition("=")
         if (not equals and name in DROPPED) or item.startswith(DROPPED_PREFIXES):
             continue
+        if not equals and name in REFUSED:
+            raise ConfigError(f"option {item!r} is not supported: {REFUSED[name]}")
         if not equals:
             name = TRANSLATED.get(name, name)
         if name not in known:
@@ -147,6 +160,9 @@ def build_helper_parser(prog: str, names: dict[str, str | None]) -> argparse.Arg
         "-v", dest="verbose", action="store_true", help="print the cachefs command it runs"
     )
     parser.add_argument("-N", dest="namespace", metavar="NS", help="not supported")
+    parser.add_argument(
+        "-t", dest="type", metavar="TYPE", help="ignored: cachefs or fuse.cachefs, as mount(8) says"
+    )
     return parser
 
 
@@ -155,8 +171,7 @@ def _check(arguments: list[str], parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(arguments[1:])
     try:
         check_transport(args.fuse)
-        check_fuse(args.allow_other)
-        check_mountpoint(Path(os.path.realpath(args.mountpoint)))
+        check_before_cache_dir(args)
         mount_options(args)
     except CacheFSError as e:
         print(f"cachefs: error: {' '.join(str(e).split())}", file=sys.stderr)

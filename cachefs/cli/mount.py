@@ -517,7 +517,7 @@ def _check_source(source: str, options: dict[str, Any]) -> None:
     trio.run(backend.aclose)
 
 
-def _check_before_cache_dir(args: argparse.Namespace) -> None:
+def check_before_cache_dir(args: argparse.Namespace) -> None:
     """What can fail before the cache dir is made: FUSE, the mount point, the source."""
     source = normalize_source(args.source)
     options = s3options.from_args(args, source)
@@ -531,7 +531,7 @@ def _check_before_cache_dir(args: argparse.Namespace) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     check_transport(args.fuse)
     if not args.foreground:
-        _check_before_cache_dir(args)
+        check_before_cache_dir(args)
     opts = mount_options(args)
     prepare_cache_dir(opts.cache_dir)  # only now: a refused mount leaves nothing behind
     if args.foreground:

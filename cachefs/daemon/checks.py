@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from cachefs.contract import local_path
-from cachefs.control.mounts import mount_at
+from cachefs.control.mounts import daemon_pid, mount_at
 from cachefs.engine.state.cachedir import check_cache_dir
 from cachefs.errors import CacheDirError, ConfigError
 
@@ -69,25 +69,28 @@ def check_fuse(
 def _users_may_allow_other(fuse_conf: str) -> bool:
     """Whether *fuse_conf* has ``user_allow_other`` on a line by itself, as
     fusermount3 reads it: ``#`` starts a comment, blanks around are ignored
-    (unreadable or missing: no)."""
+    (missing: no; unreadable by this user: maybe, which fusermount3, set-uid
+    root, then judges)."""
     try:
         with open(fuse_conf) as f:
             return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
 
 
 def check_mountpoint(path: Path) -> None:
     """ConfigError unless *path* is an empty directory that is not mounted on."""
-    if mount_at(path) is not None:
-        try:
-            os.stat(path)
-        except OSError as e:
-            # Its daemon is gone (killed, crashed): the kernel answers ENOTCONN.
+    entry = mount_at(path)
+    if entry is not None:
+        # Whether its daemon lives is known from its cache dir's lock: a stat of
+        # the mount would hang on a daemon that is stuck.
+        if entry.cache_dir is not None and daemon_pid(entry.cache_dir) is None:
             raise ConfigError(
-                f"{path} is a cachefs mount whose daemon has gone ({e.strerror}); "
+                f"{path} is a cachefs mount whose daemon has gone; "
                 f"detach it first: cachefs unmount {path} (or umount -l {path})"
-            ) from None
+            )
         raise ConfigError(f"{path} is already a cachefs mount point")
     try:
         entries = os.listdir(path)

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: Tasks listed in a dump at most (a busy mount runs one per request).
 MAX_TASKS = 200
+#: Lines of each other kind (inodes, handles, blocks in flight, changed files)
+#: at most: a dump of a busy mount must not rotate the log's history away.
+MAX_ITEMS = 200
 
 
 def log_state(cache: FileCache, namespace: Namespace) -> None:
@@ -80,9 +83,15 @@ def state_lines(
     *activity* (FileCache.activity) and the numbers among *counters*; every
     file id written as *name* writes it."""
     lines = [f"task {t}" for t in tasks]
-    lines += [f"inode {ino} {name(file_id)}: handles={n}" for ino, file_id, n in inodes]
+    lines += _capped(
+        [f"inode {ino} {name(file_id)}: handles={n}" for ino, file_id, n in inodes[:MAX_ITEMS]],
+        len(inodes),
+        "inodes",
+    )
     for kind, what in (("handles", "open"), ("fetches", "in flight"), ("writes", "changed")):
-        lines += [f"{what} {name(file_id)}: {text}" for file_id, text in activity.get(kind, ())]
+        items = activity.get(kind, ())
+        shown = [f"{what} {name(file_id)}: {text}" for file_id, text in items[:MAX_ITEMS]]
+        lines += _capped(shown, len(items), f"files {what}")
     lines += [f"queue {text}" for _, text in activity.get("queues", ())]
     numbers = [
         f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
@@ -90,6 +99,13 @@ def state_lines(
         if isinstance(value, (int, float))
     ]
     lines.append("counters " + " ".join(numbers))
+    return lines
+
+
+def _capped(lines: list[str], total: int, what: str) -> list[str]:
+    """*lines*, the first of *total*, and how many more there were."""
+    if total > len(lines):
+        return [*lines, f"... and {total - len(lines)} more {what}"]
     return lines
 
 

@@ -223,7 +223,8 @@ class _Snapshot(Collector):
         if self._fuse is not None:
             yield _histogram(
                 "cachefs_fuse_request_duration_seconds",
-                "How long FUSE requests took to answer, from their read to their answer",
+                "How long FUSE requests took in cachefs: native, from the request read to "
+                "its answer written; pyfuse3, the handler's run",
                 [([op], h.data()) for op, h in self._fuse],
                 labels=["op"],
             )

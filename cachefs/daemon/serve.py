@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
@@ -48,6 +50,11 @@ def run_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -
     A CacheFSError raised inside a nursery (a refused mount, say) is raised
     as itself, not as the exception group around it.
     """
+    if threading.current_thread() is threading.main_thread():
+        # SIGUSR1 asks a serving mount for a state dump (cachefs.daemon.dump);
+        # before it serves (a bucket listed, the index read) and while it
+        # flushes on its way out, it must not end the process.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         trio.run(serve_mount, opts, on_ready)
     except BaseExceptionGroup as group:

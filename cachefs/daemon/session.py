@@ -82,7 +82,10 @@ class _Session:
         with trio.open_signal_receiver(*stops, signal.SIGUSR1) as signals:
             async for signum in signals:
                 if signum == signal.SIGUSR1:
-                    log_state(self._cache, self._namespace)
+                    try:
+                        log_state(self._cache, self._namespace)
+                    except Exception:  # a dump must not take the mount down
+                        log.exception("the state dump failed")
                     continue
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 self.stop()

@@ -25,7 +25,7 @@ from cachefs.cli.running import _daemon_of, format_stats
 from cachefs.control.client import call
 from cachefs.control.mounts import MountEntry, cachefs_mounts, fsname_for, mount_at
 from cachefs.control.server import Progress, serve_control
-from cachefs.daemon.checks import check_fuse
+from cachefs.daemon.checks import _users_may_allow_other, check_fuse
 from cachefs.daemon.options import MountOptions, default_cache_dir
 from cachefs.daemon.spawn import Orders
 from cachefs.engine import CacheConfig
@@ -254,6 +254,18 @@ def test_cache_dir_in_use(cachefs: Cachefs, mount: MountFactory, tmp_path: Path,
 def test_missing_fuse_names_the_package() -> None:
     with pytest.raises(ConfigError, match=r"apt-get install fuse3"):
         check_fuse(device="/nonexistent/fuse")
+
+
+def test_allow_other_is_refused_up_front_only_where_fuse_conf_says_no(tmp_path: Path) -> None:
+    """What /etc/fuse.conf allows, fusermount3 (set-uid root) decides: a file this
+    user cannot read (here a directory) is left to it, not refused here."""
+    conf = tmp_path / "fuse.conf"
+    conf.write_text("# user_allow_other\nmount_max = 1000\n")
+    assert not _users_may_allow_other(str(conf))
+    assert not _users_may_allow_other(str(tmp_path / "missing"))
+    conf.write_text("  user_allow_other  # yes\n")
+    assert _users_may_allow_other(str(conf))
+    assert _users_may_allow_other(str(tmp_path))
 
 
 # -- a background mount -------------------------------------------------------------------

@@ -9,6 +9,7 @@ test as symlinks to this environment's scripts, where none is installed.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
@@ -25,7 +26,11 @@ from conftest import EXIT_DEADLINE, MOUNT_DEADLINE, REPO, lazy_unmount, run_cach
 
 from cachefs.control.mounts import daemon_pid, mount_at, wait_for_exit
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(8) and the unit run as root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount(8) and the unit run as root"),
+    # One worker (.ci/test): the /sbin helpers are made and removed once, by it.
+    pytest.mark.xdist_group("sbin"),
+]
 
 UNIT = REPO / "docs" / "systemd" / "cachefs@.service"
 HELPERS = ("mount.cachefs", "mount.fuse.cachefs")
@@ -255,8 +260,9 @@ def test_unit_restarts_over_a_crashed_mount(service: Service, src: Path, mnt: Pa
     assert service.proc is not None
     service.proc.kill()
     service.proc.wait(timeout=EXIT_DEADLINE)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as dead:
         os.listdir(mnt)
+    assert dead.value.errno == errno.ENOTCONN
     service.start()
     assert (mnt / "hello.txt").read_text() == "hello\n"
     service.proc.send_signal(signal.SIGTERM)
@@ -279,3 +285,24 @@ def test_mounting_over_a_crashed_mount_says_how_to_detach_it(
     done = run_cachefs("unmount", mnt)
     assert done.returncode == 0, done.stderr
     assert mount_at(mnt) is None
+
+
+def test_the_units_cleanup_leaves_a_live_mount_alone(service: Service, mnt: Path) -> None:
+    """ExecStartPre detaches a dead mount only: a second start over a live one
+    fails (exit 2, not retried) and the first keeps serving."""
+    service.start()
+    assert service.proc is not None
+    first = service.proc
+    pre = subprocess.run(
+        command_line(unit_setting("ExecStartPre").lstrip("-"), service.env),
+        env=service.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert pre.returncode != 0, pre  # grep found no dead mount: nothing detached
+    assert mount_at(mnt) is not None
+    assert (mnt / "hello.txt").read_text() == "hello\n"
+    assert unit_setting("RestartPreventExitStatus") == "2"
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=EXIT_DEADLINE) == 0, service.journal()

@@ -202,3 +202,22 @@ def test_the_dump_of_an_encrypted_mount_names_no_file(mount: MountFactory, tmp_p
     assert re.search(r"state: open \[sealed:\w+\]: handles=1", text), text
     assert "alice" not in text
     m.unmount()
+
+
+@NATIVE_ONLY
+def test_sigusr1_while_flushing_on_the_way_out_does_not_end_the_daemon(
+    mount: MountFactory, files: Path, tmp_path: Path
+) -> None:
+    """Once unmounted the daemon still flushes (up to 60 s), when a stop looks
+    stuck and a dump is asked for: SIGUSR1 must not kill it there."""
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"file": "new.txt", "op": "write", "hang": True}]))
+    m = mount(files, "--faults", rules, "--write-back-delay", "3600")
+    (m / "new.txt").write_text("kept\n")
+    m.proc.send_signal(signal.SIGTERM)  # unmounts, then flushes: the write hangs
+    wait_for("the unmount", lambda: "unmounted " in m.log_text())
+    m.proc.send_signal(signal.SIGUSR1)
+    m.proc.send_signal(signal.SIGTERM)  # stops the flush
+    assert m.proc.wait(timeout=30) == 0, m.log_text()
+    assert "changed file not flushed: stopped by SIGTERM" in m.log_text()
+    assert not (files / "new.txt").exists()

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs.daemon.dump import state_lines, task_lines
+from cachefs.daemon.dump import MAX_ITEMS, state_lines, task_lines
 from cachefs.daemon.logs import DAEMON_FORMAT, ROTATE_ENV, OneLine, RotatingLog, rotation
 from cachefs.daemon.sealedlog import SealNames
 from cachefs.engine.state.cachedir import open_own_file
@@ -166,3 +166,12 @@ def test_a_log_file_deleted_meanwhile_is_started_again(
     handler.handle(record("the next line"))
     assert path.read_text() == "the next line\n"
     assert not path.with_name("cachefs.log.1").exists()
+
+
+def test_a_dump_of_a_busy_mount_is_capped_and_says_how_much_more() -> None:
+    many = [(f"f{i}", "handles=1") for i in range(MAX_ITEMS + 5)]
+    inodes = [(i, f"f{i}", 1) for i in range(MAX_ITEMS + 3)]
+    lines = state_lines([], inodes, {"handles": many}, {}, repr)
+    assert sum(line.startswith("open ") for line in lines) == MAX_ITEMS
+    assert sum(line.startswith("inode ") for line in lines) == MAX_ITEMS
+    assert "... and 5 more files open" in lines and "... and 3 more inodes" in lines

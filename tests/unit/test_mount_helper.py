@@ -5,6 +5,7 @@ foreground mount sends systemd (cachefs.daemon.notify)."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -45,12 +46,26 @@ def test_values_and_flags_map_one_to_one() -> None:
 
 def test_generic_options_are_dropped_or_translated() -> None:
     given = (
-        "rw,defaults,auto,noauto,nofail,_netdev,user,users,nouser,nosuid,suid,nodev,dev,"
-        "noexec,exec,atime,noatime,relatime,strictatime,lazytime,x-systemd.automount,"
+        "rw,defaults,auto,noauto,nofail,_netdev,nouser,nosuid,nodev,"
+        "exec,atime,noatime,relatime,strictatime,lazytime,x-systemd.automount,"
         "x-systemd.idle-timeout=60,x-mount.mkdir,comment=systemd.automount"
     )
     assert arguments(given) == []
     assert arguments("ro,allow_other") == ["--read-only", "--allow-other"]
+
+
+@pytest.mark.parametrize("option", ["noexec", "suid", "dev", "user", "users", "owner", "group"])
+def test_generic_options_a_mount_cannot_honour_are_refused_even_when_sloppy(option: str) -> None:
+    """A hardened fstab line must not mount without what it asked for."""
+    for sloppy in (False, True):
+        with pytest.raises(ConfigError, match=f"option '{option}' is not supported"):
+            arguments(f"nosuid,{option}", sloppy=sloppy)
+
+
+def test_an_option_whose_value_holds_a_comma_is_not_offered() -> None:
+    assert "throttle" not in NAMES  # LATENCY_MS,MIBPS: mount(8) would split it
+    with pytest.raises(ConfigError, match="unknown option"):
+        arguments("throttle=30")
 
 
 def test_names_are_the_mount_commands() -> None:
@@ -116,7 +131,7 @@ def test_notify_reaches_a_path_socket(tmp_path: Path) -> None:
 
 
 def test_notify_reaches_an_abstract_socket(tmp_path: Path) -> None:
-    name = f"cachefs-test-{tmp_path.name}"
+    name = f"cachefs-test-{os.getpid()}-{tmp_path.name}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind("\0" + name)
         notify("STOPPING=1", {"NOTIFY_SOCKET": "@" + name})
