@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 # the real redis-server of the group records tests (tests/records/), started per test
 from redisserver import redis_server as redis_server
@@ -54,6 +55,11 @@ EXIT_DEADLINE = 30.0
 ANSWER_DEADLINE = 5.0
 
 
+# Two workers share the two cores (.ci/test): how long an example took says
+# nothing about the code under test, so no example has a deadline.
+settings.register_profile("cachefs", deadline=None)
+settings.load_profile("cachefs")
+
 TIERS = {
     "unit": "no mount: engine, fs, cli, backends",
     "records": "group records, replicated through a real redis-server",
@@ -64,6 +70,11 @@ TIERS = {
 def pytest_configure(config: pytest.Config) -> None:
     for tier, what in TIERS.items():
         config.addinivalue_line("markers", f"{tier}: {what} (tests/{tier}/)")
+    config.addinivalue_line(
+        "markers",
+        "serial: drops the kernel's caches (or times the machine), which tests running "
+        "beside it would feel: .ci/test runs these after the others, alone",
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

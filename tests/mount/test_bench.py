@@ -344,6 +344,7 @@ def test_a_bad_round_count_is_refused() -> None:
     assert last == "python -m bench: error: argument --rounds: expected a whole number from 1 to 9"
 
 
+@pytest.mark.serial
 def test_a_quick_run_over_raw_and_cachefs_measures_and_reports(tmp_path: Path) -> None:
     """The real thing, small: data made, cachefs mounted and unmounted (over
     both FUSE transports), fio run, two rounds of seq 1M, the JSON, Markdown

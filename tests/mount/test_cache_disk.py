@@ -123,6 +123,7 @@ def test_a_cache_disk_that_fills_up_still_serves_and_recovers(
         m.unmount()
 
 
+@pytest.mark.serial
 def test_a_cache_disk_that_dies_still_serves_from_the_source(
     mount: MountFactory, tmp_path: Path
 ) -> None:

@@ -213,6 +213,7 @@ def test_a_conflict_copy_shows_in_the_listing(mount: MountFactory, tmp_path: Pat
 # -- listings kept after the kernel forgets a directory --------------------------
 
 
+@pytest.mark.serial
 def test_a_directory_renamed_over_a_listed_empty_one_shows_its_files_after_drop_caches(
     mount: MountFactory, tmp_path: Path
 ) -> None:
@@ -228,6 +229,7 @@ def test_a_directory_renamed_over_a_listed_empty_one_shows_its_files_after_drop_
     assert (m / "d" / "f2").read_bytes() == b"2"
 
 
+@pytest.mark.serial
 def test_a_directory_removed_while_open_and_made_again_shows_its_files_after_drop_caches(
     mount: MountFactory, tmp_path: Path
 ) -> None:
@@ -244,6 +246,7 @@ def test_a_directory_removed_while_open_and_made_again_shows_its_files_after_dro
     assert ls(m / "d") == ["new"]
 
 
+@pytest.mark.serial
 def test_drop_caches_between_changes_never_shows_a_stale_listing(
     mount: MountFactory, tmp_path: Path
 ) -> None:
