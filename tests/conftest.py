@@ -72,8 +72,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{tier}: {what} (tests/{tier}/)")
     config.addinivalue_line(
         "markers",
-        "serial: drops the kernel's caches (or times the machine), which tests running "
-        "beside it would feel: .ci/test runs these after the others, alone",
+        "serial: drops the kernel's caches, or depends on how fast the kernel answers, "
+        "which tests running beside it would change: .ci/test runs these after the "
+        "others, alone",
     )
 
 

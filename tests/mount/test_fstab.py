@@ -26,11 +26,7 @@ from conftest import EXIT_DEADLINE, MOUNT_DEADLINE, REPO, lazy_unmount, run_cach
 
 from cachefs.control.mounts import daemon_pid, mount_at, wait_for_exit
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="mount(8) and the unit run as root"),
-    # One worker (.ci/test): the /sbin helpers are made and removed once, by it.
-    pytest.mark.xdist_group("sbin"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount(8) and the unit run as root")
 
 UNIT = REPO / "docs" / "systemd" / "cachefs@.service"
 HELPERS = ("mount.cachefs", "mount.fuse.cachefs")

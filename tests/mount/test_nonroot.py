@@ -35,11 +35,7 @@ from wheelrig import installed as installed
 
 from cachefs.control.mounts import mount_at
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="creates a user and acts as them"),
-    # On the worker that builds the wheel for test_packaging too (.ci/test).
-    pytest.mark.xdist_group("wheel"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates a user and acts as them")
 
 USER = "cachefs-test"
 FUSE_DEVICE = Path("/dev/fuse")

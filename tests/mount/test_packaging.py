@@ -21,9 +21,6 @@ from wheelrig import installed as installed
 
 from cachefs.control.mounts import mount_at
 
-# On the worker that builds the wheel for test_nonroot too (.ci/test).
-pytestmark = pytest.mark.xdist_group("wheel")
-
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
