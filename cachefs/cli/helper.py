@@ -9,8 +9,9 @@ Each option maps one to one onto ``cachefs mount``: ``NAME=VALUE`` is
 the ``cachefs mount`` command itself, so every option, default, check and
 error is the command line's.  Options that belong to mount(8) or systemd
 are dropped, ``ro`` and ``allow_other`` translated; anything else is refused
-by name unless ``-s`` (sloppy).  A value cannot hold a comma: mount(8)
-splits there.  The helper returns once the mount is ready, as ``cachefs
+by name unless ``-s`` (sloppy).  A value that holds a comma is given in
+double quotes, as mount(8) splits options at the commas outside them; the
+quotes are taken off.  The helper returns once the mount is ready, as ``cachefs
 mount`` does, so ``mount`` returns with the mount usable.
 
 mount(8) exits with its helper's exit code, and its callers read that by
@@ -99,8 +100,10 @@ def cachefs_arguments(
     """The ``cachefs mount`` arguments mount(8)'s *options* (``-o`` lists) stand for;
     ConfigError naming the first unknown one, unless *sloppy* (then it is dropped)."""
     arguments = ["mount", source, mountpoint]
-    for item in (item for text in options for item in text.split(",") if item):
+    for item in (item for text in options for item in _split(text) if item):
         name, equals, value = item.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]  # mount(8) lets a value be quoted: name="a,b"
         if (not equals and name in DROPPED) or item.startswith(DROPPED_PREFIXES):
             continue
         if not equals and name in REFUSED:
@@ -113,6 +116,19 @@ def cachefs_arguments(
             raise ConfigError(f"unknown option {item!r}")
         arguments.append(f"--{name}={value}" if equals else f"--{name}")
     return arguments
+
+
+def _split(text: str) -> list[str]:
+    """*text* split at its commas, as mount(8) splits options: not inside double quotes."""
+    items, item, quoted = [], "", False
+    for c in text:
+        if c == "," and not quoted:
+            items.append(item)
+            item = ""
+            continue
+        quoted ^= c == '"'
+        item += c
+    return [*items, item]
 
 
 def _describe(names: dict[str, str | None]) -> str:
@@ -128,7 +144,8 @@ def _describe(names: dict[str, str | None]) -> str:
         f"it does): NAME=VALUE is --NAME VALUE, NAME is --NAME. They are: {shown}.",
         f"Dropped (mount(8)'s, systemd's, generic): {', '.join(sorted(DROPPED))}, x-*, "
         "comment=*. Translated: ro is read-only, allow_other is allow-other. Any other "
-        "option is refused by name, unless -s. A value cannot hold a comma.",
+        "option is refused by name, unless -s. A value that holds a comma goes in double "
+        'quotes: cache-dir="/a,b".',
         "Exit codes are mount(8)'s: 0 mounted, 1 the command line or an option refused, "
         "32 the mount failed.",
     )

@@ -363,6 +363,7 @@ class MetricsServer:
         await stream.send_all(
             _response("200 OK", CONTENT_TYPE_PLAIN_0_0_4, body, with_body=method == "GET")
         )
+        await _drain(stream)
 
 
 async def _request_line(stream: trio.SocketStream) -> tuple[str, str]:

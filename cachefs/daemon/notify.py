@@ -7,6 +7,8 @@ directory.  systemd names its socket in $NOTIFY_SOCKET: a path, or an
 abstract socket written with a leading ``@``.  Without it (not run by
 systemd) nothing is sent.  A message that cannot be sent is logged, never
 raised: the mount itself is fine, and systemd's start timeout says the rest.
+It is sent without waiting (it is sent from the mount's loop): a socket whose
+queue is full drops it, as systemd's own sd_notify would time out.
 """
 
 from __future__ import annotations
@@ -28,6 +30,6 @@ def notify(state: str, environ: Mapping[str, str] = os.environ) -> None:
         return  # unset, or a kind of socket (vsock) systemd uses only for VMs
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(state.encode(), address)
+            sock.sendto(state.encode(), socket.MSG_DONTWAIT, address)
     except OSError as e:
         log.warning("could not tell systemd %s: %s", state, e.strerror or e)

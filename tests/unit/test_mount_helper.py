@@ -149,3 +149,13 @@ def test_notify_without_systemd_does_nothing(
         notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone")})
     said = [r.getMessage().split(":")[0] for r in caplog.records]
     assert said == ["could not tell systemd READY=1"]
+
+
+def test_a_quoted_value_keeps_its_commas_and_loses_its_quotes() -> None:
+    """mount(8) lets a value be quoted; passed on with its quotes, the cache dir
+    would be made under a directory named with a quote, in the current one."""
+    assert arguments('cache-dir="/var/cache/a,b",ttl=5') == [
+        "--cache-dir=/var/cache/a,b",
+        "--ttl=5",
+    ]
+    assert arguments('cache-dir="/var/c"') == ["--cache-dir=/var/c"]
