@@ -34,6 +34,7 @@ from hypothesis import settings
 
 # the real redis-server of the group records tests (tests/records/), started per test
 from redisserver import redis_server as redis_server
+from wheelrig import installed as installed
 
 from cachefs._linux import pagecache
 from cachefs.control.client import request

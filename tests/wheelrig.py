@@ -61,23 +61,14 @@ class Installed:
         }
 
 
-#: The one build of the session: each test module imports the fixture, which
-#: makes one fixture per module; the first builds, the others reuse it.
-_built: list[Installed] = []
-
-
 @pytest.fixture(scope="session")
 def installed() -> Iterator[Installed]:
-    if _built:
-        yield _built[0]
-        return
+    """Built once per session (tests/conftest.py offers it to every test)."""
     root = Path(tempfile.mkdtemp(prefix="cachefs-wheel-"))
     try:
         root.chmod(0o755)
-        _built.append(_build_and_install(root))
-        yield _built[0]
+        yield _build_and_install(root)
     finally:
-        _built.clear()
         shutil.rmtree(root, ignore_errors=True)
 
 

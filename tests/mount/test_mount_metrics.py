@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import MountFactory, assert_one_line_error, pread_direct, run_cachefs
 from prometheus_client.parser import text_string_to_metric_families
+from redisserver import free_port
 
 BIG = 3 * 64 * 1024 + 100  # four 64 KiB blocks, the last short
 
@@ -27,12 +28,6 @@ def data(tmp_path: Path) -> Path:
     (root / "dir" / "big.bin").write_bytes(os.urandom(BIG))
     (root / "small.txt").write_text("hello\n")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Scrape:

@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 from conftest import EXIT_DEADLINE, FUSE_TRANSPORTS, REPO, lazy_unmount, wait_for
 from wheelrig import Installed
-from wheelrig import installed as installed
 
 from cachefs.control.mounts import mount_at
 

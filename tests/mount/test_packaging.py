@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from conftest import EXIT_DEADLINE, FUSE_TRANSPORTS, REPO, lazy_unmount
 from wheelrig import Installed
-from wheelrig import installed as installed
 
 from cachefs.control.mounts import mount_at
 

@@ -32,8 +32,8 @@ from conftest import (
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from redisserver import free_port
 from test_logs import EVENT, daemon_pid, mount_daemon
-from test_mount_metrics import free_port
 
 from cachefs.control.mounts import mount_at
 from cachefs.daemon.logs import ROTATE_ENV
