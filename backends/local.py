@@ -22,8 +22,8 @@ Policy:
   bytes, so an inode no longer linked anywhere is compared without it.
 - Read errors: a path that vanished or became something else than a regular
   file answers FILE_MODIFIED_EXTERNALLY; any other OSError answers FAILURE.
-- Every blocking call runs in a trio worker thread, at most ``max_threads``
-  at a time; a ReadData call is exactly one thread hop.
+- Every blocking call runs in a worker thread (backends.localjobs), at most
+  ``max_threads`` at a time; a ReadData call is exactly one thread hop.
 - A read of whole pages none of which is in the page cache, into a
   page-aligned buffer (the cache's fetch buffers are), bypasses the page
   cache (O_DIRECT, on a second fd of the same inode): the cache keeps its
@@ -58,11 +58,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import trio
-
 from backends import localchanges, localci
 from backends.localci import CI_DIR
-from backends.localfs import attrs_of, has_version, is_temp, version_of
+from backends.localfs import attrs_of, has_version, is_temp, open_no_symlinks, version_of
+from backends.localjobs import Jobs
 from backends.localreads import OpenFile, pread_into, read_into
 from backends.localwrites import Transfers
 from cachefs.contract import (
@@ -97,7 +96,7 @@ class LocalBackend:
 
     def __init__(self, root: str | Path, *, max_threads: int = 16) -> None:
         self.root = os.path.realpath(root)
-        self._limiter = trio.CapacityLimiter(max_threads)
+        self._jobs = Jobs(max_threads)
         self._transfers = Transfers()
         self._caps = WRITE_CAPABILITIES
         if os.statvfs(self.root).f_flag & os.ST_RDONLY:
@@ -111,13 +110,22 @@ class LocalBackend:
     def _path(self, file_id: str) -> str:
         """The absolute path of *file_id*, or FileNotFoundError if it would
         leave the root or pass through a symlinked directory."""
+        path = self._joined(file_id)
+        parent = os.path.dirname(path)
+        if file_id and os.path.realpath(parent) != parent:
+            raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is below a symlink")
+        return path
+
+    def _joined(self, file_id: str) -> str:
+        """The absolute path of *file_id*, its directories not checked for
+        symlinks; FileNotFoundError if it would leave the root."""
         if file_id == "":
             return self.root
         parts = _parts(file_id)
         if CI_DIR in parts or is_temp(parts[-1]):  # at any depth: a source may hold a
             # published subtree; a temporary file is a whole file being written
             raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is cachefs's own")
-        return self._below(self.root, parts)
+        return os.path.join(self.root, *parts)
 
     def _ci_path(self, file_id: str) -> str:
         """Where the content information of *file_id* is kept."""
@@ -132,15 +140,12 @@ class LocalBackend:
         return path
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return await self._jobs.run(fn, *args)
 
     async def _run_abandonable(self, fn: Callable[..., T], *args: object) -> T:
         """Like _run for calls that change nothing: a cancelled caller stops
-        waiting at once; the thread finishes on its own (its slot in the
-        limiter is held until then, so abandoned calls stay bounded)."""
-        return await trio.to_thread.run_sync(
-            fn, *args, limiter=self._limiter, abandon_on_cancel=True
-        )
+        waiting at once; the thread finishes on its own (backends.localjobs)."""
+        return await self._jobs.run(fn, *args, abandonable=True)
 
     # -- metadata ----------------------------------------------------------
 
@@ -190,7 +195,13 @@ class LocalBackend:
     # -- data --------------------------------------------------------------
 
     def _open_sync(self, file_id: str) -> int:
-        fd = os.open(self._path(file_id), _OPEN_FLAGS)
+        try:
+            fd = open_no_symlinks(self._joined(file_id), _OPEN_FLAGS)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            # Which symlink: one above it makes it absent, itself is ELOOP.
+            fd = os.open(self._path(file_id), _OPEN_FLAGS)
         try:
             mode = os.fstat(fd).st_mode
             if st.S_ISDIR(mode):
@@ -264,8 +275,12 @@ class LocalBackend:
             return None
 
     def _read_ci_sync(self, file_id: str) -> ContentInfo | None:
-        path = self._ci_path_or_none(file_id)
-        return None if path is None else localci.read(path, file_id)
+        try:
+            parts = _parts(file_id)
+        except FileNotFoundError:
+            return None
+        # localci.read takes a path through a symlink as no record.
+        return localci.read(os.path.join(self.root, CI_DIR, *parts), file_id)
 
     async def content_info(self, file_id: str) -> ContentInfo | None:
         """The stored record of *file_id*, as stored; None if none or malformed."""

@@ -2,7 +2,8 @@
 
 The record of ``<root>/<file_id>`` is ``<root>/.cachefs-ci/<file_id>``,
 holding ``ContentInfo.to_bytes()``.  The functions take the record's
-absolute path, already checked by the backend (backends.local), and block:
+absolute path, checked by the backend (backends.local; :func:`read` checks
+it itself), and block:
 the backend runs them in a worker thread.
 """
 
@@ -14,6 +15,7 @@ import os
 import stat as st
 import tempfile
 
+from backends.localfs import open_no_symlinks
 from cachefs.contract import ContentInfo
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,11 @@ _ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 
 
 def read(path: str, file_id: str) -> ContentInfo | None:
-    """The record at *path* as stored; None if there is none or it is malformed."""
+    """The record at *path* as stored; None if there is none, it is
+    malformed, or *path* passes through a symlink (checked here: the caller
+    need not check the record's directories)."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = open_no_symlinks(path, _OPEN_FLAGS)
     except OSError as e:
         if e.errno in _ABSENT:
             return None

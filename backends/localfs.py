@@ -118,6 +118,51 @@ if _renameat2 is not None:
 _NO_RENAMEAT2 = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
+# openat2(2): the same number on every architecture.
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_SYMLINKS = 0x04
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+# Set once openat2 is found missing (an old kernel, a seccomp filter).
+_no_openat2 = False
+
+
+def open_no_symlinks(path: str, flags: int) -> int:
+    """Open the absolute *path* with *flags*; ELOOP if any component of it is
+    a symlink.
+
+    One openat2 call (RESOLVE_NO_SYMLINKS), where checking each parent
+    directory takes a call per component; where the kernel lacks openat2,
+    a check of the parent's real path, then an open with O_NOFOLLOW.
+    """
+    global _no_openat2
+    if not _no_openat2:
+        how = _OpenHow(flags | os.O_NOFOLLOW, 0, _RESOLVE_NO_SYMLINKS)
+        fd = _syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_int(_AT_FDCWD),
+            ctypes.c_char_p(os.fsencode(path)),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):
+            raise OSError(err, os.strerror(err), path)
+        _no_openat2 = True
+    parent = os.path.dirname(path)
+    if os.path.realpath(parent) != parent:
+        raise OSError(errno.ELOOP, f"{parent} passes through a symlink", path)
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
 def _renameat2_noreplace(src: str, dst: str) -> bool:
     """Rename without replacing; False where the flag is not supported here."""
     if _renameat2 is None:

@@ -131,20 +131,25 @@ class FetchRunner:
         """One pass over every missing block of *cf*, max_fetches runs at a time."""
         per = max(1, self.max_fetch // self._block_size)
         last = len(cf.present) - 1
-        chunks = iter(
+        missing = [
             (a, min(last, a + per - 1))
             for a in range(0, last + 1, per)
             if cf.present.find(0, a, min(last, a + per - 1) + 1) >= 0
-        )
+        ]
+        chunks = iter(missing)
 
         async def worker() -> None:
             for first, end in chunks:  # shared: each chunk goes to one worker
                 if await self.ensure(cf, first, end, transfer):
                     raise self._writer.refused()  # fetched, but it cannot be kept
 
+        workers = min(self._config.max_fetches, len(missing))
+        if workers <= 1:  # a small file: no nursery, no task of its own
+            await worker()
+            return
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(self._config.max_fetches):
+                for _ in range(workers):
                     nursery.start_soon(worker)
         except BaseExceptionGroup as group:
             raise first_error(group) from None

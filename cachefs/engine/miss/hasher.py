@@ -6,6 +6,10 @@ trusts what it has just fetched).  Hashing it inline is a large share of
 the cold read path's CPU, so such blocks are hashed afterwards, by one
 thread at nice 19 that mostly runs while the cores would otherwise wait.
 
+A file smaller than one block is hashed in the job that writes it
+(miss/writer.py): for a small file a job of its own, and reading its bytes
+back, cost more than the hash.
+
 Until its hash is known a block is written to the index as absent
 (``CachedFile.unhashed``): if the process ends first, a later mount fetches
 it again; it never trusts a block without a hash.  The queue is bounded:

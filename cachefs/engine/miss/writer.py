@@ -3,7 +3,8 @@
 Policy: whole blocks only.  Each block is checked against the content
 information where there is some (a block that does not match is not
 stored, nor any after it in the run); its hash is recorded, or left to the
-hasher when nothing in this process needs it (miss/hasher.py).  A block is
+hasher when nothing in this process needs it and the file is not smaller
+than a block (miss/hasher.py).  A block is
 marked present only once its bytes are written, and a file that becomes
 whole is committed soon (its data synced), so the kernel may read it by
 itself.  The bytes of a cache disk that failed are checked the same way
@@ -82,8 +83,12 @@ class BlockWriter:
         await self._room.make_room(len(data))
         expected = content.expected(cf, first, last)
         # Hashed later, off this path, when nothing here needs the hash and
-        # the hasher has room (miss/hasher.py).
-        defer = content.hashing and content.may_defer(expected) and hasher.reserve()
+        # the hasher has room (miss/hasher.py); a file smaller than a block
+        # is hashed in the job that writes it: its hash costs less than a
+        # second job would.
+        defer = (
+            content.hashing and cf.size >= bs and content.may_defer(expected) and hasher.reserve()
+        )
         try:
             hashes, n = await cf.data.write_blocks(
                 first, data, expected, content.hashing and not defer, self._disk_limiter

@@ -10,7 +10,9 @@ an evicted block's space is given back whole); each chunk's nonce and tag,
 ``size``.  The hit path preads a kept-open fd on the trio loop (the measured
 exception to "no blocking I/O on the loop"); writes and syncs run in worker
 threads, and an fd is closed only when no thread uses it, so a number is
-never reused under a writer.
+never reused under a writer.  A file no one holds open is opened, written
+(or synced) and closed in one worker job: a cold small file costs the loop
+no syscall for its data file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import errno
 import hashlib
 import logging
 import os
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
 
 import trio
 
@@ -38,6 +43,8 @@ CHUNK = 64 << 10
 SEAL_RUN = 1 << 20
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DataFile:
@@ -116,30 +123,65 @@ class DataFile:
         if self.fd is None:
             if self.unlinked:
                 raise FileNotFoundError(f"cache data file {self.path} was retired")
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except OSError as e:
-                if e.errno != errno.EROFS:
-                    raise
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                found = os.fstat(fd).st_size
-                if found != self.disk_size:
-                    if self.written:  # else it is simply new
-                        # Encrypted, the seals lie after the data: all gone.
-                        cut = found if self.key is None else 0
-                        self.remade = cut if self.remade is None else min(cut, self.remade)
-                    os.ftruncate(fd, self.disk_size)
-            except OSError as e:
-                if e.errno not in (errno.EROFS, errno.EBADF, errno.EINVAL):
-                    os.close(fd)
-                    raise
-            except BaseException:
-                os.close(fd)
-                raise
+            fd, found = self._open_sized()
+            self._note_found(found, self.written)
             self.fd = fd
         self.users += 1
         return self.fd
+
+    def _open_sized(self) -> tuple[int, int]:
+        """Open the file (creating it) and give it its full size.  Blocking.
+
+        Returns the fd and the size the file had (-1 if not known).
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        found = -1
+        try:
+            found = os.fstat(fd).st_size
+            if found != self.disk_size:
+                os.ftruncate(fd, self.disk_size)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EBADF, errno.EINVAL):
+                os.close(fd)
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, found
+
+    def _note_found(self, found: int, written: bool) -> None:
+        """The file was found *found* bytes long; *written*: it was said to hold blocks."""
+        if found >= 0 and found != self.disk_size and written:  # else it is simply new
+            # Encrypted, the seals lie after the data: all gone.
+            cut = found if self.key is None else 0
+            self.remade = cut if self.remade is None else min(cut, self.remade)
+
+    async def _in_own_job(self, work: Callable[[int], T], limiter: trio.CapacityLimiter) -> T:
+        """``work(fd)`` in a worker thread, on an fd that the same job opens
+        (as :meth:`acquire` does) and closes: for a file no one holds open,
+        this costs the loop no syscall.  A file retired meanwhile is removed
+        again (the job may have made it anew after :meth:`unlink`)."""
+        written = self.written
+
+        def job() -> tuple[int, T]:
+            fd, found = self._open_sized()
+            try:
+                return found, work(fd)
+            finally:
+                os.close(fd)
+
+        try:
+            found, result = await trio.to_thread.run_sync(job, limiter=limiter)
+        finally:
+            if self.unlinked:
+                self._remove()
+        self._note_found(found, written)
+        return result
 
     def release(self) -> None:
         self.users -= 1
@@ -179,12 +221,15 @@ class DataFile:
         """
         if not self.unlinked:
             self.unlinked = True
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.debug("cannot remove cache data file %s: %s", self.path, e)
+            self._remove()
+
+    def _remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.debug("cannot remove cache data file %s: %s", self.path, e)
 
     async def write_blocks(
         self,
@@ -204,17 +249,41 @@ class DataFile:
         """
         if self.retired:  # its bytes are no longer wanted; do not recreate the file
             return [], 0
+        if self.fd is None and not self.unlinked:
+            # Set only once written: a reader opening the file meanwhile
+            # may find it still short, and must not take it for cut short.
+            try:
+                return await self._in_own_job(
+                    partial(
+                        self._write_blocks,
+                        first=first,
+                        data=data,
+                        expected=expected,
+                        hash_them=hash_them,
+                    ),
+                    limiter,
+                )
+            finally:
+                self.written = True
         fd = self.acquire()
         try:
             self.written = True
             return await trio.to_thread.run_sync(
-                self._write_blocks, fd, first, data, expected, hash_them, limiter=limiter
+                partial(
+                    self._write_blocks,
+                    fd,
+                    first=first,
+                    data=data,
+                    expected=expected,
+                    hash_them=hash_them,
+                ),
+                limiter=limiter,
             )
         finally:
             self.release()
 
     def _write_blocks(
-        self, fd: int, first: int, data: memoryview, expected: bytes | None, hash_them: bool
+        self, fd: int, *, first: int, data: memoryview, expected: bytes | None, hash_them: bool
     ) -> tuple[list[bytes], int]:
         bs = self.block_size
         hashes: list[bytes] = []
@@ -365,13 +434,17 @@ class DataFile:
         """fdatasync; SyncFailed if the disk did not keep what was written."""
         if self.retired:
             return
-        fd = self.acquire()
         try:
-            await trio.to_thread.run_sync(os.fdatasync, fd, limiter=limiter)
+            if self.fd is None and not self.unlinked:
+                await self._in_own_job(os.fdatasync, limiter)
+                return
+            fd = self.acquire()
+            try:
+                await trio.to_thread.run_sync(os.fdatasync, fd, limiter=limiter)
+            finally:
+                self.release()
         except OSError as e:
             raise SyncFailed(e.errno, f"syncing {self.path}: {e.strerror}") from e
-        finally:
-            self.release()
 
 
 class SyncFailed(OSError):
