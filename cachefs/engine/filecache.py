@@ -336,7 +336,8 @@ class FileCache:
         return await self._misses.read(fh, offset, end, sequential)
 
     async def close(self, fh: OpenFile) -> None:
-        """Release the handle; an unfinished continuous transfer is canceled."""
+        """Release the handle; an unfinished continuous transfer is canceled,
+        and what it fetched is committed soon (Committer.commit_soon)."""
         if fh.closed:
             return
         fh.closed = True
@@ -358,6 +359,11 @@ class FileCache:
         if cf.retired and not cf.handles:
             assert cf.data is not None
             cf.data.unlink()
+        elif cf.unsynced:
+            # What it fetched is synced and committed soon, not at the next
+            # flush interval: a read of it from the cache disk after the
+            # page cache let it go would otherwise wait for a sync.
+            self._committer.commit_soon()
         key = (cf.file_id, cf.version)
         left = self._handles.get(key, 1) - 1
         if left:
@@ -747,5 +753,6 @@ class FileCache:
                     e,
                 )
         finally:
+            self.catalog.close_kept()
             self._hits.close()
             self._hasher.close()

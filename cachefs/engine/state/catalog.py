@@ -6,11 +6,19 @@ first, metadata second.  ``flush`` syncs every data file written since the
 last commit before it commits the bitmaps, so a block marked present on disk
 always has its bytes.  Eviction runs the other way round (clear, commit, then
 punch), which the evictor does through ``unmark`` and ``flush``.
+
+The data files most recently written or read keep their fd open after
+their last holder lets go (a bounded LRU, a quarter of the fd limit at
+most): opening a cached file again then needs no path lookup, and its
+inode stays in memory when the kernel drops its caches.  The fd is a
+version's own (a new version has a new data file), and is closed when the
+version is retired, when it falls off the LRU, and at close.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,6 +35,15 @@ if TYPE_CHECKING:
     from cachefs.engine.state.crypto import CacheKey
 
 log = logging.getLogger(__name__)
+
+#: At most this many data files kept open (each may hold a second, O_DIRECT fd).
+KEEP_OPEN = 4096
+
+
+def keep_open_limit() -> int:
+    """How many data files to keep open: KEEP_OPEN, or a quarter of the fd limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return KEEP_OPEN if soft == resource.RLIM_INFINITY else min(KEEP_OPEN, soft // 4)
 
 
 class Catalog:
@@ -67,6 +84,9 @@ class Catalog:
         self.cached_bytes = sum(self.present_bytes(cf) for cf in files)
         self.pinned_bytes = sum(cf.size for cf in files if cf.pinned)
         self.tick = 1  # LRU clock: one step per read
+        # Data files kept open, least recently used first; each holds one acquire.
+        self._kept: OrderedDict[DataFile, None] = OrderedDict()
+        self.keep_limit = keep_open_limit()
 
     # -- versions -------------------------------------------------------------------
 
@@ -183,6 +203,9 @@ class Catalog:
         cf.data.retire()
         if not cf.handles:  # else the last handle to close removes it
             cf.data.unlink()
+        if cf.data in self._kept:
+            del self._kept[cf.data]
+            cf.data.release()
         self._deleted.append(cf.row_id)
         self.dirty.discard(cf)
         if self.files.get(cf.file_id) is cf:
@@ -213,6 +236,7 @@ class Catalog:
             if cf.unsynced is None:
                 cf.unsynced = set()
             cf.unsynced.add(b)
+            self._keep(cf.data)
             self.cached_bytes += self.block_len(cf, b)
             self.dirty.add(cf)
 
@@ -260,7 +284,29 @@ class Catalog:
             first = cut // self.block_size
             if cf.present.find(1, first) >= 0:
                 self.lost(cf, first * self.block_size, cf.size, "was gone or cut short")
+        self._keep(data)
         return fd
+
+    def _keep(self, data: DataFile | None) -> None:
+        """Keep *data*'s fd open, if it is open (see the module docstring)."""
+        if data is None:
+            return
+        kept = self._kept
+        if data in kept:
+            kept.move_to_end(data)
+            return
+        if data.fd is None or data.retired or not self.keep_limit:
+            return
+        data.acquire()
+        kept[data] = None
+        if len(kept) > self.keep_limit:
+            kept.popitem(last=False)[0].release()
+
+    def close_kept(self) -> None:
+        """Close the data files kept open (the cache is closing)."""
+        kept, self._kept = self._kept, OrderedDict()
+        for data in kept:
+            data.release()
 
     def untrust_unsynced(self) -> None:
         """The cache disk may have lost what it was given since the last sync:
