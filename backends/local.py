@@ -22,7 +22,7 @@ Policy:
   bytes, so an inode no longer linked anywhere is compared without it.
 - Read errors: a path that vanished or became something else than a regular
   file answers FILE_MODIFIED_EXTERNALLY; any other OSError answers FAILURE.
-- Every blocking call runs in a worker thread (backends.localjobs), at most
+- Every blocking call runs in a worker thread (cachefs.threads), at most
   ``max_threads`` at a time; a ReadData call is exactly one thread hop.
 - A read of whole pages none of which is in the page cache, into a
   page-aligned buffer (the cache's fetch buffers are), bypasses the page
@@ -61,7 +61,6 @@ from typing import TypeVar
 from backends import localchanges, localci
 from backends.localci import CI_DIR
 from backends.localfs import attrs_of, has_version, is_temp, open_no_symlinks, version_of
-from backends.localjobs import Jobs
 from backends.localreads import OpenFile, pread_into, read_into
 from backends.localwrites import Transfers
 from cachefs.contract import (
@@ -77,6 +76,7 @@ from cachefs.contract import (
     local_path,
 )
 from cachefs.errors import SourceError
+from cachefs.threads import Workers
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class LocalBackend:
 
     def __init__(self, root: str | Path, *, max_threads: int = 16) -> None:
         self.root = os.path.realpath(root)
-        self._jobs = Jobs(max_threads)
+        self._jobs = Workers(max_threads, "cachefs-local")
         self._transfers = Transfers()
         self._caps = WRITE_CAPABILITIES
         if os.statvfs(self.root).f_flag & os.ST_RDONLY:
@@ -144,7 +144,7 @@ class LocalBackend:
 
     async def _run_abandonable(self, fn: Callable[..., T], *args: object) -> T:
         """Like _run for calls that change nothing: a cancelled caller stops
-        waiting at once; the thread finishes on its own (backends.localjobs)."""
+        waiting at once; the thread finishes on its own (cachefs.threads)."""
         return await self._jobs.run(fn, *args, abandonable=True)
 
     # -- metadata ----------------------------------------------------------

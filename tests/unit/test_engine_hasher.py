@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cachefs.engine.miss import hasher
-from cachefs.engine.state.threads import ReaderPool
+from cachefs.threads import Workers
 from tests.enginerig import BS, Rig, read_at, read_sequential
 
 DATA = random.Random(23).randbytes(6 * BS + 321)
@@ -132,7 +132,7 @@ async def test_a_purge_keeps_the_hashes_of_what_it_drops(tmp_path: Path) -> None
 
 
 async def test_the_hashing_thread_runs_at_low_priority() -> None:
-    pool = ReaderPool(threads=1, on_start=hasher._lower_priority)
+    pool = Workers(1, "cachefs-hasher", on_start=hasher._lower_priority)
     try:
         nice = await pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
     finally:

@@ -46,7 +46,7 @@ from cachefs.engine.policy.content import Content
 from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.index import CachedFile
 from cachefs.engine.state.store import DataFile
-from cachefs.engine.state.threads import ReaderPool
+from cachefs.threads import Workers
 
 # Hits from this size up (page-aligned, none of their pages cached) are read
 # O_DIRECT: sequential readers' requests (the kernel's FUSE readahead sends
@@ -115,7 +115,7 @@ class DirectReader:
         content: Content,
         block_size: int,
         ring: Ring | None,
-        readers: ReaderPool,
+        readers: Workers,
         read_buffered: Callable[[int, bytearray, int], Awaitable[int]],
         nursery: trio.Nursery,
     ) -> None:

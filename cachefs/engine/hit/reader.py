@@ -31,7 +31,7 @@ from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.disk import CacheDisk
 from cachefs.engine.state.index import CachedFile
 from cachefs.engine.state.store import DataFile
-from cachefs.engine.state.threads import ReaderPool
+from cachefs.threads import Workers
 
 
 class HitReader:
@@ -52,7 +52,7 @@ class HitReader:
         self._disk = disk
         self._disk_limiter = disk_limiter
         self._block_size = block_size
-        self._readers = ReaderPool()
+        self._readers = Workers(8, "cachefs-reader")
         self._ring = ring
         self.direct = DirectReader(
             catalog, content, block_size, ring, self._readers, self._read_buffered, nursery

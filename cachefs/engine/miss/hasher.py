@@ -44,7 +44,7 @@ from cachefs.engine.state.catalog import Catalog
 from cachefs.engine.state.disk import CacheDisk
 from cachefs.engine.state.index import CachedFile
 from cachefs.engine.state.store import DataFile
-from cachefs.engine.state.threads import ReaderPool
+from cachefs.threads import Workers
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Hasher:
         self._disk = disk
         self._send, self._recv = trio.open_memory_channel[_Run](QUEUE)
         self._reserved = 0
-        self._thread = ReaderPool(threads=1, on_start=_lower_priority)
+        self._thread = Workers(1, "cachefs-hasher", on_start=_lower_priority)
         self.backlog = 0  # blocks waiting for their hash
         self._progress = trio.lowlevel.ParkingLot()  # drain() waits here
 
