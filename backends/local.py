@@ -5,8 +5,10 @@ Policy:
 - A file_id is the POSIX path relative to the root, without a leading slash;
   ``""`` is the root.  Nothing outside the root is ever reached: a file_id
   that is absolute, contains ``..``, ``.`` or empty components, or whose
-  parent directories pass through a symlink is treated as absent.  Symlinks
-  are shown as symlinks (``os.lstat``, ``O_NOFOLLOW``), never followed.
+  parent directories pass through a symlink is treated as absent, checked
+  by the same kernel walk that acts on it (backends.localfs: no swap of a
+  directory for a symlink between a check and the act).  Symlinks are
+  shown as symlinks (``lstat``, ``O_NOFOLLOW``), never followed.
 - Only regular files, directories and symlinks are shown; fifos, sockets and
   devices are absent (opening a fifo would block a worker thread forever).
 - The version tag of an entry is ``"{st_ino}-{st_mtime_ns}-{st_size}-{st_ctime_ns}"``:
@@ -60,7 +62,15 @@ from typing import TypeVar
 
 from backends import localchanges, localci
 from backends.localci import CI_DIR
-from backends.localfs import attrs_of, has_version, is_temp, open_no_symlinks, version_of
+from backends.localfs import (
+    attrs_of,
+    has_version,
+    is_temp,
+    open_no_symlinks,
+    open_parent,
+    pin_parent,
+    version_of,
+)
 from backends.localreads import OpenFile, pread_into, read_into
 from backends.localwrites import Transfers
 from cachefs.contract import (
@@ -107,15 +117,6 @@ class LocalBackend:
 
     # -- paths -------------------------------------------------------------
 
-    def _path(self, file_id: str) -> str:
-        """The absolute path of *file_id*, or FileNotFoundError if it would
-        leave the root or pass through a symlinked directory."""
-        path = self._joined(file_id)
-        parent = os.path.dirname(path)
-        if file_id and os.path.realpath(parent) != parent:
-            raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is below a symlink")
-        return path
-
     def _joined(self, file_id: str) -> str:
         """The absolute path of *file_id*, its directories not checked for
         symlinks; FileNotFoundError if it would leave the root."""
@@ -126,6 +127,24 @@ class LocalBackend:
             # published subtree; a temporary file is a whole file being written
             raise FileNotFoundError(errno.ENOENT, f"{file_id!r} is cachefs's own")
         return os.path.join(self.root, *parts)
+
+    def _open(self, file_id: str, flags: int) -> int:
+        """Open *file_id* with *flags* (O_NOFOLLOW among them) by one walk
+        that follows no symlink: FileNotFoundError if a directory above it
+        is a symlink, ELOOP if it is one itself.  Never a second walk by
+        path: a directory swapped for a symlink in between cannot lead out."""
+        path = self._joined(file_id)
+        try:
+            return open_no_symlinks(path, flags)
+        except OSError as e:
+            if e.errno != errno.ELOOP or not file_id:
+                raise
+        # Which symlink: one above it makes it absent, itself is ELOOP.
+        dir_fd = open_parent(path)
+        try:
+            return os.open(os.path.basename(path), flags, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def _ci_path(self, file_id: str) -> str:
         """Where the content information of *file_id* is kept."""
@@ -151,9 +170,16 @@ class LocalBackend:
 
     def _stat_sync(self, file_id: str) -> FileAttrs | None:
         try:
-            path = self._path(file_id)
-            s = os.lstat(path)
-            target = os.readlink(path) if st.S_ISLNK(s.st_mode) else None
+            if not file_id:
+                return attrs_of(os.lstat(self.root))
+            path = self._joined(file_id)
+            name = os.path.basename(path)
+            dir_fd = open_parent(path)  # the entry is read in the directory checked
+            try:
+                s = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=dir_fd) if st.S_ISLNK(s.st_mode) else None
+            finally:
+                os.close(dir_fd)
         except (FileNotFoundError, NotADirectoryError):
             return None
         return attrs_of(s, target)
@@ -162,9 +188,8 @@ class LocalBackend:
         return await self._run_abandonable(self._stat_sync, file_id)
 
     def _list_dir_sync(self, dir_id: str) -> list[DirEntry]:
-        path = self._path(dir_id)
         try:
-            dir_fd = os.open(path, _DIR_FLAGS)
+            dir_fd = self._open(dir_id, _DIR_FLAGS)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise NotADirectoryError(e.errno, f"not a directory: {dir_id!r}") from None
@@ -195,13 +220,7 @@ class LocalBackend:
     # -- data --------------------------------------------------------------
 
     def _open_sync(self, file_id: str) -> int:
-        try:
-            fd = open_no_symlinks(self._joined(file_id), _OPEN_FLAGS)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            # Which symlink: one above it makes it absent, itself is ELOOP.
-            fd = os.open(self._path(file_id), _OPEN_FLAGS)
+        fd = self._open(file_id, _OPEN_FLAGS)
         try:
             mode = os.fstat(fd).st_mode
             if st.S_ISDIR(mode):
@@ -318,20 +337,31 @@ class LocalBackend:
         await self._run(self._transfers.write, req, self._file_path)
 
     def _file_path(self, file_id: str) -> str:
+        """The path of a file to write; the transfer pins its directory
+        (localfs.pin_parent), which checks it for symlinks."""
         if not file_id:
             raise IsADirectoryError(errno.EISDIR, "the root of the source is no file")
-        return self._path(file_id)
+        return self._joined(file_id)
 
     def _change_sync(
         self, fn: Callable[..., ChangeResult], ids: tuple[str, ...], args: tuple[object, ...]
     ) -> ChangeResult:
         what = f"{fn.__name__} {' -> '.join(map(repr, ids))}"
+        dir_fds: list[int] = []
         try:
             if "" in ids:  # the root is the mount's: never made, removed or moved
                 raise OSError(errno.EBUSY, "the root of the source")
-            return fn(*map(self._path, ids), *args)
+            paths = []
+            for file_id in ids:  # each acted on in the directory checked
+                dir_fd, path = pin_parent(self._joined(file_id))
+                dir_fds.append(dir_fd)
+                paths.append(path)
+            return fn(*paths, *args)
         except OSError as e:
             return localchanges.refused(e, what)
+        finally:
+            for dir_fd in dir_fds:
+                os.close(dir_fd)
 
     async def _change(
         self, fn: Callable[..., ChangeResult], ids: tuple[str, ...], *args: object

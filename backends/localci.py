@@ -2,9 +2,9 @@
 
 The record of ``<root>/<file_id>`` is ``<root>/.cachefs-ci/<file_id>``,
 holding ``ContentInfo.to_bytes()``.  The functions take the record's
-absolute path, checked by the backend (backends.local; :func:`read` checks
-it itself), and block:
-the backend runs them in a worker thread.
+absolute path and act on it with no symlink on the way, in one kernel walk
+(backends.localfs: a directory swapped for a symlink meanwhile never leads
+outside the root), and block: the backend runs them in a worker thread.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import logging
 import os
 import stat as st
 import tempfile
+from collections.abc import Callable
 
-from backends.localfs import open_no_symlinks
+from backends.localfs import open_no_symlinks, pin_parent
 from cachefs.contract import ContentInfo
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,14 @@ def write(path: str, data: bytes) -> None:
     """Replace the record at *path* atomically: a temporary file, fsync, rename.
 
     Makes the directories above it; refuses (FileNotFoundError) when they
-    pass through a symlink.
+    pass through a symlink (_pinned).
     """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _pinned(path, lambda pinned: _replace(pinned, data))
+
+
+def _replace(path: str, data: bytes) -> None:
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.realpath(parent) != parent:
-        raise FileNotFoundError(errno.ENOENT, f"{parent} passes through a symlink")
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -85,18 +88,29 @@ def write(path: str, data: bytes) -> None:
 
 
 def delete(path: str, top: str) -> None:
-    """Remove the record at *path*, and the directories below *top* it leaves empty."""
+    """Remove the record at *path*, and the directories below *top* it leaves
+    empty; each in the directory found holding it."""
     try:
-        os.unlink(path)
+        _pinned(path, os.unlink)
     except (FileNotFoundError, NotADirectoryError):
         return
     parent = os.path.dirname(path)
     while parent != top:
         try:
-            os.rmdir(parent)
+            _pinned(parent, os.rmdir)
         except OSError:
             break
         parent = os.path.dirname(parent)
+
+
+def _pinned(path: str, act: Callable[[str], None]) -> None:
+    """*act* on *path* in the directory found holding it, with no symlink on
+    the way (backends.localfs.pin_parent), whatever is swapped in later."""
+    parent_fd, pinned = pin_parent(path)
+    try:
+        act(pinned)
+    finally:
+        os.close(parent_fd)
 
 
 def file_ids(top: str) -> list[str]:

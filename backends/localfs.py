@@ -1,10 +1,31 @@
 """What the local backend needs of the file system beyond ``os``.
 
 Version tags and attributes of a stat result, the names of its temporary
-files, and the few calls Python has no safe form of: a rename that never
-replaces (renameat2 RENAME_NOREPLACE) and a chmod or utime that never
-follows a symlink put in place meanwhile.  Paths given here are absolute
-and already checked by the backend (backends.local); every call blocks.
+files, and the few calls Python has no safe form of: an open that follows
+no symlink on the way, a rename that never replaces (renameat2
+RENAME_NOREPLACE) and a chmod or utime that never follows a symlink put in
+place meanwhile.  Paths given here are absolute, inside the root by their
+names (backends.local); every call blocks.
+
+Symlinks on the way (policy): a path is checked and acted on in one kernel
+walk, never checked by one walk and used by another, so a directory swapped
+for a symlink to outside the root between the two (renameat2
+RENAME_EXCHANGE makes that atomic) never leads outside:
+
+- :func:`open_no_symlinks` opens a path with one openat2 call
+  (RESOLVE_NO_SYMLINKS): ELOOP if any component is a symlink.
+- :func:`open_parent` opens the directory holding a path that way (O_PATH);
+  the backend then acts on the last name relative to that fd (``dir_fd``:
+  stat, open with O_NOFOLLOW, readlink), and :func:`pin_parent` gives a
+  path through that fd (``/proc/self/fd/N/NAME``) for the calls that take
+  paths (writes, namespace changes).  ELOOP of the directory means a
+  symlink above the name: the name is absent (ENOENT).
+- Whether openat2 works is probed once, on "/": an error of one path
+  (EPERM from fanotify, say) is that path's answer, not a missing call.
+- Limits: where openat2 is missing (Linux before 5.6, a seccomp filter),
+  the fallback checks the real path, then opens by path: a swap between
+  the two still wins (the old race).  Without /proc, pin_parent gives the
+  path itself, checked once: the same race for writes and changes.
 """
 
 from __future__ import annotations
@@ -129,38 +150,88 @@ class _OpenHow(ctypes.Structure):
 
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
-# Set once openat2 is found missing (an old kernel, a seccomp filter).
-_no_openat2 = False
+
+
+def _openat2(path: str, flags: int) -> int:
+    """openat2(AT_FDCWD, *path*, *flags*, RESOLVE_NO_SYMLINKS); -errno on failure."""
+    how = _OpenHow(flags, 0, _RESOLVE_NO_SYMLINKS)
+    fd = _syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return int(fd) if fd >= 0 else -ctypes.get_errno()
+
+
+def _probe_openat2() -> bool:
+    """Whether openat2 works here: decided once, on "/", so that a refusal of
+    one path (EPERM from fanotify, say) is never taken for a missing call."""
+    fd = _openat2("/", os.O_PATH | os.O_CLOEXEC)
+    if fd < 0:
+        log.info("no openat2 (%s): symlinks are checked by real path", os.strerror(-fd))
+        return False
+    os.close(fd)
+    return True
+
+
+_has_openat2 = _probe_openat2()
 
 
 def open_no_symlinks(path: str, flags: int) -> int:
-    """Open the absolute *path* with *flags*; ELOOP if any component of it is
-    a symlink.
+    """Open the absolute *path* with *flags*; ELOOP if any component of it,
+    the last one included, is a symlink.
 
     One openat2 call (RESOLVE_NO_SYMLINKS), where checking each parent
     directory takes a call per component; where the kernel lacks openat2,
-    a check of the parent's real path, then an open with O_NOFOLLOW.
+    a check of the real path, then an open (a swap between them wins).
     """
-    global _no_openat2
-    if not _no_openat2:
-        how = _OpenHow(flags | os.O_NOFOLLOW, 0, _RESOLVE_NO_SYMLINKS)
-        fd = _syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_int(_AT_FDCWD),
-            ctypes.c_char_p(os.fsencode(path)),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EPERM):
-            raise OSError(err, os.strerror(err), path)
-        _no_openat2 = True
-    parent = os.path.dirname(path)
-    if os.path.realpath(parent) != parent:
-        raise OSError(errno.ELOOP, f"{parent} passes through a symlink", path)
-    return os.open(path, flags | os.O_NOFOLLOW)
+    if _has_openat2:
+        fd = _openat2(path, flags)
+        if fd < 0:
+            raise OSError(-fd, os.strerror(-fd), path)
+        return fd
+    if os.path.realpath(path) != path:
+        raise OSError(errno.ELOOP, f"{path} passes through a symlink", path)
+    return os.open(path, flags)
+
+
+_PARENT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def open_parent(path: str) -> int:
+    """An O_PATH fd of the directory holding the absolute *path*, opened by
+    open_no_symlinks; FileNotFoundError if that directory or one above it
+    is a symlink.  Calls with ``dir_fd`` and the last name act on the
+    directory the check found, whatever is swapped in by path afterwards."""
+    try:
+        return open_no_symlinks(os.path.dirname(path), _PARENT_FLAGS)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise FileNotFoundError(errno.ENOENT, f"{path} is below a symlink") from None
+
+
+def pin_parent(path: str) -> tuple[int, str]:
+    """The directory holding the absolute *path*, opened by open_parent, and
+    a path of the same entry through that fd (``/proc/self/fd/N/NAME``): a
+    call by that path acts in the directory checked, whatever is swapped in
+    at *path* later.  Without /proc, *path* itself (checked once, then used:
+    the old race).  The caller closes the fd when done with the path."""
+    dir_fd = open_parent(path)
+    through = _fd_path(dir_fd)
+    if through is None:
+        return dir_fd, path
+    return dir_fd, os.path.join(through, os.path.basename(path))
+
+
+def _fd_path(fd: int) -> str | None:
+    """A path of the file open as *fd* (a magic link of /proc); None without /proc."""
+    return f"/proc/self/fd/{fd}" if _HAS_PROC_FD else None
+
+
+_HAS_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
 def _renameat2_noreplace(src: str, dst: str) -> bool:
@@ -229,7 +300,7 @@ def set_mode_and_time(path: str, mode: int | None, mtime: float | None) -> None:
                 os.utime(path, ns=(s.st_atime_ns, _ns(mtime)), follow_symlinks=False)
             return
         # Without /proc (a bare chroot), the path itself: only a race could follow a symlink.
-        target = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else path
+        target = _fd_path(fd) or path
         if mode is not None:
             os.chmod(target, mode & 0o7777)
         if mtime is not None:

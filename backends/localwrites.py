@@ -2,6 +2,9 @@
 
 Policy:
 
+- A transfer acts in the directory of its file as found when it started,
+  through an fd of it (backends.localfs.pin_parent): a directory swapped
+  for a symlink meanwhile never takes a write outside the source.
 - A transfer's state is its ``file_context`` (a :class:`Transfer`), made by
   the call that starts it (``*_STARTED``), which checks the precondition:
   the path holds ``req.version`` (backends.localfs.version_of, the tag
@@ -54,7 +57,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from backends.localfs import fsync_dir, link_noreplace, temp_name, version_of
+from backends.localfs import fsync_dir, link_noreplace, pin_parent, temp_name, version_of
 from cachefs.contract import RWEvent, RWResult, WriteData
 
 log = logging.getLogger(__name__)
@@ -94,7 +97,7 @@ class Transfer:
     a whole-file transfer puts in place at its end (None for a random one),
     and whether the transfer created the file itself."""
 
-    __slots__ = ("file_id", "path", "version", "fd", "temp", "created")
+    __slots__ = ("file_id", "path", "version", "fd", "temp", "created", "dir_fd")
 
     def __init__(
         self, file_id: str, path: str, version: str, fd: int, temp: str | None, created: bool
@@ -105,6 +108,7 @@ class Transfer:
         self.fd = fd
         self.temp = temp
         self.created = created
+        self.dir_fd = -1  # the directory *path* is pinned to (localfs.pin_parent)
 
     def __repr__(self) -> str:
         kind = "whole" if self.temp is not None else "random"
@@ -123,6 +127,9 @@ class Transfer:
                 _unlink_quietly(self.path)
         finally:
             os.close(fd)
+            if self.dir_fd >= 0:
+                os.close(self.dir_fd)
+                self.dir_fd = -1
 
 
 class Transfers:
@@ -135,7 +142,9 @@ class Transfers:
 
     def write(self, req: WriteData, path_of: Callable[[str], str]) -> None:
         """One WriteData call (blocking); see the module policy.  *path_of*
-        is the backend's checked path of a file id (OSError if refused)."""
+        is the backend's path of a file id (OSError if refused); the
+        transfer acts in the directory it names as checked when it started
+        (localfs.pin_parent), never in one swapped in there later."""
         ctx = req.file_context
         tr = ctx if isinstance(ctx, Transfer) else None
         if req.flags & RWEvent.CANCELED:
@@ -147,7 +156,13 @@ class Transfers:
                 if tr is not None:  # started again: the first attempt is void
                     self._drop(tr)
                 tr = None
-                tr = _start(req, path_of(req.file_id))
+                dir_fd, path = pin_parent(path_of(req.file_id))
+                try:
+                    tr = _start(req, path)
+                except BaseException:
+                    os.close(dir_fd)
+                    raise
+                tr.dir_fd = dir_fd
                 with self._lock:
                     self._open.add(tr)
                 req.file_context = tr
