@@ -201,6 +201,20 @@ def run_on_a_terminal(*args: object) -> tuple[subprocess.CompletedProcess[str], 
     return proc, shown.decode()
 
 
+def fds_under(pid: int | str, directory: Path) -> list[str]:
+    """Where process *pid*'s fds (``"self"``: this process) under *directory* point."""
+    prefix = str(directory)
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith(prefix):
+            out.append(target)
+    return out
+
+
 def wait_for(what: str, check: Callable[[], bool], deadline: float = 20.0) -> None:
     """Poll *check* until it holds (a state the test cannot be told of);
     fail after *deadline* seconds."""

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from conftest import wait_for
+from conftest import fds_under, wait_for
 
 from cachefs.control.mounts import daemon_pid
 
@@ -52,16 +52,7 @@ def data_fds(m: Mount) -> list[str]:
     """Where the daemon's fds on cache data files point."""
     pid = daemon_pid(m.cache_dir)
     assert pid is not None
-    data_dir = str(m.cache_dir / "data")
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if target.startswith(data_dir):
-            out.append(target)
-    return out
+    return fds_under(pid, m.cache_dir / "data")
 
 
 def kept_at_most(m: Mount, limit: int) -> None:

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs.engine.state.store import DataFile
+from cachefs.engine.state.store import DataFile, SyncFailed, sync_files
 
 BS = 4096
 SIZE = 3 * BS
@@ -75,3 +75,50 @@ async def test_a_sync_of_a_file_no_one_holds_opens_nothing_on_the_loop(
     assert data.fd is None and data.users == 0
     with open(path, "rb") as f:
         assert f.read(BS) == bytes(block(4))
+
+
+async def test_a_file_said_to_hold_blocks_found_gone_is_known_remade_before_a_reader_opens_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write to a file that holds blocks opens it on the loop: a reader
+    opening it while the write runs must learn that the blocks it was said
+    to hold are gone, not read them back as zeros from a file made anew."""
+    path = tmp_path / "10"
+    data = DataFile(str(path), SIZE, BS)
+    limiter = trio.CapacityLimiter(1)
+    await data.write_blocks(0, block(5), None, False, limiter)
+    os.unlink(path)  # lost: block 0 with it
+    writing = threading.Event()
+    release = threading.Event()
+    real = DataFile._write_blocks
+
+    def slow_write(self: DataFile, fd: int, **kwargs: object) -> tuple[list[bytes], int]:
+        writing.set()
+        release.wait(10)
+        return real(self, fd, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DataFile, "_write_blocks", slow_write)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(data.write_blocks, 1, block(6), None, False, limiter)
+        with trio.fail_after(10):
+            while not writing.is_set():
+                await trio.sleep(0.005)
+        data.acquire()  # a reader, while the write runs
+        try:
+            assert data.remade == 0
+        finally:
+            data.release()
+            release.set()
+
+
+async def test_a_sync_never_makes_a_lost_file_anew_nor_calls_it_synced(tmp_path: Path) -> None:
+    path = tmp_path / "11"
+    data = DataFile(str(path), SIZE, BS)
+    limiter = trio.CapacityLimiter(1)
+    await data.write_blocks(0, block(7), None, False, limiter)
+    os.unlink(path)
+    synced: list[DataFile] = []
+    await sync_files([data], limiter, synced.append)
+    assert synced == [] and not path.exists() and data.remade == 0
+    with pytest.raises(SyncFailed):
+        await data.sync(limiter)

@@ -4,8 +4,9 @@ The catalog is the in-memory mirror the hit path reads (one CachedFile per
 file, a byte per block) and the only writer of the index.  Its rule: data
 first, metadata second.  ``flush`` syncs every data file written since the
 last commit before it commits the bitmaps, so a block marked present on disk
-always has its bytes.  Eviction runs the other way round (clear, commit, then
-punch), which the evictor does through ``unmark`` and ``flush``.
+always has its bytes; a block counts as unsynced until that sync is done.
+Eviction runs the other way round (clear, commit, then punch), which the
+evictor does through ``unmark`` and ``flush``.
 
 The data files most recently written or read keep their fd open after
 their last holder lets go (a bounded LRU, a quarter of the fd limit at
@@ -29,7 +30,7 @@ import trio
 
 from cachefs.contract import FileAttrs, FileKind
 from cachefs.engine.state.index import CachedFile, Index, block_count, row_of
-from cachefs.engine.state.store import DataFile
+from cachefs.engine.state.store import DataFile, sync_files
 
 if TYPE_CHECKING:
     from cachefs.engine.state.crypto import CacheKey
@@ -356,23 +357,30 @@ class Catalog:
             unsynced, self._unsynced = self._unsynced, set()
             deleted, self._deleted = self._deleted, []
             rows = [row_of(cf, key=self.key) for cf in dirty if not cf.retired]
-            # Everything marked so far was written before this sync starts.
-            unsynced_blocks = {cf: cf.unsynced for cf in dirty}
+            # Everything marked so far was written before this sync starts. It
+            # stays unsynced until its own data file is synced: a reader of it
+            # from the cache disk meanwhile syncs first (hit/reader.py).
+            marked: dict[DataFile | None, list[tuple[CachedFile, set[int]]]] = {}
             for cf in dirty:
-                cf.unsynced = None
+                if cf.unsynced:
+                    marked.setdefault(cf.data, []).append((cf, set(cf.unsynced)))
             synced: set[DataFile] = set()
+
+            def on_synced(data: DataFile) -> None:
+                synced.add(data)
+                _clear_synced(marked.pop(data, []))
+
             try:
-                for data in unsynced:
-                    await data.sync(disk_limiter)
-                    synced.add(data)
+                await sync_files(unsynced, disk_limiter, on_synced)
+                # No sync vouched for the rest (a data file found gone or cut
+                # short: acquire finds it remade): still unsynced, and synced
+                # again by the next commit.
+                self._unsynced |= {data for data in marked if data is not None}
                 async with self.index.lock:
                     await trio.to_thread.run_sync(self._write, rows, deleted, self.external_error)
             except BaseException:
                 # What was synced is on disk; the rest is still to be trusted
                 # only once synced (CacheDisk: a failed sync may have lost it).
-                for cf, blocks in unsynced_blocks.items():
-                    if blocks and cf.data not in synced:
-                        cf.unsynced = blocks | (cf.unsynced or set())
                 self.dirty |= {cf for cf in dirty if not cf.retired}
                 self._unsynced |= unsynced - synced
                 self._deleted += deleted
@@ -396,3 +404,12 @@ class Catalog:
             external = "sealed:" + self.key.seal(external.encode(), b"external_error").hex()
         self.index.set_meta("external_error", external)
         self.index.set_meta("next_row", str(self._next_row))
+
+
+def _clear_synced(marked: list[tuple[CachedFile, set[int]]]) -> None:
+    """The *marked* blocks of each file are on disk now."""
+    for cf, blocks in marked:
+        if cf.unsynced:
+            cf.unsynced -= blocks
+            if not cf.unsynced:
+                cf.unsynced = None

@@ -49,7 +49,8 @@ class Committer:
 
     def commit_soon(self) -> None:
         """Have the index committed (and the data synced) now, not at the next
-        flush interval: a file just became whole (hit/whole.py)."""
+        flush interval: a file just became whole (hit/whole.py), or one with
+        unsynced blocks was closed (filecache.py)."""
         self._soon.set()
 
     async def serve_early_commits(self) -> None:
