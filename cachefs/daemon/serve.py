@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable
@@ -50,6 +51,7 @@ def run_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -
     A CacheFSError raised inside a nursery (a refused mount, say) is raised
     as itself, not as the exception group around it.
     """
+    raise_fd_limit()
     if threading.current_thread() is threading.main_thread():
         # SIGUSR1 asks a serving mount for a state dump (cachefs.daemon.dump);
         # before it serves (a bucket listed, the index read) and while it
@@ -62,6 +64,23 @@ def run_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -
         if isinstance(error, CacheFSError):
             raise error from group
         raise
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open fds to the hard limit.
+
+    The cache keeps recently used data files open, up to a quarter of the
+    soft limit (engine/state/catalog.py): the usual 1024 would keep only 256.
+    Nothing in the daemon selects on an fd it opens later (select() stops at
+    1024); a refusal leaves the limit as it was.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as e:  # an infinite hard limit is above the kernel's cap
+        log.debug("cannot raise the fd limit from %d: %s", soft, e)
 
 
 async def serve_mount(opts: MountOptions, on_ready: Callable[[], None] = lambda: None) -> None:
