@@ -266,7 +266,7 @@ def link_noreplace(src: str, dst: str) -> None:
     if _renameat2_noreplace(src, dst):
         return
     try:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)  # a src swapped for a symlink is linked as one
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
             raise

@@ -17,6 +17,7 @@ bounded).  After :meth:`Workers.close` each call runs in a thread of its own.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -26,6 +27,8 @@ import outcome
 import trio
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 10.0
 
@@ -69,11 +72,13 @@ class Workers:
         with self._lock:
             closed = self._closed
             if not closed:
+                if self._queued >= self._waiting and self._threads < self._max:
+                    # Started before anything is counted or queued: a thread
+                    # the system refuses fails this call alone.
+                    threading.Thread(target=self._work, name=self._name, daemon=True).start()
+                    self._threads += 1
                 self._queue.put(call)
                 self._queued += 1
-                if self._queued > self._waiting and self._threads < self._max:
-                    self._threads += 1
-                    threading.Thread(target=self._work, name=self._name, daemon=True).start()
         if closed:
             # Work still finishing while its owner closes: a call queued behind
             # the pool's end would wait for ever.
@@ -91,7 +96,10 @@ class Workers:
 
     def _work(self) -> None:
         if self._on_start is not None:
-            self._on_start()
+            try:
+                self._on_start()
+            except Exception:  # the thread serves all the same
+                log.exception("worker thread %s: its start hook failed", self._name)
         while True:
             with self._lock:
                 self._waiting += 1

@@ -105,6 +105,43 @@ async def test_a_read_from_the_disk_during_a_failing_commit_syncs_first(tmp_path
         assert got == [data]
 
 
+async def test_a_block_dropped_and_written_again_during_a_commit_stays_unsynced(
+    tmp_path, monkeypatch
+):
+    """A block evicted and written again while a commit syncs its data file
+    may hold bytes that sync did not cover: it stays unsynced, so a reader
+    of it from the disk syncs first."""
+    data = os.urandom(2 * BS)
+    rig = Rig(tmp_path, {"f": data})
+    syncing = threading.Event()
+    gate = threading.Event()
+    real_sync = os.fdatasync
+
+    def slow_sync(fd: int) -> None:
+        syncing.set()
+        gate.wait(DEADLINE)
+        real_sync(fd)
+
+    async with rig.engine(io_uring=False) as cache:
+        assert await read_sequential(cache, "f") == data
+        await cache.flush()
+        catalog_ = cache.catalog
+        cf = catalog_.files["f"]
+        catalog_.unmark(cf, 1)
+        catalog_.mark(cf, 1)  # written again
+        catalog_.note_written(cf)
+        monkeypatch.setattr(store.os, "fdatasync", slow_sync)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.flush)
+            with trio.fail_after(DEADLINE):
+                while not syncing.is_set():
+                    await trio.sleep(0.01)
+            catalog_.unmark(cf, 1)  # evicted while the sync runs...
+            catalog_.mark(cf, 1)  # ...and written again
+            gate.set()
+        assert cf.unsynced == {1}
+
+
 async def test_a_commit_that_fails_one_sync_of_many_drops_only_unsynced_blocks(
     tmp_path, monkeypatch
 ):

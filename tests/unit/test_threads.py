@@ -149,6 +149,44 @@ async def test_a_call_after_busy_threads_went_idle_and_ended_still_runs(
         workers.close()
 
 
+async def test_a_thread_the_system_refuses_fails_only_its_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refused: list[int] = []
+    real = threading.Thread
+
+    class Refusing(real):  # type: ignore[misc,valid-type]
+        def start(self) -> None:
+            if not refused:
+                refused.append(1)
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(threads.threading, "Thread", Refusing)
+    ran: list[int] = []
+    workers = Workers(1, "test")
+    try:
+        with pytest.raises(RuntimeError):
+            await workers.run(ran.append, 1)
+        with trio.fail_after(10):
+            assert await workers.run(int, "7") == 7
+        assert ran == []  # the refused call never ran behind its caller's back
+    finally:
+        workers.close()
+
+
+async def test_a_failing_start_hook_leaves_the_thread_serving() -> None:
+    def hook() -> None:
+        raise ValueError("no priority for you")
+
+    workers = Workers(1, "test", on_start=hook)
+    try:
+        with trio.fail_after(10):
+            assert await workers.run(int, "8") == 8
+    finally:
+        workers.close()
+
+
 async def test_a_call_after_the_pool_closed_still_gets_its_answer() -> None:
     """Work finishing while the cache closes (a hash of a block fetched ahead)
     must not wait for ever behind the pool's end."""

@@ -174,7 +174,8 @@ class HitReader:
         if not pending or data is None or pending.isdisjoint(range(first, last + 1)):
             return True
         before = set(pending)
-        await data.sync(self._disk_limiter)
+        if not await data.sync(self._disk_limiter):
+            return False
         pending -= before  # on disk now (what was marked meanwhile is not)
         return cf.present.find(0, first, last + 1) < 0
 

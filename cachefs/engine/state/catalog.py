@@ -356,14 +356,13 @@ class Catalog:
             dirty, self.dirty = self.dirty, set()
             unsynced, self._unsynced = self._unsynced, set()
             deleted, self._deleted = self._deleted, []
-            rows = [row_of(cf, key=self.key) for cf in dirty if not cf.retired]
             # Everything marked so far was written before this sync starts. It
             # stays unsynced until its own data file is synced: a reader of it
             # from the cache disk meanwhile syncs first (hit/reader.py).
-            marked: dict[DataFile | None, list[tuple[CachedFile, set[int]]]] = {}
+            marked: dict[DataFile | None, list[tuple[CachedFile, set[int], int]]] = {}
             for cf in dirty:
                 if cf.unsynced:
-                    marked.setdefault(cf.data, []).append((cf, set(cf.unsynced)))
+                    marked.setdefault(cf.data, []).append((cf, set(cf.unsynced), cf.epoch))
             synced: set[DataFile] = set()
 
             def on_synced(data: DataFile) -> None:
@@ -376,6 +375,8 @@ class Catalog:
                 # short: acquire finds it remade): still unsynced, and synced
                 # again by the next commit.
                 self._unsynced |= {data for data in marked if data is not None}
+                # Built now: what is still unsynced is committed as absent.
+                rows = [row_of(cf, True, self.key) for cf in dirty if not cf.retired]
                 async with self.index.lock:
                     await trio.to_thread.run_sync(self._write, rows, deleted, self.external_error)
             except BaseException:
@@ -406,10 +407,12 @@ class Catalog:
         self.index.set_meta("next_row", str(self._next_row))
 
 
-def _clear_synced(marked: list[tuple[CachedFile, set[int]]]) -> None:
-    """The *marked* blocks of each file are on disk now."""
-    for cf, blocks in marked:
-        if cf.unsynced:
+def _clear_synced(marked: list[tuple[CachedFile, set[int], int]]) -> None:
+    """The *marked* blocks of each file are on disk now, unless a block of
+    it was dropped since (its epoch moved): one dropped and written again
+    while the sync ran may hold bytes the sync did not cover."""
+    for cf, blocks, epoch in marked:
+        if cf.unsynced and cf.epoch == epoch:
             cf.unsynced -= blocks
             if not cf.unsynced:
                 cf.unsynced = None

@@ -448,13 +448,13 @@ class DataFile:
         finally:
             self.release()
 
-    async def sync(self, limiter: trio.CapacityLimiter) -> None:
-        """fdatasync; SyncFailed if the disk did not keep what was written
-        (or, not held, the file was found gone or cut short)."""
+    async def sync(self, limiter: trio.CapacityLimiter) -> bool:
+        """fdatasync; SyncFailed if the disk did not keep what was written.
+        False if, not held, the file was found gone or cut short (noted in
+        ``remade``: its blocks are not to be read)."""
         done: list[DataFile] = []
         await sync_files([self], limiter, done.append)
-        if not done:
-            raise SyncFailed(errno.ENOENT, f"syncing {self.path}: gone or cut short")
+        return bool(done)
 
 
 #: A commit syncs its data files in at most this many worker jobs at once.
