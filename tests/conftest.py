@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,17 @@ def run_on_a_terminal(*args: object) -> tuple[subprocess.CompletedProcess[str], 
         if terminal >= 0:
             os.close(terminal)
     return proc, shown.decode()
+
+
+@contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* mounted on the new directory *where* (as root), gone afterwards."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
 
 
 def fds_under(pid: int | str, directory: Path) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import wait_for
+from conftest import tmpfs, wait_for
 
 if TYPE_CHECKING:
     from conftest import MountFactory
@@ -38,16 +38,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem
 
 def umount(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
-
-
-@contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        umount(path)
 
 
 @contextmanager

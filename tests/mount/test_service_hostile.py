@@ -29,6 +29,7 @@ from conftest import (
     lazy_unmount,
     pread_direct,
     run_cachefs,
+    tmpfs,
     wait_for,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -359,17 +360,6 @@ def test_a_tiny_rotated_log_at_debug_level_under_many_reads(
         assert "Traceback" not in text
 
 
-@contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of *size* mounted on *where* (as root), gone afterwards."""
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", where], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", where], check=False)
-
-
 def fill(root: Path) -> None:
     """Fill the filesystem of *root* to the last byte."""
     with open(root / "filler", "wb") as f:
@@ -390,7 +380,7 @@ def fill(root: Path) -> None:
 def test_a_full_cache_filesystem_leaves_the_log_stuck_and_the_mount_serving(
     data: Path, mnt: Path, tmp_path: Path
 ) -> None:
-    with small_tmpfs(tmp_path / "small", "4m") as small:
+    with tmpfs(tmp_path / "small", "4m") as small:
         cache = small / "cache"
         try:
             done = mount_daemon(

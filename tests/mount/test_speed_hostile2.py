@@ -21,17 +21,16 @@ import stat
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import wait_for
+from conftest import tmpfs, wait_for
 
 from cachefs.control.mounts import daemon_pid
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from subprocess import CompletedProcess
 
     from conftest import Mount, MountFactory
@@ -327,16 +326,6 @@ def test_kill_9_while_cold_small_files_are_written_then_remount(
 
 
 # -- the cache disk full ------------------------------------------------------------
-
-
-@contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a filesystem needs root")
