@@ -335,6 +335,30 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace, name: str) -> int:
+    """Print events until SIGINT or SIGTERM (exit 128 + its number).  The
+    signal cancels the watch, rather than a KeyboardInterrupt raised
+    wherever the code happens to be, so the session always closes cleanly."""
+    import signal
+
+    import trio
+
+    stopped: list[int] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    stopped.append(signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await _print_events(args, name)
+            nursery.cancel_scope.cancel()
+    return 128 + stopped[0] if stopped else 0
+
+
+async def _print_events(args: argparse.Namespace, name: str) -> None:
     # subscribe before catching up: what the engine brings in is printed too
     async with (
         open_session(args, name, catch_up=False) as session,
@@ -343,7 +367,6 @@ async def _watch(args: argparse.Namespace, name: str) -> int:
         await session.catch_up()
         async for event in events:
             print(json.dumps(event_json(event)), flush=True)
-    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -329,7 +329,10 @@ def test_an_unreachable_engine_is_one_warning_and_changes_wait(
     assert json.loads(ok(cli(member, "records", "get", rid, "--json")))["id"] == rid
 
 
-def test_watch_prints_json_lines_until_interrupted(engine_members: list[Path]) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_watch_prints_json_lines_until_interrupted(
+    engine_members: list[Path], signum: signal.Signals
+) -> None:
     admin, member = engine_members
     watcher = subprocess.Popen(
         [sys.executable, "-m", "cachefs", "records", "watch", "--type", TYPE],
@@ -346,9 +349,9 @@ def test_watch_prints_json_lines_until_interrupted(engine_members: list[Path]) -
         assert ready, "no event within the deadline"
         event = json.loads(watcher.stdout.readline())
         assert event == {"change": "ADDED", "code": 1, "id": rid, "type": TYPE, "version": 1}
-        watcher.send_signal(signal.SIGINT)
+        watcher.send_signal(signum)
         out, err = watcher.communicate(timeout=DEADLINE)
-        assert watcher.returncode == 130
+        assert watcher.returncode == 128 + signum
         assert err == b""
     finally:
         if watcher.poll() is None:
