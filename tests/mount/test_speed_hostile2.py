@@ -351,7 +351,9 @@ def test_cache_disk_full_during_cold_small_reads_serves_the_source(
             if v != files[rel]
         ]
         assert wrong == []
-        assert "No space left on device" in str(m.stats()["cache_disk_error"])
+        # the disk really filled: the data files or the index said so first
+        error = str(m.stats()["cache_disk_error"])
+        assert "No space left on device" in error or "disk is full" in error, error
         # read again (some from the cache disk): still the source's bytes
         assert all_equal(m, files) == []
         assert "Traceback" not in m.log_text()
