@@ -147,7 +147,8 @@ class LocalBackend:
             os.close(dir_fd)
 
     def _ci_path(self, file_id: str) -> str:
-        """Where the content information of *file_id* is kept."""
+        """Where the content information of *file_id* is kept, checked by real
+        path before localci.write makes the directories above it."""
         return self._below(os.path.join(self.root, CI_DIR), _parts(file_id))
 
     @staticmethod
@@ -287,19 +288,18 @@ class LocalBackend:
 
     # -- content information (backends.localci) ---------------------------
 
-    def _ci_path_or_none(self, file_id: str) -> str | None:
+    def _ci_joined(self, file_id: str) -> str | None:
+        """Where the record of *file_id* would be, its directories not checked
+        (localci reads and deletes in the directory found holding it, with
+        no symlink on the way); None for a name no file can have."""
         try:
-            return self._ci_path(file_id)
+            return os.path.join(self.root, CI_DIR, *_parts(file_id))
         except FileNotFoundError:
             return None
 
     def _read_ci_sync(self, file_id: str) -> ContentInfo | None:
-        try:
-            parts = _parts(file_id)
-        except FileNotFoundError:
-            return None
-        # localci.read takes a path through a symlink as no record.
-        return localci.read(os.path.join(self.root, CI_DIR, *parts), file_id)
+        path = self._ci_joined(file_id)
+        return None if path is None else localci.read(path, file_id)
 
     async def content_info(self, file_id: str) -> ContentInfo | None:
         """The stored record of *file_id*, as stored; None if none or malformed."""
@@ -313,7 +313,7 @@ class LocalBackend:
         await self._run(self._write_ci_sync, file_id, info.to_bytes())
 
     def _delete_ci_sync(self, file_id: str) -> None:
-        path = self._ci_path_or_none(file_id)
+        path = self._ci_joined(file_id)
         if path is not None:
             localci.delete(path, os.path.join(self.root, CI_DIR))
 

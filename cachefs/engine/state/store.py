@@ -164,24 +164,22 @@ class DataFile:
     async def _in_own_job(self, work: Callable[[int], T], limiter: trio.CapacityLimiter) -> T:
         """``work(fd)`` in a worker thread, on an fd that the same job opens
         (as :meth:`acquire` does) and closes: for a file no one holds open,
-        this costs the loop no syscall.  A file retired meanwhile is removed
-        again (the job may have made it anew after :meth:`unlink`)."""
-        written = self.written
+        this costs the loop no syscall.  Only for a file that holds no block
+        yet (nothing it holds can be found gone).  A file retired meanwhile
+        is removed again (the job may have made it anew after :meth:`unlink`)."""
 
-        def job() -> tuple[int, T]:
-            fd, found = self._open_sized()
+        def job() -> T:
+            fd, _ = self._open_sized()
             try:
-                return found, work(fd)
+                return work(fd)
             finally:
                 os.close(fd)
 
         try:
-            found, result = await trio.to_thread.run_sync(job, limiter=limiter)
+            return await trio.to_thread.run_sync(job, limiter=limiter)
         finally:
             if self.unlinked:
                 self._remove()
-        self._note_found(found, written)
-        return result
 
     def _sync_as_it_is(self) -> int:
         """fdatasync the file by its path, never making it anew nor resizing
